@@ -1,0 +1,335 @@
+//! Per-mutex options, with the Go package's defaults.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+
+use crate::error::{BoxError, Error, Result};
+
+/// Computes the delay before try number `tries` (the first retry is `1`).
+pub type DelayFn = Arc<dyn Fn(u32) -> Duration + Send + Sync>;
+
+/// Generates the random value that identifies one acquisition.
+pub type GenValueFn = Arc<dyn Fn() -> std::result::Result<String, BoxError> + Send + Sync>;
+
+/// The longest accepted expiry (one year): longer ones are refused rather
+/// than risk arithmetic overflow on deadlines.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Options of one [`DistMutex`](crate::DistMutex), a port of Go's
+/// `DistMutexOptions`.
+///
+/// | option | Go | default |
+/// |---|---|---|
+/// | [`with_expiry`](Self::with_expiry) | `Expiry` | 8 s |
+/// | [`with_tries`](Self::with_tries) | `Tries` | 32 |
+/// | [`with_delay_fn`](Self::with_delay_fn), [`with_retry_delay`](Self::with_retry_delay) | `DelayFunc` | uniform in [50 ms, 250 ms) |
+/// | [`with_drift_factor`](Self::with_drift_factor) | `DriftFactor` | 0.01 |
+/// | [`with_timeout_factor`](Self::with_timeout_factor) | `TimeoutFactor` | 0.05 |
+/// | [`with_gen_value_fn`](Self::with_gen_value_fn) | `GenValueFunc` | 128 bits from a CSPRNG, as 32 hex digits |
+/// | [`with_value`](Self::with_value) | `Value` | none |
+///
+/// Setters never fail; out-of-range values are reported as
+/// [`Error::InvalidOptions`] by [`validate`](Self::validate), which every
+/// backend calls in `new_mutex`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_dsync::DistMutexOptions;
+///
+/// let options = DistMutexOptions::default()
+///     .with_expiry(Duration::from_secs(2))
+///     .with_tries(5)
+///     .with_retry_delay(Duration::from_millis(10));
+/// assert!(options.validate().is_ok());
+/// assert_eq!(options.validity(), Duration::from_millis(2000 - 20 - 2));
+///
+/// let bad = DistMutexOptions::default().with_tries(0);
+/// assert!(bad.validate().is_err());
+/// ```
+#[derive(Clone)]
+pub struct DistMutexOptions {
+    expiry: Duration,
+    tries: u32,
+    delay_fn: DelayFn,
+    drift_factor: f64,
+    timeout_factor: f64,
+    gen_value_fn: GenValueFn,
+    value: Option<String>,
+}
+
+impl Default for DistMutexOptions {
+    fn default() -> Self {
+        DistMutexOptions {
+            expiry: Duration::from_secs(8),
+            tries: 32,
+            delay_fn: Arc::new(default_delay),
+            drift_factor: 0.01,
+            timeout_factor: 0.05,
+            gen_value_fn: Arc::new(|| Ok(random_value())),
+            value: None,
+        }
+    }
+}
+
+impl fmt::Debug for DistMutexOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistMutexOptions")
+            .field("expiry", &self.expiry)
+            .field("tries", &self.tries)
+            .field("drift_factor", &self.drift_factor)
+            .field("timeout_factor", &self.timeout_factor)
+            .field("value", &self.value.as_ref().map(|_| "<preset>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DistMutexOptions {
+    /// How long an acquired lock lives unless extended. Must be positive,
+    /// longer than the drift, and at most [`MAX_EXPIRY`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default().with_expiry(Duration::from_secs(30));
+    /// assert_eq!(o.expiry(), Duration::from_secs(30));
+    /// ```
+    pub fn with_expiry(mut self, expiry: Duration) -> Self {
+        self.expiry = expiry;
+        self
+    }
+
+    /// How many times `lock` tries before it gives up with
+    /// [`Error::Held`]. Must be at least 1.
+    ///
+    /// ```
+    /// let o = tower_dsync::DistMutexOptions::default().with_tries(1);
+    /// assert_eq!(o.tries(), 1);
+    /// ```
+    pub fn with_tries(mut self, tries: u32) -> Self {
+        self.tries = tries;
+        self
+    }
+
+    /// The delay before each retry, as a function of the retry number
+    /// (1 for the first retry). A waiter also wakes early when the name is
+    /// released or the holder's lock expires.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// // Exponential back-off, capped at one second.
+    /// let o = tower_dsync::DistMutexOptions::default()
+    ///     .with_delay_fn(|n| Duration::from_millis(10u64 << n.min(6)).min(Duration::from_secs(1)));
+    /// assert_eq!(o.delay(1), Duration::from_millis(20));
+    /// ```
+    pub fn with_delay_fn(
+        mut self,
+        delay: impl Fn(u32) -> Duration + Send + Sync + 'static,
+    ) -> Self {
+        self.delay_fn = Arc::new(delay);
+        self
+    }
+
+    /// A constant delay between tries (Go: `WithRetryDelay`).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default().with_retry_delay(Duration::from_millis(5));
+    /// assert_eq!(o.delay(3), Duration::from_millis(5));
+    /// ```
+    pub fn with_retry_delay(self, delay: Duration) -> Self {
+        self.with_delay_fn(move |_| delay)
+    }
+
+    /// The share of the expiry assumed lost to clock drift between nodes.
+    /// Must be in `[0, 1)`.
+    ///
+    /// ```
+    /// let o = tower_dsync::DistMutexOptions::default().with_drift_factor(0.0);
+    /// assert_eq!(o.drift_factor(), 0.0);
+    /// ```
+    pub fn with_drift_factor(mut self, factor: f64) -> Self {
+        self.drift_factor = factor;
+        self
+    }
+
+    /// The share of the expiry each backend node gets to answer one command.
+    /// Must be in `(0, 1)`: zero would make every node time out at once.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default().with_timeout_factor(0.1);
+    /// assert_eq!(o.node_timeout(), Duration::from_millis(800));
+    /// ```
+    pub fn with_timeout_factor(mut self, factor: f64) -> Self {
+        self.timeout_factor = factor;
+        self
+    }
+
+    /// The generator of the random value that identifies each acquisition.
+    /// Values must be unpredictable and unique: whoever knows a value can
+    /// unlock or extend that lock.
+    ///
+    /// ```
+    /// let o = tower_dsync::DistMutexOptions::default()
+    ///     .with_gen_value_fn(|| Ok(format!("worker-7:{}", tower_dsync::random_value())));
+    /// assert!(o.gen_value().unwrap().starts_with("worker-7:"));
+    /// ```
+    pub fn with_gen_value_fn(
+        mut self,
+        gen_value: impl Fn() -> std::result::Result<String, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.gen_value_fn = Arc::new(gen_value);
+        self
+    }
+
+    /// A preset value: the mutex then acts on the lock that carries this
+    /// value, so another process can `extend` or `unlock` a lock it was
+    /// handed (ownership transfer), and `lock` acquires with this value.
+    ///
+    /// ```
+    /// let o = tower_dsync::DistMutexOptions::default().with_value("3f2a");
+    /// assert_eq!(o.value(), Some("3f2a"));
+    /// ```
+    pub fn with_value(mut self, value: impl Into<String>) -> Self {
+        self.value = Some(value.into());
+        self
+    }
+
+    /// The expiry.
+    pub fn expiry(&self) -> Duration {
+        self.expiry
+    }
+
+    /// The number of tries.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// The delay before retry number `retry` (1 for the first retry).
+    pub fn delay(&self, retry: u32) -> Duration {
+        (self.delay_fn)(retry)
+    }
+
+    /// The drift factor.
+    pub fn drift_factor(&self) -> f64 {
+        self.drift_factor
+    }
+
+    /// The timeout factor.
+    pub fn timeout_factor(&self) -> f64 {
+        self.timeout_factor
+    }
+
+    /// The preset value, if any.
+    pub fn value(&self) -> Option<&str> {
+        self.value.as_deref()
+    }
+
+    /// The clock drift allowance: `expiry * drift_factor + 2 ms`.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default();
+    /// assert_eq!(o.drift(), Duration::from_millis(82));
+    /// ```
+    pub fn drift(&self) -> Duration {
+        self.expiry.mul_f64(self.drift_factor) + Duration::from_millis(2)
+    }
+
+    /// The longest validity an acquisition can have: `expiry - drift`
+    /// (zero if the drift is larger).
+    pub fn validity(&self) -> Duration {
+        self.expiry.saturating_sub(self.drift())
+    }
+
+    /// How long one node gets to answer one command:
+    /// `expiry * timeout_factor`.
+    pub fn node_timeout(&self) -> Duration {
+        self.expiry.mul_f64(self.timeout_factor)
+    }
+
+    /// The value for a new acquisition: the preset value if there is one,
+    /// else a fresh one from the generator.
+    ///
+    /// ```
+    /// let o = tower_dsync::DistMutexOptions::default();
+    /// assert_ne!(o.gen_value().unwrap(), o.gen_value().unwrap());
+    /// ```
+    pub fn gen_value(&self) -> Result<String> {
+        if let Some(value) = &self.value {
+            return Ok(value.clone());
+        }
+        let value = (self.gen_value_fn)().map_err(Error::GenValue)?;
+        if value.is_empty() {
+            return Err(Error::GenValue(
+                "the value generator returned an empty value".into(),
+            ));
+        }
+        Ok(value)
+    }
+
+    /// Checks every option's range; backends call this in `new_mutex`.
+    ///
+    /// ```
+    /// use tower_dsync::{DistMutexOptions, Error};
+    ///
+    /// let err = DistMutexOptions::default().with_drift_factor(1.0).validate().unwrap_err();
+    /// assert!(matches!(err, Error::InvalidOptions { .. }));
+    /// assert!(err.to_string().contains("drift_factor"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::InvalidOptions { reason });
+        if self.expiry.is_zero() {
+            return invalid("expiry must be greater than zero".into());
+        }
+        if self.expiry > MAX_EXPIRY {
+            return invalid(format!("expiry must be at most {} s", MAX_EXPIRY.as_secs()));
+        }
+        if self.tries == 0 {
+            return invalid("tries must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.drift_factor) {
+            return invalid(format!(
+                "drift_factor must be in [0, 1), got {}",
+                self.drift_factor
+            ));
+        }
+        if !(self.timeout_factor > 0.0 && self.timeout_factor < 1.0) {
+            return invalid(format!(
+                "timeout_factor must be in (0, 1), got {}",
+                self.timeout_factor
+            ));
+        }
+        if self.validity().is_zero() {
+            return invalid(format!(
+                "expiry ({:?}) must be longer than the drift allowance ({:?})",
+                self.expiry,
+                self.drift()
+            ));
+        }
+        if self.value.as_deref() == Some("") {
+            return invalid("a preset value must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// The default delay: uniformly random in [50 ms, 250 ms), as in Go.
+fn default_delay(_retry: u32) -> Duration {
+    Duration::from_millis(rand::rng().random_range(50..250))
+}
+
+/// 128 random bits from a CSPRNG (the thread-local ChaCha generator seeded
+/// by the operating system), as 32 lowercase hex digits. The default value
+/// generator.
+///
+/// ```
+/// let v = tower_dsync::random_value();
+/// assert_eq!(v.len(), 32);
+/// assert!(v.bytes().all(|b| b.is_ascii_hexdigit()));
+/// ```
+pub fn random_value() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}

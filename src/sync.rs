@@ -1,0 +1,152 @@
+//! The two traits every backend implements, ported from Go's `IDistSync`
+//! and `IDistMutex`, and the rules for lock names.
+
+use std::fmt;
+use std::future::Future;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::options::DistMutexOptions;
+
+/// The longest accepted lock name, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// A factory of distributed mutexes (Go: `IDistSync`).
+///
+/// Implemented by [`MemorySync`](crate::MemorySync) and the Redis backend,
+/// and by [`AnySync`](crate::AnySync), the dynamic handle that lets an
+/// application pick a backend at run time.
+///
+/// ```
+/// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, MemorySync};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tower_dsync::Result<()> {
+/// let sync = MemorySync::new();
+/// let name = format!("orders{}42", sync.separator());
+/// let mut mutex = sync.new_mutex(&name, DistMutexOptions::default())?;
+/// mutex.lock().await?;
+/// mutex.unlock().await?;
+/// # Ok(()) }
+/// ```
+pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
+    /// The mutex type this factory makes.
+    type Mutex: DistMutex;
+
+    /// Returns a new distributed mutex with the given name (Go: `NewMutex`).
+    ///
+    /// Fails with [`Error::InvalidName`] if the name breaks the rules of
+    /// [`validate_name`], and with [`Error::InvalidOptions`] if
+    /// [`DistMutexOptions::validate`] refuses the options. Nothing is locked
+    /// or allocated in the backend until [`DistMutex::lock`].
+    fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<Self::Mutex>;
+
+    /// The separator between the parts of a hierarchical name
+    /// (Go: `GetSeparator`); `:` unless configured otherwise.
+    fn separator(&self) -> &str;
+}
+
+/// One distributed mutex (Go: `IDistMutex`).
+///
+/// A mutex is owned by one task: the calls that change its state take
+/// `&mut self`. Create one mutex per task, even for the same name; the
+/// backend, not the Rust value, is what excludes them.
+///
+/// Every async method is cancel-safe: dropping the future of
+/// [`lock`](Self::lock) at any point never leaves the name locked.
+///
+/// | Go | Rust |
+/// |---|---|
+/// | `Unlock(ctx) (bool, error)`: `true, nil` | `unlock().await` is `Ok(())` |
+/// | `Unlock` / `Extend`: `false, ErrNotAcquired` | `Err(Error::NotAcquired)` |
+/// | `Until()` zero value | `until()` is `None` |
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, MemorySync};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tower_dsync::Result<()> {
+/// let sync = MemorySync::new();
+/// let options = DistMutexOptions::default().with_tries(1);
+/// let mut a = sync.new_mutex("job:7", options.clone())?;
+/// let mut b = sync.new_mutex("job:7", options)?;
+///
+/// a.lock().await?;
+/// assert!(matches!(b.lock().await, Err(Error::Held { .. })));
+/// assert!(matches!(b.unlock().await, Err(Error::NotAcquired)));
+/// a.extend().await?;
+/// assert!(a.valid().await?);
+/// a.unlock().await?;
+/// b.lock().await?;
+/// # Ok(()) }
+/// ```
+pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
+    /// The name of the mutex.
+    fn name(&self) -> &str;
+
+    /// The value of the current (or last) acquisition. Empty until a lock is
+    /// acquired, unless the `value` option preset it.
+    fn value(&self) -> &str;
+
+    /// The end of validity of the acquired lock, as computed by the lock
+    /// algorithm (`start + expiry - elapsed - drift`). `None` until a lock
+    /// is acquired, and again after a successful [`unlock`](Self::unlock).
+    fn until(&self) -> Option<Instant>;
+
+    /// A fencing token of the current acquisition, when the backend gives
+    /// one: strictly greater than the token of every earlier acquisition of
+    /// the same name. Pass it to the resource you protect so it can refuse
+    /// writes from a holder whose lock has expired.
+    fn fencing_token(&self) -> Option<u64> {
+        None
+    }
+
+    /// Acquires the lock, trying up to `tries` times with the configured
+    /// delay in between; a waiter also wakes as soon as the name is released
+    /// or the holder's lock expires.
+    ///
+    /// Fails with [`Error::Held`] when the tries are used up while another
+    /// owner holds the name, or with a backend error. On failure you may
+    /// call `lock` again to retry.
+    fn lock(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Releases the lock. Fails with [`Error::NotAcquired`] if this mutex's
+    /// value does not hold it (never acquired, expired, or taken over).
+    fn unlock(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Resets the lock's expiry to the full `expiry` from now and moves
+    /// [`until`](Self::until) forward. Fails with [`Error::NotAcquired`]
+    /// if this mutex's value does not hold the lock.
+    fn extend(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Asks the backend whether this mutex's value still holds an unexpired
+    /// lock. On a multi-node backend it may return `true` erroneously if the
+    /// quorum answered during the call and a node then took long enough for
+    /// the lock to expire.
+    fn valid(&self) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// Checks a lock name: it must be non-empty, at most [`MAX_NAME_LEN`] bytes,
+/// and free of control characters. Every backend applies these rules in
+/// `new_mutex`.
+///
+/// ```
+/// use tower_dsync::{validate_name, Error};
+///
+/// assert!(validate_name("orders:42").is_ok());
+/// assert!(matches!(validate_name(""), Err(Error::InvalidName { .. })));
+/// assert!(validate_name("a\nb").is_err());
+/// assert!(validate_name(&"x".repeat(2000)).is_err());
+/// ```
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "the name is empty"
+    } else if name.len() > MAX_NAME_LEN {
+        "the name is longer than 1024 bytes"
+    } else if name.chars().any(char::is_control) {
+        "the name contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName { reason })
+}

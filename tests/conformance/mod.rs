@@ -1,0 +1,371 @@
+//! The conformance suite: written once against the `DistSync` / `DistMutex`
+//! traits, run on every backend.
+//!
+//! A backend's test file builds a [`Suite`] and expands
+//! [`conformance_tests!`] with it. Time-dependent checks poll for the
+//! expected state with a generous upper bound; on `MemorySync` they run on
+//! tokio's paused clock, so the bound costs no real time.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error};
+
+/// What the suite needs from a backend.
+pub struct Suite<S: DistSync> {
+    /// The backend under test.
+    pub sync: S,
+    /// A second, independent handle on the same backend (another replica).
+    pub other: S,
+    /// Options with an expiry short enough to wait out (a few hundred ms on
+    /// a real clock) and a short retry delay.
+    pub base: DistMutexOptions,
+}
+
+/// Polls `check` until it yields true; panics after `bound`.
+pub async fn eventually(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls `fut` exactly once; `Some` if it completed.
+pub async fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(out) => Poll::Ready(Some(out)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+impl<S: DistSync> Suite<S> {
+    fn expiry(&self) -> Duration {
+        self.base.expiry()
+    }
+
+    /// Options for a caller that may wait: a budget far shorter than a long
+    /// expiry, far longer than any release takes.
+    fn patient(&self) -> DistMutexOptions {
+        self.base
+            .clone()
+            .with_tries(400)
+            .with_retry_delay(Duration::from_millis(5))
+    }
+
+    fn once(&self) -> DistMutexOptions {
+        self.base.clone().with_tries(1)
+    }
+
+    fn mutex(&self, name: &str, options: DistMutexOptions) -> S::Mutex {
+        self.sync.new_mutex(name, options).expect("new_mutex")
+    }
+
+    /// Asserts that `name` can be taken now by a fresh mutex (within the
+    /// patient budget), then releases it.
+    async fn assert_free(&self, name: &str) {
+        let mut probe = self.other.new_mutex(name, self.patient()).unwrap();
+        probe.lock().await.expect("the name should be free");
+        probe.unlock().await.expect("unlock the probe");
+    }
+
+    pub async fn basics(&self) {
+        assert_eq!(self.sync.separator(), ":");
+        let name = unique("basics");
+        let mut m = self.mutex(&name, self.once());
+        assert_eq!(m.name(), name);
+        assert_eq!(m.value(), "", "value is empty before the first lock");
+        assert_eq!(m.until(), None, "until is None before the first lock");
+        m.lock().await.unwrap();
+        assert!(!m.value().is_empty());
+        let until = m.until().expect("until after lock");
+        assert!(until > Instant::now());
+        assert!(until <= Instant::now() + self.expiry());
+        m.unlock().await.unwrap();
+        assert_eq!(m.until(), None, "until is None after unlock");
+        assert!(matches!(m.unlock().await, Err(Error::NotAcquired)));
+        // A mutex can be locked again after unlock; each lock has a new value.
+        let first = m.value().to_owned();
+        m.lock().await.unwrap();
+        assert_ne!(m.value(), first);
+        m.unlock().await.unwrap();
+    }
+
+    pub async fn invalid_input(&self) {
+        for bad in [
+            "",
+            "a\u{0}b",
+            "line\nbreak",
+            &"x".repeat(tower_dsync::MAX_NAME_LEN + 1),
+        ] {
+            let err = self.sync.new_mutex(bad, self.base.clone()).unwrap_err();
+            assert!(matches!(err, Error::InvalidName { .. }), "{bad:?}: {err}");
+        }
+        let options = [
+            self.base.clone().with_expiry(Duration::ZERO),
+            self.base.clone().with_tries(0),
+            self.base.clone().with_drift_factor(1.5),
+            self.base.clone().with_drift_factor(f64::NAN),
+            self.base.clone().with_timeout_factor(0.0),
+            self.base.clone().with_value(""),
+        ];
+        for o in options {
+            let err = self.sync.new_mutex("ok", o).unwrap_err();
+            assert!(matches!(err, Error::InvalidOptions { .. }), "{err}");
+        }
+        let failing = self
+            .base
+            .clone()
+            .with_gen_value_fn(|| Err("entropy ran out".into()));
+        let mut m = self.mutex(&unique("gen"), failing);
+        assert!(matches!(m.lock().await, Err(Error::GenValue(_))));
+    }
+
+    /// 32 tasks on one name, at least 2,000 acquisitions: never two holders.
+    pub async fn mutual_exclusion(&self) {
+        const TASKS: usize = 32;
+        const TOTAL: usize = 2_000;
+        let name = unique("exclusion");
+        let inside = Arc::new(AtomicUsize::new(0));
+        let max_inside = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let options = self
+            .base
+            .clone()
+            .with_expiry(Duration::from_secs(30))
+            .with_tries(u32::MAX);
+        let mut tasks = Vec::new();
+        for i in 0..TASKS {
+            let sync = if i % 2 == 0 {
+                self.sync.clone()
+            } else {
+                self.other.clone()
+            };
+            let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+            let (inside, max_inside, done) = (inside.clone(), max_inside.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while done.load(Ordering::SeqCst) < TOTAL {
+                    m.lock().await.unwrap();
+                    let now_inside = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_inside.fetch_max(now_inside, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    m.unlock().await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(done.load(Ordering::SeqCst) >= TOTAL);
+        assert_eq!(max_inside.load(Ordering::SeqCst), 1, "two holders at once");
+        self.assert_free(&name).await;
+    }
+
+    /// An expired lock can be taken by another mutex; its old owner can then
+    /// neither unlock nor extend it.
+    pub async fn expiry_takeover(&self) {
+        let name = unique("expiry");
+        let mut a = self.mutex(&name, self.once());
+        let mut b = self.mutex(&name, self.once());
+        a.lock().await.unwrap();
+        match b.lock().await {
+            Err(Error::Held { remaining }) => {
+                if let Some(r) = remaining {
+                    assert!(r <= self.expiry(), "remaining {r:?}");
+                }
+            }
+            other => panic!("expected Held, got {other:?}"),
+        }
+        eventually(self.expiry() * 20, "b takes the expired lock", async || {
+            b.lock().await.is_ok()
+        })
+        .await;
+        assert!(matches!(a.unlock().await, Err(Error::NotAcquired)));
+        assert!(matches!(a.extend().await, Err(Error::NotAcquired)));
+        assert!(!a.valid().await.unwrap());
+        assert!(b.valid().await.unwrap());
+        b.unlock().await.unwrap();
+    }
+
+    pub async fn non_owner_fails(&self) {
+        let name = unique("owner");
+        let mut a = self.mutex(&name, self.once());
+        let mut never = self.mutex(&name, self.once());
+        let mut stranger = self.mutex(&name, self.once().with_value("not-the-owner"));
+        a.lock().await.unwrap();
+        assert!(matches!(never.unlock().await, Err(Error::NotAcquired)));
+        assert!(matches!(never.extend().await, Err(Error::NotAcquired)));
+        assert!(matches!(stranger.unlock().await, Err(Error::NotAcquired)));
+        assert!(matches!(stranger.extend().await, Err(Error::NotAcquired)));
+        assert!(!stranger.valid().await.unwrap());
+        assert!(a.valid().await.unwrap(), "the owner keeps the lock");
+        a.unlock().await.unwrap();
+        // Nothing held: unlock and extend report not acquired.
+        assert!(matches!(a.unlock().await, Err(Error::NotAcquired)));
+        assert!(matches!(a.extend().await, Err(Error::NotAcquired)));
+    }
+
+    /// The `value` option lets another mutex (another process) act on a lock.
+    pub async fn ownership_transfer(&self) {
+        let name = unique("transfer");
+        let mut a = self.mutex(&name, self.once());
+        a.lock().await.unwrap();
+        let options = self.once().with_value(a.value());
+        let mut b = self.other.new_mutex(&name, options).unwrap();
+        assert_eq!(b.value(), a.value(), "a preset value shows before lock");
+        assert!(b.valid().await.unwrap());
+        b.extend().await.unwrap();
+        assert!(b.until().is_some());
+        b.unlock().await.unwrap();
+        assert!(!a.valid().await.unwrap());
+        assert!(matches!(a.unlock().await, Err(Error::NotAcquired)));
+        // A preset value is also the value `lock` acquires with.
+        b.lock().await.unwrap();
+        assert_eq!(b.value(), a.value());
+        assert!(a.valid().await.unwrap());
+        a.unlock().await.unwrap();
+    }
+
+    /// Dropping `lock()` while it waits for a held name leaves nothing.
+    pub async fn cancel_while_waiting(&self) {
+        let name = unique("cancel-wait");
+        let long = self.base.clone().with_expiry(Duration::from_secs(60));
+        let mut a = self.mutex(&name, long.clone().with_tries(1));
+        a.lock().await.unwrap();
+        let mut b = self.mutex(&name, long.with_tries(u32::MAX));
+        {
+            let mut waiting = pin!(b.lock());
+            assert!(poll_once(waiting.as_mut()).await.is_none(), "b must wait");
+        }
+        a.unlock().await.unwrap();
+        self.assert_free(&name).await;
+    }
+
+    /// Dropping `lock()` after a release handed it the name, before it saw
+    /// it, leaves nothing either.
+    pub async fn cancel_while_acquiring(&self) {
+        let name = unique("cancel-acquire");
+        let long = self.base.clone().with_expiry(Duration::from_secs(60));
+        let mut a = self.mutex(&name, long.clone().with_tries(1));
+        a.lock().await.unwrap();
+        let mut b = self.mutex(&name, long.with_tries(u32::MAX));
+        {
+            let mut waiting = pin!(b.lock());
+            assert!(poll_once(waiting.as_mut()).await.is_none(), "b must wait");
+            a.unlock().await.unwrap();
+            // A release may have handed the lock to b; b never looks.
+        }
+        self.assert_free(&name).await;
+
+        // And on a free name: the first poll starts the acquisition, which
+        // may or may not finish in that poll.
+        let name = unique("cancel-start");
+        let mut c = self.mutex(
+            &name,
+            self.base.clone().with_expiry(Duration::from_secs(60)),
+        );
+        let completed = {
+            let mut starting = pin!(c.lock());
+            poll_once(starting.as_mut()).await
+        };
+        if let Some(result) = completed {
+            result.unwrap();
+            c.unlock().await.unwrap();
+        }
+        self.assert_free(&name).await;
+    }
+
+    pub async fn extend_moves_until(&self) {
+        let name = unique("extend");
+        let mut m = self.mutex(&name, self.once());
+        m.lock().await.unwrap();
+        let first = m.until().unwrap();
+        let before = Instant::now();
+        while Instant::now() == before {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        m.extend().await.unwrap();
+        let second = m.until().unwrap();
+        assert!(second > first, "extend must move until forward");
+        assert!(m.valid().await.unwrap());
+        m.unlock().await.unwrap();
+    }
+
+    pub async fn valid_until_expiry(&self) {
+        let name = unique("valid");
+        let mut m = self.mutex(&name, self.once());
+        assert!(!m.valid().await.unwrap(), "not valid before lock");
+        m.lock().await.unwrap();
+        assert!(m.valid().await.unwrap());
+        let until = m.until().unwrap();
+        eventually(self.expiry() * 20, "the lock expires", async || {
+            !m.valid().await.unwrap()
+        })
+        .await;
+        assert!(Instant::now() >= until, "until is never later than expiry");
+        assert!(matches!(m.unlock().await, Err(Error::NotAcquired)));
+    }
+
+    /// Used-up tries report the holder and, when known, its remaining time.
+    pub async fn exhausted_tries(&self) {
+        let name = unique("tries");
+        let long = self.base.clone().with_expiry(Duration::from_secs(60));
+        let mut a = self.mutex(&name, long.clone().with_tries(1));
+        a.lock().await.unwrap();
+        let mut b = self.mutex(
+            &name,
+            long.with_tries(3)
+                .with_retry_delay(Duration::from_millis(1)),
+        );
+        match b.lock().await {
+            Err(Error::Held { remaining: Some(r) }) => {
+                assert!(r > Duration::ZERO && r <= Duration::from_secs(60), "{r:?}");
+            }
+            other => panic!("expected Held with a remaining time, got {other:?}"),
+        }
+        // Giving up left b in no queue: the name is free once a unlocks.
+        a.unlock().await.unwrap();
+        self.assert_free(&name).await;
+    }
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}:{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Expands to one `#[tokio::test]` per conformance case. `$suite` is an
+/// async expression that builds a [`Suite`]; `$attr` is the test attribute.
+#[macro_export]
+macro_rules! conformance_tests {
+    (#[$attr:meta] $suite:expr) => {
+        $crate::conformance_tests!(@cases #[$attr] $suite;
+            basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
+            ownership_transfer cancel_while_waiting cancel_while_acquiring
+            extend_moves_until valid_until_expiry exhausted_tries);
+    };
+    (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {
+        $(
+            #[$attr]
+            async fn $case() {
+                let suite = $suite;
+                suite.$case().await;
+            }
+        )*
+    };
+}
