@@ -55,9 +55,11 @@ pub enum Error {
         failures: Vec<NodeError>,
     },
     /// Too few nodes answered in time: every node that failed did so by
-    /// exceeding the per-node timeout (`expiry * timeout_factor`).
+    /// exceeding the per-node timeout (`expiry * timeout_factor`). Also
+    /// returned, with no nodes, when a quorum was reached but so late that
+    /// no validity was left.
     Timeout {
-        /// The per-node timeout that was exceeded.
+        /// The per-node timeout that was exceeded (or the time taken).
         after: Duration,
         /// Nodes that did not answer in time.
         nodes: Vec<String>,
@@ -74,6 +76,14 @@ pub enum Error {
     },
     /// The value generator failed or produced an empty value.
     GenValue(BoxError),
+    /// A backend could not be set up: a malformed URL, a TLS URL without
+    /// the `tls` feature, no nodes, no async runtime.
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+        /// The underlying error, if any.
+        source: Option<BoxError>,
+    },
 }
 
 impl Error {
@@ -126,6 +136,11 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Error::Timeout { after, nodes } if nodes.is_empty() => write!(
+                f,
+                "dsync: timed out: acquiring took longer than the validity ({} ms)",
+                after.as_millis()
+            ),
             Error::Timeout { after, nodes } => write!(
                 f,
                 "dsync: timed out after {} ms waiting for {}",
@@ -135,6 +150,13 @@ impl fmt::Display for Error {
             Error::InvalidName { reason } => write!(f, "dsync: invalid lock name: {reason}"),
             Error::InvalidOptions { reason } => write!(f, "dsync: invalid options: {reason}"),
             Error::GenValue(e) => write!(f, "dsync: cannot generate a lock value: {e}"),
+            Error::InvalidConfig {
+                reason,
+                source: Some(source),
+            } => write!(f, "dsync: invalid configuration: {reason}: {source}"),
+            Error::InvalidConfig { reason, .. } => {
+                write!(f, "dsync: invalid configuration: {reason}")
+            }
         }
     }
 }
@@ -146,6 +168,10 @@ impl StdError for Error {
                 .first()
                 .map(|failure| failure as &(dyn StdError + 'static)),
             Error::GenValue(e) => Some(e.as_ref()),
+            Error::InvalidConfig {
+                source: Some(source),
+                ..
+            } => Some(source.as_ref()),
             _ => None,
         }
     }

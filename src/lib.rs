@@ -10,6 +10,8 @@
 //!
 //! Backends:
 //! - [`MemorySync`]: in-process, the embedded default, no setup;
+//! - `RedisSync` (feature `redis`, on by default): one Redis node, or
+//!   Redlock over several independent masters;
 //! - [`AnySync`]: a handle over any backend, picked at run time.
 //!
 //! ```
@@ -35,11 +37,15 @@ mod any;
 mod error;
 mod memory;
 mod options;
+#[cfg(feature = "redis")]
+mod redis;
 mod sync;
 
 pub use any::{AnyMutex, AnySync};
 pub use error::{BoxError, Error, NodeError, Result};
 pub use memory::{MemoryMutex, MemorySync};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
 

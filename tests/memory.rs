@@ -18,6 +18,7 @@ fn suite() -> Suite<MemorySync> {
         other: sync.clone(),
         sync,
         base: DistMutexOptions::default().with_expiry(Duration::from_secs(1)),
+        guard: Box::new(()),
     }
 }
 
@@ -36,6 +37,7 @@ mod dynamic {
             other: sync.clone(),
             sync,
             base: DistMutexOptions::default().with_expiry(Duration::from_secs(1)),
+            guard: Box::new(()),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Suite<S: DistSync> {
     /// Options with an expiry short enough to wait out (a few hundred ms on
     /// a real clock) and a short retry delay.
     pub base: DistMutexOptions,
+    /// Whatever must live as long as the suite (spawned servers).
+    pub guard: Box<dyn std::any::Any + Send>,
 }
 
 /// Polls `check` until it yields true; panics after `bound`.

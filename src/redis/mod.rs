@@ -1,0 +1,329 @@
+//! `RedisSync`: locks on one Redis node, or Redlock over several
+//! independent masters.
+//!
+//! # How many nodes
+//!
+//! - **One node** is simplest and fastest. The lock is as available as that
+//!   node; if it restarts without persistence, or fails over to a replica
+//!   that had not yet received the key, a held lock is forgotten.
+//! - **Three independent masters** (not replicas of each other) survive one
+//!   node being down or slow: a lock needs 2 of 3.
+//! - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
+//!   operation, so more nodes add latency (the slowest node of the quorum)
+//!   and do not add throughput.
+//!
+//! # Safety caveats
+//!
+//! Redlock's guarantee rests on timing assumptions, stated plainly:
+//!
+//! - **Process pauses.** A holder paused longer than the lock's validity (a
+//!   long GC or a stop-the-world pause, a swapped-out process, a `SIGSTOP`)
+//!   wakes up believing it still holds a lock that another owner has since
+//!   taken. Nothing in a lock library can prevent this; check
+//!   [`valid`](crate::DistMutex::valid) or [`until`](crate::DistMutex::until) before acting, and keep
+//!   the critical section well inside the validity.
+//! - **Clock jumps.** Keys expire by each node's clock. A node whose clock
+//!   jumps forward (an operator, a bad NTP step) expires keys early and may
+//!   hand a lock to a second owner. The drift allowance
+//!   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
+//! - **Restarts without persistence.** A node that restarts empty forgets
+//!   the locks it held; with three nodes, one such restart while another
+//!   node is down can let a second owner in. Delay restarts past the longest
+//!   expiry, or run with `appendfsync always`.
+//! - **For correctness-critical writes, use fencing tokens**: the protected
+//!   resource rejects a write whose token is not greater than the last one it
+//!   accepted, so a holder that lost its lock cannot do damage.
+//!   ([`fencing_token`](crate::DistMutex::fencing_token); the Redis backend does not issue them
+//!   yet.)
+
+mod mutex;
+mod node;
+mod quorum;
+mod scripts;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use mutex::RedisMutex;
+use node::Node;
+
+use crate::error::{Error, Result};
+use crate::options::DistMutexOptions;
+use crate::sync::{DistSync, validate_name};
+
+/// The Redis backend: [`DistSync`] over one or more independent masters.
+///
+/// Each node gets one multiplexed connection that reconnects on its own
+/// (redis-rs `ConnectionManager`), shared by every mutex; none is opened per
+/// lock. Connections are made lazily, so a node that is down at start-up is
+/// not an error: it is used once it comes back, and locks succeed meanwhile
+/// as long as a quorum of the others answers.
+///
+/// Must be built inside a Tokio runtime.
+///
+/// ```no_run
+/// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
+///
+/// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+/// // One node:
+/// let single = RedisSync::new(["redis://127.0.0.1:6379"])?;
+/// // Redlock over three independent masters, with a custom key prefix:
+/// let redlock = RedisSync::builder()
+///     .urls(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"])
+///     .key_prefix("myapp:locks:")
+///     .build()?;
+/// assert_eq!(redlock.quorum(), 2);
+///
+/// let mut mutex = single.new_mutex("orders:17", DistMutexOptions::default())?;
+/// mutex.lock().await?;
+/// mutex.unlock().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisSync {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    nodes: Vec<Node>,
+    quorum: usize,
+    key_prefix: String,
+    separator: String,
+    set_nx_on_extend: bool,
+    fail_fast: bool,
+}
+
+impl fmt::Debug for RedisSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSync")
+            .field(
+                "nodes",
+                &self.shared.nodes.iter().map(Node::label).collect::<Vec<_>>(),
+            )
+            .field("quorum", &self.shared.quorum)
+            .field("key_prefix", &self.shared.key_prefix)
+            .field("separator", &self.shared.separator)
+            .field("set_nx_on_extend", &self.shared.set_nx_on_extend)
+            .field("fail_fast", &self.shared.fail_fast)
+            .finish()
+    }
+}
+
+impl RedisSync {
+    /// A backend over the nodes at `urls` with default settings
+    /// (`redis://[user:password@]host:port[/db]`).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// let sync = tower_dsync::RedisSync::new(["redis://127.0.0.1:6379/0"])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new<I>(urls: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        Self::builder().urls(urls).build()
+    }
+
+    /// A builder, for key prefix, separator and the Redlock options.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let sync = tower_dsync::RedisSync::builder().client(client).fail_fast(true).build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> RedisSyncBuilder {
+        RedisSyncBuilder::default()
+    }
+
+    /// The number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.shared.nodes.len()
+    }
+
+    /// How many nodes must agree: `n / 2 + 1`.
+    pub fn quorum(&self) -> usize {
+        self.shared.quorum
+    }
+
+    /// The prefix of every key, `dsync:` by default.
+    pub fn key_prefix(&self) -> &str {
+        &self.shared.key_prefix
+    }
+}
+
+impl DistSync for RedisSync {
+    type Mutex = RedisMutex;
+
+    fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<RedisMutex> {
+        validate_name(name)?;
+        options.validate()?;
+        Ok(RedisMutex::new(self.shared.clone(), name, options))
+    }
+
+    fn separator(&self) -> &str {
+        &self.shared.separator
+    }
+}
+
+/// Builds a [`RedisSync`].
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+/// let sync = tower_dsync::RedisSync::builder()
+///     .url("redis://:secret@127.0.0.1:6379/2")
+///     .key_prefix("billing:")
+///     .separator("/")
+///     .set_nx_on_extend(true)
+///     .connect_timeout(Duration::from_millis(500))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Default)]
+pub struct RedisSyncBuilder {
+    nodes: Vec<NodeSource>,
+    key_prefix: Option<String>,
+    separator: Option<String>,
+    set_nx_on_extend: bool,
+    fail_fast: bool,
+    connect_timeout: Option<Duration>,
+}
+
+enum NodeSource {
+    Url(String),
+    Client(redis::Client),
+}
+
+impl fmt::Debug for RedisSyncBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSyncBuilder")
+            .field("nodes", &self.nodes.len())
+            .field("key_prefix", &self.key_prefix)
+            .field("separator", &self.separator)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSyncBuilder {
+    /// Adds a node by URL: `redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` with the `tls` feature.
+    pub fn url(mut self, url: impl AsRef<str>) -> Self {
+        self.nodes.push(NodeSource::Url(url.as_ref().to_owned()));
+        self
+    }
+
+    /// Adds a node per URL.
+    pub fn urls<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        for url in urls {
+            self = self.url(url);
+        }
+        self
+    }
+
+    /// Adds a node from an existing redis-rs client.
+    pub fn client(mut self, client: redis::Client) -> Self {
+        self.nodes.push(NodeSource::Client(client));
+        self
+    }
+
+    /// The prefix of every key (default `dsync:`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = Some(prefix.into());
+        self
+    }
+
+    /// The separator of hierarchical names (default `:`).
+    pub fn separator(mut self, separator: impl Into<String>) -> Self {
+        self.separator = Some(separator.into());
+        self
+    }
+
+    /// `extend` re-creates the key on a node that lost it (restarted empty,
+    /// say) if the name is free there, instead of only resetting the expiry
+    /// where the key still holds our value (default off, as in go-redsync).
+    pub fn set_nx_on_extend(mut self, on: bool) -> Self {
+        self.set_nx_on_extend = on;
+        self
+    }
+
+    /// Every operation returns as soon as its quorum outcome is decided,
+    /// and the commands to the remaining nodes finish in the background
+    /// (default off: wait for every node or its timeout, as go-redsync).
+    pub fn fail_fast(mut self, on: bool) -> Self {
+        self.fail_fast = on;
+        self
+    }
+
+    /// How long one attempt to (re)connect to a node may take (default 1 s).
+    /// Commands are bounded separately, by `expiry * timeout_factor`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets up a connection per node, without waiting for any to connect.
+    ///
+    /// Fails with [`Error::InvalidConfig`] when there is no node, a URL does
+    /// not parse, a `rediss://` URL is used without the `tls` feature, or no
+    /// Tokio runtime is running.
+    pub fn build(self) -> Result<RedisSync> {
+        if self.nodes.is_empty() {
+            return Err(invalid("no Redis node was given", None));
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(invalid(
+                "RedisSync must be built inside a Tokio runtime",
+                None,
+            ));
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout.unwrap_or(Duration::from_secs(1))))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for (i, source) in self.nodes.into_iter().enumerate() {
+            let client = match source {
+                NodeSource::Client(client) => client,
+                NodeSource::Url(url) => redis::Client::open(url.as_str()).map_err(|e| {
+                    invalid(
+                        format!("node #{} has an invalid URL", i + 1),
+                        Some(Box::new(e)),
+                    )
+                })?,
+            };
+            let label = client.get_connection_info().addr().to_string();
+            let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
+                .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;
+            nodes.push(Node::new(label, conn));
+        }
+        Ok(RedisSync {
+            shared: Arc::new(Shared {
+                quorum: quorum::quorum(nodes.len()),
+                nodes,
+                key_prefix: self.key_prefix.unwrap_or_else(|| "dsync:".to_owned()),
+                separator: self.separator.unwrap_or_else(|| ":".to_owned()),
+                set_nx_on_extend: self.set_nx_on_extend,
+                fail_fast: self.fail_fast,
+            }),
+        })
+    }
+}
+
+fn invalid(reason: impl Into<String>, source: Option<crate::BoxError>) -> Error {
+    Error::InvalidConfig {
+        reason: reason.into(),
+        source,
+    }
+}

@@ -1,0 +1,135 @@
+//! One round of a command on every node at once, and how its answers add up
+//! to a quorum decision.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+use super::node::{Failure, Reply};
+use crate::error::Error;
+
+type NodeFuture<T> = Pin<Box<dyn Future<Output = (usize, Reply<T>)> + Send>>;
+
+/// The command of one round, in flight on every node.
+pub(crate) struct Round<T> {
+    pending: FuturesUnordered<NodeFuture<T>>,
+    /// Answers so far, with the index of the node that gave them.
+    pub(crate) replies: Vec<(usize, T)>,
+    pub(crate) failures: Vec<(usize, Failure)>,
+    /// Answers that count towards the quorum.
+    pub(crate) yes: usize,
+    nodes: usize,
+}
+
+impl<T: Send + 'static> Round<T> {
+    /// Sends one command per node; `commands` yields them in node order.
+    pub(crate) fn start<F>(commands: impl IntoIterator<Item = F>) -> Self
+    where
+        F: Future<Output = Reply<T>> + Send + 'static,
+    {
+        let pending: FuturesUnordered<NodeFuture<T>> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, command)| -> NodeFuture<T> { Box::pin(async move { (i, command.await) }) })
+            .collect();
+        let nodes = pending.len();
+        Round {
+            pending,
+            replies: Vec::with_capacity(nodes),
+            failures: Vec::new(),
+            yes: 0,
+            nodes,
+        }
+    }
+
+    /// Collects answers: all of them, or with `fail_fast` only until the
+    /// quorum outcome is decided either way.
+    pub(crate) async fn settle(&mut self, quorum: usize, fail_fast: bool, is_yes: impl Fn(&T) -> bool) {
+        while let Some((i, reply)) = self.pending.next().await {
+            match reply {
+                Ok(answer) => {
+                    self.yes += usize::from(is_yes(&answer));
+                    self.replies.push((i, answer));
+                }
+                Err(failure) => self.failures.push((i, failure)),
+            }
+            if fail_fast && (self.yes >= quorum || self.yes + self.pending.len() < quorum) {
+                break;
+            }
+        }
+    }
+
+    /// Whether the nodes that failed could have made the quorum: then the
+    /// outcome is the failure's, not a "no".
+    pub(crate) fn failures_decided(&self, quorum: usize) -> bool {
+        self.yes < quorum && self.yes + self.failures.len() + self.pending.len() >= quorum
+    }
+
+    /// The nodes whose commands have not answered yet.
+    pub(crate) fn unanswered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The number of nodes in the round.
+    pub(crate) fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// Lets the commands still in flight finish in the background, so that
+    /// every node gets them even though the caller has decided.
+    pub(crate) fn finish_in_background(self) {
+        let mut pending = self.pending;
+        if pending.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { while pending.next().await.is_some() {} });
+        }
+    }
+
+    /// Waits for the commands still in flight, then hands every answer and
+    /// failure to `each`.
+    pub(crate) async fn drain(mut self, mut each: impl FnMut(usize, Option<&T>)) {
+        while let Some((i, reply)) = self.pending.next().await {
+            match reply {
+                Ok(answer) => self.replies.push((i, answer)),
+                Err(failure) => self.failures.push((i, failure)),
+            }
+        }
+        for (i, answer) in &self.replies {
+            each(*i, Some(answer));
+        }
+        for (i, _) in &self.failures {
+            each(*i, None);
+        }
+    }
+
+    /// The error for a round that failed because nodes failed: `Timeout`
+    /// when every failure was a timeout, else `Unavailable`.
+    pub(crate) fn failure_error(&mut self, quorum: usize, timeout: Duration) -> Error {
+        let mut failures = std::mem::take(&mut self.failures);
+        failures.sort_by_key(|(i, _)| *i);
+        if failures.iter().all(|(_, f)| f.is_timeout()) {
+            Error::Timeout {
+                after: timeout,
+                nodes: failures.iter().map(|(_, f)| f.node.to_string()).collect(),
+            }
+        } else {
+            Error::Unavailable {
+                quorum,
+                failures: failures
+                    .into_iter()
+                    .map(|(_, f)| f.into_node_error())
+                    .collect(),
+            }
+        }
+    }
+}
+
+/// `n / 2 + 1`.
+pub(crate) fn quorum(nodes: usize) -> usize {
+    nodes / 2 + 1
+}

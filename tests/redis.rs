@@ -1,0 +1,376 @@
+//! `RedisSync` on real `redis-server` processes: the conformance suite on one
+//! and three nodes, then faults (killed, paused and restarted nodes), errors
+//! and configuration.
+
+#![cfg(feature = "redis")]
+
+mod conformance;
+mod support;
+
+use std::collections::HashSet;
+use std::pin::pin;
+use std::time::Duration;
+
+use conformance::{Suite, eventually, poll_once, unique};
+use support::RedisNodes;
+use tokio::time::Instant;
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisSync};
+
+/// Short expiries (real time passes), a generous per-node timeout.
+fn base_options() -> DistMutexOptions {
+    DistMutexOptions::default()
+        .with_expiry(Duration::from_millis(500))
+        .with_timeout_factor(0.5)
+        .with_retry_delay(Duration::from_millis(5))
+}
+
+fn suite(nodes: usize) -> Suite<RedisSync> {
+    let servers = RedisNodes::start(nodes);
+    Suite {
+        sync: RedisSync::new(servers.urls()).unwrap(),
+        other: RedisSync::new(servers.urls()).unwrap(),
+        base: base_options(),
+        guard: Box::new(servers),
+    }
+}
+
+mod one_node {
+    use super::*;
+    conformance_tests!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] suite(1));
+}
+
+mod three_nodes {
+    use super::*;
+    conformance_tests!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] suite(3));
+}
+
+/// Five nodes, two killed: everything still works. Three killed: `lock`
+/// fails with the no-quorum error within `tries * (timeout + max delay)` and
+/// leaves no key on the survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_minority_and_majority_down() {
+    let mut nodes = RedisNodes::start(5);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let tries = 3;
+    let delay = Duration::from_millis(20);
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(2))
+        .with_timeout_factor(0.1)
+        .with_tries(tries)
+        .with_retry_delay(delay);
+    let name = unique("five");
+    let key = format!("dsync:{name}");
+
+    nodes.servers[0].kill();
+    nodes.servers[1].kill();
+    let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+    m.lock().await.unwrap();
+    assert_eq!(nodes.count_key(&key), 3);
+    m.extend().await.unwrap();
+    assert!(m.valid().await.unwrap());
+    m.unlock().await.unwrap();
+    assert_eq!(nodes.count_key(&key), 0);
+
+    nodes.servers[2].kill();
+    let start = Instant::now();
+    let err = m.lock().await.unwrap_err();
+    let elapsed = start.elapsed();
+    let bound = (options.node_timeout() + delay) * tries;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+    match &err {
+        Error::Unavailable { quorum, failures } => {
+            assert_eq!(*quorum, 3);
+            assert_eq!(failures.len(), 3, "{err}");
+            for f in failures {
+                assert!(err.to_string().contains(f.node()));
+            }
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    eventually(Duration::from_secs(10), "no key left on the survivors", async || {
+        nodes.count_key(&key) == 0
+    })
+    .await;
+}
+
+/// One of three nodes paused: `lock`, `extend` and `unlock` still succeed,
+/// each bounded by the per-node timeout; after it resumes, no key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_node_is_bounded_by_the_node_timeout() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(4))
+        .with_timeout_factor(0.05)
+        .with_tries(1);
+    let timeout = options.node_timeout();
+    let name = unique("paused");
+    let key = format!("dsync:{name}");
+    // Connect to every node first, so the pause hits open connections.
+    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
+    warm.lock().await.unwrap();
+    warm.unlock().await.unwrap();
+
+    nodes.servers[2].pause();
+    let mut m = sync.new_mutex(&name, options).unwrap();
+    for step in ["lock", "extend", "valid", "unlock"] {
+        let start = Instant::now();
+        match step {
+            "lock" => m.lock().await.unwrap(),
+            "extend" => m.extend().await.unwrap(),
+            "valid" => assert!(m.valid().await.unwrap()),
+            _ => m.unlock().await.unwrap(),
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed < timeout * 2,
+            "{step} took {elapsed:?} with a node timeout of {timeout:?}"
+        );
+    }
+    nodes.servers[2].resume();
+    eventually(Duration::from_secs(10), "no key left anywhere", async || {
+        nodes.count_key(&key) == 0
+    })
+    .await;
+}
+
+/// A node restarted empty gets the key back from `extend` with
+/// `set_nx_on_extend`, and not without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_nx_on_extend_restores_a_restarted_node() {
+    let mut nodes = RedisNodes::start(3);
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(30));
+    for set_nx in [false, true] {
+        let sync = RedisSync::builder()
+            .urls(nodes.urls())
+            .set_nx_on_extend(set_nx)
+            .build()
+            .unwrap();
+        let name = unique("setnx");
+        let key = format!("dsync:{name}");
+        let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+        m.lock().await.unwrap();
+        assert_eq!(nodes.count_key(&key), 3);
+        nodes.servers[0].restart();
+        assert!(!nodes.servers[0].exists(&key));
+        // The first command after the restart may find the old connection
+        // broken; the connection manager then reconnects on its own.
+        let mut extends = 0;
+        eventually(Duration::from_secs(10), "extend reaches the restarted node", async || {
+            m.extend().await.unwrap();
+            extends += 1;
+            extends >= 3 && (!set_nx || nodes.servers[0].exists(&key))
+        })
+        .await;
+        assert_eq!(nodes.servers[0].exists(&key), set_nx);
+        m.unlock().await.unwrap();
+        assert_eq!(nodes.count_key(&key), 0);
+    }
+}
+
+/// A `lock()` dropped mid-attempt leaves no key on any node, also when a
+/// node answers only after the attempt was abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_lock_leaves_no_key() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
+    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
+    warm.lock().await.unwrap();
+    warm.unlock().await.unwrap();
+
+    for round in 0..20 {
+        let name = unique("dropped");
+        let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+        let completed = {
+            let mut fut = pin!(m.lock());
+            let mut result = poll_once(fut.as_mut()).await;
+            // Let some nodes answer before the future is dropped.
+            for _ in 0..round % 4 {
+                if result.is_none() {
+                    tokio::task::yield_now().await;
+                    result = poll_once(fut.as_mut()).await;
+                }
+            }
+            result
+        };
+        if let Some(result) = completed {
+            result.unwrap();
+            m.unlock().await.unwrap();
+        }
+    }
+    eventually(Duration::from_secs(10), "every abandoned key released", async || {
+        nodes.total_keys() == 0
+    })
+    .await;
+
+    // With a paused node that answers only after the abandon.
+    nodes.servers[1].pause();
+    let name = unique("dropped-paused");
+    let key = format!("dsync:{name}");
+    let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+    {
+        let mut fut = pin!(m.lock());
+        assert!(poll_once(fut.as_mut()).await.is_none());
+        eventually(Duration::from_secs(10), "two nodes set the key", async || {
+            nodes.count_key(&key) == 2
+        })
+        .await;
+    }
+    nodes.servers[1].resume();
+    eventually(Duration::from_secs(10), "no key left anywhere", async || {
+        nodes.count_key(&key) == 0
+    })
+    .await;
+}
+
+/// A busy name reports the holder's remaining time from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_reports_the_remaining_time() {
+    let nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(20))
+        .with_tries(2)
+        .with_retry_delay(Duration::from_millis(1));
+    let mut a = sync.new_mutex("held", options.clone()).unwrap();
+    let mut b = sync.new_mutex("held", options).unwrap();
+    a.lock().await.unwrap();
+    match b.lock().await {
+        Err(Error::Held {
+            remaining: Some(left),
+        }) => assert!(left > Duration::from_secs(10) && left <= Duration::from_secs(20)),
+        other => panic!("expected Held with a remaining time, got {other:?}"),
+    }
+    // A failed attempt leaves nothing of b's behind.
+    a.unlock().await.unwrap();
+    assert_eq!(nodes.total_keys(), 0);
+}
+
+/// All nodes down: `Unavailable` naming each node; all paused: `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_silent_backends() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(2))
+        .with_timeout_factor(0.1)
+        .with_tries(1);
+    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
+    warm.lock().await.unwrap();
+    warm.unlock().await.unwrap();
+
+    for server in &mut nodes.servers {
+        server.pause();
+    }
+    let mut m = sync.new_mutex(&unique("silent"), options.clone()).unwrap();
+    match m.lock().await {
+        Err(Error::Timeout { after, nodes: silent }) => {
+            assert_eq!(after, options.node_timeout());
+            assert_eq!(silent.len(), 3);
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    for server in &mut nodes.servers {
+        server.resume();
+        server.kill();
+    }
+    let err = m.lock().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    match &err {
+        Error::Unavailable { quorum: 2, failures } => {
+            let named: HashSet<&str> = failures.iter().map(|f| f.node()).collect();
+            assert_eq!(named.len(), 3, "{err}");
+            assert!(std::error::Error::source(&err).is_some(), "the cause is chained");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(matches!(m.unlock().await, Err(Error::NotAcquired)), "never acquired");
+}
+
+/// A node down at start-up is not fatal while a quorum can form, and is used
+/// once it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_down_at_start_is_used_once_back() {
+    let mut nodes = RedisNodes::start(3);
+    nodes.servers[2].kill();
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(10))
+        .with_tries(1);
+    let mut m = sync.new_mutex("late", options).unwrap();
+    m.lock().await.unwrap();
+    m.unlock().await.unwrap();
+    nodes.servers[2].restart();
+    eventually(Duration::from_secs(10), "the late node takes part", async || {
+        m.lock().await.unwrap();
+        let on_late = nodes.servers[2].exists("dsync:late");
+        m.unlock().await.unwrap();
+        on_late
+    })
+    .await;
+}
+
+/// Keys are the prefix followed by the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_prefix_and_separator() {
+    let nodes = RedisNodes::start(1);
+    let sync = RedisSync::builder()
+        .urls(nodes.urls())
+        .key_prefix("app:locks:")
+        .separator("/")
+        .build()
+        .unwrap();
+    assert_eq!(sync.separator(), "/");
+    assert_eq!(sync.key_prefix(), "app:locks:");
+    let mut m = sync
+        .new_mutex("a/b", DistMutexOptions::default())
+        .unwrap();
+    assert_eq!(m.key(), "app:locks:a/b");
+    m.lock().await.unwrap();
+    assert!(nodes.servers[0].exists("app:locks:a/b"));
+    m.unlock().await.unwrap();
+}
+
+/// Bad configuration is a typed error that names the problem.
+#[tokio::test]
+async fn configuration_errors() {
+    let cases: [(Vec<&str>, &str); 3] = [
+        (vec![], "no Redis node"),
+        (vec!["not a url"], "invalid URL"),
+        (vec!["redis://127.0.0.1:1", "http://x"], "node #2"),
+    ];
+    for (urls, expected) in cases {
+        let err = RedisSync::new(urls).unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let err = RedisSync::new(["rediss://127.0.0.1:1"]).unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    }
+}
+
+#[test]
+fn building_outside_a_runtime_is_an_error() {
+    let err = RedisSync::new(["redis://127.0.0.1:1"]).unwrap_err();
+    assert!(err.to_string().contains("Tokio runtime"), "{err}");
+}
+
+/// 10,000 generated values are distinct, and each carries 128 random bits.
+#[test]
+fn generated_values_are_distinct_and_random() {
+    let values: Vec<String> = (0..10_000).map(|_| tower_dsync::random_value()).collect();
+    let distinct: HashSet<&String> = values.iter().collect();
+    assert_eq!(distinct.len(), values.len());
+    let mut ones = 0u64;
+    for v in &values {
+        assert_eq!(v.len(), 32);
+        ones += u64::from(u128::from_str_radix(v, 16).unwrap().count_ones());
+    }
+    // 1,280,000 bits: a fair source gives 50 % ones within a fraction of a
+    // percent; a biased or truncated one does not.
+    let share = ones as f64 / (10_000.0 * 128.0);
+    assert!((share - 0.5).abs() < 0.005, "share of ones {share}");
+}

@@ -1,0 +1,251 @@
+//! Test harness: real `redis-server` processes on free loopback ports.
+//!
+//! Each [`RedisServer`] is started with no persistence, waits until it
+//! answers `PING`, and is killed when dropped, also when the test panics. A
+//! test can kill a node, pause it (`SIGSTOP`) and resume it (`SIGCONT`), or
+//! restart it empty on the same port. The machine's shared instance on 6379
+//! is never used.
+
+#![allow(dead_code)]
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `redis-server` process on 127.0.0.1.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    paused: bool,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port.
+    pub fn start() -> RedisServer {
+        for _ in 0..20 {
+            let port = free_port();
+            if let Some(server) = Self::try_start_on(port) {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free port after 20 tries");
+    }
+
+    fn try_start_on(port: u16) -> Option<RedisServer> {
+        let dir = std::env::temp_dir().join(format!("tower-dsync-redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        let child = spawn_redis(port, &dir);
+        let mut server = RedisServer {
+            port,
+            child: Some(child),
+            paused: false,
+            dir,
+        };
+        server.wait_ready().then_some(server)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the process (`SIGKILL`); the port stays reserved for a restart.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    /// Pauses the process with `SIGSTOP`: connections stay open, nothing
+    /// answers.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+        self.paused = true;
+    }
+
+    /// Resumes a paused process with `SIGCONT`.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+        self.paused = false;
+    }
+
+    /// Kills the process if it runs, and starts an empty one on the same
+    /// port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.child = Some(spawn_redis(self.port, &self.dir));
+            if self.wait_ready() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A plain synchronous connection, for assertions.
+    pub fn connection(&self) -> redis::Connection {
+        let client = redis::Client::open(self.url()).expect("client");
+        let con = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the test server");
+        con.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        con
+    }
+
+    /// The number of keys in database 0.
+    pub fn dbsize(&self) -> u64 {
+        redis::cmd("DBSIZE").query(&mut self.connection()).expect("DBSIZE")
+    }
+
+    /// Whether `key` exists.
+    pub fn exists(&self, key: &str) -> bool {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query(&mut self.connection())
+            .expect("EXISTS")
+    }
+
+    /// Deletes `key` behind the lock's back.
+    pub fn del(&self, key: &str) {
+        let _: i64 = redis::cmd("DEL").arg(key).query(&mut self.connection()).expect("DEL");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Waits until the server answers PING; false if the process exited
+    /// (its port was taken, say).
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            if ping(self.port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("redis-server on port {} did not answer PING", self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Several independent servers.
+pub struct RedisNodes {
+    pub servers: Vec<RedisServer>,
+}
+
+impl RedisNodes {
+    /// Starts `n` servers.
+    pub fn start(n: usize) -> RedisNodes {
+        RedisNodes {
+            servers: (0..n).map(|_| RedisServer::start()).collect(),
+        }
+    }
+
+    /// Their URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(RedisServer::url).collect()
+    }
+
+    /// On how many nodes `key` exists.
+    pub fn count_key(&self, key: &str) -> usize {
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some() && !s.paused && s.exists(key))
+            .count()
+    }
+
+    /// Total keys over the running, unpaused nodes.
+    pub fn total_keys(&self) -> u64 {
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some() && !s.paused)
+            .map(RedisServer::dbsize)
+            .sum()
+    }
+}
+
+fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
+    let port_arg = port.to_string();
+    let result = Command::new("redis-server")
+        .args([
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match result {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+            "redis-server was not found on PATH. The Redis tests start their own servers: \
+             install it with `sudo apt-get install redis-server` (Debian, Ubuntu) or \
+             `brew install redis` (macOS), then run the tests again."
+        ),
+        Err(e) => panic!("could not start redis-server: {e}"),
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+        return false;
+    };
+    let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = con.set_read_timeout(Some(Duration::from_millis(500)));
+    redis::cmd("PING").query::<String>(&mut con).is_ok_and(|pong| pong == "PONG")
+}
