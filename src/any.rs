@@ -42,6 +42,12 @@ pub struct AnySync(Arc<dyn ErasedSync>);
 
 impl AnySync {
     /// Wraps a backend. Wrapping an `AnySync` again does not nest.
+    ///
+    /// ```
+    /// use tower_dsync::{AnySync, DistSync, MemorySync};
+    /// let sync = AnySync::new(MemorySync::new().with_separator("/"));
+    /// assert_eq!(sync.separator(), "/");
+    /// ```
     pub fn new<S: DistSync>(sync: S) -> Self {
         let any: &dyn std::any::Any = &sync;
         if let Some(already) = any.downcast_ref::<AnySync>() {

@@ -11,6 +11,11 @@ use std::fmt;
 use std::time::Duration;
 
 /// A boxed error from a lower layer (a Redis client, a value generator).
+///
+/// ```
+/// let e: tower_dsync::BoxError = "entropy ran out".into();
+/// assert_eq!(e.to_string(), "entropy ran out");
+/// ```
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Result type of this crate.

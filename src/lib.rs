@@ -41,11 +41,11 @@ mod options;
 mod redis;
 mod sync;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use any::{AnyMutex, AnySync};
 pub use error::{BoxError, Error, NodeError, Result};
 pub use memory::{MemoryMutex, MemorySync};
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
 

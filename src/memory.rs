@@ -9,9 +9,10 @@
 //! to the first waiter and wakes it; a holder that expires is taken over by
 //! the first waiter at the moment of expiry. A name that is neither locked
 //! nor waited on holds no memory: released names are removed at once, and
-//! expired ones when the name is next touched or by an amortised sweep.
+//! expired ones (kept in expiry order) by the next call on the backend,
+//! whatever its name.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -64,14 +65,17 @@ impl fmt::Debug for MemorySync {
 
 impl MemorySync {
     /// An empty set of locks with the separator `:`.
+    ///
+    /// ```
+    /// use tower_dsync::{DistSync, MemorySync};
+    /// let sync = MemorySync::new();
+    /// assert_eq!(sync.separator(), ":");
+    /// assert_eq!(sync.names_in_use(), 0);
+    /// ```
     pub fn new() -> Self {
         MemorySync {
             shared: Arc::new(Shared {
-                names: Mutex::new(Names {
-                    map: HashMap::new(),
-                    next_token: 1,
-                    sweep_at: SWEEP_MIN,
-                }),
+                names: Mutex::new(Names::new()),
                 next_waiter: AtomicU64::new(0),
             }),
             separator: Arc::from(":"),
@@ -89,11 +93,22 @@ impl MemorySync {
         self
     }
 
-    /// The number of names that are locked or waited on now. Expired locks
-    /// that nobody waits on are reclaimed before counting.
+    /// The number of names that hold memory: those locked now, with their
+    /// waiters. Expired locks are reclaimed before counting.
+    ///
+    /// ```
+    /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, MemorySync};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tower_dsync::Result<()> {
+    /// let sync = MemorySync::new();
+    /// let mut m = sync.new_mutex("a", DistMutexOptions::default())?;
+    /// m.lock().await?;
+    /// assert_eq!(sync.names_in_use(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn names_in_use(&self) -> usize {
         let mut names = self.shared.names();
-        names.sweep(Instant::now());
+        names.reap(Instant::now());
         names.map.len()
     }
 }
@@ -243,20 +258,9 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn valid(&self) -> Result<bool> {
-        let names = self.shared.names();
-        let now = Instant::now();
-        Ok(names.map.get(&*self.name).is_some_and(|entry| {
-            entry
-                .holder
-                .as_ref()
-                .is_some_and(|h| *h.value == *self.value && h.expires_at > now)
-        }))
+        Ok(self.shared.names().is_held_by(&self.name, &self.value))
     }
 }
-
-/// The sweep of expired names runs when the map has grown past twice its
-/// size after the last sweep, and never below this size.
-const SWEEP_MIN: usize = 1024;
 
 struct Shared {
     names: Mutex<Names>,
@@ -271,10 +275,15 @@ impl Shared {
     }
 }
 
+/// The lock table.
+///
+/// Invariants, true whenever the mutex is released: a name is in `map` only
+/// while it has a holder (its queue may be non-empty) and every holder has
+/// exactly one entry in `expiries`, keyed by its expiry and token.
 struct Names {
     map: HashMap<Arc<str>, Entry>,
+    expiries: BTreeMap<(Instant, u64), Arc<str>>,
     next_token: u64,
-    sweep_at: usize,
 }
 
 #[derive(Default)]
@@ -305,38 +314,15 @@ struct Grant {
     token: u64,
 }
 
-impl Entry {
-    fn is_idle(&self) -> bool {
-        self.holder.is_none() && self.queue.is_empty()
-    }
-
-    /// Drops an expired holder and, when the name is free, hands it to the
-    /// first waiter.
-    fn settle(&mut self, now: Instant, next_token: &mut u64) {
-        if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
-            self.holder = None;
-        }
-        if self.holder.is_none()
-            && let Some(waiter) = self.queue.pop_front()
-        {
-            self.holder = Some(Holder {
-                value: waiter.value,
-                expires_at: now + waiter.expiry,
-                token: take_token(next_token),
-                handed_to: Some(waiter.id),
-            });
-            waiter.wake.notify_one();
-        }
-    }
-}
-
-fn take_token(next_token: &mut u64) -> u64 {
-    let token = *next_token;
-    *next_token += 1;
-    token
-}
-
 impl Names {
+    fn new() -> Self {
+        Names {
+            map: HashMap::new(),
+            expiries: BTreeMap::new(),
+            next_token: 1,
+        }
+    }
+
     /// One try by waiter `id`. `Ok` with the grant, or `Err` with the
     /// holder's remaining time and the waiter's wake-up, after making sure
     /// the waiter has a place in the queue.
@@ -348,16 +334,11 @@ impl Names {
         id: u64,
     ) -> std::result::Result<Grant, (Duration, Arc<Notify>)> {
         let now = Instant::now();
+        self.reap(now);
         if !self.map.contains_key(name) {
-            if self.map.len() >= self.sweep_at {
-                self.sweep(now);
-            }
             self.map.insert(name.clone(), Entry::default());
         }
         let entry = self.map.get_mut(name).expect("inserted above");
-        if entry.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
-            entry.holder = None;
-        }
         if let Some(holder) = &mut entry.holder
             && holder.handed_to == Some(id)
         {
@@ -367,20 +348,12 @@ impl Names {
                 token: holder.token,
             });
         }
-        let first_in_line = entry.queue.front().is_none_or(|w| w.id == id);
-        if entry.holder.is_none() && first_in_line {
-            entry.queue.pop_front();
-            let expires_at = now + expiry;
-            let token = take_token(&mut self.next_token);
-            entry.holder = Some(Holder {
-                value: value.clone(),
-                expires_at,
-                token,
-                handed_to: None,
-            });
-            return Ok(Grant { expires_at, token });
+        if entry.holder.is_none() {
+            // Nobody waits on a free name (a release hands it on at once),
+            // so the name is ours; leave the queue if we were in it.
+            entry.queue.retain(|w| w.id != id);
+            return Ok(self.grant(name, value.clone(), now + expiry, None));
         }
-        // Busy: the name is held, or free but owed to an earlier waiter.
         let wake = match entry.queue.iter().find(|w| w.id == id) {
             Some(waiter) => waiter.wake.clone(),
             None => {
@@ -394,55 +367,46 @@ impl Names {
                 wake
             }
         };
-        entry.settle(now, &mut self.next_token);
-        let holder = entry.holder.as_ref().expect("settled with a holder");
+        let holder = entry.holder.as_ref().expect("checked above");
         Err((holder.expires_at - now, wake))
     }
 
     /// Releases the lock held with `value`; false if `value` does not hold
     /// an unexpired lock on `name`.
     fn release(&mut self, name: &str, value: &str) -> bool {
-        let now = Instant::now();
-        let Some(entry) = self.map.get_mut(name) else {
+        self.reap(Instant::now());
+        if self.holder(name).is_none_or(|h| *h.value != *value) {
             return false;
-        };
-        let owned = entry
-            .holder
-            .as_ref()
-            .is_some_and(|h| *h.value == *value && h.expires_at > now);
-        if owned {
-            entry.holder = None;
         }
-        entry.settle(now, &mut self.next_token);
-        if entry.is_idle() {
-            self.map.remove(name);
-        }
-        owned
+        self.clear(name);
+        true
     }
 
     /// Moves the expiry of the lock held with `value` to `now + expiry`.
     fn extend(&mut self, name: &str, value: &str, expiry: Duration) -> Option<Instant> {
         let now = Instant::now();
-        let entry = self.map.get_mut(name)?;
-        match &mut entry.holder {
-            Some(h) if *h.value == *value && h.expires_at > now => {
-                h.expires_at = now + expiry;
-                Some(h.expires_at)
-            }
-            _ => {
-                entry.settle(now, &mut self.next_token);
-                if entry.is_idle() {
-                    self.map.remove(name);
-                }
-                None
-            }
+        self.reap(now);
+        let holder = self.map.get_mut(name)?.holder.as_mut()?;
+        if *holder.value != *value {
+            return None;
         }
+        let name = self.expiries.remove(&(holder.expires_at, holder.token))?;
+        holder.expires_at = now + expiry;
+        self.expiries
+            .insert((holder.expires_at, holder.token), name);
+        Some(holder.expires_at)
+    }
+
+    /// Whether `value` holds an unexpired lock on `name`.
+    fn is_held_by(&mut self, name: &str, value: &str) -> bool {
+        self.reap(Instant::now());
+        self.holder(name).is_some_and(|h| *h.value == *value)
     }
 
     /// Leaves a waiter's place: out of the queue, and if a release had
     /// already handed it the lock, passes the lock on.
     fn leave(&mut self, name: &str, id: u64) {
-        let now = Instant::now();
+        self.reap(Instant::now());
         let Some(entry) = self.map.get_mut(name) else {
             return;
         };
@@ -452,22 +416,66 @@ impl Names {
             .as_ref()
             .is_some_and(|h| h.handed_to == Some(id))
         {
-            entry.holder = None;
-        }
-        entry.settle(now, &mut self.next_token);
-        if entry.is_idle() {
-            self.map.remove(name);
+            self.clear(name);
         }
     }
 
-    /// Reclaims expired names; hands expired names with waiters on.
-    fn sweep(&mut self, now: Instant) {
-        let next_token = &mut self.next_token;
-        self.map.retain(|_, entry| {
-            entry.settle(now, next_token);
-            !entry.is_idle()
+    fn holder(&self, name: &str) -> Option<&Holder> {
+        self.map.get(name)?.holder.as_ref()
+    }
+
+    /// Makes a new holder of `name` (whose entry exists).
+    fn grant(
+        &mut self,
+        name: &Arc<str>,
+        value: Arc<str>,
+        expires_at: Instant,
+        handed_to: Option<u64>,
+    ) -> Grant {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.expiries.insert((expires_at, token), name.clone());
+        let entry = self.map.get_mut(name).expect("granted names have an entry");
+        entry.holder = Some(Holder {
+            value,
+            expires_at,
+            token,
+            handed_to,
         });
-        self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
+        Grant { expires_at, token }
+    }
+
+    /// Removes the holder of `name`, then hands the name to its first
+    /// waiter, or forgets the name if nobody waits.
+    fn clear(&mut self, name: &str) {
+        let Some((name, mut entry)) = self.map.remove_entry(name) else {
+            return;
+        };
+        if let Some(holder) = entry.holder.take() {
+            self.expiries.remove(&(holder.expires_at, holder.token));
+        }
+        if let Some(waiter) = entry.queue.pop_front() {
+            self.map.insert(name.clone(), entry);
+            self.grant(
+                &name,
+                waiter.value,
+                Instant::now() + waiter.expiry,
+                Some(waiter.id),
+            );
+            waiter.wake.notify_one();
+        } else if self.map.capacity() > 64 && self.map.len() * 4 < self.map.capacity() {
+            self.map.shrink_to(self.map.len() * 2);
+        }
+    }
+
+    /// Clears every holder whose lock has expired by `now`, earliest first.
+    fn reap(&mut self, now: Instant) {
+        while let Some(first) = self.expiries.first_entry()
+            && first.key().0 <= now
+        {
+            let name = first.get().clone();
+            self.clear(&name);
+        }
     }
 }
 

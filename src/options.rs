@@ -9,13 +9,21 @@ use rand::RngExt;
 use crate::error::{BoxError, Error, Result};
 
 /// Computes the delay before try number `tries` (the first retry is `1`).
+/// Set with [`DistMutexOptions::with_delay_fn`].
 pub type DelayFn = Arc<dyn Fn(u32) -> Duration + Send + Sync>;
 
-/// Generates the random value that identifies one acquisition.
+/// Generates the random value that identifies one acquisition. Set with
+/// [`DistMutexOptions::with_gen_value_fn`].
 pub type GenValueFn = Arc<dyn Fn() -> std::result::Result<String, BoxError> + Send + Sync>;
 
 /// The longest accepted expiry (one year): longer ones are refused rather
 /// than risk arithmetic overflow on deadlines.
+///
+/// ```
+/// use tower_dsync::{DistMutexOptions, MAX_EXPIRY};
+/// let too_long = DistMutexOptions::default().with_expiry(MAX_EXPIRY * 2);
+/// assert!(too_long.validate().is_err());
+/// ```
 pub const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Options of one [`DistMutex`](crate::DistMutex), a port of Go's
@@ -198,31 +206,58 @@ impl DistMutexOptions {
     }
 
     /// The expiry.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// assert_eq!(tower_dsync::DistMutexOptions::default().expiry(), Duration::from_secs(8));
+    /// ```
     pub fn expiry(&self) -> Duration {
         self.expiry
     }
 
     /// The number of tries.
+    ///
+    /// ```
+    /// assert_eq!(tower_dsync::DistMutexOptions::default().tries(), 32);
+    /// ```
     pub fn tries(&self) -> u32 {
         self.tries
     }
 
     /// The delay before retry number `retry` (1 for the first retry).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let d = tower_dsync::DistMutexOptions::default().delay(1);
+    /// assert!(d >= Duration::from_millis(50) && d < Duration::from_millis(250));
+    /// ```
     pub fn delay(&self, retry: u32) -> Duration {
         (self.delay_fn)(retry)
     }
 
     /// The drift factor.
+    ///
+    /// ```
+    /// assert_eq!(tower_dsync::DistMutexOptions::default().drift_factor(), 0.01);
+    /// ```
     pub fn drift_factor(&self) -> f64 {
         self.drift_factor
     }
 
     /// The timeout factor.
+    ///
+    /// ```
+    /// assert_eq!(tower_dsync::DistMutexOptions::default().timeout_factor(), 0.05);
+    /// ```
     pub fn timeout_factor(&self) -> f64 {
         self.timeout_factor
     }
 
     /// The preset value, if any.
+    ///
+    /// ```
+    /// assert_eq!(tower_dsync::DistMutexOptions::default().value(), None);
+    /// ```
     pub fn value(&self) -> Option<&str> {
         self.value.as_deref()
     }
@@ -235,19 +270,31 @@ impl DistMutexOptions {
     /// assert_eq!(o.drift(), Duration::from_millis(82));
     /// ```
     pub fn drift(&self) -> Duration {
-        self.expiry.mul_f64(self.drift_factor) + Duration::from_millis(2)
+        scale(self.expiry, self.drift_factor).saturating_add(Duration::from_millis(2))
     }
 
     /// The longest validity an acquisition can have: `expiry - drift`
     /// (zero if the drift is larger).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default();
+    /// assert_eq!(o.validity(), Duration::from_millis(8000 - 82));
+    /// ```
     pub fn validity(&self) -> Duration {
         self.expiry.saturating_sub(self.drift())
     }
 
     /// How long one node gets to answer one command:
     /// `expiry * timeout_factor`.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tower_dsync::DistMutexOptions::default();
+    /// assert_eq!(o.node_timeout(), Duration::from_millis(400));
+    /// ```
     pub fn node_timeout(&self) -> Duration {
-        self.expiry.mul_f64(self.timeout_factor)
+        scale(self.expiry, self.timeout_factor)
     }
 
     /// The value for a new acquisition: the preset value if there is one,
@@ -313,6 +360,16 @@ impl DistMutexOptions {
             return invalid("a preset value must not be empty".into());
         }
         Ok(())
+    }
+}
+
+/// `d * factor`, never panicking: a factor that is not a positive finite
+/// number gives zero, an overflow the largest duration.
+fn scale(d: Duration, factor: f64) -> Duration {
+    if factor.is_finite() && factor > 0.0 {
+        Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+    } else {
+        Duration::ZERO
     }
 }
 

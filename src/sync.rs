@@ -10,6 +10,11 @@ use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 
 /// The longest accepted lock name, in bytes.
+///
+/// ```
+/// let longest = "n".repeat(tower_dsync::MAX_NAME_LEN);
+/// assert!(tower_dsync::validate_name(&longest).is_ok());
+/// ```
 pub const MAX_NAME_LEN: usize = 1024;
 
 /// A factory of distributed mutexes (Go: `IDistSync`).
@@ -54,6 +59,10 @@ pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
 ///
 /// Every async method is cancel-safe: dropping the future of
 /// [`lock`](Self::lock) at any point never leaves the name locked.
+///
+/// The methods run on a Tokio runtime with the time driver enabled (as
+/// `#[tokio::main]` and `#[tokio::test]` set up): retries and per-node
+/// timeouts use `tokio::time`.
 ///
 /// | Go | Rust |
 /// |---|---|

@@ -90,9 +90,10 @@ async fn waiter_takes_over_at_expiry() {
 #[tokio::test(start_paused = true)]
 async fn waiters_are_served_fifo() {
     let sync = MemorySync::new();
+    // Retries so far apart that only a hand-off can wake a waiter.
     let options = DistMutexOptions::default()
         .with_tries(u32::MAX)
-        .with_retry_delay(Duration::from_millis(1));
+        .with_retry_delay(Duration::from_secs(3600));
     let mut holder = sync.new_mutex("fifo", options.clone()).unwrap();
     holder.lock().await.unwrap();
     let (order_tx, mut order_rx) = mpsc::unbounded_channel();
@@ -173,6 +174,16 @@ async fn idle_names_hold_no_memory() {
     // Waiters that give up or are dropped leave nothing either.
     let mut a = sync.new_mutex("w", options.clone()).unwrap();
     a.lock().await.unwrap();
+    let mut quitter = sync.new_mutex("w", options.clone()).unwrap();
+    assert!(quitter.lock().await.is_err());
+    {
+        let mut dropped = sync.new_mutex("w", options.clone().with_tries(9)).unwrap();
+        let mut fut = pin!(dropped.lock());
+        assert!(poll_once(fut.as_mut()).await.is_none());
+    }
+    a.unlock().await.unwrap();
+    assert_eq!(sync.names_in_use(), 0, "nobody is left waiting on w");
+    a.lock().await.unwrap();
     let patient = options
         .clone()
         .with_tries(2)
@@ -223,9 +234,32 @@ async fn instances_and_clones() {
     assert!(matches!(c.lock().await, Err(Error::Held { .. })));
 }
 
-/// `AnySync` wraps once, and picks a backend from a run-time choice.
+/// A lock handed to a waiter expires like any other.
+#[tokio::test(start_paused = true)]
+async fn handed_off_lock_expires() {
+    let sync = MemorySync::new();
+    let expiry = Duration::from_secs(5);
+    let options = DistMutexOptions::default().with_expiry(expiry);
+    let mut a = sync.new_mutex("handed", options.clone()).unwrap();
+    let mut b = sync.new_mutex("handed", options.clone()).unwrap();
+    let mut c = sync.new_mutex("handed", options.with_tries(1)).unwrap();
+    a.lock().await.unwrap();
+    {
+        let mut waiting = pin!(b.lock());
+        assert!(poll_once(waiting.as_mut()).await.is_none());
+        a.unlock().await.unwrap();
+        waiting.await.unwrap();
+    }
+    let handed_at = Instant::now();
+    assert!(b.until().unwrap() <= handed_at + expiry);
+    tokio::time::sleep(expiry).await;
+    assert!(!b.valid().await.unwrap());
+    c.lock().await.unwrap();
+}
+
+/// `AnySync` forwards to the wrapped backend, also when wrapped twice.
 #[tokio::test]
-async fn any_sync_does_not_nest() {
+async fn any_sync_wraps_a_backend() {
     let memory = MemorySync::new();
     let any = AnySync::new(memory.clone());
     let again = AnySync::new(any.clone());

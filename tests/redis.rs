@@ -36,12 +36,18 @@ fn suite(nodes: usize) -> Suite<RedisSync> {
 
 mod one_node {
     use super::*;
-    conformance_tests!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] suite(1));
+    conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        suite(1)
+    );
 }
 
 mod three_nodes {
     use super::*;
-    conformance_tests!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] suite(3));
+    conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        suite(3)
+    );
 }
 
 /// Five nodes, two killed: everything still works. Three killed: `lock`
@@ -87,9 +93,11 @@ async fn five_nodes_minority_and_majority_down() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    eventually(Duration::from_secs(10), "no key left on the survivors", async || {
-        nodes.count_key(&key) == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "no key left on the survivors",
+        async || nodes.count_key(&key) == 0,
+    )
     .await;
 }
 
@@ -128,9 +136,11 @@ async fn paused_node_is_bounded_by_the_node_timeout() {
         );
     }
     nodes.servers[2].resume();
-    eventually(Duration::from_secs(10), "no key left anywhere", async || {
-        nodes.count_key(&key) == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "no key left anywhere",
+        async || nodes.count_key(&key) == 0,
+    )
     .await;
 }
 
@@ -156,11 +166,15 @@ async fn set_nx_on_extend_restores_a_restarted_node() {
         // The first command after the restart may find the old connection
         // broken; the connection manager then reconnects on its own.
         let mut extends = 0;
-        eventually(Duration::from_secs(10), "extend reaches the restarted node", async || {
-            m.extend().await.unwrap();
-            extends += 1;
-            extends >= 3 && (!set_nx || nodes.servers[0].exists(&key))
-        })
+        eventually(
+            Duration::from_secs(10),
+            "extend reaches the restarted node",
+            async || {
+                m.extend().await.unwrap();
+                extends += 1;
+                extends >= 3 && (!set_nx || nodes.servers[0].exists(&key))
+            },
+        )
         .await;
         assert_eq!(nodes.servers[0].exists(&key), set_nx);
         m.unlock().await.unwrap();
@@ -199,9 +213,11 @@ async fn dropped_lock_leaves_no_key() {
             m.unlock().await.unwrap();
         }
     }
-    eventually(Duration::from_secs(10), "every abandoned key released", async || {
-        nodes.total_keys() == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "every abandoned key released",
+        async || nodes.total_keys() == 0,
+    )
     .await;
 
     // With a paused node that answers only after the abandon.
@@ -212,15 +228,19 @@ async fn dropped_lock_leaves_no_key() {
     {
         let mut fut = pin!(m.lock());
         assert!(poll_once(fut.as_mut()).await.is_none());
-        eventually(Duration::from_secs(10), "two nodes set the key", async || {
-            nodes.count_key(&key) == 2
-        })
+        eventually(
+            Duration::from_secs(10),
+            "two nodes set the key",
+            async || nodes.count_key(&key) == 2,
+        )
         .await;
     }
     nodes.servers[1].resume();
-    eventually(Duration::from_secs(10), "no key left anywhere", async || {
-        nodes.count_key(&key) == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "no key left anywhere",
+        async || nodes.count_key(&key) == 0,
+    )
     .await;
 }
 
@@ -265,7 +285,10 @@ async fn dead_and_silent_backends() {
     }
     let mut m = sync.new_mutex(&unique("silent"), options.clone()).unwrap();
     match m.lock().await {
-        Err(Error::Timeout { after, nodes: silent }) => {
+        Err(Error::Timeout {
+            after,
+            nodes: silent,
+        }) => {
             assert_eq!(after, options.node_timeout());
             assert_eq!(silent.len(), 3);
         }
@@ -278,14 +301,23 @@ async fn dead_and_silent_backends() {
     let err = m.lock().await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     match &err {
-        Error::Unavailable { quorum: 2, failures } => {
+        Error::Unavailable {
+            quorum: 2,
+            failures,
+        } => {
             let named: HashSet<&str> = failures.iter().map(|f| f.node()).collect();
             assert_eq!(named.len(), 3, "{err}");
-            assert!(std::error::Error::source(&err).is_some(), "the cause is chained");
+            assert!(
+                std::error::Error::source(&err).is_some(),
+                "the cause is chained"
+            );
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    assert!(matches!(m.unlock().await, Err(Error::NotAcquired)), "never acquired");
+    assert!(
+        matches!(m.unlock().await, Err(Error::NotAcquired)),
+        "never acquired"
+    );
 }
 
 /// A node down at start-up is not fatal while a quorum can form, and is used
@@ -302,12 +334,16 @@ async fn node_down_at_start_is_used_once_back() {
     m.lock().await.unwrap();
     m.unlock().await.unwrap();
     nodes.servers[2].restart();
-    eventually(Duration::from_secs(10), "the late node takes part", async || {
-        m.lock().await.unwrap();
-        let on_late = nodes.servers[2].exists("dsync:late");
-        m.unlock().await.unwrap();
-        on_late
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the late node takes part",
+        async || {
+            m.lock().await.unwrap();
+            let on_late = nodes.servers[2].exists("dsync:late");
+            m.unlock().await.unwrap();
+            on_late
+        },
+    )
     .await;
 }
 
@@ -323,9 +359,7 @@ async fn key_prefix_and_separator() {
         .unwrap();
     assert_eq!(sync.separator(), "/");
     assert_eq!(sync.key_prefix(), "app:locks:");
-    let mut m = sync
-        .new_mutex("a/b", DistMutexOptions::default())
-        .unwrap();
+    let mut m = sync.new_mutex("a/b", DistMutexOptions::default()).unwrap();
     assert_eq!(m.key(), "app:locks:a/b");
     m.lock().await.unwrap();
     assert!(nodes.servers[0].exists("app:locks:a/b"));
@@ -350,6 +384,20 @@ async fn configuration_errors() {
         let err = RedisSync::new(["rediss://127.0.0.1:1"]).unwrap_err();
         assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
     }
+}
+
+/// TLS to a plain port fails as an unavailable backend, without a panic.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_plain_port_is_unavailable() {
+    let nodes = RedisNodes::start(1);
+    let url = format!("rediss://127.0.0.1:{}/#insecure", nodes.servers[0].port());
+    let sync = RedisSync::new([url]).unwrap();
+    let options = DistMutexOptions::default().with_tries(1);
+    let mut m = sync.new_mutex("tls", options).unwrap();
+    let err = m.lock().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(nodes.total_keys(), 0);
 }
 
 #[test]

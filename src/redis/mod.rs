@@ -101,7 +101,12 @@ impl fmt::Debug for RedisSync {
         f.debug_struct("RedisSync")
             .field(
                 "nodes",
-                &self.shared.nodes.iter().map(Node::label).collect::<Vec<_>>(),
+                &self
+                    .shared
+                    .nodes
+                    .iter()
+                    .map(Node::label)
+                    .collect::<Vec<_>>(),
             )
             .field("quorum", &self.shared.quorum)
             .field("key_prefix", &self.shared.key_prefix)
@@ -133,7 +138,7 @@ impl RedisSync {
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
-    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let client = redis::Client::open("redis://127.0.0.1:6379").expect("a valid URL");
     /// let sync = tower_dsync::RedisSync::builder().client(client).fail_fast(true).build()?;
     /// # Ok(()) }
     /// ```
@@ -188,17 +193,13 @@ impl DistSync for RedisSync {
 /// ```
 #[derive(Default)]
 pub struct RedisSyncBuilder {
-    nodes: Vec<NodeSource>,
+    /// Each node's client, or why its URL was refused.
+    nodes: Vec<Result<redis::Client>>,
     key_prefix: Option<String>,
     separator: Option<String>,
     set_nx_on_extend: bool,
     fail_fast: bool,
     connect_timeout: Option<Duration>,
-}
-
-enum NodeSource {
-    Url(String),
-    Client(redis::Client),
 }
 
 impl fmt::Debug for RedisSyncBuilder {
@@ -215,7 +216,14 @@ impl RedisSyncBuilder {
     /// Adds a node by URL: `redis://[user:password@]host:port[/db]`, or
     /// `rediss://` with the `tls` feature.
     pub fn url(mut self, url: impl AsRef<str>) -> Self {
-        self.nodes.push(NodeSource::Url(url.as_ref().to_owned()));
+        let number = self.nodes.len() + 1;
+        self.nodes
+            .push(redis::Client::open(url.as_ref()).map_err(|e| {
+                invalid(
+                    format!("node #{number} has an invalid URL"),
+                    Some(Box::new(e)),
+                )
+            }));
         self
     }
 
@@ -233,7 +241,7 @@ impl RedisSyncBuilder {
 
     /// Adds a node from an existing redis-rs client.
     pub fn client(mut self, client: redis::Client) -> Self {
-        self.nodes.push(NodeSource::Client(client));
+        self.nodes.push(Ok(client));
         self
     }
 
@@ -293,16 +301,8 @@ impl RedisSyncBuilder {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
         let mut nodes = Vec::with_capacity(self.nodes.len());
-        for (i, source) in self.nodes.into_iter().enumerate() {
-            let client = match source {
-                NodeSource::Client(client) => client,
-                NodeSource::Url(url) => redis::Client::open(url.as_str()).map_err(|e| {
-                    invalid(
-                        format!("node #{} has an invalid URL", i + 1),
-                        Some(Box::new(e)),
-                    )
-                })?,
-            };
+        for client in self.nodes {
+            let client = client?;
             let label = client.get_connection_info().addr().to_string();
             let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
                 .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;

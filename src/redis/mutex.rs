@@ -168,7 +168,8 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
-            self.cleanup = release_leftovers(round, &self.shared, &self.key, &value, preset, timeout);
+            self.cleanup =
+                release_leftovers(round, &self.shared, &self.key, &value, preset, timeout);
             last_error = Some(error);
         }
         Err(last_error.expect("tries is at least 1"))
@@ -211,7 +212,13 @@ impl DistMutex for RedisMutex {
         let set_nx = self.shared.set_nx_on_extend;
         let start = Instant::now();
         let mut round = Round::start(self.shared.nodes.iter().map(|node| {
-            node.extend(self.key.clone(), self.value.clone(), expiry, set_nx, timeout)
+            node.extend(
+                self.key.clone(),
+                self.value.clone(),
+                expiry,
+                set_nx,
+                timeout,
+            )
         }));
         round
             .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
@@ -296,7 +303,12 @@ impl Drop for Attempt<'_> {
 /// Why an attempt failed. `Held` when the nodes held by others alone make a
 /// quorum impossible, with the time until enough of them expire; else the
 /// failed nodes' error.
-fn acquire_error(round: &mut Round<i64>, quorum: usize, timeout: Duration, elapsed: Duration) -> Error {
+fn acquire_error(
+    round: &mut Round<i64>,
+    quorum: usize,
+    timeout: Duration,
+    elapsed: Duration,
+) -> Error {
     if round.yes >= quorum {
         // A quorum, but too late: no validity left.
         return Error::Timeout {

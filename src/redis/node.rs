@@ -125,7 +125,11 @@ impl Node {
         let mut conn = self.conn.clone();
         let label = self.label.clone();
         let cmd = redis::cmd("GET").arg(&*key).to_owned();
-        bounded(label, timeout, async move { cmd.query_async(&mut conn).await })
+        bounded(
+            label,
+            timeout,
+            async move { cmd.query_async(&mut conn).await },
+        )
     }
 
     fn invoke<T: FromRedisValue + Send + 'static>(

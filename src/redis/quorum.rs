@@ -47,7 +47,12 @@ impl<T: Send + 'static> Round<T> {
 
     /// Collects answers: all of them, or with `fail_fast` only until the
     /// quorum outcome is decided either way.
-    pub(crate) async fn settle(&mut self, quorum: usize, fail_fast: bool, is_yes: impl Fn(&T) -> bool) {
+    pub(crate) async fn settle(
+        &mut self,
+        quorum: usize,
+        fail_fast: bool,
+        is_yes: impl Fn(&T) -> bool,
+    ) {
         while let Some((i, reply)) = self.pending.next().await {
             match reply {
                 Ok(answer) => {

@@ -120,10 +120,22 @@ impl<S: DistSync> Suite<S> {
             self.base.clone().with_tries(0),
             self.base.clone().with_drift_factor(1.5),
             self.base.clone().with_drift_factor(f64::NAN),
+            self.base
+                .clone()
+                .with_expiry(tower_dsync::MAX_EXPIRY + Duration::from_secs(1)),
+            self.base.clone().with_expiry(Duration::from_millis(1)),
+            self.base.clone().with_tries(0),
+            self.base.clone().with_drift_factor(1.5),
+            self.base.clone().with_drift_factor(-0.1),
+            self.base.clone().with_drift_factor(f64::NAN),
             self.base.clone().with_timeout_factor(0.0),
+            self.base.clone().with_timeout_factor(1.0),
+            self.base.clone().with_timeout_factor(f64::INFINITY),
             self.base.clone().with_value(""),
         ];
         for o in options {
+            // The derived durations never panic, whatever the options.
+            let _ = (o.drift(), o.validity(), o.node_timeout());
             let err = self.sync.new_mutex("ok", o).unwrap_err();
             assert!(matches!(err, Error::InvalidOptions { .. }), "{err}");
         }
@@ -303,6 +315,10 @@ impl<S: DistSync> Suite<S> {
         m.extend().await.unwrap();
         let second = m.until().unwrap();
         assert!(second > first, "extend must move until forward");
+        assert!(
+            second <= Instant::now() + self.expiry(),
+            "extend resets the expiry to now + expiry, it does not add to it"
+        );
         assert!(m.valid().await.unwrap());
         m.unlock().await.unwrap();
     }
@@ -319,6 +335,7 @@ impl<S: DistSync> Suite<S> {
         })
         .await;
         assert!(Instant::now() >= until, "until is never later than expiry");
+        assert!(matches!(m.extend().await, Err(Error::NotAcquired)));
         assert!(matches!(m.unlock().await, Err(Error::NotAcquired)));
     }
 
@@ -328,10 +345,14 @@ impl<S: DistSync> Suite<S> {
         let long = self.base.clone().with_expiry(Duration::from_secs(60));
         let mut a = self.mutex(&name, long.clone().with_tries(1));
         a.lock().await.unwrap();
+        let delays = Arc::new(AtomicUsize::new(0));
+        let counted = delays.clone();
         let mut b = self.mutex(
             &name,
-            long.with_tries(3)
-                .with_retry_delay(Duration::from_millis(1)),
+            long.with_tries(3).with_delay_fn(move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Duration::from_millis(1)
+            }),
         );
         match b.lock().await {
             Err(Error::Held { remaining: Some(r) }) => {
@@ -339,6 +360,11 @@ impl<S: DistSync> Suite<S> {
             }
             other => panic!("expected Held with a remaining time, got {other:?}"),
         }
+        assert_eq!(
+            delays.load(Ordering::SeqCst),
+            2,
+            "3 tries: 2 delays between them"
+        );
         // Giving up left b in no queue: the name is free once a unlocks.
         a.unlock().await.unwrap();
         self.assert_free(&name).await;

@@ -104,13 +104,16 @@ impl RedisServer {
         let con = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .expect("connect to the test server");
-        con.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        con.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         con
     }
 
     /// The number of keys in database 0.
     pub fn dbsize(&self) -> u64 {
-        redis::cmd("DBSIZE").query(&mut self.connection()).expect("DBSIZE")
+        redis::cmd("DBSIZE")
+            .query(&mut self.connection())
+            .expect("DBSIZE")
     }
 
     /// Whether `key` exists.
@@ -123,7 +126,10 @@ impl RedisServer {
 
     /// Deletes `key` behind the lock's back.
     pub fn del(&self, key: &str) {
-        let _: i64 = redis::cmd("DEL").arg(key).query(&mut self.connection()).expect("DEL");
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query(&mut self.connection())
+            .expect("DEL");
     }
 
     fn signal(&self, signal: &str) {
@@ -247,5 +253,7 @@ fn ping(port: u16) -> bool {
         return false;
     };
     let _ = con.set_read_timeout(Some(Duration::from_millis(500)));
-    redis::cmd("PING").query::<String>(&mut con).is_ok_and(|pong| pong == "PONG")
+    redis::cmd("PING")
+        .query::<String>(&mut con)
+        .is_ok_and(|pong| pong == "PONG")
 }
