@@ -50,6 +50,34 @@ mod three_nodes {
     );
 }
 
+mod three_nodes_fail_fast {
+    //! Deciding on the quorum and finishing the rest in the background
+    //! keeps every guarantee.
+    use super::*;
+
+    fn suite() -> Suite<RedisSync> {
+        let servers = RedisNodes::start(3);
+        let build = || {
+            RedisSync::builder()
+                .urls(servers.urls())
+                .fail_fast(true)
+                .build()
+                .unwrap()
+        };
+        Suite {
+            sync: build(),
+            other: build(),
+            base: base_options(),
+            guard: Box::new(servers),
+        }
+    }
+
+    conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        suite()
+    );
+}
+
 /// Five nodes, two killed: everything still works. Three killed: `lock`
 /// fails with the no-quorum error within `tries * (timeout + max delay)` and
 /// leaves no key on the survivors.
