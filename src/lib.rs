@@ -35,6 +35,7 @@
 
 mod any;
 mod error;
+pub mod layer;
 mod memory;
 mod options;
 #[cfg(feature = "redis")]
@@ -45,6 +46,7 @@ mod sync;
 pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use any::{AnyMutex, AnySync};
 pub use error::{BoxError, Error, NodeError, Result};
+pub use layer::DistLockLayer;
 pub use memory::{MemoryMutex, MemorySync};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};

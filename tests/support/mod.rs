@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod counting;
+pub mod http;
+
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;

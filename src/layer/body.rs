@@ -1,0 +1,157 @@
+//! The response body: the inner body, carrying the lock's release guard to
+//! its end, or a rejection's short body.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+
+use super::keeper::ReleaseGuard;
+use crate::error::BoxError;
+
+pin_project! {
+    /// The body of a response that went through
+    /// [`DistLock`](super::DistLock).
+    ///
+    /// By default it carries the lock until the inner body has sent its last
+    /// frame, fails, or is dropped. Inner errors are boxed.
+    ///
+    /// ```
+    /// use http_body::Body;
+    /// use tower_dsync::layer::LockBody;
+    ///
+    /// let body: LockBody<http_body_util::Empty<bytes::Bytes>> = LockBody::full("busy\n".into());
+    /// assert_eq!(body.size_hint().exact(), Some(5));
+    /// ```
+    pub struct LockBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner {
+            #[pin]
+            body: B,
+            guard: Option<ReleaseGuard>,
+            // With the abort option: fires when the lock is lost.
+            lost: Option<oneshot::Receiver<()>>,
+        },
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> LockBody<B> {
+    /// A body of the inner service, holding `guard` until it ends.
+    pub(crate) fn inner(
+        body: B,
+        guard: Option<ReleaseGuard>,
+        lost: Option<oneshot::Receiver<()>>,
+    ) -> Self {
+        LockBody {
+            kind: Kind::Inner { body, guard, lost },
+        }
+    }
+
+    /// A complete body of `data` (a rejection's text; empty for gRPC).
+    pub fn full(data: Bytes) -> Self {
+        LockBody {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for LockBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner { guard, .. } => f
+                .debug_struct("LockBody")
+                .field("holds_lock", &guard.is_some())
+                .finish_non_exhaustive(),
+            Kind::Full { data } => f.debug_struct("LockBody").field("data", data).finish(),
+        }
+    }
+}
+
+/// The error that ends a streaming body when the lock was lost and the
+/// layer was set to abort.
+#[derive(Debug)]
+pub struct LockLost;
+
+impl fmt::Display for LockLost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dsync: the lock was lost while the response was streaming")
+    }
+}
+
+impl std::error::Error for LockLost {}
+
+impl<B> Body for LockBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body, guard, lost } => {
+                if let Some(rx) = lost
+                    && let Poll::Ready(result) = Pin::new(rx).poll(cx)
+                {
+                    *lost = None;
+                    if result.is_ok() {
+                        guard.take();
+                        return Poll::Ready(Some(Err(LockLost.into())));
+                    }
+                }
+                let frame = std::task::ready!(body.poll_frame(cx));
+                match frame {
+                    Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Some(Err(error)) => {
+                        guard.take();
+                        Poll::Ready(Some(Err(error.into())))
+                    }
+                    None => {
+                        // The last frame is out: release now, not when the
+                        // connection gets around to dropping the body.
+                        guard.take();
+                        Poll::Ready(None)
+                    }
+                }
+            }
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

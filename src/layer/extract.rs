@@ -1,0 +1,287 @@
+//! Turning a request into the key of the resource it works on.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use http::{HeaderMap, Request};
+
+/// Finds the key of a request: `Ok(Some(key))` to lock it, `Ok(None)` when
+/// the request has no key (passed through unlocked, or rejected, as the layer
+/// is configured), `Err` when the key is malformed (rejected with 400 or
+/// `INVALID_ARGUMENT`).
+///
+/// Extraction is synchronous and sees only the request head, like
+/// tower_governor's key extractors. Any closure
+/// `Fn(&http::Request<B>) -> Option<String>` is an extractor.
+///
+/// ```
+/// use tower_dsync::layer::{HeaderKey, KeyExtractor};
+///
+/// let by_tenant = |req: &http::Request<()>| {
+///     req.headers().get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// };
+/// let req = http::Request::builder().header("x-tenant", "acme").body(()).unwrap();
+/// assert_eq!(by_tenant.extract(&req).unwrap().as_deref(), Some("acme"));
+///
+/// let by_header = HeaderKey::new("idempotency-key");
+/// assert_eq!(by_header.extract(&req).unwrap(), None);
+/// ```
+pub trait KeyExtractor<B>: Clone + Send + Sync + 'static {
+    /// The key of `request`, if it has one.
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError>;
+}
+
+impl<B, F> KeyExtractor<B> for F
+where
+    F: Fn(&Request<B>) -> Option<String> + Clone + Send + Sync + 'static,
+{
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        Ok(self(request))
+    }
+}
+
+/// Why a key was refused. Every variant becomes a 400 (or
+/// `INVALID_ARGUMENT`) rejection, and no lock is taken.
+///
+/// ```
+/// use tower_dsync::layer::KeyError;
+/// assert_eq!(KeyError::Empty.to_string(), "the lock key is empty");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key is empty.
+    Empty,
+    /// The key is longer than the layer accepts.
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The most the layer accepts.
+        max: usize,
+    },
+    /// The key contains a control character.
+    ControlCharacter,
+    /// The key's source is not valid UTF-8 (or visible ASCII, for headers).
+    NotText {
+        /// Where the key came from, e.g. `header idempotency-key`.
+        source: String,
+    },
+    /// A custom extractor's own reason.
+    Invalid(String),
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::Empty => f.write_str("the lock key is empty"),
+            KeyError::TooLong { len, max } => {
+                write!(f, "the lock key is {len} bytes long, more than {max}")
+            }
+            KeyError::ControlCharacter => f.write_str("the lock key contains a control character"),
+            KeyError::NotText { source } => write!(f, "the lock key in {source} is not valid text"),
+            KeyError::Invalid(reason) => write!(f, "invalid lock key: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// The value of a request header, such as `Idempotency-Key`.
+///
+/// A missing header is no key; a header that is not visible ASCII is a bad
+/// key. When the header repeats, the first value is the key.
+///
+/// ```
+/// use tower_dsync::layer::{HeaderKey, KeyExtractor};
+///
+/// let key = HeaderKey::new("idempotency-key");
+/// let req = http::Request::builder().header("Idempotency-Key", "pay-42").body(()).unwrap();
+/// assert_eq!(key.extract(&req).unwrap().as_deref(), Some("pay-42"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct HeaderKey {
+    name: HeaderName,
+}
+
+impl HeaderKey {
+    /// Reads the header `name` (case-insensitive).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid header name; use
+    /// [`HeaderKey::from_name`] with a checked [`HeaderName`] otherwise.
+    pub fn new(name: &'static str) -> Self {
+        HeaderKey {
+            name: HeaderName::from_static(name),
+        }
+    }
+
+    /// Reads the header `name`.
+    ///
+    /// ```
+    /// use tower_dsync::layer::HeaderKey;
+    /// let name = http::header::HeaderName::from_bytes(b"X-Job-Id").unwrap();
+    /// let key = HeaderKey::from_name(name);
+    /// ```
+    pub fn from_name(name: HeaderName) -> Self {
+        HeaderKey { name }
+    }
+}
+
+impl<B> KeyExtractor<B> for HeaderKey {
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        header_value(request.headers(), &self.name, "header")
+    }
+}
+
+/// A gRPC metadata entry. gRPC sends ASCII metadata as HTTP/2 headers, so
+/// this reads the header of that name; binary entries (`-bin`) are used in
+/// their base64 form.
+///
+/// ```
+/// use tower_dsync::layer::{GrpcMetadataKey, KeyExtractor};
+///
+/// let key = GrpcMetadataKey::new("x-job-id");
+/// let req = http::Request::builder().header("x-job-id", "job-7").body(()).unwrap();
+/// assert_eq!(key.extract(&req).unwrap().as_deref(), Some("job-7"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct GrpcMetadataKey {
+    name: HeaderName,
+}
+
+impl GrpcMetadataKey {
+    /// Reads the metadata entry `name` (lowercase, as gRPC requires).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid metadata key.
+    pub fn new(name: &'static str) -> Self {
+        GrpcMetadataKey {
+            name: HeaderName::from_static(name),
+        }
+    }
+}
+
+impl<B> KeyExtractor<B> for GrpcMetadataKey {
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        header_value(request.headers(), &self.name, "metadata")
+    }
+}
+
+fn header_value(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    what: &str,
+) -> Result<Option<String>, KeyError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(text) => Ok(Some(text.to_owned())),
+        Err(_) => Err(KeyError::NotText {
+            source: format!("{what} {name}"),
+        }),
+    }
+}
+
+/// A segment of the request path, by index: in `/accounts/17/charges`,
+/// segment 0 is `accounts` and segment 1 is `17`. A path with fewer segments
+/// has no key. The segment is used as sent (percent-encoded), which keeps
+/// distinct resources distinct.
+///
+/// ```
+/// use tower_dsync::layer::{KeyExtractor, PathSegment};
+///
+/// let req = http::Request::builder().uri("/accounts/17/charges").body(()).unwrap();
+/// assert_eq!(PathSegment::new(1).extract(&req).unwrap().as_deref(), Some("17"));
+/// assert_eq!(PathSegment::new(5).extract(&req).unwrap(), None);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct PathSegment {
+    index: usize,
+}
+
+impl PathSegment {
+    /// The segment at `index` (0 is the first after the leading `/`).
+    pub fn new(index: usize) -> Self {
+        PathSegment { index }
+    }
+}
+
+impl<B> KeyExtractor<B> for PathSegment {
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        let path = request.uri().path();
+        let segment = path
+            .strip_prefix('/')
+            .unwrap_or(path)
+            .split('/')
+            .nth(self.index);
+        Ok(segment.map(str::to_owned))
+    }
+}
+
+/// The whole request path, such as a gRPC method
+/// (`/jobs.Jobs/Start`): one lock per endpoint.
+///
+/// ```
+/// use tower_dsync::layer::{KeyExtractor, MethodPath};
+///
+/// let req = http::Request::builder().uri("/jobs.Jobs/Start").body(()).unwrap();
+/// assert_eq!(MethodPath.extract(&req).unwrap().as_deref(), Some("/jobs.Jobs/Start"));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct MethodPath;
+
+impl<B> KeyExtractor<B> for MethodPath {
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        Ok(Some(request.uri().path().to_owned()))
+    }
+}
+
+/// An extractor from a closure that can refuse a key with a reason.
+///
+/// ```
+/// use tower_dsync::layer::{KeyError, KeyExtractor, try_key_fn};
+///
+/// let numeric = try_key_fn(|req: &http::Request<()>| {
+///     let id = req.uri().path().trim_start_matches('/');
+///     match id.parse::<u64>() {
+///         Ok(_) => Ok(Some(id.to_owned())),
+///         Err(_) => Err(KeyError::Invalid(format!("{id:?} is not a number"))),
+///     }
+/// });
+/// let req = http::Request::builder().uri("/abc").body(()).unwrap();
+/// assert!(numeric.extract(&req).is_err());
+/// ```
+pub fn try_key_fn<B, F>(f: F) -> TryKeyFn<F>
+where
+    F: Fn(&Request<B>) -> Result<Option<String>, KeyError> + Send + Sync + 'static,
+{
+    TryKeyFn(Arc::new(f))
+}
+
+/// See [`try_key_fn`].
+pub struct TryKeyFn<F>(Arc<F>);
+
+impl<F> Clone for TryKeyFn<F> {
+    fn clone(&self) -> Self {
+        TryKeyFn(self.0.clone())
+    }
+}
+
+impl<F> fmt::Debug for TryKeyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TryKeyFn")
+    }
+}
+
+impl<B, F> KeyExtractor<B> for TryKeyFn<F>
+where
+    F: Fn(&Request<B>) -> Result<Option<String>, KeyError> + Send + Sync + 'static,
+{
+    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+        (self.0)(request)
+    }
+}

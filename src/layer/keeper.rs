@@ -1,0 +1,84 @@
+//! The background task that keeps a request's lock: it extends the lock
+//! every interval while the request is in flight, reports a failed extension,
+//! and releases the lock when the request lets go of its guard.
+
+use std::time::Duration;
+
+use tokio::sync::{OwnedMutexGuard, oneshot, watch};
+use tokio::time::{Instant, sleep_until};
+
+use super::held::State;
+use super::queue::Place;
+use crate::error::Error;
+use crate::sync::DistMutex;
+
+/// Dropping the guard releases the lock (in the keeper task, never on the
+/// response path).
+#[derive(Debug)]
+pub(crate) struct ReleaseGuard {
+    _release: oneshot::Sender<()>,
+}
+
+/// Everything the keeper owns while the lock is held.
+pub(crate) struct Keeper<M> {
+    pub(crate) mutex: M,
+    /// This request's turn in the local queue, passed on after release.
+    pub(crate) turn: OwnedMutexGuard<()>,
+    pub(crate) place: Place,
+    pub(crate) state: watch::Sender<State>,
+    pub(crate) interval: Duration,
+    /// Told when an extension fails (the abort option listens).
+    pub(crate) on_lost: Option<oneshot::Sender<()>>,
+}
+
+impl<M: DistMutex> Keeper<M> {
+    /// Starts the keeper; the lock lives until the guard is dropped.
+    pub(crate) fn spawn(self) -> ReleaseGuard {
+        let (release_tx, release_rx) = oneshot::channel();
+        tokio::spawn(self.run(release_rx));
+        ReleaseGuard {
+            _release: release_tx,
+        }
+    }
+
+    async fn run(mut self, mut release: oneshot::Receiver<()>) {
+        let mut next = Instant::now() + self.interval;
+        let mut lost = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut release => break,
+                () = sleep_until(next), if !lost => {
+                    match self.mutex.extend().await {
+                        Ok(()) => {
+                            let until = self.mutex.until();
+                            self.place.set_holder_until(until);
+                            self.state.send_modify(|s| s.until = until);
+                            tracing::trace!(name = self.mutex.name(), "lock extended");
+                            next = Instant::now() + self.interval;
+                        }
+                        Err(error) => {
+                            tracing::warn!(name = self.mutex.name(), %error, "lock lost: extend failed");
+                            lost = true;
+                            self.state.send_modify(|s| s.lost = true);
+                            if let Some(tell) = self.on_lost.take() {
+                                let _ = tell.send(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match self.mutex.unlock().await {
+            Ok(()) => tracing::debug!(name = self.mutex.name(), "lock released"),
+            Err(Error::NotAcquired) if lost => {}
+            Err(error) => {
+                tracing::warn!(name = self.mutex.name(), %error, "lock release failed; it expires on its own")
+            }
+        }
+        self.state.send_modify(|s| s.released = true);
+        self.place.set_holder_until(None);
+        // The next local request for this name may go now.
+        drop(self.turn);
+    }
+}

@@ -1,0 +1,370 @@
+//! `DistLockLayer`: a Tower middleware that holds a distributed lock per
+//! request key for as long as the request is being served.
+//!
+//! The life of a request:
+//!
+//! 1. **Key.** A [`KeyExtractor`] reads the key from the request head:
+//!    [`HeaderKey`] (such as `Idempotency-Key`), [`PathSegment`],
+//!    [`GrpcMetadataKey`], [`MethodPath`], or any closure. No key: the
+//!    request passes through unlocked (or is rejected, with
+//!    [`MissingKey::Reject`]). A bad key is rejected with 400.
+//! 2. **Name.** `namespace + separator + key`, with `%` and the separator
+//!    percent-encoded in the key, so a key can never reach another
+//!    namespace's lock; names longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
+//!    are refused.
+//! 3. **Local queue.** Requests for the same name in one process wait first
+//!    come, first served; only the first talks to the backend.
+//! 4. **Acquire**, within the wait budget ([`DistLockLayer::wait`]); past it,
+//!    409 with `Retry-After` (the holder's remaining time, in whole seconds
+//!    rounded up). A zero budget fails fast.
+//! 5. **Serve.** The inner service finds a [`HeldLock`] in the request
+//!    extensions.
+//! 6. **Keep.** A background task extends the lock every `expiry / 3` while
+//!    the request is in flight; a shorter request causes no extension.
+//! 7. **Release** when the response body has been sent to its end or is
+//!    dropped (or, with [`ReleaseOn::Head`], when the response head is
+//!    ready); also when the request is dropped (client gone, timeout) or
+//!    its handler panics. The release runs in the background task, never
+//!    on the response path.
+//! 8. **Lost lock.** When an extension fails, [`HeldLock`] reports it; with
+//!    [`OnLost::Abort`], the handler is dropped and the client gets 503.
+//!
+//! Rejections follow HTTP conventions, and gRPC's for gRPC calls
+//! (trailers-only responses with `ABORTED`, `UNAVAILABLE` or
+//! `INVALID_ARGUMENT`); see [`Rejection`].
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use http::{Request, Response};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_dsync::MemorySync;
+//! use tower_dsync::layer::{DistLockLayer, HeaderKey, HeldLock};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let service = ServiceBuilder::new()
+//!     .layer(
+//!         DistLockLayer::new(MemorySync::new(), HeaderKey::new("idempotency-key"))
+//!             .namespace("payments")
+//!             .wait(Duration::ZERO),
+//!     )
+//!     .service_fn(|request: Request<String>| async move {
+//!         let lock = request.extensions().get::<HeldLock>().unwrap();
+//!         Ok::<_, Infallible>(Response::new(format!("holding {}", lock.name())))
+//!     });
+//!
+//! let request = Request::builder().header("idempotency-key", "pay-7").body(String::new()).unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 200);
+//! # }
+//! ```
+
+mod acquire;
+mod body;
+mod extract;
+mod future;
+mod held;
+mod keeper;
+mod name;
+mod queue;
+mod rejection;
+mod service;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower_layer::Layer;
+
+pub use body::{LockBody, LockLost};
+pub use extract::{
+    GrpcMetadataKey, HeaderKey, KeyError, KeyExtractor, MethodPath, PathSegment, TryKeyFn,
+    try_key_fn,
+};
+pub use future::ResponseFuture;
+pub use held::HeldLock;
+pub use rejection::{Rejection, RejectionKind};
+pub use service::DistLock;
+
+use name::Namer;
+use queue::LocalQueues;
+use rejection::RejectionMapper;
+
+use crate::options::DistMutexOptions;
+use crate::sync::{DistSync, validate_name};
+
+/// What a request without a key gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingKey {
+    /// It passes through to the inner service, unlocked (the default).
+    #[default]
+    PassThrough,
+    /// It is rejected with 400 (or `INVALID_ARGUMENT`).
+    Reject,
+}
+
+/// When the lock is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReleaseOn {
+    /// When the response body has been sent to its end, or dropped (the
+    /// default): a streaming response holds the lock until its last chunk.
+    #[default]
+    BodyEnd,
+    /// As soon as the response head is ready.
+    Head,
+}
+
+/// What happens when an extension fails while the request is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnLost {
+    /// The handler is told through [`HeldLock`] and keeps running (the
+    /// default).
+    #[default]
+    Notify,
+    /// The handler is dropped; the client gets 503 (or `UNAVAILABLE`) if the
+    /// response head was not sent yet, else the body ends with an error.
+    Abort,
+}
+
+/// The default wait budget: how long a request may wait for a busy key.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+
+/// A [`Layer`] that holds a distributed lock per request key, for the life
+/// of the request. See the [module documentation](self) for the request
+/// lifecycle.
+///
+/// Works with any [`DistSync`] backend (generic, or [`AnySync`](crate::AnySync)
+/// chosen at run time). Cheap to clone; every service made by one layer (and
+/// its clones) shares one local queue per key.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_dsync::layer::{DistLockLayer, MissingKey, OnLost, PathSegment, ReleaseOn};
+/// use tower_dsync::{DistMutexOptions, MemorySync};
+///
+/// let layer = DistLockLayer::new(MemorySync::new(), PathSegment::new(1))
+///     .namespace("jobs")
+///     .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(30)))
+///     .wait(Duration::from_secs(2))
+///     .on_missing_key(MissingKey::Reject)
+///     .release_on(ReleaseOn::Head)
+///     .on_lost(OnLost::Abort)
+///     .extend_every(Duration::from_secs(5));
+/// assert_eq!(layer.local_keys(), 0);
+/// ```
+pub struct DistLockLayer<D: DistSync, K> {
+    sync: D,
+    extractor: K,
+    namespace: String,
+    options: DistMutexOptions,
+    wait: Duration,
+    missing: MissingKey,
+    release: ReleaseOn,
+    lost: OnLost,
+    extend_every: Option<Duration>,
+    mapper: Option<RejectionMapper>,
+    queues: Arc<LocalQueues>,
+}
+
+impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
+    fn clone(&self) -> Self {
+        DistLockLayer {
+            sync: self.sync.clone(),
+            extractor: self.extractor.clone(),
+            namespace: self.namespace.clone(),
+            options: self.options.clone(),
+            wait: self.wait,
+            missing: self.missing,
+            release: self.release,
+            lost: self.lost,
+            extend_every: self.extend_every,
+            mapper: self.mapper.clone(),
+            queues: self.queues.clone(),
+        }
+    }
+}
+
+impl<D: DistSync, K> fmt::Debug for DistLockLayer<D, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistLockLayer")
+            .field("sync", &self.sync)
+            .field("namespace", &self.namespace)
+            .field("options", &self.options)
+            .field("wait", &self.wait)
+            .field("missing", &self.missing)
+            .field("release", &self.release)
+            .field("lost", &self.lost)
+            .field("extend_every", &self.extend_every)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: DistSync, K> DistLockLayer<D, K> {
+    /// A layer that locks each request's key, read by `extractor`, on
+    /// `sync`. Defaults: namespace `lock`, the default mutex options (8 s
+    /// expiry), a wait budget of [`DEFAULT_WAIT`], requests without a key
+    /// pass through, release at the end of the body, a lost lock is reported
+    /// to the handler.
+    pub fn new(sync: D, extractor: K) -> Self {
+        DistLockLayer {
+            sync,
+            extractor,
+            namespace: "lock".to_owned(),
+            options: DistMutexOptions::default(),
+            wait: DEFAULT_WAIT,
+            missing: MissingKey::default(),
+            release: ReleaseOn::default(),
+            lost: OnLost::default(),
+            extend_every: None,
+            mapper: None,
+            queues: Arc::default(),
+        }
+    }
+
+    /// The first part of every lock name: `namespace + separator + key`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The options of each request's mutex (expiry, drift, timeouts, value
+    /// generator). `tries` and the retry delay bound a wait only together
+    /// with the wait budget, which caps the whole wait.
+    pub fn mutex_options(mut self, options: DistMutexOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How long a request may wait for a busy key before it is rejected with
+    /// 409 (`ABORTED`). Zero fails fast: one try, no waiting.
+    pub fn wait(mut self, budget: Duration) -> Self {
+        self.wait = budget;
+        self
+    }
+
+    /// What a request without a key gets.
+    pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
+        self.missing = missing;
+        self
+    }
+
+    /// When the lock is released.
+    pub fn release_on(mut self, release: ReleaseOn) -> Self {
+        self.release = release;
+        self
+    }
+
+    /// What happens when the lock is lost while the request is served.
+    pub fn on_lost(mut self, lost: OnLost) -> Self {
+        self.lost = lost;
+        self
+    }
+
+    /// How often a held lock is extended (default `expiry / 3`). Capped at
+    /// half the lock's validity, so that a lock is always extended well
+    /// before it expires.
+    pub fn extend_every(mut self, interval: Duration) -> Self {
+        self.extend_every = Some(interval);
+        self
+    }
+
+    /// Replaces the default rejection responses (see [`Rejection`]).
+    ///
+    /// ```
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLockLayer, HeaderKey, RejectionKind};
+    ///
+    /// let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new("x-id"))
+    ///     .rejection_response(|rejection| {
+    ///         let mut response = rejection.clone().into_response();
+    ///         if rejection.kind() == RejectionKind::Busy && !rejection.is_grpc() {
+    ///             *response.body_mut() = r#"{"error":"busy"}"#.into();
+    ///             response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    ///         }
+    ///         response
+    ///     });
+    /// ```
+    pub fn rejection_response(
+        mut self,
+        map: impl Fn(Rejection) -> http::Response<Bytes> + Send + Sync + 'static,
+    ) -> Self {
+        self.mapper = Some(Arc::new(map));
+        self
+    }
+
+    /// The number of keys with requests in flight in this process (waiting
+    /// or holding), over every service this layer made.
+    pub fn local_keys(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Checks the configuration; a layer that fails this check rejects every
+    /// keyed request with 500 (`INTERNAL`). Call it at start-up to fail
+    /// early.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_dsync::{DistMutexOptions, MemorySync};
+    /// use tower_dsync::layer::{DistLockLayer, MethodPath};
+    ///
+    /// let layer = DistLockLayer::new(MemorySync::new(), MethodPath)
+    ///     .mutex_options(DistMutexOptions::default().with_expiry(Duration::ZERO));
+    /// assert!(layer.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> crate::Result<()> {
+        self.options.validate()?;
+        validate_name(&self.namespace)?;
+        Ok(())
+    }
+
+    fn shared(&self) -> Shared<D> {
+        let validity = self.options.validity();
+        let extend_every = self
+            .extend_every
+            .unwrap_or(self.options.expiry() / 3)
+            .min(validity / 2)
+            .max(Duration::from_millis(1));
+        Shared {
+            sync: self.sync.clone(),
+            namer: Namer::new(&self.namespace, self.sync.separator()),
+            options: self.options.clone(),
+            wait: self.wait,
+            reject_missing: self.missing == MissingKey::Reject,
+            release_on_head: self.release == ReleaseOn::Head,
+            abort_on_lost: self.lost == OnLost::Abort,
+            extend_every,
+            mapper: self.mapper.clone(),
+            queues: self.queues.clone(),
+            misconfigured: self.validate().err().map(|e| e.to_string()),
+        }
+    }
+}
+
+impl<S, D: DistSync, K: Clone> Layer<S> for DistLockLayer<D, K> {
+    type Service = DistLock<S, D, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DistLock {
+            inner,
+            shared: Arc::new(self.shared()),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+/// What every service of a layer shares.
+pub(crate) struct Shared<D> {
+    sync: D,
+    namer: Namer,
+    options: DistMutexOptions,
+    wait: Duration,
+    reject_missing: bool,
+    release_on_head: bool,
+    abort_on_lost: bool,
+    extend_every: Duration,
+    mapper: Option<RejectionMapper>,
+    queues: Arc<LocalQueues>,
+    /// Why the configuration is invalid, if it is.
+    misconfigured: Option<String>,
+}

@@ -1,0 +1,98 @@
+//! From a request key to a lock name: `namespace + separator + key`, with
+//! the key escaped so that it can never reach another namespace's lock.
+
+use super::extract::KeyError;
+use crate::sync::MAX_NAME_LEN;
+
+/// Builds lock names inside one namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Namer {
+    /// `namespace + separator`.
+    prefix: String,
+    /// The characters of the separator, escaped in keys.
+    separator: Vec<char>,
+}
+
+impl Namer {
+    pub(crate) fn new(namespace: &str, separator: &str) -> Self {
+        Namer {
+            prefix: format!("{namespace}{separator}"),
+            separator: separator.chars().collect(),
+        }
+    }
+
+    /// The longest key, in bytes after escaping.
+    pub(crate) fn max_key_len(&self) -> usize {
+        MAX_NAME_LEN.saturating_sub(self.prefix.len())
+    }
+
+    /// The lock name of `key`. `%` and the separator's characters are
+    /// percent-encoded, so distinct keys give distinct names and a key never
+    /// adds a level to the name: with the separator `:`, the key `a:b` in
+    /// namespace `n` is `n:a%3Ab`, which no key of namespace `n:a` can give.
+    pub(crate) fn name(&self, key: &str) -> Result<String, KeyError> {
+        let max = self.max_key_len();
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if key.len() > max {
+            return Err(KeyError::TooLong {
+                len: key.len(),
+                max,
+            });
+        }
+        if key.chars().any(char::is_control) {
+            return Err(KeyError::ControlCharacter);
+        }
+        let mut name = String::with_capacity(self.prefix.len() + key.len());
+        name.push_str(&self.prefix);
+        for c in key.chars() {
+            if c == '%' || self.separator.contains(&c) {
+                let mut utf8 = [0u8; 4];
+                for byte in c.encode_utf8(&mut utf8).bytes() {
+                    name.push_str(&format!("%{byte:02X}"));
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        let escaped = name.len() - self.prefix.len();
+        if escaped > max {
+            return Err(KeyError::TooLong { len: escaped, max });
+        }
+        Ok(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_inside_their_namespace() {
+        let outer = Namer::new("n", ":");
+        let inner = Namer::new("n:a", ":");
+        assert_eq!(outer.name("a:b").unwrap(), "n:a%3Ab");
+        assert_eq!(inner.name("b").unwrap(), "n:a:b");
+        assert_eq!(outer.name("100%").unwrap(), "n:100%25");
+        assert_ne!(outer.name("%3A").unwrap(), outer.name(":").unwrap());
+        let multi = Namer::new("ns", "::");
+        assert_eq!(multi.name("x::y").unwrap(), "ns::x%3A%3Ay");
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let namer = Namer::new("ns", ":");
+        assert_eq!(namer.name(""), Err(KeyError::Empty));
+        assert_eq!(namer.name("a\u{7}b"), Err(KeyError::ControlCharacter));
+        assert!(matches!(
+            namer.name(&"k".repeat(2000)),
+            Err(KeyError::TooLong { .. })
+        ));
+        let exact = "k".repeat(namer.max_key_len());
+        assert!(namer.name(&exact).is_ok());
+        // Escaping can push a key over the limit.
+        let colons = ":".repeat(namer.max_key_len());
+        assert!(matches!(namer.name(&colons), Err(KeyError::TooLong { .. })));
+    }
+}

@@ -1,0 +1,223 @@
+//! What a request gets when the layer does not let it through, and how that
+//! becomes an HTTP or a gRPC response.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+/// Why a request was rejected.
+///
+/// | kind | HTTP | gRPC status |
+/// |---|---|---|
+/// | `Busy`: the key stayed held beyond the wait budget | 409, `Retry-After` | `ABORTED` |
+/// | `Unavailable`: backend down, no quorum, timeout | 503, `Retry-After` | `UNAVAILABLE` |
+/// | `InvalidKey`: empty, too long, control characters, not text | 400 | `INVALID_ARGUMENT` |
+/// | `MissingKey`: no key, when configured to reject | 400 | `INVALID_ARGUMENT` |
+/// | `Lost`: the lock was lost and the handler aborted | 503 | `UNAVAILABLE` |
+/// | `Misconfigured`: invalid mutex options | 500 | `INTERNAL` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// Another request held the key for longer than the wait budget.
+    Busy,
+    /// The lock backend could not be reached or could not form a quorum.
+    Unavailable,
+    /// The request's key is malformed.
+    InvalidKey,
+    /// The request has no key and the layer rejects such requests.
+    MissingKey,
+    /// An extension failed while the handler ran, and the layer was set to
+    /// abort the handler.
+    Lost,
+    /// The layer's mutex options are invalid.
+    Misconfigured,
+}
+
+/// A rejected request: its kind, a short message, and whether it was a gRPC
+/// call. [`into_response`](Self::into_response) gives the default response;
+/// [`DistLockLayer::rejection_response`](super::DistLockLayer::rejection_response)
+/// replaces it.
+///
+/// ```
+/// use tower_dsync::layer::{Rejection, RejectionKind};
+///
+/// let busy = Rejection::new(RejectionKind::Busy, "the key is busy", false)
+///     .with_retry_after(std::time::Duration::from_millis(1200));
+/// let response = busy.into_response();
+/// assert_eq!(response.status(), 409);
+/// assert_eq!(response.headers()["retry-after"], "2");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    kind: RejectionKind,
+    message: String,
+    grpc: bool,
+    retry_after: Option<Duration>,
+}
+
+/// A replacement for the default rejection responses.
+pub(crate) type RejectionMapper = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
+
+impl Rejection {
+    /// A rejection of `kind`; `grpc` tells whether the request was a gRPC
+    /// call (`content-type: application/grpc...`).
+    pub fn new(kind: RejectionKind, message: impl Into<String>, grpc: bool) -> Self {
+        Rejection {
+            kind,
+            message: message.into(),
+            grpc,
+            retry_after: None,
+        }
+    }
+
+    /// Sets when a retry makes sense.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The message, for the response body or `grpc-message`.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the request was a gRPC call.
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// When a retry makes sense, if known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The HTTP status of this rejection.
+    ///
+    /// ```
+    /// use tower_dsync::layer::{Rejection, RejectionKind};
+    /// let r = Rejection::new(RejectionKind::InvalidKey, "bad", false);
+    /// assert_eq!(r.http_status(), http::StatusCode::BAD_REQUEST);
+    /// ```
+    pub fn http_status(&self) -> StatusCode {
+        match self.kind {
+            RejectionKind::Busy => StatusCode::CONFLICT,
+            RejectionKind::Unavailable | RejectionKind::Lost => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::InvalidKey | RejectionKind::MissingKey => StatusCode::BAD_REQUEST,
+            RejectionKind::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The gRPC status code of this rejection (`ABORTED` is 10,
+    /// `UNAVAILABLE` 14, `INVALID_ARGUMENT` 3, `INTERNAL` 13).
+    ///
+    /// ```
+    /// use tower_dsync::layer::{Rejection, RejectionKind};
+    /// assert_eq!(Rejection::new(RejectionKind::Busy, "busy", true).grpc_code(), 10);
+    /// ```
+    pub fn grpc_code(&self) -> u16 {
+        match self.kind {
+            RejectionKind::Busy => 10,
+            RejectionKind::Unavailable | RejectionKind::Lost => 14,
+            RejectionKind::InvalidKey | RejectionKind::MissingKey => 3,
+            RejectionKind::Misconfigured => 13,
+        }
+    }
+
+    /// The default response: for HTTP, the status with a short plain-text
+    /// body and, for `Busy` and `Unavailable`, `Retry-After` in whole
+    /// seconds rounded up; for gRPC, a trailers-only response (HTTP 200,
+    /// `grpc-status`, percent-encoded `grpc-message`, empty body).
+    ///
+    /// ```
+    /// use tower_dsync::layer::{Rejection, RejectionKind};
+    ///
+    /// let r = Rejection::new(RejectionKind::Unavailable, "backend down", true).into_response();
+    /// assert_eq!(r.status(), 200);
+    /// assert_eq!(r.headers()["grpc-status"], "14");
+    /// assert_eq!(r.headers()["grpc-message"], "backend down");
+    /// ```
+    pub fn into_response(self) -> Response<Bytes> {
+        if self.grpc {
+            let mut response = Response::new(Bytes::new());
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(self.grpc_code()));
+            if let Ok(message) = HeaderValue::from_str(&grpc_percent_encode(&self.message)) {
+                headers.insert("grpc-message", message);
+            }
+            return response;
+        }
+        let status = self.http_status();
+        let retry_after = match self.kind {
+            RejectionKind::Busy | RejectionKind::Unavailable => {
+                Some(self.retry_after.unwrap_or(Duration::from_secs(1)))
+            }
+            _ => None,
+        };
+        let mut response = Response::new(Bytes::from(format!("{}\n", self.message)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(after) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(after)));
+        }
+        response
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Seconds, rounded up, at least 1.
+fn whole_seconds(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// gRPC's encoding of `grpc-message`: bytes outside printable ASCII, and
+/// `%`, as `%XX`.
+fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds(Duration::from_millis(2001)), 3);
+        assert_eq!(whole_seconds(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a b%c"), "a b%25c");
+        assert_eq!(grpc_percent_encode("é\n"), "%C3%A9%0A");
+    }
+}

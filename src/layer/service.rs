@@ -1,0 +1,114 @@
+//! The service that [`DistLockLayer`](super::DistLockLayer) wraps around
+//! an inner service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::CONTENT_TYPE;
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::Shared;
+use super::acquire::acquire;
+use super::body::LockBody;
+use super::extract::KeyExtractor;
+use super::future::ResponseFuture;
+use super::rejection::{Rejection, RejectionKind};
+use crate::sync::DistSync;
+
+/// Holds a distributed lock per request key around an inner service. Made
+/// by [`DistLockLayer`](super::DistLockLayer); cheap to clone.
+pub struct DistLock<S, D: DistSync, K> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<D>>,
+    pub(crate) extractor: K,
+}
+
+impl<S: Clone, D: DistSync, K: Clone> Clone for DistLock<S, D, K> {
+    fn clone(&self) -> Self {
+        DistLock {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<S, D: DistSync, K> fmt::Debug for DistLock<S, D, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistLock")
+            .field("sync", &self.shared.sync)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, D: DistSync, K> DistLock<S, D, K> {
+    /// The number of keys with requests in flight in this process (waiting
+    /// or holding). Zero when idle: the per-key entries go away with their
+    /// last request.
+    pub fn local_keys(&self) -> usize {
+        self.shared.queues.len()
+    }
+}
+
+impl<S, D, K, ReqB, ResB> Service<Request<ReqB>> for DistLock<S, D, K>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    D: DistSync,
+    K: KeyExtractor<ReqB>,
+{
+    type Response = Response<LockBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The clone that was driven ready is the one that serves this
+        // request; this service keeps a fresh clone for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = &self.shared;
+        let grpc = is_grpc(&request);
+        let reject = |kind, message: String| {
+            ResponseFuture::rejected(Rejection::new(kind, message, grpc), shared.mapper.clone())
+        };
+        let key = match self.extractor.extract(&request) {
+            Ok(Some(key)) => key,
+            Ok(None) if shared.reject_missing => {
+                return reject(
+                    RejectionKind::MissingKey,
+                    "the request has no lock key".into(),
+                );
+            }
+            Ok(None) => return ResponseFuture::unlocked(inner.call(request)),
+            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
+        };
+        let name = match shared.namer.name(&key) {
+            Ok(name) => name,
+            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
+        };
+        if let Some(reason) = &shared.misconfigured {
+            return reject(RejectionKind::Misconfigured, reason.clone());
+        }
+        ResponseFuture::acquiring(
+            Box::pin(acquire(shared.clone(), name, grpc)),
+            inner,
+            request,
+            shared.mapper.clone(),
+            shared.release_on_head,
+            grpc,
+        )
+    }
+}
+
+/// gRPC calls carry `content-type: application/grpc` (or `+proto`, ...).
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

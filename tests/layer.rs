@@ -1,0 +1,697 @@
+//! `DistLockLayer` through a real HTTP server and client on loopback, on
+//! `MemorySync` and on `RedisSync` over three spawned nodes.
+
+mod support;
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::routing::get;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use support::counting::Counting;
+use support::http::{HttpClient, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Barrier, mpsc};
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+use tower_dsync::layer::{DistLockLayer, HeaderKey, HeldLock, MissingKey, OnLost, ReleaseOn};
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, MemorySync, RedisSync};
+
+/// A backend under test, with what must live as long as it.
+struct Backend<D> {
+    sync: Counting<D>,
+    _guard: Box<dyn Any + Send>,
+    nodes: Option<Arc<std::sync::Mutex<support::RedisNodes>>>,
+}
+
+fn memory() -> Backend<MemorySync> {
+    Backend {
+        sync: Counting::new(MemorySync::new()),
+        _guard: Box::new(()),
+        nodes: None,
+    }
+}
+
+fn redis() -> Backend<RedisSync> {
+    let nodes = support::RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let nodes = Arc::new(std::sync::Mutex::new(nodes));
+    Backend {
+        sync: Counting::new(sync),
+        _guard: Box::new(nodes.clone()),
+        nodes: Some(nodes),
+    }
+}
+
+const KEY: &str = "x-resource";
+
+fn layer<D: DistSync>(backend: &Backend<D>) -> DistLockLayer<Counting<D>, HeaderKey> {
+    DistLockLayer::new(backend.sync.clone(), HeaderKey::new(KEY))
+        .namespace("test")
+        .wait(Duration::from_secs(30))
+}
+
+fn held(request: &Request) -> HeldLock {
+    request
+        .extensions()
+        .get::<HeldLock>()
+        .cloned()
+        .expect("the layer put a HeldLock in the request")
+}
+
+/// 20 concurrent requests with one key are served one at a time, and all
+/// succeed within the wait budget.
+async fn one_key_is_served_one_at_a_time<D: DistSync>(backend: Backend<D>) {
+    let inside = Arc::new(AtomicUsize::new(0));
+    let max_inside = Arc::new(AtomicUsize::new(0));
+    let (i, m) = (inside.clone(), max_inside.clone());
+    let app = Router::new()
+        .route(
+            "/work",
+            get(move || async move {
+                let now = i.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+                i.fetch_sub(1, Ordering::SeqCst);
+                "done"
+            }),
+        )
+        .layer(layer(&backend));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let mut requests = Vec::new();
+    for _ in 0..20 {
+        let (client, url) = (client.clone(), server.url("/work"));
+        requests.push(tokio::spawn(async move {
+            client.get(&url, &[(KEY, "order-1")]).await
+        }));
+    }
+    for r in requests {
+        let (response, body) = r.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        max_inside.load(Ordering::SeqCst),
+        1,
+        "two requests overlapped"
+    );
+    assert_eq!(backend.sync.counts.locks(), 20);
+}
+
+/// Requests with different keys run at the same time: each handler waits on
+/// a barrier that only opens when both are inside.
+async fn different_keys_overlap<D: DistSync>(backend: Backend<D>) {
+    let barrier = Arc::new(Barrier::new(2));
+    let app = Router::new()
+        .route(
+            "/meet",
+            get(move || async move {
+                barrier.wait().await;
+                "met"
+            }),
+        )
+        .layer(layer(&backend));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let url = server.url("/meet");
+    let (a, b) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            client.get(&url, &[(KEY, "a")]),
+            client.get(&url, &[(KEY, "b")])
+        )
+    })
+    .await
+    .expect("different keys must not wait for each other");
+    assert_eq!(a.0.status(), StatusCode::OK);
+    assert_eq!(b.0.status(), StatusCode::OK);
+}
+
+/// A handler that signals when it is inside and then waits to be let go.
+fn blocking_app<D: DistSync>(
+    layer: DistLockLayer<Counting<D>, HeaderKey>,
+) -> (
+    Router,
+    mpsc::UnboundedReceiver<HeldLock>,
+    mpsc::UnboundedSender<()>,
+) {
+    let (entered_tx, entered_rx) = mpsc::unbounded_channel();
+    let (go_tx, go_rx) = mpsc::unbounded_channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+    let app = Router::new()
+        .route(
+            "/block",
+            get(move |request: Request| async move {
+                entered_tx.send(held(&request)).unwrap();
+                go_rx.lock().await.recv().await;
+                "released"
+            }),
+        )
+        .route("/quick", get(|| async { "quick" }))
+        .layer(layer);
+    (app, entered_rx, go_tx)
+}
+
+/// Fail fast: a second request for a busy key gets 409 with `Retry-After`.
+async fn busy_key_fails_fast_with_409<D: DistSync>(backend: Backend<D>) {
+    let (app, mut entered, go) = blocking_app(layer(&backend).wait(Duration::ZERO));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let url = server.url("/block");
+    let first = {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move { client.get(&url, &[(KEY, "k")]).await })
+    };
+    entered.recv().await.unwrap();
+    let (response, body) = client.get(&server.url("/quick"), &[(KEY, "k")]).await;
+    assert_eq!(response.status(), StatusCode::CONFLICT, "{body}");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=8).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; charset=utf-8"
+    );
+    // Another key is not affected.
+    let (other, _) = client.get(&server.url("/quick"), &[(KEY, "other")]).await;
+    assert_eq!(other.status(), StatusCode::OK);
+    go.send(()).unwrap();
+    assert_eq!(first.await.unwrap().0.status(), StatusCode::OK);
+}
+
+/// A streaming response holds the lock until its last chunk is sent.
+async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>) {
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Bytes>();
+    let chunks_rx = Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(move || async move {
+                let rx = chunks_rx.lock().unwrap().take().expect("one stream");
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv()
+                        .await
+                        .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+                });
+                Body::from_stream(stream)
+            }),
+        )
+        .route("/quick", get(|| async { "quick" }))
+        .layer(layer(&backend));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let request = http::Request::get(server.url("/stream"))
+        .header(KEY, "s")
+        .body(Default::default())
+        .unwrap();
+    let response = client.send(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    chunks_tx.send(Bytes::from_static(b"first")).unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "first");
+    // Head sent, body open: the key is still held in the backend.
+    let probe_options = DistMutexOptions::default().with_tries(1);
+    let mut probe = backend
+        .sync
+        .inner
+        .new_mutex("test:s", probe_options)
+        .unwrap();
+    assert!(matches!(
+        probe.lock().await,
+        Err(tower_dsync::Error::Held { .. })
+    ));
+    chunks_tx.send(Bytes::from_static(b"last")).unwrap();
+    drop(chunks_tx);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "last");
+    // Released after the last chunk: a waiting request gets in.
+    let (after, _) = client.get(&server.url("/quick"), &[(KEY, "s")]).await;
+    assert_eq!(after.status(), StatusCode::OK);
+}
+
+/// A client that disconnects mid-handler frees the lock at once: the next
+/// request does not wait for the 60 s expiry.
+async fn client_disconnect_frees_the_lock<D: DistSync>(backend: Backend<D>) {
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
+    let (app, mut entered, _go) = blocking_app(
+        layer(&backend)
+            .mutex_options(options)
+            .wait(Duration::from_secs(20)),
+    );
+    let server = Server::start(app).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(format!("GET /block HTTP/1.1\r\nhost: x\r\n{KEY}: gone\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let lock = entered.recv().await.unwrap();
+    drop(socket);
+    // The handler is dropped with the connection, and the lock released.
+    tokio::time::timeout(Duration::from_secs(20), lock.lost())
+        .await
+        .expect("released after the client left");
+    assert!(!lock.is_lost(), "released, not lost");
+    let client = HttpClient::default();
+    let start = Instant::now();
+    let (response, _) = client.get(&server.url("/quick"), &[(KEY, "gone")]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+/// A panicking handler frees the lock.
+async fn panicking_handler_frees_the_lock<D: DistSync>(backend: Backend<D>) {
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
+    let app = Router::new()
+        .route(
+            "/panic",
+            get(|| async {
+                if true {
+                    panic!("handler failure (expected by the test)");
+                }
+                "unreachable"
+            }),
+        )
+        .route("/quick", get(|| async { "quick" }))
+        .layer(
+            layer(&backend)
+                .mutex_options(options)
+                .wait(Duration::from_secs(20)),
+        );
+    let server = Server::start(app).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(format!("GET /panic HTTP/1.1\r\nhost: x\r\n{KEY}: boom\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = socket.read_to_end(&mut sink).await; // the connection dies
+    let client = HttpClient::default();
+    let (response, _) = client.get(&server.url("/quick"), &[(KEY, "boom")]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(backend.sync.counts.locks(), 2);
+}
+
+/// A handler that runs longer than three expiry periods keeps the lock:
+/// extensions are observed and no other request gets in meanwhile. A short
+/// handler causes no extension at all.
+async fn long_handler_keeps_the_lock<D: DistSync>(backend: Backend<D>) {
+    let expiry = Duration::from_millis(600);
+    let options = DistMutexOptions::default()
+        .with_expiry(expiry)
+        .with_timeout_factor(0.3);
+    let (app, mut entered, go) =
+        blocking_app(layer(&backend).mutex_options(options).wait(Duration::ZERO));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+
+    let (quick, _) = client.get(&server.url("/quick"), &[(KEY, "short")]).await;
+    assert_eq!(quick.status(), StatusCode::OK);
+    assert_eq!(
+        backend.sync.counts.extends(),
+        0,
+        "a short request extends nothing"
+    );
+
+    let first = {
+        let (client, url) = (client.clone(), server.url("/block"));
+        tokio::spawn(async move { client.get(&url, &[(KEY, "long")]).await })
+    };
+    let lock = entered.recv().await.unwrap();
+    let start = Instant::now();
+    let mut untils = vec![lock.until().unwrap()];
+    while start.elapsed() < expiry * 3 || untils.len() < 4 {
+        let (busy, _) = client.get(&server.url("/quick"), &[(KEY, "long")]).await;
+        assert_eq!(busy.status(), StatusCode::CONFLICT, "someone else got in");
+        let until = lock.until().unwrap();
+        if until != *untils.last().unwrap() {
+            untils.push(until);
+        }
+        assert!(!lock.is_lost());
+        tokio::time::sleep(expiry / 10).await;
+    }
+    assert!(backend.sync.counts.extends() >= 3);
+    go.send(()).unwrap();
+    assert_eq!(first.await.unwrap().0.status(), StatusCode::OK);
+}
+
+/// A lock lost behind the handler's back (another owner with its value
+/// unlocked it) is seen by the handler; with `OnLost::Abort` the client gets
+/// 503.
+async fn lost_lock_is_reported_or_aborts<D: DistSync>(backend: Backend<D>) {
+    let expiry = Duration::from_millis(600);
+    let options = DistMutexOptions::default()
+        .with_expiry(expiry)
+        .with_timeout_factor(0.3);
+    for abort in [false, true] {
+        let lost_mode = if abort { OnLost::Abort } else { OnLost::Notify };
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<bool>();
+        let (entered_tx, mut entered_rx) = mpsc::unbounded_channel::<HeldLock>();
+        let app = Router::new()
+            .route(
+                "/watch",
+                get(move |request: Request| async move {
+                    let lock = held(&request);
+                    entered_tx.send(lock.clone()).unwrap();
+                    lock.lost().await;
+                    seen_tx.send(lock.is_lost()).unwrap();
+                    "saw the loss"
+                }),
+            )
+            .layer(
+                layer(&backend)
+                    .mutex_options(options.clone())
+                    .on_lost(lost_mode),
+            );
+        let server = Server::start(app).await;
+        let client = HttpClient::default();
+        let request = {
+            let (client, url) = (client.clone(), server.url("/watch"));
+            tokio::spawn(async move { client.get(&url, &[(KEY, "lose")]).await })
+        };
+        let lock = entered_rx.recv().await.unwrap();
+        // Another owner, holding the value, releases the lock.
+        let mut thief = backend
+            .sync
+            .inner
+            .new_mutex(lock.name(), options.clone().with_value(lock.value()))
+            .unwrap();
+        thief.unlock().await.unwrap();
+        let (response, body) = request.await.unwrap();
+        if abort {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(seen_rx.try_recv().is_err(), "the handler was dropped");
+        } else {
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(body, "saw the loss");
+            assert!(seen_rx.recv().await.unwrap(), "HeldLock::is_lost");
+        }
+        assert!(lock.is_lost());
+    }
+}
+
+/// Empty, oversized, control-character and non-UTF-8 keys get 400 and take
+/// no lock.
+async fn bad_keys_get_400<D: DistSync>(backend: Backend<D>) {
+    let service_layer = layer(&backend);
+    let app = Router::new()
+        .route("/quick", get(|| async { "quick" }))
+        .layer(service_layer.clone());
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let long = "k".repeat(5000);
+    for key in ["", long.as_str(), "a\tb"] {
+        let (response, body) = client.get(&server.url("/quick"), &[(KEY, key)]).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{key:?}: {body}"
+        );
+        assert!(body.contains("lock key"), "{body}");
+    }
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(
+            b"GET /quick HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-resource: caf\xe9\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    socket.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert_eq!(backend.sync.counts.locks(), 0, "no lock was taken");
+    assert_eq!(service_layer.local_keys(), 0);
+}
+
+/// A request without a key passes through unlocked, or is rejected.
+async fn missing_key_passes_or_is_rejected<D: DistSync>(backend: Backend<D>) {
+    let handler = |request: Request| async move {
+        if request.extensions().get::<HeldLock>().is_some() {
+            "locked"
+        } else {
+            "unlocked"
+        }
+    };
+    let app = Router::new()
+        .route("/h", get(handler))
+        .layer(layer(&backend));
+    let strict = Router::new()
+        .route("/h", get(handler))
+        .layer(layer(&backend).on_missing_key(MissingKey::Reject));
+    let (server, strict) = (Server::start(app).await, Server::start(strict).await);
+    let client = HttpClient::default();
+    let (response, body) = client.get(&server.url("/h"), &[]).await;
+    assert_eq!(
+        (response.status(), body.as_str()),
+        (StatusCode::OK, "unlocked")
+    );
+    let (response, body) = client.get(&server.url("/h"), &[(KEY, "x")]).await;
+    assert_eq!(
+        (response.status(), body.as_str()),
+        (StatusCode::OK, "locked")
+    );
+    let (response, _) = client.get(&strict.url("/h"), &[]).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+}
+
+/// gRPC calls get trailers-only rejections with gRPC status codes.
+async fn grpc_rejections_are_trailers_only<D: DistSync>(backend: Backend<D>) {
+    let (app, mut entered, go) = blocking_app(layer(&backend).wait(Duration::ZERO));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let first = {
+        let (client, url) = (client.clone(), server.url("/block"));
+        tokio::spawn(async move { client.get(&url, &[(KEY, "g")]).await })
+    };
+    entered.recv().await.unwrap();
+    let grpc = [("content-type", "application/grpc")];
+    let (busy, body) = client
+        .get(&server.url("/quick"), &[grpc[0], (KEY, "g")])
+        .await;
+    assert_eq!(busy.status(), StatusCode::OK);
+    assert_eq!(busy.headers()["grpc-status"], "10");
+    assert!(busy.headers().contains_key("grpc-message"));
+    assert_eq!(busy.headers()["content-type"], "application/grpc");
+    assert!(body.is_empty());
+    let (bad, _) = client
+        .get(&server.url("/quick"), &[grpc[0], (KEY, "")])
+        .await;
+    assert_eq!(bad.headers()["grpc-status"], "3");
+    go.send(()).unwrap();
+    first.await.unwrap();
+}
+
+/// With `ReleaseOn::Head`, the key is free while the body still streams.
+async fn release_on_head<D: DistSync>(backend: Backend<D>) {
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Bytes>();
+    let chunks_rx = Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(move || async move {
+                let rx = chunks_rx.lock().unwrap().take().expect("one stream");
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv()
+                        .await
+                        .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+                });
+                Body::from_stream(stream)
+            }),
+        )
+        .route("/quick", get(|| async { "quick" }))
+        .layer(layer(&backend).release_on(ReleaseOn::Head));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let request = http::Request::get(server.url("/stream"))
+        .header(KEY, "h")
+        .body(Default::default())
+        .unwrap();
+    let response = client.send(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // The body is still open, yet a waiting request gets the key.
+    let (after, _) = client.get(&server.url("/quick"), &[(KEY, "h")]).await;
+    assert_eq!(after.status(), StatusCode::OK);
+    drop(chunks_tx);
+    response.into_body().collect().await.unwrap();
+}
+
+macro_rules! layer_tests {
+    ($backend:path; $($case:ident)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                super::$case($backend()).await;
+            }
+        )*
+    };
+}
+
+macro_rules! all_layer_tests {
+    ($backend:path) => {
+        layer_tests!($backend;
+            one_key_is_served_one_at_a_time different_keys_overlap busy_key_fails_fast_with_409
+            streaming_response_holds_until_the_end client_disconnect_frees_the_lock
+            panicking_handler_frees_the_lock long_handler_keeps_the_lock
+            lost_lock_is_reported_or_aborts bad_keys_get_400 missing_key_passes_or_is_rejected
+            grpc_rejections_are_trailers_only release_on_head);
+    };
+}
+
+mod on_memory {
+    all_layer_tests!(crate::memory);
+}
+
+mod on_redis {
+    all_layer_tests!(crate::redis);
+}
+
+/// Redis down: 503 within the configured timeouts; when Redis is back,
+/// requests succeed again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_gives_503_then_recovers() {
+    let backend = redis();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(2))
+        .with_timeout_factor(0.1);
+    let app = Router::new()
+        .route("/quick", get(|| async { "quick" }))
+        .layer(
+            layer(&backend)
+                .mutex_options(options)
+                .wait(Duration::from_millis(500)),
+        );
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let (ok, _) = client.get(&server.url("/quick"), &[(KEY, "r")]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let nodes = backend.nodes.clone().unwrap();
+    for server in &mut nodes.lock().unwrap().servers {
+        server.kill();
+    }
+    let (down, body) = client.get(&server.url("/quick"), &[(KEY, "r")]).await;
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(down.headers().contains_key("retry-after"));
+    for server in &mut nodes.lock().unwrap().servers {
+        server.restart();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (response, _) = client.get(&server.url("/quick"), &[(KEY, "r")]).await;
+        if response.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After 100,000 requests with distinct keys the per-key registry is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_is_empty_after_100k_distinct_keys() {
+    let sync = MemorySync::new();
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY));
+    let service = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        });
+    for i in 0..100_000u32 {
+        let request = http::Request::get("/")
+            .header(KEY, i.to_string())
+            .body(())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while layer.local_keys() > 0 || sync.names_in_use() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} keys left",
+            layer.local_keys()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The clone that was driven ready is the one that is called.
+#[tokio::test]
+async fn poll_ready_rules_are_followed() {
+    #[derive(Clone, Default)]
+    struct ReadyOnce {
+        ready: bool,
+    }
+    impl Service<http::Request<()>> for ReadyOnce {
+        type Response = http::Response<http_body_util::Empty<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            self.ready = true;
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            assert!(self.ready, "called without poll_ready");
+            self.ready = false;
+            std::future::ready(Ok(http::Response::new(Default::default())))
+        }
+    }
+    let sync = MemorySync::new();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .service(ReadyOnce::default());
+    for i in 0..3 {
+        let request = http::Request::get("/")
+            .header(KEY, format!("{i}"))
+            .body(())
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+/// The layer works on the dynamic backend handle too.
+#[tokio::test]
+async fn any_sync_backend() {
+    let sync = tower_dsync::AnySync::new(MemorySync::new());
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .service_fn(|request: http::Request<()>| async move {
+            let name = request
+                .extensions()
+                .get::<HeldLock>()
+                .unwrap()
+                .name()
+                .to_owned();
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                name,
+            ))))
+        });
+    let request = http::Request::get("/").header(KEY, "a:b").body(()).unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "lock:a%3Ab");
+}

@@ -1,0 +1,94 @@
+//! A `DistSync` wrapper that counts the calls the layer makes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::time::Instant;
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Result};
+
+/// Call counters, shared by every mutex of a [`Counting`] backend.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub locks: AtomicUsize,
+    pub extends: AtomicUsize,
+    pub unlocks: AtomicUsize,
+}
+
+impl Counts {
+    pub fn locks(&self) -> usize {
+        self.locks.load(Ordering::SeqCst)
+    }
+    pub fn extends(&self) -> usize {
+        self.extends.load(Ordering::SeqCst)
+    }
+    pub fn unlocks(&self) -> usize {
+        self.unlocks.load(Ordering::SeqCst)
+    }
+}
+
+/// Wraps a backend and counts `lock`, `extend` and `unlock` calls.
+#[derive(Debug, Clone)]
+pub struct Counting<S> {
+    pub inner: S,
+    pub counts: Arc<Counts>,
+}
+
+impl<S> Counting<S> {
+    pub fn new(inner: S) -> Self {
+        Counting {
+            inner,
+            counts: Arc::default(),
+        }
+    }
+}
+
+impl<S: DistSync> DistSync for Counting<S> {
+    type Mutex = CountingMutex<S::Mutex>;
+
+    fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<Self::Mutex> {
+        Ok(CountingMutex {
+            inner: self.inner.new_mutex(name, options)?,
+            counts: self.counts.clone(),
+        })
+    }
+
+    fn separator(&self) -> &str {
+        self.inner.separator()
+    }
+}
+
+#[derive(Debug)]
+pub struct CountingMutex<M> {
+    inner: M,
+    counts: Arc<Counts>,
+}
+
+impl<M: DistMutex> DistMutex for CountingMutex<M> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn value(&self) -> &str {
+        self.inner.value()
+    }
+    fn until(&self) -> Option<Instant> {
+        self.inner.until()
+    }
+    fn fencing_token(&self) -> Option<u64> {
+        self.inner.fencing_token()
+    }
+    async fn lock(&mut self) -> Result<()> {
+        self.counts.locks.fetch_add(1, Ordering::SeqCst);
+        self.inner.lock().await
+    }
+    async fn unlock(&mut self) -> Result<()> {
+        self.counts.unlocks.fetch_add(1, Ordering::SeqCst);
+        self.inner.unlock().await
+    }
+    async fn extend(&mut self) -> Result<()> {
+        self.counts.extends.fetch_add(1, Ordering::SeqCst);
+        self.inner.extend().await
+    }
+    async fn valid(&self) -> Result<bool> {
+        self.inner.valid().await
+    }
+}
