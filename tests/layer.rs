@@ -194,12 +194,14 @@ async fn busy_key_fails_fast_with_409<D: DistSync>(backend: Backend<D>) {
 
 /// A streaming response holds the lock until its last chunk is sent.
 async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>) {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
     let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Bytes>();
     let chunks_rx = Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
     let app = Router::new()
         .route(
             "/stream",
-            get(move || async move {
+            get(move |request: Request| async move {
+                held_tx.send(held(&request)).unwrap();
                 let rx = chunks_rx.lock().unwrap().take().expect("one stream");
                 let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                     rx.recv()
@@ -223,7 +225,10 @@ async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>
     chunks_tx.send(Bytes::from_static(b"first")).unwrap();
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "first");
-    // Head sent, body open: the key is still held in the backend.
+    let lock = held_rx.recv().await.unwrap();
+    assert!(!lock.is_released(), "head sent, body open: still held");
+    assert_eq!(backend.sync.counts.unlocks(), 0, "no release before the end");
+    // And in the backend.
     let probe_options = DistMutexOptions::default().with_tries(1);
     let mut probe = backend
         .sync
@@ -238,7 +243,10 @@ async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>
     drop(chunks_tx);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "last");
-    // Released after the last chunk: a waiting request gets in.
+    tokio::time::timeout(Duration::from_secs(20), lock.lost())
+        .await
+        .expect("released after the last chunk");
+    // A waiting request gets in.
     let (after, _) = client.get(&server.url("/quick"), &[(KEY, "s")]).await;
     assert_eq!(after.status(), StatusCode::OK);
 }
@@ -333,9 +341,24 @@ async fn long_handler_keeps_the_lock<D: DistSync>(backend: Backend<D>) {
     let lock = entered.recv().await.unwrap();
     let start = Instant::now();
     let mut untils = vec![lock.until().unwrap()];
+    let probe_options = DistMutexOptions::default().with_tries(1);
     while start.elapsed() < expiry * 3 || untils.len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no extension seen: {untils:?}"
+        );
         let (busy, _) = client.get(&server.url("/quick"), &[(KEY, "long")]).await;
         assert_eq!(busy.status(), StatusCode::CONFLICT, "someone else got in");
+        // Not only the local queue: the backend still has the lock.
+        let mut probe = backend
+            .sync
+            .inner
+            .new_mutex("test:long", probe_options.clone())
+            .unwrap();
+        assert!(
+            matches!(probe.lock().await, Err(tower_dsync::Error::Held { .. })),
+            "the lock expired in the backend"
+        );
         let until = lock.until().unwrap();
         if until != *untils.last().unwrap() {
             untils.push(until);
