@@ -227,7 +227,11 @@ async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>
     assert_eq!(frame.into_data().unwrap(), "first");
     let lock = held_rx.recv().await.unwrap();
     assert!(!lock.is_released(), "head sent, body open: still held");
-    assert_eq!(backend.sync.counts.unlocks(), 0, "no release before the end");
+    assert_eq!(
+        backend.sync.counts.unlocks(),
+        0,
+        "no release before the end"
+    );
     // And in the backend.
     let probe_options = DistMutexOptions::default().with_tries(1);
     let mut probe = backend

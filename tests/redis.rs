@@ -136,7 +136,7 @@ async fn paused_node_is_bounded_by_the_node_timeout() {
     let mut nodes = RedisNodes::start(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(4))
+        .with_expiry(Duration::from_secs(10))
         .with_timeout_factor(0.05)
         .with_tries(1);
     let timeout = options.node_timeout();
@@ -449,4 +449,140 @@ fn generated_values_are_distinct_and_random() {
     // percent; a biased or truncated one does not.
     let share = ones as f64 / (10_000.0 * 128.0);
     assert!((share - 0.5).abs() < 0.005, "share of ones {share}");
+}
+
+/// Warms every node's connection of `sync`.
+async fn warm(sync: &RedisSync) {
+    let mut m = sync
+        .new_mutex(&unique("warm"), DistMutexOptions::default())
+        .unwrap();
+    m.lock().await.unwrap();
+    m.unlock().await.unwrap();
+}
+
+/// A `lock()` with a preset value, dropped mid-attempt, releases what it
+/// got in the background; that release must never undo a later acquisition
+/// with the same value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preset_value_cleanup_never_undoes_a_later_lock() {
+    let mut nodes = RedisNodes::start(3);
+    let build = || {
+        RedisSync::builder()
+            .urls(nodes.urls())
+            .fail_fast(true)
+            .build()
+            .unwrap()
+    };
+    let (sync, other) = (build(), build());
+    warm(&sync).await;
+    warm(&other).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(30))
+        .with_timeout_factor(0.1)
+        .with_tries(1);
+    let name = unique("preset");
+    let key = format!("dsync:{name}");
+    let value = "the-owners-value";
+    let mut b = sync
+        .new_mutex(&name, options.clone().with_value(value))
+        .unwrap();
+    nodes.servers[2].pause();
+    {
+        let mut fut = pin!(b.lock());
+        assert!(poll_once(fut.as_mut()).await.is_none());
+        eventually(
+            Duration::from_secs(5),
+            "two nodes set the key",
+            async || nodes.count_key(&key) == 2,
+        )
+        .await;
+    }
+    // The abandoned attempt's release now waits for the paused node.
+    let mut owner = other
+        .new_mutex(&name, options.clone().with_value(value))
+        .unwrap();
+    owner.unlock().await.unwrap();
+    {
+        let mut fut = pin!(b.lock());
+        let _ = poll_once(fut.as_mut()).await;
+    }
+    b.lock().await.unwrap();
+    nodes.servers[2].resume();
+    let mut c = other
+        .new_mutex(
+            &name,
+            options
+                .with_tries(100)
+                .with_retry_delay(Duration::from_millis(20)),
+        )
+        .unwrap();
+    assert!(c.lock().await.is_err(), "two owners");
+    assert!(b.valid().await.unwrap());
+}
+
+/// A per-node timeout longer than redis-rs's default response timeout is
+/// honoured, and reported as `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_node_timeouts_are_honoured() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(20))
+        .with_tries(1);
+    assert_eq!(options.node_timeout(), Duration::from_secs(1));
+    for server in &mut nodes.servers {
+        server.pause();
+    }
+    let mut m = sync.new_mutex(&unique("slow"), options).unwrap();
+    match m.lock().await {
+        Err(Error::Timeout { after, nodes }) => {
+            assert_eq!(after, Duration::from_secs(1));
+            assert_eq!(nodes.len(), 3);
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    for server in &mut nodes.servers {
+        server.resume();
+    }
+}
+
+/// With `fail_fast`, a held name is reported as `Held` even when a dead
+/// node answers first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_fast_reports_held_despite_a_dead_node() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::builder()
+        .urls(nodes.urls())
+        .fail_fast(true)
+        .build()
+        .unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(30))
+        .with_tries(1);
+    let mut a = sync.new_mutex("ff", options.clone()).unwrap();
+    a.lock().await.unwrap();
+    nodes.servers[0].kill();
+    for _ in 0..5 {
+        let mut b = sync.new_mutex("ff", options.clone()).unwrap();
+        match b.lock().await {
+            Err(Error::Held { remaining: Some(_) }) => {}
+            other => panic!("expected Held, got {other:?}"),
+        }
+    }
+}
+
+/// A node restarted since the last command is used by the very next
+/// command, even when another node is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_is_used_at_once() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
+    nodes.servers[2].kill();
+    nodes.servers[1].restart();
+    let options = DistMutexOptions::default().with_tries(1);
+    let mut m = sync.new_mutex(&unique("restarted"), options).unwrap();
+    m.lock().await.unwrap();
+    m.unlock().await.unwrap();
 }

@@ -298,6 +298,8 @@ impl RedisSyncBuilder {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout.unwrap_or(Duration::from_secs(1))))
             .set_number_of_retries(1)
+            // Commands are bounded by the per-node timeout instead.
+            .set_response_timeout(None)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
         let mut nodes = Vec::with_capacity(self.nodes.len());

@@ -46,8 +46,9 @@ pub struct RedisMutex {
     /// Empty until acquired, unless preset.
     value: Arc<str>,
     until: Option<Instant>,
-    /// The release of a failed or abandoned attempt, still running.
-    cleanup: Option<JoinHandle<()>>,
+    /// The release of a failed or abandoned attempt, with its value, while
+    /// it may still run.
+    cleanup: Option<Cleanup>,
 }
 
 impl fmt::Debug for RedisMutex {
@@ -124,15 +125,8 @@ impl DistMutex for RedisMutex {
             if attempt > 0 {
                 tokio::time::sleep(self.options.delay(attempt).min(holder_left)).await;
             }
-            if let Some(cleanup) = self.cleanup.take() {
-                // Only a preset value can collide with an earlier release.
-                if preset || cleanup.is_finished() {
-                    let _ = cleanup.await;
-                } else {
-                    drop(cleanup);
-                }
-            }
             let value: Arc<str> = self.options.gen_value()?.into();
+            wait_for_cleanup(&mut self.cleanup, &value).await;
             let start = Instant::now();
             let mut attempt = Attempt {
                 round: Some(Round::start(self.shared.nodes.iter().map(|node| {
@@ -179,6 +173,7 @@ impl DistMutex for RedisMutex {
         if self.value.is_empty() {
             return Err(Error::NotAcquired);
         }
+        wait_for_cleanup(&mut self.cleanup, &self.value).await;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let mut round = Round::start(
@@ -206,6 +201,7 @@ impl DistMutex for RedisMutex {
         if self.value.is_empty() {
             return Err(Error::NotAcquired);
         }
+        wait_for_cleanup(&mut self.cleanup, &self.value).await;
         let expiry = self.options.expiry();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
@@ -273,6 +269,25 @@ impl DistMutex for RedisMutex {
     }
 }
 
+/// A background release of keys set with `value`.
+struct Cleanup {
+    value: Arc<str>,
+    task: JoinHandle<()>,
+}
+
+/// Waits for a background release that could remove keys set with `value`
+/// (the same value is about to be used again: a preset value, or a
+/// generator that repeats); forgets one that is done or cannot collide.
+/// Cancel-safe: the release stays recorded until it has finished.
+async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
+    if let Some(pending) = cleanup {
+        if pending.value == *value {
+            let _ = (&mut pending.task).await;
+        }
+        *cleanup = None;
+    }
+}
+
 /// An acquisition round in flight. Dropped while armed (the `lock()` future
 /// was dropped), it releases whatever the round got, in the background.
 struct Attempt<'a> {
@@ -282,7 +297,7 @@ struct Attempt<'a> {
     value: &'a Arc<str>,
     preset: bool,
     timeout: Duration,
-    cleanup: &'a mut Option<JoinHandle<()>>,
+    cleanup: &'a mut Option<Cleanup>,
 }
 
 impl Drop for Attempt<'_> {
@@ -300,9 +315,9 @@ impl Drop for Attempt<'_> {
     }
 }
 
-/// Why an attempt failed. `Held` when the nodes held by others alone make a
-/// quorum impossible, with the time until enough of them expire; else the
-/// failed nodes' error.
+/// Why an attempt failed: the failed nodes' error when they alone make a
+/// quorum impossible; otherwise `Held`, with the time until enough of the
+/// held nodes expire for a quorum to be possible.
 fn acquire_error(
     round: &mut Round<i64>,
     quorum: usize,
@@ -317,6 +332,7 @@ fn acquire_error(
         };
     }
     let nodes = round.nodes();
+    let failed = round.failures.len();
     let mut held: Vec<Option<Duration>> = round
         .replies
         .iter()
@@ -327,14 +343,15 @@ fn acquire_error(
             ms => Some(Duration::from_millis(ms.max(0) as u64)),
         })
         .collect();
-    if held.len() + quorum <= nodes {
+    if held.is_empty() || failed + quorum > nodes {
         return round.failure_error(quorum, timeout);
     }
-    // `need` of the held nodes must expire before a quorum can form.
-    let need = quorum - (nodes - held.len());
+    // Nodes that said yes or did not answer count as free.
+    let free = nodes - held.len() - failed;
+    let need = quorum.saturating_sub(free).max(1);
     held.sort_by_key(|left| left.unwrap_or(Duration::MAX));
     Error::Held {
-        remaining: held[need - 1],
+        remaining: held.get(need - 1).copied().flatten(),
     }
 }
 
@@ -350,14 +367,15 @@ fn release_leftovers(
     value: &Arc<str>,
     preset: bool,
     timeout: Duration,
-) -> Option<JoinHandle<()>> {
+) -> Option<Cleanup> {
     let unsure = !preset && !round.failures.is_empty();
     if round.yes == 0 && round.unanswered() == 0 && !unsure {
         return None;
     }
     let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, key, value) = (shared.clone(), key.clone(), value.clone());
-    Some(runtime.spawn(async move {
+    let (shared, key, released) = (shared.clone(), key.clone(), value.clone());
+    let task = runtime.spawn(async move {
+        let value = released;
         let mut suspects = Vec::new();
         round
             .drain(|node, answer| match answer {
@@ -373,5 +391,9 @@ fn release_leftovers(
                 .map(|i| shared.nodes[i].release(key.clone(), value.clone(), timeout)),
         )
         .await;
-    }))
+    });
+    Some(Cleanup {
+        value: value.clone(),
+        task,
+    })
 }

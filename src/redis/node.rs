@@ -6,8 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::RedisError;
 use redis::aio::ConnectionManager;
-use redis::{FromRedisValue, RedisError, ScriptInvocation};
 
 use super::scripts::{ACQUIRE, EXTEND, RELEASE};
 use crate::error::NodeError;
@@ -81,9 +81,16 @@ impl Node {
         expiry: Duration,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        let mut invocation = ACQUIRE.prepare_invoke();
-        invocation.key(&*key).arg(&*value).arg(millis(expiry));
-        self.invoke(invocation, timeout)
+        let px = millis(expiry);
+        self.bounded(timeout, move |mut conn, resent| {
+            let mut invocation = ACQUIRE.prepare_invoke();
+            invocation
+                .key(&*key)
+                .arg(&*value)
+                .arg(px)
+                .arg(if resent { "1" } else { "0" });
+            async move { invocation.invoke_async(&mut conn).await }
+        })
     }
 
     /// `RELEASE`: 1 if our key was deleted.
@@ -93,9 +100,11 @@ impl Node {
         value: Arc<str>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation.key(&*key).arg(&*value);
-        self.invoke(invocation, timeout)
+        self.bounded(timeout, move |mut conn, _| {
+            let mut invocation = RELEASE.prepare_invoke();
+            invocation.key(&*key).arg(&*value);
+            async move { invocation.invoke_async(&mut conn).await }
+        })
     }
 
     /// `EXTEND`: 1 if our key now has the new expiry.
@@ -107,13 +116,16 @@ impl Node {
         set_nx: bool,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        let mut invocation = EXTEND.prepare_invoke();
-        invocation
-            .key(&*key)
-            .arg(&*value)
-            .arg(millis(expiry))
-            .arg(if set_nx { "1" } else { "0" });
-        self.invoke(invocation, timeout)
+        let px = millis(expiry);
+        self.bounded(timeout, move |mut conn, _| {
+            let mut invocation = EXTEND.prepare_invoke();
+            invocation
+                .key(&*key)
+                .arg(&*value)
+                .arg(px)
+                .arg(if set_nx { "1" } else { "0" });
+            async move { invocation.invoke_async(&mut conn).await }
+        })
     }
 
     /// `GET key`.
@@ -122,44 +134,49 @@ impl Node {
         key: Arc<str>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<Option<String>>> + Send + 'static {
-        let mut conn = self.conn.clone();
-        let label = self.label.clone();
-        let cmd = redis::cmd("GET").arg(&*key).to_owned();
-        bounded(
-            label,
-            timeout,
-            async move { cmd.query_async(&mut conn).await },
-        )
-    }
-
-    fn invoke<T: FromRedisValue + Send + 'static>(
-        &self,
-        invocation: ScriptInvocation<'static>,
-        timeout: Duration,
-    ) -> impl Future<Output = Reply<T>> + Send + 'static {
-        let mut conn = self.conn.clone();
-        let label = self.label.clone();
-        bounded(label, timeout, async move {
-            invocation.invoke_async(&mut conn).await
+        self.bounded(timeout, move |mut conn, _| {
+            let cmd = redis::cmd("GET").arg(&*key).to_owned();
+            async move { cmd.query_async(&mut conn).await }
         })
     }
-}
 
-async fn bounded<T>(
-    node: Arc<str>,
-    timeout: Duration,
-    command: impl Future<Output = redis::RedisResult<T>>,
-) -> Reply<T> {
-    match tokio::time::timeout(timeout, command).await {
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(e)) => Err(Failure {
-            node,
-            fault: Fault::Redis(e),
-        }),
-        Err(_) => Err(Failure {
-            node,
-            fault: Fault::Timeout(timeout),
-        }),
+    /// Runs `command` within `timeout`. A command that failed because the
+    /// connection was found dead (the node restarted, say) is sent once
+    /// more, within the same deadline, on the connection the manager makes
+    /// anew; `command` learns it is a resend (its first copy may have been
+    /// applied before the connection died).
+    fn bounded<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        command: F,
+    ) -> impl Future<Output = Reply<T>> + Send + 'static
+    where
+        F: Fn(ConnectionManager, bool) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send,
+        T: Send,
+    {
+        let conn = self.conn.clone();
+        let node = self.label.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut result = tokio::time::timeout_at(deadline, command(conn.clone(), false)).await;
+            if let Ok(Err(e)) = &result
+                && e.is_connection_dropped()
+            {
+                result = tokio::time::timeout_at(deadline, command(conn, true)).await;
+            }
+            match result {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(e)) => Err(Failure {
+                    node,
+                    fault: Fault::Redis(e),
+                }),
+                Err(_) => Err(Failure {
+                    node,
+                    fault: Fault::Timeout(timeout),
+                }),
+            }
+        }
     }
 }
 

@@ -8,12 +8,18 @@ use redis::Script;
 /// Acquire: `SET key value NX PX expiry`, and if the key is taken, the
 /// holder's remaining time.
 ///
-/// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms.
+/// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms, `ARGV[3]` `1`
+/// when this is a resend after a dropped connection: then a key that
+/// already holds our value is ours (the first copy was applied).
 /// Returns `-3` when acquired, else the key's `PTTL` (`-1`: no expiry).
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return -3
+end
+if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return -3
 end
 return redis.call('PTTL', KEYS[1])
