@@ -722,3 +722,65 @@ async fn any_sync_backend() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "lock:a%3Ab");
 }
+
+/// A majority of nodes stopped while a handler runs: the extension fails and
+/// the handler sees the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_majority_stopped_loses_the_lock() {
+    let backend = redis();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_millis(600))
+        .with_timeout_factor(0.3);
+    let (entered_tx, mut entered_rx) = mpsc::unbounded_channel::<HeldLock>();
+    let app = Router::new()
+        .route(
+            "/watch",
+            get(move |request: Request| async move {
+                let lock = held(&request);
+                entered_tx.send(lock.clone()).unwrap();
+                lock.lost().await;
+                if lock.is_lost() { "lost" } else { "released" }
+            }),
+        )
+        .layer(layer(&backend).mutex_options(options));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let request = {
+        let (client, url) = (client.clone(), server.url("/watch"));
+        tokio::spawn(async move { client.get(&url, &[(KEY, "majority")]).await })
+    };
+    let lock = entered_rx.recv().await.unwrap();
+    let nodes = backend.nodes.clone().unwrap();
+    nodes.lock().unwrap().servers[0].pause();
+    nodes.lock().unwrap().servers[1].pause();
+    let (response, body) = request.await.unwrap();
+    assert_eq!((response.status(), body.as_str()), (StatusCode::OK, "lost"));
+    assert!(lock.is_lost());
+    nodes.lock().unwrap().servers[0].resume();
+    nodes.lock().unwrap().servers[1].resume();
+}
+
+/// A custom rejection mapping replaces the default responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_rejection_mapping() {
+    let backend = memory();
+    let app = Router::new()
+        .route("/quick", get(|| async { "quick" }))
+        .layer(layer(&backend).rejection_response(|rejection| {
+            let mut response = http::Response::new(Bytes::from(format!(
+                "{{\"error\":{:?}}}",
+                rejection.message()
+            )));
+            *response.status_mut() = rejection.http_status();
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            response
+        }));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let (response, body) = client.get(&server.url("/quick"), &[(KEY, "")]).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(body, r#"{"error":"the lock key is empty"}"#);
+}

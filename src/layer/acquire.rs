@@ -2,6 +2,7 @@
 //! backend, both within the wait budget; then a keeper holds the lock.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
@@ -48,10 +49,12 @@ pub(crate) async fn acquire<D: DistSync>(
         .with_retry_after(retry_after));
     };
 
+    // Counts retries for the `acquired` event, when anyone listens.
+    let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);
     let locked = if fail_fast {
         lock_once(&shared, &name).await
     } else {
-        match new_mutex(&shared, &name, u32::MAX) {
+        match new_mutex(&shared, &name, u32::MAX, retries.as_ref()) {
             Ok(mut mutex) => match timeout_at(deadline, mutex.lock()).await {
                 Ok(Ok(())) => Ok(mutex),
                 Ok(Err(error)) => Err(error),
@@ -76,6 +79,7 @@ pub(crate) async fn acquire<D: DistSync>(
     tracing::debug!(
         name = held.name(),
         waited_ms = start.elapsed().as_millis() as u64,
+        attempts = retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
     let guard = Keeper {
@@ -90,13 +94,25 @@ pub(crate) async fn acquire<D: DistSync>(
     Ok(Holding { guard, held, lost })
 }
 
-fn new_mutex<D: DistSync>(shared: &Shared<D>, name: &str, tries: u32) -> Result<D::Mutex, Error> {
-    let options = shared.options.clone().with_tries(tries);
+fn new_mutex<D: DistSync>(
+    shared: &Shared<D>,
+    name: &str,
+    tries: u32,
+    retries: Option<&Arc<AtomicU32>>,
+) -> Result<D::Mutex, Error> {
+    let mut options = shared.options.clone().with_tries(tries);
+    if let Some(counter) = retries {
+        let (base, counter) = (shared.options.clone(), counter.clone());
+        options = options.with_delay_fn(move |retry| {
+            counter.store(retry, Ordering::Relaxed);
+            base.delay(retry)
+        });
+    }
     shared.sync.new_mutex(name, options)
 }
 
 async fn lock_once<D: DistSync>(shared: &Shared<D>, name: &str) -> Result<D::Mutex, Error> {
-    let mut mutex = new_mutex(shared, name, 1)?;
+    let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;
     Ok(mutex)
 }
