@@ -34,6 +34,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod any;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
 mod error;
 pub mod layer;
 mod memory;

@@ -34,7 +34,8 @@ pub(crate) async fn acquire<D: DistSync>(
     let place = shared.queues.join(Arc::from(name.as_str()));
 
     let turn = if fail_fast {
-        place.try_turn()
+        // A release takes at most one node timeout.
+        place.turn_unless_busy(shared.options.node_timeout()).await
     } else {
         timeout_at(deadline, place.wait()).await.ok()
     };
@@ -48,6 +49,7 @@ pub(crate) async fn acquire<D: DistSync>(
         )
         .with_retry_after(retry_after));
     };
+    place.start_turn();
 
     // Counts retries for the `acquired` event, when anyone listens.
     let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);

@@ -2,6 +2,8 @@
 //! every interval while the request is in flight, reports a failed extension,
 //! and releases the lock when the request lets go of its guard.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, oneshot, watch};
@@ -17,6 +19,15 @@ use crate::sync::DistMutex;
 #[derive(Debug)]
 pub(crate) struct ReleaseGuard {
     _release: oneshot::Sender<()>,
+    /// Tells this name's local queue, at once, that the release is under
+    /// way (before the keeper task even runs).
+    releasing: Arc<AtomicBool>,
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        self.releasing.store(true, Ordering::Release);
+    }
 }
 
 /// Everything the keeper owns while the lock is held.
@@ -35,9 +46,11 @@ impl<M: DistMutex> Keeper<M> {
     /// Starts the keeper; the lock lives until the guard is dropped.
     pub(crate) fn spawn(self) -> ReleaseGuard {
         let (release_tx, release_rx) = oneshot::channel();
+        let releasing = self.place.releasing_flag();
         tokio::spawn(self.run(release_rx));
         ReleaseGuard {
             _release: release_tx,
+            releasing,
         }
     }
 

@@ -3,7 +3,10 @@
 //! the backend. An entry lives exactly as long as some request uses it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -15,6 +18,9 @@ use tokio::time::Instant;
 struct Gate {
     turn: Arc<tokio::sync::Mutex<()>>,
     holder_until: Arc<Mutex<Option<Instant>>>,
+    /// Set when the current holder's request has ended and its lock is
+    /// being released.
+    releasing: Arc<AtomicBool>,
 }
 
 /// The registry of queues, one per name with requests in flight.
@@ -74,9 +80,27 @@ impl Place {
         self.gate.turn.clone().lock_owned().await
     }
 
-    /// This request's turn, if nobody is ahead of it.
-    pub(crate) fn try_turn(&self) -> Option<OwnedMutexGuard<()>> {
-        self.gate.turn.clone().try_lock_owned().ok()
+    /// This request's turn without waiting for a holder that is still
+    /// serving: `None` if one is. A holder whose request has ended is
+    /// waited for, at most `bound`, since its release is under way.
+    pub(crate) async fn turn_unless_busy(&self, bound: Duration) -> Option<OwnedMutexGuard<()>> {
+        if let Ok(turn) = self.gate.turn.clone().try_lock_owned() {
+            return Some(turn);
+        }
+        if self.gate.releasing.load(Ordering::Acquire) {
+            return tokio::time::timeout(bound, self.wait()).await.ok();
+        }
+        None
+    }
+
+    /// Marks the start of a new turn: its holder is not releasing.
+    pub(crate) fn start_turn(&self) {
+        self.gate.releasing.store(false, Ordering::Release);
+    }
+
+    /// The flag that tells waiters this turn's request has ended.
+    pub(crate) fn releasing_flag(&self) -> Arc<AtomicBool> {
+        self.gate.releasing.clone()
     }
 
     /// Records the validity of the lock held in this turn (`None` once
@@ -90,7 +114,7 @@ impl Place {
     }
 
     /// How long the current local holder's lock is still valid, if known.
-    pub(crate) fn holder_remaining(&self) -> Option<std::time::Duration> {
+    pub(crate) fn holder_remaining(&self) -> Option<Duration> {
         let until = *self
             .gate
             .holder_until
