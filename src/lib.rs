@@ -1,5 +1,39 @@
-//! Distributed mutexes for Rust services, and (in coming releases) a Tower
-//! middleware that holds one per request key.
+//! Distributed mutexes for Rust services, and a Tower middleware that holds
+//! one per request key.
+//!
+//! [`DistLockLayer`] takes a key from each request (a path segment or
+//! parameter, a header such as `Idempotency-Key`, a gRPC metadata entry, any
+//! closure) and holds a distributed lock on it while the handler runs, so two
+//! requests for the same resource never run at the same time, on one replica
+//! or on fifty. In an axum app:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_dsync::{DistLockLayer, MemorySync};
+//! use tower_dsync::layer::{HeldLock, PathSegment};
+//!
+//! async fn deliver(lock: axum::Extension<HeldLock>) -> String {
+//!     // Only one delivery for this resource runs at a time.
+//!     format!("processed under {}", lock.name())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let sync = MemorySync::new(); // or RedisSync::new(["redis://..."])?
+//! let app: Router = Router::new()
+//!     .route("/webhooks/{resource}", post(deliver))
+//!     .route_layer(
+//!         DistLockLayer::new(sync, PathSegment::new(1))
+//!             .namespace("webhooks")
+//!             .wait(Duration::from_secs(10)),
+//!     );
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! # drop((app, listener));
+//! # }
+//! ```
+//!
+//! See the [`layer`] module for the request lifecycle, the rejections (409,
+//! 503, 400, and their gRPC equivalents) and the options.
 //!
 //! The core is a port of the Go package `dsync`: a [`DistSync`] makes
 //! [`DistMutex`]es by name; a mutex can [`lock`](DistMutex::lock),
@@ -30,6 +64,10 @@
 //! mutex.unlock().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Features: `redis` (default) for `RedisSync`; `tls` for `rediss://`;
+//! `axum` for [`HeldLock`](layer::HeldLock) as an axum extractor and
+//! `axum::PathParam` keys.
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -556,6 +556,20 @@ async fn release_on_head<D: DistSync>(backend: Backend<D>) {
     response.into_body().collect().await.unwrap();
 }
 
+/// Fail fast never rejects a request whose predecessor has answered: its
+/// release may still be in flight, and is waited for.
+async fn sequential_requests_are_never_busy<D: DistSync>(backend: Backend<D>) {
+    let app = Router::new()
+        .route("/quick", get(|| async { "quick" }))
+        .layer(layer(&backend).wait(Duration::ZERO));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    for _ in 0..200 {
+        let (response, body) = client.get(&server.url("/quick"), &[(KEY, "seq")]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+    }
+}
+
 macro_rules! layer_tests {
     ($backend:path; $($case:ident)*) => {
         $(
@@ -574,7 +588,7 @@ macro_rules! all_layer_tests {
             streaming_response_holds_until_the_end client_disconnect_frees_the_lock
             panicking_handler_frees_the_lock long_handler_keeps_the_lock
             lost_lock_is_reported_or_aborts bad_keys_get_400 missing_key_passes_or_is_rejected
-            grpc_rejections_are_trailers_only release_on_head);
+            grpc_rejections_are_trailers_only release_on_head sequential_requests_are_never_busy);
     };
 }
 
