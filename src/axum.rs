@@ -17,6 +17,28 @@
 //!     // `route_layer`: the route is matched before the layer runs.
 //!     .route_layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")).wait(Duration::ZERO));
 //! ```
+//!
+//! Guarding an idempotent endpoint by its `Idempotency-Key` header: a
+//! client that retries while the first attempt still runs gets 409 with
+//! `Retry-After` instead of a second charge.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Json, Router, routing::post};
+//! use tower_dsync::{DistLockLayer, MemorySync};
+//! use tower_dsync::layer::{HeaderKey, HeldLock, MissingKey};
+//!
+//! async fn charge(lock: HeldLock, Json(amount): Json<u64>) -> String {
+//!     format!("charged {amount} once, under {}", lock.name())
+//! }
+//!
+//! let app: Router = Router::new().route("/charges", post(charge)).route_layer(
+//!     DistLockLayer::new(MemorySync::new(), HeaderKey::new("idempotency-key"))
+//!         .namespace("charges")
+//!         .on_missing_key(MissingKey::Reject)
+//!         .wait(Duration::ZERO),
+//! );
+//! ```
 
 use std::convert::Infallible;
 
