@@ -47,6 +47,7 @@ use ::axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
+use crate::layer::extract::percent_decode;
 use crate::layer::{HeldLock, KeyError, KeyExtractor};
 
 /// The route was not behind [`DistLockLayer`](crate::DistLockLayer), or the
@@ -95,7 +96,8 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for HeldLock {
 }
 
 /// The value of a route's path parameter, such as `id` in
-/// `/jobs/{id}/start` (or a wildcard `{*path}`), as sent (percent-encoded).
+/// `/jobs/{id}/start` (or a wildcard `{*path}`), percent-decoded as axum's
+/// `Path` decodes it, so every spelling of one resource takes one lock.
 ///
 /// It reads axum's [`MatchedPath`], which the router sets when a route
 /// matches. Add the layer with `Router::route_layer` (or
@@ -138,7 +140,9 @@ impl<B> KeyExtractor<B> for PathParam {
             .extensions()
             .get::<OriginalUri>()
             .map_or(request.uri().path(), |uri| uri.0.path());
-        Ok(param(matched.as_str(), path, self.name))
+        param(matched.as_str(), path, self.name)
+            .map(|raw| percent_decode(&raw, "the path parameter"))
+            .transpose()
     }
 }
 

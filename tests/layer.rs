@@ -613,7 +613,7 @@ async fn redis_down_gives_503_then_recovers() {
         .layer(
             layer(&backend)
                 .mutex_options(options)
-                .wait(Duration::from_millis(500)),
+                .wait(Duration::from_secs(60)),
         );
     let server = Server::start(app).await;
     let client = HttpClient::default();
@@ -623,7 +623,13 @@ async fn redis_down_gives_503_then_recovers() {
     for server in &mut nodes.lock().unwrap().servers {
         server.kill();
     }
-    let (down, body) = client.get(&server.url("/quick"), &[(KEY, "r")]).await;
+    // A dead backend answers 503 at once, not after the 60 s wait budget.
+    let (down, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get(&server.url("/quick"), &[(KEY, "r")]),
+    )
+    .await
+    .expect("503 without waiting for the wait budget");
     assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(down.headers().contains_key("retry-after"));
     for server in &mut nodes.lock().unwrap().servers {
@@ -679,9 +685,15 @@ async fn registry_is_empty_after_100k_distinct_keys() {
 /// The clone that was driven ready is the one that is called.
 #[tokio::test]
 async fn poll_ready_rules_are_followed() {
-    #[derive(Clone, Default)]
+    #[derive(Default)]
     struct ReadyOnce {
         ready: bool,
+    }
+    impl Clone for ReadyOnce {
+        // A clone has not been driven ready.
+        fn clone(&self) -> Self {
+            ReadyOnce { ready: false }
+        }
     }
     impl Service<http::Request<()>> for ReadyOnce {
         type Response = http::Response<http_body_util::Empty<Bytes>>;
@@ -797,4 +809,101 @@ async fn custom_rejection_mapping() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(response.headers()["content-type"], "application/json");
     assert_eq!(body, r#"{"error":"the lock key is empty"}"#);
+}
+
+/// Every spelling of a path segment is one resource: `/jobs/a` and
+/// `/jobs/%61` take the same lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_segments_are_one_resource() {
+    let (entered_tx, mut entered) = mpsc::unbounded_channel::<()>();
+    let (go_tx, go_rx) = mpsc::unbounded_channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+    let app = Router::new()
+        .route(
+            "/jobs/{id}",
+            get(move || async move {
+                entered_tx.send(()).unwrap();
+                go_rx.lock().await.recv().await;
+                "done"
+            }),
+        )
+        .route_layer(
+            DistLockLayer::new(MemorySync::new(), tower_dsync::layer::PathSegment::new(1))
+                .wait(Duration::ZERO),
+        );
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let first = {
+        let (client, url) = (client.clone(), server.url("/jobs/a"));
+        tokio::spawn(async move { client.get(&url, &[]).await })
+    };
+    entered.recv().await.unwrap();
+    let (second, _) = client.get(&server.url("/jobs/%61"), &[]).await;
+    assert_eq!(second.status(), StatusCode::CONFLICT);
+    let (bad, _) = client.get(&server.url("/jobs/%ff"), &[]).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    go_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().0.status(), StatusCode::OK);
+}
+
+/// With `OnLost::Abort`, a streaming body whose lock is lost ends with an
+/// error (or `UNAVAILABLE` trailers for gRPC), and nothing follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_stream_ends_for_good() {
+    for grpc in [false, true] {
+        let sync = MemorySync::new();
+        let options = DistMutexOptions::default()
+            .with_expiry(Duration::from_millis(600))
+            .with_timeout_factor(0.3);
+        let (chunks_tx, chunks_rx) = mpsc::unbounded_channel::<Bytes>();
+        let chunks_rx = Arc::new(std::sync::Mutex::new(Some(chunks_rx)));
+        let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
+        let service = tower::ServiceBuilder::new()
+            .layer(
+                DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+                    .mutex_options(options.clone())
+                    .on_lost(OnLost::Abort),
+            )
+            .service_fn(move |request: http::Request<()>| {
+                held_tx
+                    .send(request.extensions().get::<HeldLock>().cloned().unwrap())
+                    .unwrap();
+                let rx = chunks_rx.lock().unwrap().take().expect("one stream");
+                async move {
+                    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                        rx.recv()
+                            .await
+                            .map(|chunk| (Ok::<_, Infallible>(http_body::Frame::data(chunk)), rx))
+                    });
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::StreamBody::new(
+                        stream,
+                    )))
+                }
+            });
+        let mut request = http::Request::get("/").header(KEY, "abort");
+        if grpc {
+            request = request.header("content-type", "application/grpc");
+        }
+        let response = service.oneshot(request.body(()).unwrap()).await.unwrap();
+        let lock = held_rx.recv().await.unwrap();
+        let mut body = Box::pin(response.into_body());
+        chunks_tx.send(Bytes::from_static(b"before")).unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        // Another owner with the value releases the lock: the next
+        // extension fails.
+        let mut thief = sync
+            .new_mutex(lock.name(), options.clone().with_value(lock.value()))
+            .unwrap();
+        thief.unlock().await.unwrap();
+        let end = body.frame().await.expect("a last frame");
+        if grpc {
+            let trailers = end.unwrap().into_trailers().expect("trailers");
+            assert_eq!(trailers["grpc-status"], "14");
+        } else {
+            assert!(end.is_err(), "the body ends with an error");
+        }
+        chunks_tx.send(Bytes::from_static(b"after")).unwrap();
+        assert!(body.frame().await.is_none(), "nothing after the abort");
+        assert!(http_body::Body::is_end_stream(&*body));
+    }
 }

@@ -51,21 +51,26 @@ pub(crate) async fn acquire<D: DistSync>(
     };
     place.start_turn();
 
+    // One try first: a free key is taken at once, and a backend that is
+    // down answers 503 at once instead of after the whole budget.
+    let first = lock_once(&shared, &name).await;
     // Counts retries for the `acquired` event, when anyone listens.
     let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);
-    let locked = if fail_fast {
-        lock_once(&shared, &name).await
-    } else {
-        match new_mutex(&shared, &name, u32::MAX, retries.as_ref()) {
-            Ok(mut mutex) => match timeout_at(deadline, mutex.lock()).await {
-                Ok(Ok(())) => Ok(mutex),
-                Ok(Err(error)) => Err(error),
-                // The budget is spent: one last try, which also learns how
-                // long the holder keeps the key.
-                Err(_) => lock_once(&shared, &name).await,
-            },
-            Err(error) => Err(error),
+    let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
+    let locked = match first {
+        Err(Error::Held { .. }) if !fail_fast => {
+            match new_mutex(&shared, &name, u32::MAX, retries.as_ref()) {
+                Ok(mut mutex) => match timeout_at(deadline, mutex.lock()).await {
+                    Ok(Ok(())) => Ok(mutex),
+                    Ok(Err(error)) => Err(error),
+                    // The budget is spent: one last try, which also learns
+                    // how long the holder keeps the key.
+                    Err(_) => lock_once(&shared, &name).await,
+                },
+                Err(error) => Err(error),
+            }
         }
+        first => first,
     };
     let mutex = locked.map_err(|error| rejection(&name, error, grpc, &shared))?;
 
@@ -81,7 +86,7 @@ pub(crate) async fn acquire<D: DistSync>(
     tracing::debug!(
         name = held.name(),
         waited_ms = start.elapsed().as_millis() as u64,
-        attempts = retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
+        attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
     let guard = Keeper {
@@ -90,6 +95,7 @@ pub(crate) async fn acquire<D: DistSync>(
         place,
         state,
         interval: shared.extend_every,
+        release_timeout: shared.options.expiry(),
         on_lost,
     }
     .spawn();

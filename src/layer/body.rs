@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
@@ -43,6 +44,10 @@ pin_project! {
             guard: Option<ReleaseGuard>,
             // With the abort option: fires when the lock is lost.
             lost: Option<oneshot::Receiver<()>>,
+            // A gRPC response ends with `UNAVAILABLE` trailers on abort.
+            grpc: bool,
+            // Set once the body was cut short: nothing follows.
+            aborted: bool,
         },
         Full {
             data: Option<Bytes>,
@@ -56,9 +61,16 @@ impl<B> LockBody<B> {
         body: B,
         guard: Option<ReleaseGuard>,
         lost: Option<oneshot::Receiver<()>>,
+        grpc: bool,
     ) -> Self {
         LockBody {
-            kind: Kind::Inner { body, guard, lost },
+            kind: Kind::Inner {
+                body,
+                guard,
+                lost,
+                grpc,
+                aborted: false,
+            },
         }
     }
 
@@ -82,6 +94,17 @@ impl<B> fmt::Debug for LockBody<B> {
             Kind::Full { data } => f.debug_struct("LockBody").field("data", data).finish(),
         }
     }
+}
+
+/// The trailers that end a gRPC response whose lock was lost mid-stream.
+fn unavailable_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("14"));
+    trailers.insert(
+        "grpc-message",
+        HeaderValue::from_static("the lock was lost while the response was streaming"),
+    );
+    trailers
 }
 
 /// The error that ends a streaming body when the lock was lost and the
@@ -110,13 +133,26 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body, guard, lost } => {
+            KindProj::Inner {
+                body,
+                guard,
+                lost,
+                grpc,
+                aborted,
+            } => {
+                if *aborted {
+                    return Poll::Ready(None);
+                }
                 if let Some(rx) = lost
                     && let Poll::Ready(result) = Pin::new(rx).poll(cx)
                 {
                     *lost = None;
                     if result.is_ok() {
                         guard.take();
+                        *aborted = true;
+                        if *grpc {
+                            return Poll::Ready(Some(Ok(Frame::trailers(unavailable_trailers()))));
+                        }
                         return Poll::Ready(Some(Err(LockLost.into())));
                     }
                 }
@@ -141,7 +177,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Inner { body, aborted, .. } => *aborted || body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
         }
     }

@@ -188,8 +188,9 @@ fn header_value(
 
 /// A segment of the request path, by index: in `/accounts/17/charges`,
 /// segment 0 is `accounts` and segment 1 is `17`. A path with fewer segments
-/// has no key. The segment is used as sent (percent-encoded), which keeps
-/// distinct resources distinct.
+/// has no key. The segment is percent-decoded, as routers decode path
+/// parameters, so `/jobs/a` and `/jobs/%61` lock the same job; a segment
+/// that does not decode to UTF-8 is a bad key.
 ///
 /// ```
 /// use tower_dsync::layer::{KeyExtractor, PathSegment};
@@ -197,6 +198,9 @@ fn header_value(
 /// let req = http::Request::builder().uri("/accounts/17/charges").body(()).unwrap();
 /// assert_eq!(PathSegment::new(1).extract(&req).unwrap().as_deref(), Some("17"));
 /// assert_eq!(PathSegment::new(5).extract(&req).unwrap(), None);
+///
+/// let encoded = http::Request::builder().uri("/accounts/%31%37").body(()).unwrap();
+/// assert_eq!(PathSegment::new(1).extract(&encoded).unwrap().as_deref(), Some("17"));
 /// ```
 #[derive(Clone, Copy, Debug)]
 pub struct PathSegment {
@@ -218,8 +222,39 @@ impl<B> KeyExtractor<B> for PathSegment {
             .unwrap_or(path)
             .split('/')
             .nth(self.index);
-        Ok(segment.map(str::to_owned))
+        segment
+            .map(|s| percent_decode(s, "the request path"))
+            .transpose()
     }
+}
+
+/// Decodes `%XX` escapes, as routers do for path parameters. An escape that
+/// is malformed stays as it is; a result that is not UTF-8 is a bad key.
+pub(crate) fn percent_decode(text: &str, source: &str) -> Result<String, KeyError> {
+    if !text.contains('%') {
+        return Ok(text.to_owned());
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| KeyError::NotText {
+        source: source.to_owned(),
+    })
 }
 
 /// The whole request path, such as a gRPC method
@@ -283,5 +318,19 @@ where
 {
     fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
         (self.0)(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%61", "p").unwrap(), "aa");
+        assert_eq!(percent_decode("%E2%9C%93", "p").unwrap(), "\u{2713}");
+        assert_eq!(percent_decode("100%", "p").unwrap(), "100%");
+        assert_eq!(percent_decode("%zz", "p").unwrap(), "%zz");
+        assert!(percent_decode("%ff", "p").is_err());
     }
 }

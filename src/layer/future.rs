@@ -178,9 +178,10 @@ where
                     } else {
                         (guard, lost)
                     };
-                    return Poll::Ready(
-                        Ok(response.map(|body| LockBody::inner(body, guard, lost))),
-                    );
+                    let grpc = *this.grpc;
+                    return Poll::Ready(Ok(
+                        response.map(|body| LockBody::inner(body, guard, lost, grpc))
+                    ));
                 }
                 StateProj::Rejected { rejection } => {
                     let rejection = rejection.take().expect("polled after completion");

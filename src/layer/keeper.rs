@@ -38,6 +38,8 @@ pub(crate) struct Keeper<M> {
     pub(crate) place: Place,
     pub(crate) state: watch::Sender<State>,
     pub(crate) interval: Duration,
+    /// The longest a release may take: past the expiry it is moot.
+    pub(crate) release_timeout: Duration,
     /// Told when an extension fails (the abort option listens).
     pub(crate) on_lost: Option<oneshot::Sender<()>>,
 }
@@ -82,11 +84,17 @@ impl<M: DistMutex> Keeper<M> {
                 }
             }
         }
-        match self.mutex.unlock().await {
-            Ok(()) => tracing::debug!(name = self.mutex.name(), "lock released"),
-            Err(Error::NotAcquired) if lost => {}
-            Err(error) => {
+        match tokio::time::timeout(self.release_timeout, self.mutex.unlock()).await {
+            Ok(Ok(())) => tracing::debug!(name = self.mutex.name(), "lock released"),
+            Ok(Err(Error::NotAcquired)) if lost => {}
+            Ok(Err(error)) => {
                 tracing::warn!(name = self.mutex.name(), %error, "lock release failed; it expires on its own")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    name = self.mutex.name(),
+                    "lock release timed out; it expires on its own"
+                )
             }
         }
         self.state.send_modify(|s| s.released = true);

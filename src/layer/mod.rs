@@ -61,7 +61,7 @@
 
 mod acquire;
 mod body;
-mod extract;
+pub(crate) mod extract;
 mod future;
 mod held;
 mod keeper;

@@ -105,10 +105,12 @@ where
     }
 }
 
-/// gRPC calls carry `content-type: application/grpc` (or `+proto`, ...).
+/// gRPC calls carry `content-type: application/grpc`, `application/grpc+proto`
+/// and the like (not gRPC-Web, whose responses differ).
 fn is_grpc<B>(request: &Request<B>) -> bool {
-    request
-        .headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    request.headers().get(CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
+    })
 }

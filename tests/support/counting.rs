@@ -10,6 +10,9 @@ use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Result};
 #[derive(Debug, Default)]
 pub struct Counts {
     pub locks: AtomicUsize,
+    /// `lock()` calls in flight now, and the most at once.
+    pub locking: AtomicUsize,
+    pub max_locking: AtomicUsize,
     pub extends: AtomicUsize,
     pub unlocks: AtomicUsize,
 }
@@ -17,6 +20,9 @@ pub struct Counts {
 impl Counts {
     pub fn locks(&self) -> usize {
         self.locks.load(Ordering::SeqCst)
+    }
+    pub fn max_locking(&self) -> usize {
+        self.max_locking.load(Ordering::SeqCst)
     }
     pub fn extends(&self) -> usize {
         self.extends.load(Ordering::SeqCst)
@@ -78,7 +84,11 @@ impl<M: DistMutex> DistMutex for CountingMutex<M> {
     }
     async fn lock(&mut self) -> Result<()> {
         self.counts.locks.fetch_add(1, Ordering::SeqCst);
-        self.inner.lock().await
+        let now = self.counts.locking.fetch_add(1, Ordering::SeqCst) + 1;
+        self.counts.max_locking.fetch_max(now, Ordering::SeqCst);
+        let result = self.inner.lock().await;
+        self.counts.locking.fetch_sub(1, Ordering::SeqCst);
+        result
     }
     async fn unlock(&mut self) -> Result<()> {
         self.counts.unlocks.fetch_add(1, Ordering::SeqCst);
