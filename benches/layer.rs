@@ -38,7 +38,7 @@ fn overhead(c: &mut Criterion) {
             runtime.block_on(async {
                 let start = Instant::now();
                 for i in 0..iters {
-                    let response = bare.clone().oneshot(request(i)).await.unwrap();
+                    let response = bare.oneshot(request(i)).await.unwrap();
                     response.into_body().collect().await.unwrap();
                 }
                 start.elapsed()
