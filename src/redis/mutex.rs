@@ -185,16 +185,13 @@ impl DistMutex for RedisMutex {
         round
             .settle(quorum, self.shared.fail_fast, |deleted| *deleted == 1)
             .await;
-        let result = if round.yes >= quorum {
-            self.until = None;
-            Ok(())
-        } else if round.failures_decided(quorum) {
-            Err(round.failure_error(quorum, timeout))
-        } else {
-            Err(Error::NotAcquired)
-        };
+        let verdict = round.verdict(quorum, timeout);
         round.finish_in_background();
-        result
+        if !verdict? {
+            return Err(Error::NotAcquired);
+        }
+        self.until = None;
+        Ok(())
     }
 
     async fn extend(&mut self) -> Result<()> {
@@ -219,24 +216,17 @@ impl DistMutex for RedisMutex {
         round
             .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
             .await;
-        let result = if round.yes >= quorum {
-            match self.validity_end(start) {
-                Some(until) => {
-                    self.until = Some(until);
-                    Ok(())
-                }
-                None => Err(Error::Timeout {
-                    after: start.elapsed(),
-                    nodes: Vec::new(),
-                }),
-            }
-        } else if round.failures_decided(quorum) {
-            Err(round.failure_error(quorum, timeout))
-        } else {
-            Err(Error::NotAcquired)
-        };
+        let verdict = round.verdict(quorum, timeout);
         round.finish_in_background();
-        result
+        if !verdict? {
+            return Err(Error::NotAcquired);
+        }
+        let until = self.validity_end(start).ok_or_else(|| Error::Timeout {
+            after: start.elapsed(),
+            nodes: Vec::new(),
+        })?;
+        self.until = Some(until);
+        Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
@@ -257,15 +247,9 @@ impl DistMutex for RedisMutex {
                 current.as_deref() == Some(value)
             })
             .await;
-        let result = if round.yes >= quorum {
-            Ok(true)
-        } else if round.failures_decided(quorum) {
-            Err(round.failure_error(quorum, timeout))
-        } else {
-            Ok(false)
-        };
+        let verdict = round.verdict(quorum, timeout);
         round.finish_in_background();
-        result
+        verdict
     }
 }
 

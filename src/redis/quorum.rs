@@ -67,10 +67,17 @@ impl<T: Send + 'static> Round<T> {
         }
     }
 
-    /// Whether the nodes that failed could have made the quorum: then the
-    /// outcome is the failure's, not a "no".
-    pub(crate) fn failures_decided(&self, quorum: usize) -> bool {
-        self.yes < quorum && self.yes + self.failures.len() + self.pending.len() >= quorum
+    /// The quorum's answer: `Ok(true)` when a quorum said yes, `Ok(false)`
+    /// when the answers rule it out, and the failed nodes' error when they
+    /// could have made the quorum (then the outcome is theirs, not a "no").
+    pub(crate) fn verdict(&mut self, quorum: usize, timeout: Duration) -> Result<bool, Error> {
+        if self.yes >= quorum {
+            Ok(true)
+        } else if self.yes + self.failures.len() + self.pending.len() >= quorum {
+            Err(self.failure_error(quorum, timeout))
+        } else {
+            Ok(false)
+        }
     }
 
     /// The nodes whose commands have not answered yet.
