@@ -33,8 +33,15 @@
 //! - **For correctness-critical writes, use fencing tokens**: the protected
 //!   resource rejects a write whose token is not greater than the last one it
 //!   accepted, so a holder that lost its lock cannot do damage.
-//!   ([`fencing_token`](crate::DistMutex::fencing_token); the Redis backend does not issue them
-//!   yet.)
+//!   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
+//!   acquisition: an `INCR` of a per-name counter inside the acquire script,
+//!   and across a Redlock quorum the highest token of the quorum, written
+//!   back to a quorum when fewer nodes had it (see [`RedisMutex`] for why
+//!   tokens only grow). The counters are kept forever (one small key per
+//!   name). A node that restarts empty forgets its counters: with
+//!   `appendfsync always`, or a restart delayed past the longest expiry,
+//!   tokens keep growing through restarts; without, one empty node among
+//!   three is covered, two are not.
 
 mod mutex;
 mod node;

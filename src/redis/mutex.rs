@@ -9,8 +9,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::node::Claim;
 use super::quorum::Round;
-use super::scripts::ACQUIRED;
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
@@ -42,14 +42,21 @@ pub struct RedisMutex {
     shared: Arc<Shared>,
     name: String,
     key: Arc<str>,
+    /// The key of the name's fencing counter.
+    counter: Arc<str>,
     options: DistMutexOptions,
     /// Empty until acquired, unless preset.
     value: Arc<str>,
     until: Option<Instant>,
+    token: Option<u64>,
     /// The release of a failed or abandoned attempt, with its value, while
     /// it may still run.
     cleanup: Option<Cleanup>,
 }
+
+/// Appended to a lock's key to name its fencing counter. Names cannot hold
+/// control characters, so no lock key ends this way.
+const COUNTER_SUFFIX: &str = "\u{1f}fence";
 
 impl fmt::Debug for RedisMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -67,10 +74,12 @@ impl RedisMutex {
         RedisMutex {
             shared,
             name: name.to_owned(),
+            counter: format!("{key}{COUNTER_SUFFIX}").into(),
             key: key.into(),
             value: options.value().unwrap_or_default().into(),
             options,
             until: None,
+            token: None,
             cleanup: None,
         }
     }
@@ -88,16 +97,6 @@ impl RedisMutex {
     pub fn key(&self) -> &str {
         &self.key
     }
-
-    /// `start + expiry - elapsed - drift`, if that is still ahead.
-    fn validity_end(&self, start: Instant) -> Option<Instant> {
-        let elapsed = start.elapsed();
-        let validity = self
-            .options
-            .expiry()
-            .checked_sub(elapsed + self.options.drift())?;
-        (!validity.is_zero()).then(|| start + validity)
-    }
 }
 
 impl DistMutex for RedisMutex {
@@ -111,6 +110,10 @@ impl DistMutex for RedisMutex {
 
     fn until(&self) -> Option<Instant> {
         self.until
+    }
+
+    fn fencing_token(&self) -> Option<u64> {
+        self.token
     }
 
     async fn lock(&mut self) -> Result<()> {
@@ -128,9 +131,10 @@ impl DistMutex for RedisMutex {
             let value: Arc<str> = self.options.gen_value()?.into();
             wait_for_cleanup(&mut self.cleanup, &value).await;
             let start = Instant::now();
+            let keys = [self.key.clone(), self.counter.clone()];
             let mut attempt = Attempt {
                 round: Some(Round::start(self.shared.nodes.iter().map(|node| {
-                    node.acquire(self.key.clone(), value.clone(), expiry, timeout)
+                    node.acquire(keys.clone(), value.clone(), expiry, timeout)
                 }))),
                 shared: &self.shared,
                 key: &self.key,
@@ -139,23 +143,34 @@ impl DistMutex for RedisMutex {
                 timeout,
                 cleanup: &mut self.cleanup,
             };
-            attempt
-                .round
-                .as_mut()
-                .expect("armed")
-                .settle(quorum, self.shared.fail_fast, |reply| *reply == ACQUIRED)
+            let claims = attempt.round.as_mut().expect("armed");
+            claims
+                .settle(quorum, self.shared.fail_fast, |claim| {
+                    matches!(claim, Claim::Acquired { .. })
+                })
                 .await;
+            // Still armed: dropped during the fencing round, the attempt
+            // releases what it got.
+            let highest = (claims.yes >= quorum).then(|| highest_token(claims));
+            let fenced = match highest {
+                Some((token, at_max)) => {
+                    fence(&self.shared, &self.counter, token, at_max, timeout).await
+                }
+                None => Ok(None),
+            };
             let mut round = attempt.round.take().expect("armed");
             drop(attempt);
-            if round.yes >= quorum
-                && let Some(until) = self.validity_end(start)
-            {
-                round.finish_in_background();
-                self.value = value;
-                self.until = Some(until);
-                return Ok(());
-            }
-            let error = acquire_error(&mut round, quorum, timeout, start.elapsed());
+            let error = match (fenced, validity_end(&self.options, start)) {
+                (Ok(Some(token)), Some(until)) => {
+                    round.finish_in_background();
+                    self.value = value;
+                    self.until = Some(until);
+                    self.token = Some(token);
+                    return Ok(());
+                }
+                (Err(error), _) => error,
+                _ => acquire_error(&mut round, quorum, timeout, start.elapsed()),
+            };
             holder_left = match &error {
                 Error::Held {
                     remaining: Some(left),
@@ -221,7 +236,7 @@ impl DistMutex for RedisMutex {
         if !verdict? {
             return Err(Error::NotAcquired);
         }
-        let until = self.validity_end(start).ok_or_else(|| Error::Timeout {
+        let until = validity_end(&self.options, start).ok_or_else(|| Error::Timeout {
             after: start.elapsed(),
             nodes: Vec::new(),
         })?;
@@ -253,6 +268,70 @@ impl DistMutex for RedisMutex {
     }
 }
 
+/// `start + expiry - elapsed - drift`, if that is still ahead.
+fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
+    let elapsed = start.elapsed();
+    let validity = options.expiry().checked_sub(elapsed + options.drift())?;
+    (!validity.is_zero()).then(|| start + validity)
+}
+
+/// The fencing token of an acquisition that reached a quorum: the highest
+/// token the quorum returned, made durable on a quorum.
+///
+/// Why tokens only grow: every node's counter only grows (`INCR`, and
+/// `FENCE`, which never lowers it). Let acquisition A return token `t`.
+/// Before `lock()` returns, a quorum of nodes holds a counter of at least
+/// `t`: the nodes that returned `t`, or, when they are fewer than a quorum,
+/// the nodes that acknowledged `FENCE t`. A later acquisition B needs its
+/// own quorum, which shares at least one node with that one (two majorities
+/// of the same nodes intersect). On that node B's `INCR` returns more than
+/// `t`, and B's token is the highest it saw, so B's token is greater than
+/// `t`.
+///
+/// The argument assumes nodes keep their counters. A node that restarts
+/// empty restarts its counter at zero; tokens still grow as long as the
+/// other nodes of every quorum kept theirs (one empty restart among three
+/// nodes is covered, since every live node receives the `FENCE`). Run nodes
+/// with `appendfsync always`, or keep a restarted node out until every lock
+/// it held has expired, to keep the guarantee through restarts.
+async fn fence(
+    shared: &Shared,
+    counter: &Arc<str>,
+    token: u64,
+    at_max: usize,
+    timeout: Duration,
+) -> Result<Option<u64>> {
+    if at_max >= shared.quorum {
+        return Ok(Some(token));
+    }
+    let mut round = Round::start(
+        shared
+            .nodes
+            .iter()
+            .map(|node| node.fence(counter.clone(), token, timeout)),
+    );
+    round.settle(shared.quorum, true, |done| *done == 1).await;
+    let verdict = round.verdict(shared.quorum, timeout);
+    round.finish_in_background();
+    match verdict? {
+        true => Ok(Some(token)),
+        false => Err(Error::Unavailable {
+            quorum: shared.quorum,
+            failures: Vec::new(),
+        }),
+    }
+}
+
+/// The highest token of the nodes that said yes, and how many returned it.
+fn highest_token(claims: &Round<Claim>) -> (u64, usize) {
+    let tokens = claims.replies.iter().filter_map(|(_, claim)| match claim {
+        Claim::Acquired { token } => Some(*token),
+        Claim::Held { .. } => None,
+    });
+    let highest = tokens.clone().max().unwrap_or(0);
+    (highest, tokens.filter(|t| *t == highest).count())
+}
+
 /// A background release of keys set with `value`.
 struct Cleanup {
     value: Arc<str>,
@@ -275,7 +354,7 @@ async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
 /// An acquisition round in flight. Dropped while armed (the `lock()` future
 /// was dropped), it releases whatever the round got, in the background.
 struct Attempt<'a> {
-    round: Option<Round<i64>>,
+    round: Option<Round<Claim>>,
     shared: &'a Arc<Shared>,
     key: &'a Arc<str>,
     value: &'a Arc<str>,
@@ -303,7 +382,7 @@ impl Drop for Attempt<'_> {
 /// quorum impossible; otherwise `Held`, with the time until enough of the
 /// held nodes expire for a quorum to be possible.
 fn acquire_error(
-    round: &mut Round<i64>,
+    round: &mut Round<Claim>,
     quorum: usize,
     timeout: Duration,
     elapsed: Duration,
@@ -320,11 +399,11 @@ fn acquire_error(
     let mut held: Vec<Option<Duration>> = round
         .replies
         .iter()
-        .filter(|(_, reply)| *reply != ACQUIRED)
-        .map(|(_, pttl)| match *pttl {
+        .filter_map(|(_, claim)| match *claim {
+            Claim::Acquired { .. } => None,
             // -1: the key has no expiry; -2: it vanished meanwhile.
-            -1 => None,
-            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+            Claim::Held { pttl: -1 } => Some(None),
+            Claim::Held { pttl } => Some(Some(Duration::from_millis(pttl.max(0) as u64))),
         })
         .collect();
     if held.is_empty() || failed + quorum > nodes {
@@ -345,7 +424,7 @@ fn acquire_error(
 /// timed out may still have been applied. A preset value is not released on
 /// failed nodes: the key there may be its rightful owner's.
 fn release_leftovers(
-    round: Round<i64>,
+    round: Round<Claim>,
     shared: &Arc<Shared>,
     key: &Arc<str>,
     value: &Arc<str>,
@@ -363,7 +442,7 @@ fn release_leftovers(
         let mut suspects = Vec::new();
         round
             .drain(|node, answer| match answer {
-                Some(reply) if *reply == ACQUIRED => suspects.push(node),
+                Some(Claim::Acquired { .. }) => suspects.push(node),
                 Some(_) => {}
                 None if !preset => suspects.push(node),
                 None => {}

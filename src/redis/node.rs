@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::ConnectionManager;
 
-use super::scripts::{ACQUIRE, EXTEND, RELEASE};
+use super::scripts::{ACQUIRE, EXTEND, FENCE, RELEASE};
 use crate::error::NodeError;
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -60,6 +60,15 @@ impl std::error::Error for TimedOut {}
 /// A command's answer from one node.
 pub(crate) type Reply<T> = Result<T, Failure>;
 
+/// One node's answer to an acquisition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Set, with the node's next fencing token for the name.
+    Acquired { token: u64 },
+    /// Taken; the key's `PTTL` (`-1`: no expiry, `-2`: gone meanwhile).
+    Held { pttl: i64 },
+}
+
 impl Node {
     pub(crate) fn new(label: String, conn: ConnectionManager) -> Self {
         Node {
@@ -72,23 +81,46 @@ impl Node {
         &self.label
     }
 
-    /// `ACQUIRE`: [`ACQUIRED`](super::scripts::ACQUIRED) or the holder's
-    /// `PTTL`.
+    /// `ACQUIRE` on the lock key and its fencing counter.
     pub(crate) fn acquire(
         &self,
-        key: Arc<str>,
+        keys: [Arc<str>; 2],
         value: Arc<str>,
         expiry: Duration,
         timeout: Duration,
-    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+    ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
         let px = millis(expiry);
         self.bounded(timeout, move |mut conn, resent| {
             let mut invocation = ACQUIRE.prepare_invoke();
             invocation
-                .key(&*key)
+                .key(&*keys[0])
+                .key(&*keys[1])
                 .arg(&*value)
                 .arg(px)
                 .arg(if resent { "1" } else { "0" });
+            async move {
+                let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
+                Ok(if set == 1 {
+                    Claim::Acquired {
+                        token: number.max(0) as u64,
+                    }
+                } else {
+                    Claim::Held { pttl: number }
+                })
+            }
+        })
+    }
+
+    /// `FENCE`: raises the counter to at least `token`.
+    pub(crate) fn fence(
+        &self,
+        counter: Arc<str>,
+        token: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        self.bounded(timeout, move |mut conn, _| {
+            let mut invocation = FENCE.prepare_invoke();
+            invocation.key(&*counter).arg(token);
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

@@ -5,30 +5,43 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Acquire: `SET key value NX PX expiry`, and if the key is taken, the
-/// holder's remaining time.
+/// Acquire: `SET key value NX PX expiry`; when set, the next fencing token
+/// of the name (`INCR` of its counter); when taken, the holder's remaining
+/// time.
 ///
-/// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms, `ARGV[3]` `1`
-/// when this is a resend after a dropped connection: then a key that
-/// already holds our value is ours (the first copy was applied).
-/// Returns `-3` when acquired, else the key's `PTTL` (`-1`: no expiry).
+/// `KEYS[1]` lock key, `KEYS[2]` fencing counter key; `ARGV[1]` value,
+/// `ARGV[2]` expiry in ms, `ARGV[3]` `1` when this is a resend after a
+/// dropped connection: then a key that already holds our value is ours (the
+/// first copy was applied) and the counter is read, not increased.
+/// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry).
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return -3
+    return {1, redis.call('INCR', KEYS[2])}
 end
 if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return -3
+    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
 end
-return redis.call('PTTL', KEYS[1])
+return {0, redis.call('PTTL', KEYS[1])}
 ",
     )
 });
 
-/// The reply of [`ACQUIRE`] that means the key was set.
-pub(crate) const ACQUIRED: i64 = -3;
+/// Raise a fencing counter to at least a token (never lower it).
+///
+/// `KEYS[1]` counter key, `ARGV[1]` token. Returns 1.
+pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+",
+    )
+});
 
 /// Release: delete the key only if it still holds our value.
 ///

@@ -371,6 +371,30 @@ impl<S: DistSync> Suite<S> {
     }
 }
 
+impl<S: DistSync> Suite<S> {
+    /// Where the backend issues fencing tokens, each acquisition of a name
+    /// gets a greater one than every earlier acquisition, on either handle.
+    pub async fn fencing_tokens_grow(&self) {
+        let name = unique("fence");
+        let options = self.patient().with_expiry(Duration::from_secs(30));
+        let mut last = None;
+        for i in 0..20 {
+            let sync = if i % 2 == 0 { &self.sync } else { &self.other };
+            let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+            assert_eq!(m.fencing_token(), None, "no token before lock");
+            m.lock().await.unwrap();
+            let Some(token) = m.fencing_token() else {
+                return; // this backend issues no tokens
+            };
+            if let Some(last) = last {
+                assert!(token > last, "token {token} after {last}");
+            }
+            last = Some(token);
+            m.unlock().await.unwrap();
+        }
+    }
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -385,7 +409,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases #[$attr] $suite;
             basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
             ownership_transfer cancel_while_waiting cancel_while_acquiring
-            extend_moves_until valid_until_expiry exhausted_tries);
+            extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow);
     };
     (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {
         $(

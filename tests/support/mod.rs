@@ -197,12 +197,34 @@ impl RedisNodes {
             .count()
     }
 
-    /// Total keys over the running, unpaused nodes.
+    /// On how many running, unpaused nodes `key` holds `value`.
+    pub fn count_value(&self, key: &str, value: &str) -> usize {
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some() && !s.paused)
+            .filter(|s| {
+                let current: Option<String> = redis::cmd("GET")
+                    .arg(key)
+                    .query(&mut s.connection())
+                    .expect("GET");
+                current.as_deref() == Some(value)
+            })
+            .count()
+    }
+
+    /// Lock keys over the running, unpaused nodes (fencing counters, which
+    /// are kept on purpose, are not counted).
     pub fn total_keys(&self) -> u64 {
         self.servers
             .iter()
             .filter(|s| s.child.is_some() && !s.paused)
-            .map(RedisServer::dbsize)
+            .map(|s| {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("*")
+                    .query(&mut s.connection())
+                    .expect("KEYS");
+                keys.iter().filter(|k| !k.contains('\u{1f}')).count() as u64
+            })
             .sum()
     }
 }
