@@ -692,3 +692,59 @@ async fn fencing_token_is_written_back_to_a_quorum() {
     assert!(token > 101, "token {token} went back");
     m.unlock().await.unwrap();
 }
+
+/// The number of subscribers of `channel` on a node.
+fn subscribers(server: &support::RedisServer, channel: &str) -> i64 {
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(&mut server.connection())
+        .unwrap();
+    reply.1
+}
+
+/// A waiter wakes on the release message, not after its retry delay (an
+/// hour here), also after its node's subscriber had to reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_release_messages() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(hour)
+        .with_retry_delay(hour)
+        .with_tries(3);
+    let name = unique("push");
+    let channel = format!("dsync:{name}\u{1f}released");
+    let mut a = sync.new_mutex(&name, options.clone()).unwrap();
+    a.lock().await.unwrap();
+    let mut b = sync.new_mutex(&name, options).unwrap();
+    let waiter = tokio::spawn(async move {
+        b.lock().await.unwrap();
+        b
+    });
+    eventually(
+        Duration::from_secs(10),
+        "b subscribed on every node",
+        async || nodes.servers.iter().all(|s| subscribers(s, &channel) == 1),
+    )
+    .await;
+    // A node restarts (a still holds the other two): its subscriber
+    // reconnects and subscribes again.
+    nodes.servers[2].restart();
+    eventually(Duration::from_secs(10), "b subscribed again", async || {
+        subscribers(&nodes.servers[2], &channel) == 1
+    })
+    .await;
+    a.unlock().await.unwrap();
+    let mut b = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("woken by the release, not by the hour-long retry delay")
+        .unwrap();
+    b.unlock().await.unwrap();
+    // Nobody waits any more: the subscriptions are gone.
+    eventually(Duration::from_secs(10), "unsubscribed", async || {
+        nodes.servers.iter().all(|s| subscribers(s, &channel) == 0)
+    })
+    .await;
+}

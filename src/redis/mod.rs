@@ -47,6 +47,7 @@ mod mutex;
 mod node;
 mod quorum;
 mod scripts;
+mod wakeups;
 
 use std::fmt;
 use std::sync::Arc;
@@ -64,8 +65,11 @@ use crate::sync::{DistSync, validate_name};
 /// The Redis backend: [`DistSync`] over one or more independent masters.
 ///
 /// Each node gets one multiplexed connection that reconnects on its own
-/// (redis-rs `ConnectionManager`), shared by every mutex; none is opened per
-/// lock. Connections are made lazily, so a node that is down at start-up is
+/// (redis-rs `ConnectionManager`), shared by every mutex, and one
+/// subscriber connection for release messages; none is opened per lock.
+/// A waiting `lock` wakes on a release message, on the holder's expiry, or
+/// after its retry delay, whichever comes first; each release wakes one
+/// waiter of the process, first come first served. Connections are made lazily, so a node that is down at start-up is
 /// not an error: it is used once it comes back, and locks succeed meanwhile
 /// as long as a quorum of the others answers.
 ///
@@ -96,6 +100,7 @@ pub struct RedisSync {
 
 pub(crate) struct Shared {
     nodes: Vec<Node>,
+    wakeups: Arc<wakeups::Wakeups>,
     quorum: usize,
     key_prefix: String,
     separator: String,
@@ -309,9 +314,10 @@ impl RedisSyncBuilder {
             .set_response_timeout(None)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let mut nodes = Vec::with_capacity(self.nodes.len());
-        for client in self.nodes {
-            let client = client?;
+        let clients = self.nodes.into_iter().collect::<Result<Vec<_>>>()?;
+        let wakeups = Arc::new(wakeups::Wakeups::start(&clients));
+        let mut nodes = Vec::with_capacity(clients.len());
+        for client in clients {
             let label = client.get_connection_info().addr().to_string();
             let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
                 .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;
@@ -321,6 +327,7 @@ impl RedisSyncBuilder {
             shared: Arc::new(Shared {
                 quorum: quorum::quorum(nodes.len()),
                 nodes,
+                wakeups,
                 key_prefix: self.key_prefix.unwrap_or_else(|| "dsync:".to_owned()),
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
                 set_nx_on_extend: self.set_nx_on_extend,

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::node::Claim;
 use super::quorum::Round;
+use super::wakeups::Watch;
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
@@ -44,6 +45,8 @@ pub struct RedisMutex {
     key: Arc<str>,
     /// The key of the name's fencing counter.
     counter: Arc<str>,
+    /// The channel on which releases are published.
+    channel: Arc<str>,
     options: DistMutexOptions,
     /// Empty until acquired, unless preset.
     value: Arc<str>,
@@ -57,6 +60,11 @@ pub struct RedisMutex {
 /// Appended to a lock's key to name its fencing counter. Names cannot hold
 /// control characters, so no lock key ends this way.
 const COUNTER_SUFFIX: &str = "\u{1f}fence";
+
+/// The channel on which releases of the lock at `key` are published.
+fn release_channel(key: &str) -> Arc<str> {
+    format!("{key}\u{1f}released").into()
+}
 
 impl fmt::Debug for RedisMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,6 +83,7 @@ impl RedisMutex {
             shared,
             name: name.to_owned(),
             counter: format!("{key}{COUNTER_SUFFIX}").into(),
+            channel: release_channel(&key),
             key: key.into(),
             value: options.value().unwrap_or_default().into(),
             options,
@@ -123,10 +132,16 @@ impl DistMutex for RedisMutex {
         let quorum = self.shared.quorum;
         // How long the holder keeps the name, as its nodes told us.
         let mut holder_left = Duration::MAX;
+        // Release messages, once the name was found held.
+        let mut watch: Option<Watch> = None;
         let mut last_error = None;
         for attempt in 0..self.options.tries() {
             if attempt > 0 {
-                tokio::time::sleep(self.options.delay(attempt).min(holder_left)).await;
+                let wait = self.options.delay(attempt).min(holder_left);
+                match &watch {
+                    Some(watch) => watch.wait(wait).await,
+                    None => tokio::time::sleep(wait).await,
+                }
             }
             let value: Arc<str> = self.options.gen_value()?.into();
             wait_for_cleanup(&mut self.cleanup, &value).await;
@@ -177,6 +192,9 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
+            if matches!(error, Error::Held { .. }) && watch.is_none() {
+                watch = Some(self.shared.wakeups.watch(&self.channel));
+            }
             self.cleanup =
                 release_leftovers(round, &self.shared, &self.key, &value, preset, timeout);
             last_error = Some(error);
@@ -191,12 +209,14 @@ impl DistMutex for RedisMutex {
         wait_for_cleanup(&mut self.cleanup, &self.value).await;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
-        let mut round = Round::start(
-            self.shared
-                .nodes
-                .iter()
-                .map(|node| node.release(self.key.clone(), self.value.clone(), timeout)),
-        );
+        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
+            node.release(
+                self.key.clone(),
+                self.value.clone(),
+                Some(self.channel.clone()),
+                timeout,
+            )
+        }));
         round
             .settle(quorum, self.shared.fail_fast, |deleted| *deleted == 1)
             .await;
@@ -448,10 +468,11 @@ fn release_leftovers(
                 None => {}
             })
             .await;
+        // Not announced: nobody held this lock, so nobody waits for it.
         join_all(
             suspects
                 .into_iter()
-                .map(|i| shared.nodes[i].release(key.clone(), value.clone(), timeout)),
+                .map(|i| shared.nodes[i].release(key.clone(), value.clone(), None, timeout)),
         )
         .await;
     });

@@ -125,16 +125,21 @@ impl Node {
         })
     }
 
-    /// `RELEASE`: 1 if our key was deleted.
+    /// `RELEASE`: 1 if our key was deleted (and its waiters told on
+    /// `channel`, if given).
     pub(crate) fn release(
         &self,
         key: Arc<str>,
         value: Arc<str>,
+        channel: Option<Arc<str>>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
             let mut invocation = RELEASE.prepare_invoke();
-            invocation.key(&*key).arg(&*value);
+            invocation
+                .key(&*key)
+                .arg(&*value)
+                .arg(channel.as_deref().unwrap_or(""));
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

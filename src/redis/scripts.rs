@@ -43,14 +43,21 @@ return 1
     )
 });
 
-/// Release: delete the key only if it still holds our value.
+/// Release: delete the key only if it still holds our value, and tell the
+/// name's waiters (the message is the released value, so that waiters can
+/// count one release once, however many nodes announce it).
 ///
-/// `KEYS[1]` key, `ARGV[1]` value. Returns 1 if deleted, else 0.
+/// `KEYS[1]` key; `ARGV[1]` value, `ARGV[2]` the name's release channel
+/// (empty: nobody to tell). Returns 1 if deleted, else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    if ARGV[2] ~= '' then
+        redis.call('PUBLISH', ARGV[2], ARGV[1])
+    end
+    return 1
 end
 return 0
 ",
