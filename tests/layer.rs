@@ -59,6 +59,15 @@ fn layer<D: DistSync>(backend: &Backend<D>) -> DistLockLayer<Counting<D>, Header
         .wait(Duration::from_secs(30))
 }
 
+/// A response body that streams what the test sends on the channel.
+fn channel_body(rx: mpsc::UnboundedReceiver<Bytes>) -> Body {
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+    }))
+}
+
 fn held(request: &Request) -> HeldLock {
     request
         .extensions()
@@ -203,12 +212,7 @@ async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>
             get(move |request: Request| async move {
                 held_tx.send(held(&request)).unwrap();
                 let rx = chunks_rx.lock().unwrap().take().expect("one stream");
-                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                    rx.recv()
-                        .await
-                        .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
-                });
-                Body::from_stream(stream)
+                channel_body(rx)
             }),
         )
         .route("/quick", get(|| async { "quick" }))
@@ -531,12 +535,7 @@ async fn release_on_head<D: DistSync>(backend: Backend<D>) {
             "/stream",
             get(move || async move {
                 let rx = chunks_rx.lock().unwrap().take().expect("one stream");
-                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                    rx.recv()
-                        .await
-                        .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
-                });
-                Body::from_stream(stream)
+                channel_body(rx)
             }),
         )
         .route("/quick", get(|| async { "quick" }))

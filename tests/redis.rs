@@ -143,9 +143,7 @@ async fn paused_node_is_bounded_by_the_node_timeout() {
     let name = unique("paused");
     let key = format!("dsync:{name}");
     // Connect to every node first, so the pause hits open connections.
-    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
-    warm.lock().await.unwrap();
-    warm.unlock().await.unwrap();
+    warm(&sync).await;
 
     nodes.servers[2].pause();
     let mut m = sync.new_mutex(&name, options).unwrap();
@@ -217,9 +215,7 @@ async fn dropped_lock_leaves_no_key() {
     let mut nodes = RedisNodes::start(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
-    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
-    warm.lock().await.unwrap();
-    warm.unlock().await.unwrap();
+    warm(&sync).await;
 
     for round in 0..20 {
         let name = unique("dropped");
@@ -304,9 +300,7 @@ async fn dead_and_silent_backends() {
         .with_expiry(Duration::from_secs(2))
         .with_timeout_factor(0.1)
         .with_tries(1);
-    let mut warm = sync.new_mutex(&unique("warm"), options.clone()).unwrap();
-    warm.lock().await.unwrap();
-    warm.unlock().await.unwrap();
+    warm(&sync).await;
 
     for server in &mut nodes.servers {
         server.pause();
