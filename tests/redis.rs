@@ -742,3 +742,68 @@ async fn waiters_wake_on_release_messages() {
     })
     .await;
 }
+
+/// A release right after a waiter was refused is not missed, whatever the
+/// interleaving with the waiter's subscription (its retry delay and the
+/// expiry are an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_during_subscription_is_not_missed() {
+    let nodes = RedisNodes::start(1);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(hour)
+        .with_retry_delay(hour)
+        .with_tries(3);
+    for round in 0..30u32 {
+        let name = unique("race");
+        let mut a = sync.new_mutex(&name, options.clone()).unwrap();
+        a.lock().await.unwrap();
+        let mut b = sync.new_mutex(&name, options.clone()).unwrap();
+        let waiter = tokio::spawn(async move {
+            b.lock().await.unwrap();
+            b
+        });
+        for _ in 0..round % 6 {
+            tokio::task::yield_now().await;
+        }
+        a.unlock().await.unwrap();
+        let mut b = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the release woke the waiter")
+            .unwrap();
+        b.unlock().await.unwrap();
+    }
+}
+
+/// With a preset value, a resend after a dropped connection still draws a
+/// new fencing token: two acquisitions never share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resend_draws_a_new_token() {
+    let nodes = RedisNodes::start(1);
+    let (one, two) = (
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    );
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_timeout_factor(0.5)
+        .with_value("shared-value")
+        .with_tries(1);
+    let name = unique("resend");
+    let mut first = one.new_mutex(&name, options.clone()).unwrap();
+    first.lock().await.unwrap();
+    let mut second = two.new_mutex(&name, options).unwrap();
+    let _ = second.valid().await; // opens the second handle's connection
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query(&mut nodes.servers[0].connection())
+        .unwrap();
+    if second.lock().await.is_ok() {
+        assert!(second.fencing_token() > first.fencing_token());
+    }
+}

@@ -134,15 +134,22 @@ impl DistMutex for RedisMutex {
         let mut holder_left = Duration::MAX;
         // Release messages, once the name was found held.
         let mut watch: Option<Watch> = None;
+        let tries = self.options.tries();
+        // Attempts made, and whether the next one goes at once (uncounted):
+        // a release while the subscription was being set up is not missed.
+        let mut made = 0;
+        let mut retry_now = false;
         let mut last_error = None;
-        for attempt in 0..self.options.tries() {
-            if attempt > 0 {
-                let wait = self.options.delay(attempt).min(holder_left);
-                match &watch {
+        while made < tries || retry_now {
+            if made > 0 && !retry_now {
+                let wait = self.options.delay(made).min(holder_left);
+                match &mut watch {
                     Some(watch) => watch.wait(wait).await,
                     None => tokio::time::sleep(wait).await,
                 }
             }
+            made += u32::from(!retry_now);
+            retry_now = false;
             let value: Arc<str> = self.options.gen_value()?.into();
             wait_for_cleanup(&mut self.cleanup, &value).await;
             let start = Instant::now();
@@ -175,6 +182,9 @@ impl DistMutex for RedisMutex {
             };
             let mut round = attempt.round.take().expect("armed");
             drop(attempt);
+            if let Some(watch) = &mut watch {
+                watch.settled();
+            }
             let error = match (fenced, validity_end(&self.options, start)) {
                 (Ok(Some(token)), Some(until)) => {
                     round.finish_in_background();
@@ -192,8 +202,9 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
-            if matches!(error, Error::Held { .. }) && watch.is_none() {
-                watch = Some(self.shared.wakeups.watch(&self.channel));
+            if matches!(error, Error::Held { .. }) && watch.is_none() && made < tries {
+                watch = Some(self.shared.wakeups.watch(&self.channel, timeout).await);
+                retry_now = true;
             }
             self.cleanup =
                 release_leftovers(round, &self.shared, &self.key, &value, preset, timeout);
@@ -209,11 +220,12 @@ impl DistMutex for RedisMutex {
         wait_for_cleanup(&mut self.cleanup, &self.value).await;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
+        let nonce = rand::random::<u64>();
         let mut round = Round::start(self.shared.nodes.iter().map(|node| {
             node.release(
                 self.key.clone(),
                 self.value.clone(),
-                Some(self.channel.clone()),
+                Some((self.channel.clone(), nonce)),
                 timeout,
             )
         }));
@@ -309,11 +321,17 @@ fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
 /// `t`.
 ///
 /// The argument assumes nodes keep their counters. A node that restarts
-/// empty restarts its counter at zero; tokens still grow as long as the
-/// other nodes of every quorum kept theirs (one empty restart among three
-/// nodes is covered, since every live node receives the `FENCE`). Run nodes
-/// with `appendfsync always`, or keep a restarted node out until every lock
-/// it held has expired, to keep the guarantee through restarts.
+/// empty restarts its counter at zero, and the overlap may then fall on it:
+/// for example, a partitioned node misses acquisitions while the others
+/// reach 10, then one of those restarts empty, and a quorum of those two
+/// returns 1. Run nodes with `appendfsync always`, or keep a restarted node
+/// out until every lock it held has expired and it has been fenced anew, to
+/// keep the guarantee through restarts.
+///
+/// An `extend` that re-creates a lost key (`set_nx_on_extend`) keeps the
+/// acquisition's token; if another owner took the name meanwhile, that
+/// owner's token is higher, and the resource rejects the older one, which
+/// is the safe outcome.
 async fn fence(
     shared: &Shared,
     counter: &Arc<str>,
@@ -468,12 +486,12 @@ fn release_leftovers(
                 None => {}
             })
             .await;
-        // Not announced: nobody held this lock, so nobody waits for it.
-        join_all(
-            suspects
-                .into_iter()
-                .map(|i| shared.nodes[i].release(key.clone(), value.clone(), None, timeout)),
-        )
+        // Announced: contenders refused because of these keys may retry.
+        let (channel, nonce) = (release_channel(&key), rand::random::<u64>());
+        join_all(suspects.into_iter().map(|i| {
+            let announce = Some((channel.clone(), nonce));
+            shared.nodes[i].release(key.clone(), value.clone(), announce, timeout)
+        }))
         .await;
     });
     Some(Cleanup {

@@ -125,21 +125,23 @@ impl Node {
         })
     }
 
-    /// `RELEASE`: 1 if our key was deleted (and its waiters told on
-    /// `channel`, if given).
+    /// `RELEASE`: 1 if our key was deleted, and then the waiters told on
+    /// `announce`'s channel with its nonce (the same on every node, unique
+    /// per release).
     pub(crate) fn release(
         &self,
         key: Arc<str>,
         value: Arc<str>,
-        channel: Option<Arc<str>>,
+        announce: Option<(Arc<str>, u64)>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
+            let (channel, nonce) = match &announce {
+                Some((channel, nonce)) => (&**channel, *nonce),
+                None => ("", 0),
+            };
             let mut invocation = RELEASE.prepare_invoke();
-            invocation
-                .key(&*key)
-                .arg(&*value)
-                .arg(channel.as_deref().unwrap_or(""));
+            invocation.key(&*key).arg(&*value).arg(channel).arg(nonce);
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

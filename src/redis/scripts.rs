@@ -12,7 +12,8 @@ use redis::Script;
 /// `KEYS[1]` lock key, `KEYS[2]` fencing counter key; `ARGV[1]` value,
 /// `ARGV[2]` expiry in ms, `ARGV[3]` `1` when this is a resend after a
 /// dropped connection: then a key that already holds our value is ours (the
-/// first copy was applied) and the counter is read, not increased.
+/// first copy was applied); the counter is increased all the same, since
+/// the key may be an earlier acquisition's with the same preset value.
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry).
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -22,7 +23,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+    return {1, redis.call('INCR', KEYS[2])}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 ",
@@ -44,18 +45,20 @@ return 1
 });
 
 /// Release: delete the key only if it still holds our value, and tell the
-/// name's waiters (the message is the released value, so that waiters can
-/// count one release once, however many nodes announce it).
+/// name's waiters. The message is a nonce chosen per release, the same on
+/// every node, so that waiters count one release once, however many nodes
+/// announce it.
 ///
 /// `KEYS[1]` key; `ARGV[1]` value, `ARGV[2]` the name's release channel
-/// (empty: nobody to tell). Returns 1 if deleted, else 0.
+/// (empty: nobody to tell), `ARGV[3]` the nonce. Returns 1 if deleted,
+/// else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     if ARGV[2] ~= '' then
-        redis.call('PUBLISH', ARGV[2], ARGV[1])
+        redis.call('PUBLISH', ARGV[2], ARGV[3])
     end
     return 1
 end
