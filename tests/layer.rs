@@ -906,3 +906,35 @@ async fn aborted_stream_ends_for_good() {
         assert!(http_body::Body::is_end_stream(&*body));
     }
 }
+
+/// `max_hold` bounds how long a request keeps its lock: past it the lock
+/// is no longer extended and the handler is told it is lost; the key then
+/// frees up when the lock expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_hold_bounds_a_request() {
+    let sync = MemorySync::new();
+    let options = DistMutexOptions::default().with_expiry(Duration::from_millis(600));
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(options)
+        .max_hold(Duration::from_millis(300));
+    let service = tower::ServiceBuilder::new().layer(layer).service_fn(
+        |request: http::Request<()>| async move {
+            let lock = request.extensions().get::<HeldLock>().cloned().unwrap();
+            lock.lost().await;
+            let text = if lock.is_lost() { "lost" } else { "released" };
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                text,
+            ))))
+        },
+    );
+    let request = http::Request::get("/")
+        .header(KEY, "hold")
+        .body(())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), service.oneshot(request))
+        .await
+        .expect("the hold was cut")
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "lost");
+}

@@ -97,6 +97,9 @@ pub(crate) async fn acquire<D: DistSync>(
         interval: shared.extend_every,
         release_timeout: shared.options.expiry(),
         on_lost,
+        hold_until: shared
+            .max_hold
+            .and_then(|limit| Instant::now().checked_add(limit)),
     }
     .spawn();
     Ok(Holding { guard, held, lost })

@@ -42,6 +42,8 @@ pub(crate) struct Keeper<M> {
     pub(crate) release_timeout: Duration,
     /// Told when an extension fails (the abort option listens).
     pub(crate) on_lost: Option<oneshot::Sender<()>>,
+    /// No extension past this instant: the lock is then given up as lost.
+    pub(crate) hold_until: Option<Instant>,
 }
 
 impl<M: DistMutex> Keeper<M> {
@@ -63,8 +65,13 @@ impl<M: DistMutex> Keeper<M> {
             tokio::select! {
                 biased;
                 _ = &mut release => break,
-                () = sleep_until(next), if !lost => {
-                    match self.mutex.extend().await {
+                () = sleep_until(self.hold_until.map_or(next, |end| next.min(end))), if !lost => {
+                    let extended = if self.hold_until.is_some_and(|end| Instant::now() >= end) {
+                        Err("held longer than max_hold".to_owned())
+                    } else {
+                        self.mutex.extend().await.map_err(|e| e.to_string())
+                    };
+                    match extended {
                         Ok(()) => {
                             let until = self.mutex.until();
                             self.place.set_holder_until(until);
@@ -73,7 +80,7 @@ impl<M: DistMutex> Keeper<M> {
                             next = Instant::now() + self.interval;
                         }
                         Err(error) => {
-                            tracing::warn!(name = self.mutex.name(), %error, "lock lost: extend failed");
+                            tracing::warn!(name = self.mutex.name(), %error, "lock lost: not extended");
                             lost = true;
                             self.state.send_modify(|s| s.lost = true);
                             if let Some(tell) = self.on_lost.take() {

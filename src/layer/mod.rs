@@ -163,6 +163,7 @@ pub struct DistLockLayer<D: DistSync, K> {
     release: ReleaseOn,
     lost: OnLost,
     extend_every: Option<Duration>,
+    max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,
 }
@@ -179,6 +180,7 @@ impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
             release: self.release,
             lost: self.lost,
             extend_every: self.extend_every,
+            max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
         }
@@ -196,6 +198,7 @@ impl<D: DistSync, K> fmt::Debug for DistLockLayer<D, K> {
             .field("release", &self.release)
             .field("lost", &self.lost)
             .field("extend_every", &self.extend_every)
+            .field("max_hold", &self.max_hold)
             .finish_non_exhaustive()
     }
 }
@@ -217,6 +220,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             release: ReleaseOn::default(),
             lost: OnLost::default(),
             extend_every: None,
+            max_hold: None,
             mapper: None,
             queues: Arc::default(),
         }
@@ -266,6 +270,25 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     /// before it expires.
     pub fn extend_every(mut self, interval: Duration) -> Self {
         self.extend_every = Some(interval);
+        self
+    }
+
+    /// The longest a request may keep its lock (default: as long as it is
+    /// in flight). Past it the lock is no longer extended and is reported
+    /// lost (with [`OnLost::Abort`], the request is cut short); it then
+    /// expires at the end of its validity. This bounds what a client that
+    /// never finishes reading a streaming response can hold.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_dsync::{DistLockLayer, MemorySync};
+    /// use tower_dsync::layer::HeaderKey;
+    ///
+    /// let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new("x-id"))
+    ///     .max_hold(Duration::from_secs(300));
+    /// ```
+    pub fn max_hold(mut self, limit: Duration) -> Self {
+        self.max_hold = Some(limit);
         self
     }
 
@@ -334,6 +357,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             release_on_head: self.release == ReleaseOn::Head,
             abort_on_lost: self.lost == OnLost::Abort,
             extend_every,
+            max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
             misconfigured: self.validate().err().map(|e| e.to_string()),
@@ -363,6 +387,7 @@ pub(crate) struct Shared<D> {
     release_on_head: bool,
     abort_on_lost: bool,
     extend_every: Duration,
+    max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,
     /// Why the configuration is invalid, if it is.
