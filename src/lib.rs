@@ -79,6 +79,7 @@ mod error;
 pub mod layer;
 mod memory;
 mod options;
+mod queue;
 #[cfg(feature = "redis")]
 mod redis;
 mod sync;

@@ -3,14 +3,13 @@
 //! and releases the lock when the request lets go of its guard.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 
 use super::held::State;
-use super::queue::Place;
+use super::queue::{Holder, Place};
 use crate::error::Error;
 use crate::sync::DistMutex;
 
@@ -21,12 +20,12 @@ pub(crate) struct ReleaseGuard {
     _release: oneshot::Sender<()>,
     /// Tells this name's local queue, at once, that the release is under
     /// way (before the keeper task even runs).
-    releasing: Arc<AtomicBool>,
+    holder: Arc<Holder>,
 }
 
 impl Drop for ReleaseGuard {
     fn drop(&mut self) {
-        self.releasing.store(true, Ordering::Release);
+        self.holder.releasing();
     }
 }
 
@@ -50,11 +49,11 @@ impl<M: DistMutex> Keeper<M> {
     /// Starts the keeper; the lock lives until the guard is dropped.
     pub(crate) fn spawn(self) -> ReleaseGuard {
         let (release_tx, release_rx) = oneshot::channel();
-        let releasing = self.place.releasing_flag();
+        let holder = self.place.shared().clone();
         tokio::spawn(self.run(release_rx));
         ReleaseGuard {
             _release: release_tx,
-            releasing,
+            holder,
         }
     }
 
