@@ -13,8 +13,13 @@ use tokio::sync::OwnedMutexGuard;
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    /// Each name's gate and how many callers use it.
-    map: Mutex<HashMap<Arc<str>, (Gate<T>, usize)>>,
+    map: Mutex<HashMap<Arc<str>, Entry<T>>>,
+}
+
+/// A name's gate and how many callers use it.
+struct Entry<T> {
+    gate: Gate<T>,
+    users: usize,
 }
 
 /// One name's queue: a FIFO async mutex whose guard is the turn.
@@ -51,14 +56,17 @@ impl<T> fmt::Debug for LocalQueues<T> {
 impl<T> LocalQueues<T> {
     /// The number of names in use.
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn leave(&self, name: &str) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, users)) = map.get_mut(name) {
-            *users -= 1;
-            if *users == 0 {
+        if let Some(entry) = map.get_mut(name) {
+            entry.users -= 1;
+            if entry.users == 0 {
                 map.remove(name);
             }
         }
@@ -70,20 +78,18 @@ impl<T: Default> LocalQueues<T> {
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let (gate, users) = map.entry(name.clone()).or_insert_with(|| {
-            (
-                Gate {
-                    turn: Arc::default(),
-                    shared: Arc::default(),
-                },
-                0,
-            )
+        let entry = map.entry(name.clone()).or_insert_with(|| Entry {
+            gate: Gate {
+                turn: Arc::default(),
+                shared: Arc::default(),
+            },
+            users: 0,
         });
-        *users += 1;
+        entry.users += 1;
         Place {
             queues: self.clone(),
             name,
-            gate: gate.clone(),
+            gate: entry.gate.clone(),
         }
     }
 }

@@ -86,11 +86,11 @@ async fn waiter_takes_over_at_expiry() {
     assert_eq!(Instant::now() - start, expiry);
 }
 
-/// Waiters on one name are served in the order they arrived.
+/// Waiters on one name are served in the order they arrived, woken only
+/// by hand-offs (their retries are an hour apart).
 #[tokio::test(start_paused = true)]
-async fn waiters_are_served_fifo() {
+async fn waiters_are_served_fifo_by_hand_off() {
     let sync = MemorySync::new();
-    // Retries so far apart that only a hand-off can wake a waiter.
     let options = DistMutexOptions::default()
         .with_tries(u32::MAX)
         .with_retry_delay(Duration::from_secs(3600));
@@ -111,16 +111,21 @@ async fn waiters_are_served_fifo() {
             order_tx.send(i).unwrap();
             m.unlock().await.unwrap();
         });
-        // The next task is spawned only once this one is in the queue.
         queued_rx.recv().await.unwrap();
     }
     drop(order_tx);
+    let start = Instant::now();
     holder.unlock().await.unwrap();
     let mut order = Vec::new();
     while let Some(i) = order_rx.recv().await {
         order.push(i);
     }
     assert_eq!(order, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        Instant::now(),
+        start,
+        "no waiter waited for its retry delay"
+    );
 }
 
 /// A newcomer does not overtake a queued waiter when a lock expires.

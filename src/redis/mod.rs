@@ -68,8 +68,9 @@ use crate::sync::{DistSync, validate_name};
 /// (redis-rs `ConnectionManager`), shared by every mutex, and one
 /// subscriber connection for release messages; none is opened per lock.
 /// A waiting `lock` wakes on a release message, on the holder's expiry, or
-/// after its retry delay, whichever comes first; each release wakes one
-/// waiter of the process, first come first served. Connections are made lazily, so a node that is down at start-up is
+/// after its retry delay, whichever comes first. Waiters of one process line
+/// up per name, first come first served: only the first of them talks to
+/// the nodes. Connections are made lazily, so a node that is down at start-up is
 /// not an error: it is used once it comes back, and locks succeed meanwhile
 /// as long as a quorum of the others answers.
 ///
@@ -101,6 +102,8 @@ pub struct RedisSync {
 pub(crate) struct Shared {
     nodes: Vec<Node>,
     wakeups: Arc<wakeups::Wakeups>,
+    /// Waiters of this process, lined up per name.
+    queues: Arc<crate::queue::LocalQueues>,
     quorum: usize,
     key_prefix: String,
     separator: String,
@@ -328,6 +331,7 @@ impl RedisSyncBuilder {
                 quorum: quorum::quorum(nodes.len()),
                 nodes,
                 wakeups,
+                queues: Arc::default(),
                 key_prefix: self.key_prefix.unwrap_or_else(|| "dsync:".to_owned()),
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
                 set_nx_on_extend: self.set_nx_on_extend,

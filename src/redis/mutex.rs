@@ -29,6 +29,12 @@ use crate::sync::DistMutex;
 /// remove a later attempt's key; with a preset value, the next attempt
 /// waits for it instead.
 ///
+/// Callers of `lock` with more than one try line up per name within their
+/// `RedisSync`, first come first served, and only the first of them talks
+/// to the nodes; a caller waits in line at most `tries` times its first
+/// retry delay. Across processes, a waiter wakes on the release message of
+/// the holder (see [`RedisSync`](super::RedisSync)).
+///
 /// ```no_run
 /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 ///
@@ -130,11 +136,28 @@ impl DistMutex for RedisMutex {
         let expiry = self.options.expiry();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
+        let tries = self.options.tries();
+        // Callers that may wait line up per name in this process, first come
+        // first served: only the first talks to the nodes. A queued caller
+        // waits at most as long as its own tries would take.
+        let place = (tries > 1).then(|| self.shared.queues.join(self.key.clone()));
+        let _turn = match &place {
+            None => None,
+            Some(place) => match place.try_turn() {
+                Some(turn) => Some(turn),
+                None => {
+                    let budget = self.options.delay(1).saturating_mul(tries);
+                    match tokio::time::timeout(budget, place.wait()).await {
+                        Ok(turn) => Some(turn),
+                        Err(_) => return Err(Error::Held { remaining: None }),
+                    }
+                }
+            },
+        };
         // How long the holder keeps the name, as its nodes told us.
         let mut holder_left = Duration::MAX;
         // Release messages, once the name was found held.
         let mut watch: Option<Watch> = None;
-        let tries = self.options.tries();
         // Attempts made, and whether the next one goes at once (uncounted):
         // a release while the subscription was being set up is not missed.
         let mut made = 0;

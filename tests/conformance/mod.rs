@@ -395,6 +395,45 @@ impl<S: DistSync> Suite<S> {
     }
 }
 
+impl<S: DistSync> Suite<S> {
+    /// Waiters on one name in one process are served in the order they
+    /// started waiting.
+    pub async fn waiters_are_served_fifo(&self) {
+        let name = unique("fifo");
+        let options = self
+            .patient()
+            .with_expiry(Duration::from_secs(30))
+            .with_tries(u32::MAX);
+        let mut holder = self.mutex(&name, options.clone());
+        holder.lock().await.unwrap();
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (queued_tx, mut queued_rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..8 {
+            let mut m = self.mutex(&name, options.clone());
+            let (order_tx, queued_tx) = (order_tx.clone(), queued_tx.clone());
+            tokio::spawn(async move {
+                {
+                    let mut fut = pin!(m.lock());
+                    assert!(poll_once(fut.as_mut()).await.is_none());
+                    queued_tx.send(()).unwrap();
+                    fut.await.unwrap();
+                }
+                order_tx.send(i).unwrap();
+                m.unlock().await.unwrap();
+            });
+            // The next waiter starts only once this one waits.
+            queued_rx.recv().await.unwrap();
+        }
+        drop(order_tx);
+        holder.unlock().await.unwrap();
+        let mut order = Vec::new();
+        while let Some(i) = order_rx.recv().await {
+            order.push(i);
+        }
+        assert_eq!(order, (0..8).collect::<Vec<_>>());
+    }
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -409,7 +448,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases #[$attr] $suite;
             basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
             ownership_transfer cancel_while_waiting cancel_while_acquiring
-            extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow);
+            extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow
+            waiters_are_served_fifo);
     };
     (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {
         $(
