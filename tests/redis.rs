@@ -121,12 +121,7 @@ async fn five_nodes_minority_and_majority_down() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    eventually(
-        Duration::from_secs(10),
-        "no key left on the survivors",
-        async || nodes.count_key(&key) == 0,
-    )
-    .await;
+    no_key_left(&nodes, &key).await;
 }
 
 /// One of three nodes paused: `lock`, `extend` and `unlock` still succeed,
@@ -162,12 +157,7 @@ async fn paused_node_is_bounded_by_the_node_timeout() {
         );
     }
     nodes.servers[2].resume();
-    eventually(
-        Duration::from_secs(10),
-        "no key left anywhere",
-        async || nodes.count_key(&key) == 0,
-    )
-    .await;
+    no_key_left(&nodes, &key).await;
 }
 
 /// A node restarted empty gets the key back from `extend` with
@@ -260,12 +250,7 @@ async fn dropped_lock_leaves_no_key() {
         .await;
     }
     nodes.servers[1].resume();
-    eventually(
-        Duration::from_secs(10),
-        "no key left anywhere",
-        async || nodes.count_key(&key) == 0,
-    )
-    .await;
+    no_key_left(&nodes, &key).await;
 }
 
 /// A busy name reports the holder's remaining time from Redis.
@@ -443,6 +428,15 @@ fn generated_values_are_distinct_and_random() {
     // percent; a biased or truncated one does not.
     let share = ones as f64 / (10_000.0 * 128.0);
     assert!((share - 0.5).abs() < 0.005, "share of ones {share}");
+}
+
+/// Waits (bounded) until no node keeps `key`: releases run in the
+/// background.
+async fn no_key_left(nodes: &RedisNodes, key: &str) {
+    eventually(Duration::from_secs(10), "no key left", async || {
+        nodes.count_key(key) == 0
+    })
+    .await;
 }
 
 /// Warms every node's connection of `sync`.
