@@ -59,6 +59,17 @@ fn layer<D: DistSync>(backend: &Backend<D>) -> DistLockLayer<Counting<D>, Header
         .wait(Duration::from_secs(30))
 }
 
+/// Sends `GET path` with the key over a raw connection, which the test can
+/// drop or read to the end.
+async fn raw_get(server: &Server, path: &str, key: &str) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{KEY}: {key}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    socket
+}
+
 /// A response body that streams what the test sends on the channel.
 fn channel_body(rx: mpsc::UnboundedReceiver<Bytes>) -> Body {
     Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -269,11 +280,7 @@ async fn client_disconnect_frees_the_lock<D: DistSync>(backend: Backend<D>) {
             .wait(Duration::from_secs(20)),
     );
     let server = Server::start(app).await;
-    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    socket
-        .write_all(format!("GET /block HTTP/1.1\r\nhost: x\r\n{KEY}: gone\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let socket = raw_get(&server, "/block", "gone").await;
     let lock = entered.recv().await.unwrap();
     drop(socket);
     // The handler is dropped with the connection, and the lock released.
@@ -308,11 +315,7 @@ async fn panicking_handler_frees_the_lock<D: DistSync>(backend: Backend<D>) {
                 .wait(Duration::from_secs(20)),
         );
     let server = Server::start(app).await;
-    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    socket
-        .write_all(format!("GET /panic HTTP/1.1\r\nhost: x\r\n{KEY}: boom\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut socket = raw_get(&server, "/panic", "boom").await;
     let mut sink = Vec::new();
     let _ = socket.read_to_end(&mut sink).await; // the connection dies
     let client = HttpClient::default();

@@ -244,7 +244,7 @@ impl DistMutex for RedisMutex {
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let nonce = rand::random::<u64>();
-        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
+        let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.release(
                 self.key.clone(),
                 self.value.clone(),
@@ -252,12 +252,12 @@ impl DistMutex for RedisMutex {
                 timeout,
             )
         }));
-        round
-            .settle(quorum, self.shared.fail_fast, |deleted| *deleted == 1)
-            .await;
-        let verdict = round.verdict(quorum, timeout);
-        round.finish_in_background();
-        if !verdict? {
+        let deleted = round
+            .decide(quorum, self.shared.fail_fast, timeout, |deleted| {
+                *deleted == 1
+            })
+            .await?;
+        if !deleted {
             return Err(Error::NotAcquired);
         }
         self.until = None;
@@ -274,7 +274,7 @@ impl DistMutex for RedisMutex {
         let quorum = self.shared.quorum;
         let set_nx = self.shared.set_nx_on_extend;
         let start = Instant::now();
-        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
+        let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.extend(
                 self.key.clone(),
                 self.value.clone(),
@@ -283,12 +283,12 @@ impl DistMutex for RedisMutex {
                 timeout,
             )
         }));
-        round
-            .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
-            .await;
-        let verdict = round.verdict(quorum, timeout);
-        round.finish_in_background();
-        if !verdict? {
+        let extended = round
+            .decide(quorum, self.shared.fail_fast, timeout, |extended| {
+                *extended == 1
+            })
+            .await?;
+        if !extended {
             return Err(Error::NotAcquired);
         }
         let until = validity_end(&self.options, start).ok_or_else(|| Error::Timeout {
@@ -305,7 +305,7 @@ impl DistMutex for RedisMutex {
         }
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
-        let mut round = Round::start(
+        let round = Round::start(
             self.shared
                 .nodes
                 .iter()
@@ -313,13 +313,10 @@ impl DistMutex for RedisMutex {
         );
         let value = &*self.value;
         round
-            .settle(quorum, self.shared.fail_fast, |current| {
+            .decide(quorum, self.shared.fail_fast, timeout, |current| {
                 current.as_deref() == Some(value)
             })
-            .await;
-        let verdict = round.verdict(quorum, timeout);
-        round.finish_in_background();
-        verdict
+            .await
     }
 }
 
@@ -365,16 +362,16 @@ async fn fence(
     if at_max >= shared.quorum {
         return Ok(Some(token));
     }
-    let mut round = Round::start(
+    let round = Round::start(
         shared
             .nodes
             .iter()
             .map(|node| node.fence(counter.clone(), token, timeout)),
     );
-    round.settle(shared.quorum, true, |done| *done == 1).await;
-    let verdict = round.verdict(shared.quorum, timeout);
-    round.finish_in_background();
-    match verdict? {
+    match round
+        .decide(shared.quorum, true, timeout, |done| *done == 1)
+        .await?
+    {
         true => Ok(Some(token)),
         false => Err(Error::Unavailable {
             quorum: shared.quorum,

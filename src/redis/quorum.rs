@@ -90,6 +90,21 @@ impl<T: Send + 'static> Round<T> {
         self.nodes
     }
 
+    /// Runs the round to its quorum decision ([`verdict`](Self::verdict)),
+    /// then lets the commands still in flight finish in the background.
+    pub(crate) async fn decide(
+        mut self,
+        quorum: usize,
+        fail_fast: bool,
+        timeout: Duration,
+        is_yes: impl Fn(&T) -> bool,
+    ) -> Result<bool, Error> {
+        self.settle(quorum, fail_fast, is_yes).await;
+        let verdict = self.verdict(quorum, timeout);
+        self.finish_in_background();
+        verdict
+    }
+
     /// Lets the commands still in flight finish in the background, so that
     /// every node gets them even though the caller has decided.
     pub(crate) fn finish_in_background(self) {
