@@ -308,8 +308,10 @@ impl<S: DistSync> Suite<S> {
         let mut m = self.mutex(&name, self.once());
         m.lock().await.unwrap();
         let first = m.until().unwrap();
-        let before = Instant::now();
-        while Instant::now() == before {
+        // `until` subtracts each operation's own duration, so let more time
+        // pass than a slow extend could take over a fast lock.
+        let later = Instant::now() + self.expiry() / 10;
+        while Instant::now() < later {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         m.extend().await.unwrap();
