@@ -62,6 +62,12 @@ impl<T> LocalQueues<T> {
             .len()
     }
 
+    /// What the users of `name` share, while anyone uses it.
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<T>> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(name).map(|entry| entry.gate.shared.clone())
+    }
+
     fn leave(&self, name: &str) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = map.get_mut(name) {

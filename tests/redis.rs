@@ -682,17 +682,19 @@ async fn fencing_token_is_written_back_to_a_quorum() {
 }
 
 /// The number of subscribers of `channel` on a node.
-fn subscribers(server: &support::RedisServer, channel: &str) -> i64 {
-    let reply: (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
+fn wake_channels(server: &support::RedisServer) -> usize {
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("dsync:\u{1f}wake\u{1f}*")
         .query(&mut server.connection())
         .unwrap();
-    reply.1
+    channels.len()
 }
 
 /// A waiter wakes on the release message, not after its retry delay (an
-/// hour here), also after its node's subscriber had to reconnect.
+/// hour here), also after its node's subscriber had to reconnect; the
+/// process stays subscribed to its own wake-up channel, and leaves no
+/// entry in the wait queues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_on_release_messages() {
     let mut nodes = RedisNodes::start(3);
@@ -703,25 +705,31 @@ async fn waiters_wake_on_release_messages() {
         .with_retry_delay(hour)
         .with_tries(3);
     let name = unique("push");
-    let channel = format!("dsync:{name}\u{1f}released");
     let mut a = sync.new_mutex(&name, options.clone()).unwrap();
     a.lock().await.unwrap();
-    let mut b = sync.new_mutex(&name, options).unwrap();
+    let other = RedisSync::new(nodes.urls()).unwrap();
+    let mut b = other.new_mutex(&name, options).unwrap();
     let waiter = tokio::spawn(async move {
         b.lock().await.unwrap();
         b
     });
+    let queue = format!("dsync:{name}\u{1f}queue");
     eventually(
         Duration::from_secs(10),
-        "b subscribed on every node",
-        async || nodes.servers.iter().all(|s| subscribers(s, &channel) == 1),
+        "b subscribed and queued on every node",
+        async || {
+            nodes
+                .servers
+                .iter()
+                .all(|s| wake_channels(s) == 1 && s.exists(&queue))
+        },
     )
     .await;
     // A node restarts (a still holds the other two): its subscriber
     // reconnects and subscribes again.
     nodes.servers[2].restart();
     eventually(Duration::from_secs(10), "b subscribed again", async || {
-        subscribers(&nodes.servers[2], &channel) == 1
+        wake_channels(&nodes.servers[2]) == 1
     })
     .await;
     a.unlock().await.unwrap();
@@ -730,11 +738,11 @@ async fn waiters_wake_on_release_messages() {
         .expect("woken by the release, not by the hour-long retry delay")
         .unwrap();
     b.unlock().await.unwrap();
-    // Nobody waits any more: the subscriptions are gone.
-    eventually(Duration::from_secs(10), "unsubscribed", async || {
-        nodes.servers.iter().all(|s| subscribers(s, &channel) == 0)
-    })
-    .await;
+    assert_eq!(nodes.count_key(&queue), 0, "no entry left in the queues");
+    assert!(
+        nodes.servers.iter().all(|s| wake_channels(s) == 1),
+        "the process stays subscribed to its own channel"
+    );
 }
 
 /// A release right after a waiter was refused is not missed, whatever the
@@ -800,4 +808,165 @@ async fn resend_draws_a_new_token() {
     if second.lock().await.is_ok() {
         assert!(second.fencing_token() > first.fencing_token());
     }
+}
+
+/// Waits until the wall clock has moved to the next millisecond, so that
+/// the next waiter starts strictly later (the wait queues order processes
+/// by their waiters' starts, in ms).
+fn next_millisecond() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let start = now();
+    while now() == start {
+        std::hint::spin_loop();
+    }
+}
+
+/// Waiters of two processes are served in the order they started waiting,
+/// on one node and on three: the wait queue is honoured by the acquire
+/// script, and each release wakes the process first in line (the retry
+/// delay is an hour, so only wake-ups can serve them).
+async fn fifo_across_processes(nodes: usize) {
+    let nodes = RedisNodes::start(nodes);
+    let processes = [
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    ];
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(hour)
+        .with_tries(1000);
+    let name = unique("fifo-processes");
+    let mut holder = processes[0].new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let order = std::sync::Mutex::new(Vec::new());
+    // Waiters 0..8 alternate between the processes: 0 in the second
+    // process, 1 in the first, and so on.
+    let mut waiters = Vec::new();
+    for id in 0..8usize {
+        let mut mutex = processes[(id + 1) % 2]
+            .new_mutex(&name, options.clone())
+            .unwrap();
+        let order = &order;
+        waiters.push(Box::pin(async move {
+            mutex.lock().await.unwrap();
+            order.lock().unwrap().push(id);
+            mutex.unlock().await.unwrap();
+        }));
+    }
+    for waiter in &mut waiters {
+        next_millisecond();
+        assert!(poll_once(waiter.as_mut()).await.is_none(), "must wait");
+    }
+    holder.unlock().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(waiters),
+    )
+    .await
+    .expect("every waiter woken by a release");
+    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    let queue = format!("dsync:{name}\u{1f}queue");
+    assert_eq!(nodes.count_key(&queue), 0, "the queues are empty");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_fifo_across_processes_one_node() {
+    fifo_across_processes(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_fifo_across_processes_three_nodes() {
+    fifo_across_processes(3).await;
+}
+
+/// A try that does not wait (one try) does not jump the line: while another
+/// process waits for the name, a free lock is refused to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_does_not_jump_the_line() {
+    let nodes = RedisNodes::start(1);
+    let (first, second) = (
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    );
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(Duration::from_secs(3600))
+        .with_tries(1000);
+    let name = unique("no-jump");
+    let mut holder = first.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    // Connected beforehand: one poll of the waiter sends its attempt.
+    warm(&second).await;
+    let mut waiter = second.new_mutex(&name, options.clone()).unwrap();
+    let queue = format!("dsync:{name}\u{1f}queue");
+    {
+        let mut waiting = pin!(waiter.lock());
+        assert!(poll_once(waiting.as_mut()).await.is_none());
+        eventually(
+            Duration::from_secs(10),
+            "the waiter is queued",
+            async || nodes.count_key(&queue) == 1,
+        )
+        .await;
+        // Released while the waiter is not polled: the name is free on the
+        // node, but the waiter comes first.
+        holder.unlock().await.unwrap();
+        let mut intruder = first.new_mutex(&name, options.with_tries(1)).unwrap();
+        assert!(matches!(
+            intruder.lock().await,
+            Err(Error::Held { remaining: None })
+        ));
+        tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("the waiter was woken")
+            .unwrap();
+    }
+    waiter.unlock().await.unwrap();
+    assert_eq!(nodes.count_key(&queue), 0);
+}
+
+/// A process that died while first in line holds the others up for at most
+/// its entry's lease (one expiry), never forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
+    let nodes = RedisNodes::start(1);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let name = unique("ghost");
+    let (queue, leases) = (
+        format!("dsync:{name}\u{1f}queue"),
+        format!("dsync:{name}\u{1f}leases"),
+    );
+    // A "process" queued at time 0 with a lease of 300 ms from now, that
+    // will never come to take the lock.
+    let mut conn = nodes.servers[0].connection();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
+    let deadline = secs * 1000 + micros / 1000 + 300;
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(&queue)
+        .arg(0)
+        .arg("ghost")
+        .ignore()
+        .cmd("HSET")
+        .arg(&leases)
+        .arg("ghost")
+        .arg(deadline)
+        .ignore()
+        .query(&mut conn)
+        .unwrap();
+    let mut once = sync.new_mutex(&name, base_options().with_tries(1)).unwrap();
+    assert!(matches!(once.lock().await, Err(Error::Held { .. })));
+    let mut patient = sync
+        .new_mutex(&name, base_options().with_tries(10_000))
+        .unwrap();
+    patient.lock().await.expect("taken once the lease ran out");
+    patient.unlock().await.unwrap();
+    assert_eq!(nodes.count_key(&queue), 0, "the dead entry was dropped");
+    assert_eq!(nodes.count_key(&leases), 0);
 }

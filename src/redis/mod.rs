@@ -43,10 +43,12 @@
 //!   tokens keep growing through restarts; without, one empty node among
 //!   three is covered, two are not.
 
+mod keys;
 mod mutex;
 mod node;
 mod quorum;
 mod scripts;
+mod waiters;
 mod wakeups;
 
 use std::fmt;
@@ -101,9 +103,13 @@ pub struct RedisSync {
 
 pub(crate) struct Shared {
     nodes: Vec<Node>,
-    wakeups: Arc<wakeups::Wakeups>,
+    wakeups: wakeups::Wakeups,
     /// Waiters of this process, lined up per name.
-    queues: Arc<crate::queue::LocalQueues>,
+    queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
+    /// This process's id in the nodes' wait queues (random per `RedisSync`).
+    client_id: Arc<str>,
+    /// The wake-up channels' prefix; a process's id completes its channel.
+    wake_prefix: Arc<str>,
     quorum: usize,
     key_prefix: String,
     separator: String,
@@ -318,7 +324,15 @@ impl RedisSyncBuilder {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
         let clients = self.nodes.into_iter().collect::<Result<Vec<_>>>()?;
-        let wakeups = Arc::new(wakeups::Wakeups::start(&clients));
+        let key_prefix = self.key_prefix.unwrap_or_else(|| "dsync:".to_owned());
+        let client_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        let wake_prefix: Arc<str> = format!("{key_prefix}\u{1f}wake\u{1f}").into();
+        let queues = Arc::default();
+        let wakeups = wakeups::Wakeups::start(
+            &clients,
+            format!("{wake_prefix}{client_id}").into(),
+            Arc::downgrade(&queues),
+        );
         let mut nodes = Vec::with_capacity(clients.len());
         for client in clients {
             let label = client.get_connection_info().addr().to_string();
@@ -331,8 +345,10 @@ impl RedisSyncBuilder {
                 quorum: quorum::quorum(nodes.len()),
                 nodes,
                 wakeups,
-                queues: Arc::default(),
-                key_prefix: self.key_prefix.unwrap_or_else(|| "dsync:".to_owned()),
+                queues,
+                client_id,
+                wake_prefix,
+                key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
                 set_nx_on_extend: self.set_nx_on_extend,
                 fail_fast: self.fail_fast,

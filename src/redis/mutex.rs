@@ -9,9 +9,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::node::Claim;
+use super::keys::Keys;
+use super::node::{Claim, Lineup};
 use super::quorum::Round;
-use super::wakeups::Watch;
+use super::waiters::{Waiter, leave_queues};
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
@@ -48,11 +49,7 @@ use crate::sync::DistMutex;
 pub struct RedisMutex {
     shared: Arc<Shared>,
     name: String,
-    key: Arc<str>,
-    /// The key of the name's fencing counter.
-    counter: Arc<str>,
-    /// The channel on which releases are published.
-    channel: Arc<str>,
+    keys: Arc<Keys>,
     options: DistMutexOptions,
     /// Empty until acquired, unless preset.
     value: Arc<str>,
@@ -63,20 +60,11 @@ pub struct RedisMutex {
     cleanup: Option<Cleanup>,
 }
 
-/// Appended to a lock's key to name its fencing counter. Names cannot hold
-/// control characters, so no lock key ends this way.
-const COUNTER_SUFFIX: &str = "\u{1f}fence";
-
-/// The channel on which releases of the lock at `key` are published.
-fn release_channel(key: &str) -> Arc<str> {
-    format!("{key}\u{1f}released").into()
-}
-
 impl fmt::Debug for RedisMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisMutex")
             .field("name", &self.name)
-            .field("key", &self.key)
+            .field("key", &self.keys.lock)
             .field("until", &self.until)
             .finish_non_exhaustive()
     }
@@ -84,13 +72,11 @@ impl fmt::Debug for RedisMutex {
 
 impl RedisMutex {
     pub(super) fn new(shared: Arc<Shared>, name: &str, options: DistMutexOptions) -> Self {
-        let key = format!("{}{}", shared.key_prefix, name);
+        let keys = Arc::new(Keys::new(format!("{}{}", shared.key_prefix, name)));
         RedisMutex {
             shared,
             name: name.to_owned(),
-            counter: format!("{key}{COUNTER_SUFFIX}").into(),
-            channel: release_channel(&key),
-            key: key.into(),
+            keys,
             value: options.value().unwrap_or_default().into(),
             options,
             until: None,
@@ -110,7 +96,7 @@ impl RedisMutex {
     /// # Ok(()) }
     /// ```
     pub fn key(&self) -> &str {
-        &self.key
+        &self.keys.lock
     }
 }
 
@@ -138,54 +124,69 @@ impl DistMutex for RedisMutex {
         let quorum = self.shared.quorum;
         let tries = self.options.tries();
         // Callers that may wait line up per name in this process, first come
-        // first served: only the first talks to the nodes. A queued caller
-        // waits at most as long as its own tries would take.
-        let place = (tries > 1).then(|| self.shared.queues.join(self.key.clone()));
-        let _turn = match &place {
+        // first served: only the first talks to the nodes, and the process
+        // takes its place in the nodes' wait queues. A queued caller waits
+        // at most as long as its own tries would take.
+        let mut waiter = (tries > 1).then(|| Waiter::join(&self.shared, &self.keys, timeout));
+        let _turn = match &waiter {
             None => None,
-            Some(place) => match place.try_turn() {
-                Some(turn) => Some(turn),
-                None => {
-                    let budget = self.options.delay(1).saturating_mul(tries);
-                    match tokio::time::timeout(budget, place.wait()).await {
-                        Ok(turn) => Some(turn),
-                        Err(_) => return Err(Error::Held { remaining: None }),
-                    }
+            Some(waiter) => {
+                let budget = || self.options.delay(1).saturating_mul(tries);
+                match waiter.turn(budget).await {
+                    Some(turn) => Some(turn),
+                    None => return Err(Error::Held { remaining: None }),
                 }
-            },
+            }
         };
+        // An entry in the wait queues is kept for one expiry without a
+        // renewal; a waiter renews it at least twice as often.
+        let lease = expiry;
         // How long the holder keeps the name, as its nodes told us.
         let mut holder_left = Duration::MAX;
-        // Release messages, once the name was found held.
-        let mut watch: Option<Watch> = None;
         // Attempts made, and whether the next one goes at once (uncounted):
         // a release while the subscription was being set up is not missed.
+        // A waiter whose place an earlier acquisition of this process
+        // queued waits for its wake-up first.
         let mut made = 0;
         let mut retry_now = false;
+        let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut last_error = None;
         while made < tries || retry_now {
-            if made > 0 && !retry_now {
-                let wait = self.options.delay(made).min(holder_left);
-                match &mut watch {
-                    Some(watch) => watch.wait(wait).await,
+            if (made > 0 && !retry_now) || wait_first {
+                let wait = self
+                    .options
+                    .delay(made.max(1))
+                    .min(holder_left)
+                    .min(lease / 2);
+                match &mut waiter {
+                    Some(waiter) => waiter.wait(wait).await,
                     None => tokio::time::sleep(wait).await,
                 }
+                wait_first = false;
             }
             made += u32::from(!retry_now);
             retry_now = false;
             let value: Arc<str> = self.options.gen_value()?.into();
             wait_for_cleanup(&mut self.cleanup, &value).await;
+            let subscribed = self.shared.wakeups.subscribed();
+            let lineup = waiter.as_ref().map(|waiter| waiter.lineup(lease));
             let start = Instant::now();
-            let keys = [self.key.clone(), self.counter.clone()];
             let mut attempt = Attempt {
                 round: Some(Round::start(self.shared.nodes.iter().map(|node| {
-                    node.acquire(keys.clone(), value.clone(), expiry, timeout)
+                    node.acquire(
+                        self.keys.clone(),
+                        value.clone(),
+                        expiry,
+                        lineup.clone(),
+                        timeout,
+                    )
                 }))),
                 shared: &self.shared,
-                key: &self.key,
+                keys: &self.keys,
                 value: &value,
                 preset,
                 timeout,
+                lineup: lineup.as_ref(),
                 cleanup: &mut self.cleanup,
             };
             let claims = attempt.round.as_mut().expect("armed");
@@ -199,18 +200,21 @@ impl DistMutex for RedisMutex {
             let highest = (claims.yes >= quorum).then(|| highest_token(claims));
             let fenced = match highest {
                 Some((token, at_max)) => {
-                    fence(&self.shared, &self.counter, token, at_max, timeout).await
+                    fence(&self.shared, &self.keys.counter, token, at_max, timeout).await
                 }
                 None => Ok(None),
             };
             let mut round = attempt.round.take().expect("armed");
             drop(attempt);
-            if let Some(watch) = &mut watch {
-                watch.settled();
+            if let Some(waiter) = &mut waiter {
+                waiter.settled();
             }
             let error = match (fenced, validity_end(&self.options, start)) {
                 (Ok(Some(token)), Some(until)) => {
                     round.finish_in_background();
+                    if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
+                        waiter.acquired(lineup);
+                    }
                     self.value = value;
                     self.until = Some(until);
                     self.token = Some(token);
@@ -225,12 +229,23 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
-            if matches!(error, Error::Held { .. }) && watch.is_none() && made < tries {
-                watch = Some(self.shared.wakeups.watch(&self.channel, timeout).await);
+            if waiter.is_some()
+                && matches!(error, Error::Held { .. })
+                && !subscribed
+                && made < tries
+            {
+                self.shared.wakeups.subscribe(timeout).await;
                 retry_now = true;
             }
-            self.cleanup =
-                release_leftovers(round, &self.shared, &self.key, &value, preset, timeout);
+            self.cleanup = release_leftovers(
+                round,
+                &self.shared,
+                &self.keys,
+                &value,
+                preset,
+                timeout,
+                lineup.as_ref(),
+            );
             last_error = Some(error);
         }
         Err(last_error.expect("tries is at least 1"))
@@ -244,11 +259,12 @@ impl DistMutex for RedisMutex {
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let nonce = rand::random::<u64>();
+        let announce = (self.shared.wake_prefix.clone(), nonce);
         let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.release(
-                self.key.clone(),
+                self.keys.clone(),
                 self.value.clone(),
-                Some((self.channel.clone(), nonce)),
+                Some(announce.clone()),
                 timeout,
             )
         }));
@@ -276,7 +292,7 @@ impl DistMutex for RedisMutex {
         let start = Instant::now();
         let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.extend(
-                self.key.clone(),
+                self.keys.lock.clone(),
                 self.value.clone(),
                 expiry,
                 set_nx,
@@ -309,7 +325,7 @@ impl DistMutex for RedisMutex {
             self.shared
                 .nodes
                 .iter()
-                .map(|node| node.get(self.key.clone(), timeout)),
+                .map(|node| node.get(self.keys.lock.clone(), timeout)),
         );
         let value = &*self.value;
         round
@@ -414,10 +430,11 @@ async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
 struct Attempt<'a> {
     round: Option<Round<Claim>>,
     shared: &'a Arc<Shared>,
-    key: &'a Arc<str>,
+    keys: &'a Arc<Keys>,
     value: &'a Arc<str>,
     preset: bool,
     timeout: Duration,
+    lineup: Option<&'a Lineup>,
     cleanup: &'a mut Option<Cleanup>,
 }
 
@@ -427,10 +444,11 @@ impl Drop for Attempt<'_> {
             *self.cleanup = release_leftovers(
                 round,
                 self.shared,
-                self.key,
+                self.keys,
                 self.value,
                 self.preset,
                 self.timeout,
+                self.lineup,
             );
         }
     }
@@ -459,8 +477,9 @@ fn acquire_error(
         .iter()
         .filter_map(|(_, claim)| match *claim {
             Claim::Acquired { .. } => None,
-            // -1: the key has no expiry; -2: it vanished meanwhile.
-            Claim::Held { pttl: -1 } => Some(None),
+            // -1: the key has no expiry; -3: free, but another process
+            // waits first (its release wakes us); -2: it vanished meanwhile.
+            Claim::Held { pttl: -1 | -3 } => Some(None),
             Claim::Held { pttl } => Some(Some(Duration::from_millis(pttl.max(0) as u64))),
         })
         .collect();
@@ -480,21 +499,27 @@ fn acquire_error(
 /// have set: on nodes that said yes, on nodes that have not answered yet,
 /// and (with a generated value) on nodes that failed, since a command that
 /// timed out may still have been applied. A preset value is not released on
-/// failed nodes: the key there may be its rightful owner's.
+/// failed nodes: the key there may be its rightful owner's. When the
+/// attempt queued this process (`lineup`) and no waiter of it is left once
+/// the attempt's commands are done, the process leaves the queues: the
+/// waiter's own departure may have reached a node before the attempt did.
+#[allow(clippy::too_many_arguments)]
 fn release_leftovers(
     round: Round<Claim>,
     shared: &Arc<Shared>,
-    key: &Arc<str>,
+    keys: &Arc<Keys>,
     value: &Arc<str>,
     preset: bool,
     timeout: Duration,
+    lineup: Option<&Lineup>,
 ) -> Option<Cleanup> {
     let unsure = !preset && !round.failures.is_empty();
     if round.yes == 0 && round.unanswered() == 0 && !unsure {
         return None;
     }
     let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, key, released) = (shared.clone(), key.clone(), value.clone());
+    let (shared, keys, released) = (shared.clone(), keys.clone(), value.clone());
+    let queued = lineup.map(|lineup| lineup.start);
     let task = runtime.spawn(async move {
         let value = released;
         let mut suspects = Vec::new();
@@ -507,12 +532,17 @@ fn release_leftovers(
             })
             .await;
         // Announced: contenders refused because of these keys may retry.
-        let (channel, nonce) = (release_channel(&key), rand::random::<u64>());
+        let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
         join_all(suspects.into_iter().map(|i| {
-            let announce = Some((channel.clone(), nonce));
-            shared.nodes[i].release(key.clone(), value.clone(), announce, timeout)
+            let announce = Some(announce.clone());
+            shared.nodes[i].release(keys.clone(), value.clone(), announce, timeout)
         }))
         .await;
+        if let Some(start) = queued
+            && shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle())
+        {
+            leave_queues(&shared, &keys, start, timeout);
+        }
     });
     Some(Cleanup {
         value: value.clone(),

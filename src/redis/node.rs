@@ -9,7 +9,8 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::ConnectionManager;
 
-use super::scripts::{ACQUIRE, EXTEND, FENCE, RELEASE};
+use super::keys::Keys;
+use super::scripts::{ACQUIRE, EXTEND, FENCE, LEAVE, RELEASE};
 use crate::error::NodeError;
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -65,9 +66,28 @@ pub(crate) type Reply<T> = Result<T, Failure>;
 pub(crate) enum Claim {
     /// Set, with the node's next fencing token for the name.
     Acquired { token: u64 },
-    /// Taken; the key's `PTTL` (`-1`: no expiry, `-2`: gone meanwhile).
+    /// Taken; the key's `PTTL` (`-1`: no expiry, `-2`: gone meanwhile,
+    /// `-3`: free, but another process waits first).
     Held { pttl: i64 },
 }
+
+/// What an acquisition by a waiting process tells a node's wait queue.
+#[derive(Clone, Debug)]
+pub(crate) struct Lineup {
+    /// The process's id (its `RedisSync`).
+    pub(crate) client: Arc<str>,
+    /// When the waiter started waiting, in ms since the Unix epoch.
+    pub(crate) start: u64,
+    /// How long the node keeps the entry without a renewal, in ms.
+    pub(crate) lease: u64,
+    /// When acquired, the start of the process's next waiter, if any: its
+    /// entry stays, with that start.
+    pub(crate) next: Option<u64>,
+}
+
+/// Whom a release or a departure from the queue wakes: the channel prefix
+/// of the processes' wake-up channels and the nonce of this event.
+pub(crate) type Announce = (Arc<str>, u64);
 
 impl Node {
     pub(crate) fn new(label: String, conn: ConnectionManager) -> Self {
@@ -81,23 +101,34 @@ impl Node {
         &self.label
     }
 
-    /// `ACQUIRE` on the lock key and its fencing counter.
+    /// `ACQUIRE` on the name's keys; `lineup` when the caller waits.
     pub(crate) fn acquire(
         &self,
-        keys: [Arc<str>; 2],
+        keys: Arc<Keys>,
         value: Arc<str>,
         expiry: Duration,
+        lineup: Option<Lineup>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
         let px = millis(expiry);
         self.bounded(timeout, move |mut conn, resent| {
             let mut invocation = ACQUIRE.prepare_invoke();
             invocation
-                .key(&*keys[0])
-                .key(&*keys[1])
+                .key(&*keys.lock)
+                .key(&*keys.counter)
+                .key(&*keys.queue)
+                .key(&*keys.leases)
                 .arg(&*value)
                 .arg(px)
                 .arg(if resent { "1" } else { "0" });
+            match &lineup {
+                Some(lineup) => invocation
+                    .arg(&*lineup.client)
+                    .arg(lineup.start)
+                    .arg(lineup.lease)
+                    .arg(lineup.next.map(|n| n.to_string()).unwrap_or_default()),
+                None => invocation.arg("").arg(0).arg(0).arg(""),
+            };
             async move {
                 let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
                 Ok(if set == 1 {
@@ -108,6 +139,30 @@ impl Node {
                     Claim::Held { pttl: number }
                 })
             }
+        })
+    }
+
+    /// `LEAVE`: takes the process `client` out of the name's wait queue,
+    /// unless a waiter that started after `start` renewed its entry.
+    pub(crate) fn leave(
+        &self,
+        keys: Arc<Keys>,
+        client: Arc<str>,
+        start: u64,
+        announce: Announce,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        self.bounded(timeout, move |mut conn, _| {
+            let mut invocation = LEAVE.prepare_invoke();
+            invocation
+                .key(&*keys.queue)
+                .key(&*keys.leases)
+                .key(&*keys.lock)
+                .arg(&*client)
+                .arg(start)
+                .arg(&*announce.0)
+                .arg(announce.1);
+            async move { invocation.invoke_async(&mut conn).await }
         })
     }
 
@@ -125,14 +180,14 @@ impl Node {
         })
     }
 
-    /// `RELEASE`: 1 if our key was deleted, and then the waiters told on
-    /// `announce`'s channel with its nonce (the same on every node, unique
-    /// per release).
+    /// `RELEASE`: 1 if our key was deleted, and then the process first in
+    /// the name's wait queue woken, with `announce` (its nonce is the same
+    /// on every node, unique per release).
     pub(crate) fn release(
         &self,
-        key: Arc<str>,
+        keys: Arc<Keys>,
         value: Arc<str>,
-        announce: Option<(Arc<str>, u64)>,
+        announce: Option<Announce>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
@@ -141,7 +196,13 @@ impl Node {
                 None => ("", 0),
             };
             let mut invocation = RELEASE.prepare_invoke();
-            invocation.key(&*key).arg(&*value).arg(channel).arg(nonce);
+            invocation
+                .key(&*keys.lock)
+                .key(&*keys.queue)
+                .key(&*keys.leases)
+                .arg(&*value)
+                .arg(channel)
+                .arg(nonce);
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

@@ -5,29 +5,133 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Acquire: `SET key value NX PX expiry`; when set, the next fencing token
-/// of the name (`INCR` of its counter); when taken, the holder's remaining
-/// time.
+/// Lua helpers of the wait queue, shared by the scripts that read it.
 ///
-/// `KEYS[1]` lock key, `KEYS[2]` fencing counter key; `ARGV[1]` value,
-/// `ARGV[2]` expiry in ms, `ARGV[3]` `1` when this is a resend after a
-/// dropped connection: then a key that already holds our value is ours (the
-/// first copy was applied); the counter is increased all the same, since
-/// the key may be an earlier acquisition's with the same preset value.
-/// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry).
+/// A name's wait queue holds one entry per waiting process (`RedisSync`):
+/// a sorted set ordered by when that process's first waiter started
+/// waiting (a timestamp the process chooses, the same on every node, so
+/// that every node orders waiters alike), and a hash of leases: the node
+/// time until which each entry is kept without being renewed. A process
+/// renews its lease with each attempt; an entry whose lease ran out (its
+/// process died or lost the nodes) is dropped by the next script that
+/// looks at the queue. Both keys vanish when the queue empties.
+const QUEUE_HELPERS: &str = r"
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function first_waiter(queue, leases, now)
+    while true do
+        local head = redis.call('ZRANGE', queue, 0, 0)[1]
+        if not head then
+            return false
+        end
+        if tonumber(redis.call('HGET', leases, head) or '0') >= now then
+            return head
+        end
+        redis.call('ZREM', queue, head)
+        redis.call('HDEL', leases, head)
+    end
+end
+local function keep(key, ms)
+    if redis.call('PTTL', key) < tonumber(ms) then
+        redis.call('PEXPIRE', key, ms)
+    end
+end
+local function line_up(queue, leases, who, since, lease, now)
+    redis.call('ZADD', queue, since, who)
+    redis.call('HSET', leases, who, now + tonumber(lease))
+    keep(queue, lease)
+    keep(leases, lease)
+end
+local function leave(queue, leases, who)
+    redis.call('ZREM', queue, who)
+    redis.call('HDEL', leases, who)
+end
+";
+
+/// Acquire: `SET key value NX PX expiry`, unless another process waits in
+/// the name's queue ahead of this one; when set, the next fencing token of
+/// the name (`INCR` of its counter); when refused, the holder's remaining
+/// time, and this process's entry in the queue (when it waits).
+///
+/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV`:
+/// 1 value; 2 expiry in ms; 3 `1` when this is a resend after a dropped
+/// connection (then a key that already holds our value is ours: the first
+/// copy was applied; the counter is increased all the same, since the key
+/// may be an earlier acquisition's with the same preset value); 4 the
+/// waiting process's id (empty: a try that does not wait, which takes a
+/// free lock only when nobody waits); 5 when its waiter started waiting
+/// (ms); 6 its lease (ms); 7 when acquired, the start of its next waiter
+/// (empty: none, leave the queue).
+///
+/// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
+/// `-2`: gone meanwhile), or `{0, -3}` when the lock is free but another
+/// process waits first.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{QUEUE_HELPERS}{}",
         r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local queue, leases, who = KEYS[3], KEYS[4], ARGV[4]
+local function acquired()
+    if who ~= '' then
+        if ARGV[7] ~= '' then
+            line_up(queue, leases, who, ARGV[7], ARGV[6], now_ms())
+        else
+            leave(queue, leases, who)
+        end
+    end
     return {1, redis.call('INCR', KEYS[2])}
+end
+local function refused(pttl)
+    if who ~= '' then
+        line_up(queue, leases, who, ARGV[5], ARGV[6], now_ms())
+    end
+    return {0, pttl}
 end
 if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, redis.call('INCR', KEYS[2])}
+    return acquired()
 end
-return {0, redis.call('PTTL', KEYS[1])}
-",
-    )
+if redis.call('EXISTS', queue) == 1 then
+    local first = first_waiter(queue, leases, now_ms())
+    if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0 then
+        return refused(-3)
+    end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return acquired()
+end
+return refused(redis.call('PTTL', KEYS[1]))
+"
+    ))
+});
+
+/// Leave a name's wait queue: remove this process's entry unless a later
+/// waiter of it renewed the entry, and, if the lock is free, tell the
+/// process now first in line.
+///
+/// `KEYS`: 1 wait queue, 2 leases, 3 lock. `ARGV`: 1 the process's id,
+/// 2 the start of the waiter that leaves (ms), 3 the wake-up channel
+/// prefix, 4 a nonce. Returns 1 if the entry was removed.
+pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{QUEUE_HELPERS}{}",
+        r"
+local since = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not since or tonumber(since) > tonumber(ARGV[2]) then
+    return 0
+end
+leave(KEYS[1], KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+    local first = first_waiter(KEYS[1], KEYS[2], now_ms())
+    if first then
+        redis.call('PUBLISH', ARGV[3] .. first, ARGV[4] .. ' ' .. KEYS[3])
+    end
+end
+return 1
+"
+    ))
 });
 
 /// Raise a fencing counter to at least a token (never lower it).
@@ -44,27 +148,32 @@ return 1
     )
 });
 
-/// Release: delete the key only if it still holds our value, and tell the
-/// name's waiters. The message is a nonce chosen per release, the same on
-/// every node, so that waiters count one release once, however many nodes
-/// announce it.
+/// Release: delete the key only if it still holds our value, and wake the
+/// process first in the name's wait queue, if any: a message on that
+/// process's wake-up channel naming the lock key. The message carries a
+/// nonce chosen per release, the same on every node, so that the process
+/// counts one release once, however many nodes announce it.
 ///
-/// `KEYS[1]` key; `ARGV[1]` value, `ARGV[2]` the name's release channel
-/// (empty: nobody to tell), `ARGV[3]` the nonce. Returns 1 if deleted,
-/// else 0.
+/// `KEYS`: 1 lock, 2 wait queue, 3 leases. `ARGV`: 1 value, 2 the wake-up
+/// channel prefix (the process id completes it; empty: tell nobody), 3 the
+/// nonce. Returns 1 if deleted, else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{QUEUE_HELPERS}{}",
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1])
-    if ARGV[2] ~= '' then
-        redis.call('PUBLISH', ARGV[2], ARGV[3])
-    end
-    return 1
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
 end
-return 0
-",
-    )
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+    local first = first_waiter(KEYS[2], KEYS[3], now_ms())
+    if first then
+        redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
+    end
+end
+return 1
+"
+    ))
 });
 
 /// Extend: reset the expiry only if the key still holds our value; with
