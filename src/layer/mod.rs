@@ -10,7 +10,7 @@
 //!    [`MissingKey::Reject`]). A bad key is rejected with 400.
 //! 2. **Name.** `namespace + separator + key`, with `%` and the separator
 //!    percent-encoded in the key, so a key can never reach another
-//!    namespace's lock; names longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
+//!    namespace's lock; names longer than [`MAX_NAME_LEN`]
 //!    are refused.
 //! 3. **Local queue.** Requests for the same name in one process wait first
 //!    come, first served; only the first talks to the backend.
@@ -333,11 +333,11 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     ///
     /// Refused: mutex options that [`DistMutexOptions::validate`] refuses,
     /// a validity (`expiry - drift`) under 2 ms, too short to extend in
-    /// time ([`Error::InvalidOptions`](crate::Error::InvalidOptions)); an
-    /// invalid namespace ([`Error::InvalidName`](crate::Error::InvalidName));
+    /// time ([`Error::InvalidOptions`]); an
+    /// invalid namespace ([`Error::InvalidName`]);
     /// a backend with an empty separator, which could not keep namespaces
     /// apart, and a namespace and separator that leave no room for a key
-    /// ([`Error::InvalidConfig`](crate::Error::InvalidConfig)).
+    /// ([`Error::InvalidConfig`]).
     ///
     /// ```
     /// use std::time::Duration;
