@@ -10,7 +10,7 @@
 //!    [`MissingKey::Reject`]). A bad key is rejected with 400.
 //! 2. **Name.** `namespace + separator + key`, with `%` and the separator
 //!    percent-encoded in the key, so a key can never reach another
-//!    namespace's lock; names longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
+//!    namespace's lock; names longer than [`MAX_NAME_LEN`]
 //!    are refused.
 //! 3. **Local queue.** Requests for the same name in one process wait first
 //!    come, first served; only the first talks to the backend.
@@ -91,8 +91,9 @@ use name::Namer;
 use queue::LocalQueues;
 use rejection::RejectionMapper;
 
+use crate::error::Error;
 use crate::options::DistMutexOptions;
-use crate::sync::{DistSync, validate_name};
+use crate::sync::{DistSync, MAX_NAME_LEN, validate_name};
 
 /// What a request without a key gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -129,6 +130,10 @@ pub enum OnLost {
 
 /// The default wait budget: how long a request may wait for a busy key.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+
+/// The shortest interval between two extensions of a held lock (tokio's
+/// timers tick in milliseconds).
+const MIN_EXTEND_EVERY: Duration = Duration::from_millis(1);
 
 /// A [`Layer`] that holds a distributed lock per request key, for the life
 /// of the request. See the [module documentation](self) for the request
@@ -326,6 +331,14 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     /// keyed request with 500 (`INTERNAL`). Call it at start-up to fail
     /// early.
     ///
+    /// Refused: mutex options that [`DistMutexOptions::validate`] refuses,
+    /// a validity (`expiry - drift`) under 2 ms, too short to extend in
+    /// time ([`Error::InvalidOptions`]); an
+    /// invalid namespace ([`Error::InvalidName`]);
+    /// a backend with an empty separator, which could not keep namespaces
+    /// apart, and a namespace and separator that leave no room for a key
+    /// ([`Error::InvalidConfig`]).
+    ///
     /// ```
     /// use std::time::Duration;
     /// use tower_dsync::{DistMutexOptions, MemorySync};
@@ -338,6 +351,37 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     pub fn validate(&self) -> crate::Result<()> {
         self.options.validate()?;
         validate_name(&self.namespace)?;
+        let validity = self.options.validity();
+        if validity < MIN_EXTEND_EVERY * 2 {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "the lock's validity (expiry - drift = {validity:?}) must be at least {:?}: \
+                     the layer extends a lock at half its validity, and at most every {:?}",
+                    MIN_EXTEND_EVERY * 2,
+                    MIN_EXTEND_EVERY
+                ),
+            });
+        }
+        let invalid = |reason: String| {
+            Err(Error::InvalidConfig {
+                reason,
+                source: None,
+            })
+        };
+        let separator = self.sync.separator();
+        if separator.is_empty() {
+            return invalid(
+                "the backend's separator is empty: a key could reach another namespace's lock"
+                    .into(),
+            );
+        }
+        if validate_name(&format!("{}{separator}k", self.namespace)).is_err() {
+            return invalid(format!(
+                "the namespace {:?} and the separator {separator:?} leave no room for a key \
+                 in a lock name (at most {MAX_NAME_LEN} bytes, no control characters)",
+                self.namespace
+            ));
+        }
         Ok(())
     }
 
@@ -347,7 +391,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             .extend_every
             .unwrap_or(self.options.expiry() / 3)
             .min(validity / 2)
-            .max(Duration::from_millis(1));
+            .max(MIN_EXTEND_EVERY);
         Shared {
             sync: self.sync.clone(),
             namer: Namer::new(&self.namespace, self.sync.separator()),

@@ -87,13 +87,15 @@ where
             Ok(None) => return ResponseFuture::unlocked(inner.call(request)),
             Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
         };
+        // Before naming: a namespace that leaves no room for a key is the
+        // server's fault, not the client's.
+        if let Some(reason) = &shared.misconfigured {
+            return reject(RejectionKind::Misconfigured, reason.clone());
+        }
         let name = match shared.namer.name(&key) {
             Ok(name) => name,
             Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
         };
-        if let Some(reason) = &shared.misconfigured {
-            return reject(RejectionKind::Misconfigured, reason.clone());
-        }
         ResponseFuture::acquiring(
             Box::pin(acquire(shared.clone(), name, grpc)),
             inner,

@@ -294,8 +294,9 @@ impl RedisSyncBuilder {
         self
     }
 
-    /// How long one attempt to (re)connect to a node may take (default 1 s).
-    /// Commands are bounded separately, by `expiry * timeout_factor`.
+    /// How long one attempt to (re)connect to a node may take (default 1 s;
+    /// zero is refused by [`build`](Self::build)). Commands are bounded
+    /// separately, by `expiry * timeout_factor`.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
         self
@@ -304,11 +305,17 @@ impl RedisSyncBuilder {
     /// Sets up a connection per node, without waiting for any to connect.
     ///
     /// Fails with [`Error::InvalidConfig`] when there is no node, a URL does
-    /// not parse, a `rediss://` URL is used without the `tls` feature, or no
-    /// Tokio runtime is running.
+    /// not parse, a `rediss://` URL is used without the `tls` feature, the
+    /// connect timeout is zero, or no Tokio runtime is running.
     pub fn build(self) -> Result<RedisSync> {
         if self.nodes.is_empty() {
             return Err(invalid("no Redis node was given", None));
+        }
+        if self.connect_timeout == Some(Duration::ZERO) {
+            return Err(invalid(
+                "connect_timeout must be greater than zero: no connection could be made",
+                None,
+            ));
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(invalid(

@@ -119,16 +119,7 @@ impl Node {
                 .key(&*keys.queue)
                 .key(&*keys.leases)
                 .arg(&*value)
-                .arg(px)
-                .arg(if resent { "1" } else { "0" });
-            match &lineup {
-                Some(lineup) => invocation
-                    .arg(&*lineup.client)
-                    .arg(lineup.start)
-                    .arg(lineup.lease)
-                    .arg(lineup.next.map(|n| n.to_string()).unwrap_or_default()),
-                None => invocation.arg("").arg(0).arg(0).arg(""),
-            };
+                .arg(acquire_settings(px, resent, lineup.as_ref()));
             async move {
                 let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
                 Ok(if set == 1 {
@@ -277,6 +268,19 @@ impl Node {
                 }),
             }
         }
+    }
+}
+
+/// `ACQUIRE`'s second argument: expiry, resend flag, and the waiter's
+/// place in the queue (`-` for none).
+fn acquire_settings(px: u64, resent: bool, lineup: Option<&Lineup>) -> String {
+    let resent = u8::from(resent);
+    match lineup {
+        Some(l) => {
+            let next = l.next.map_or_else(|| "-".to_owned(), |n| n.to_string());
+            format!("{px} {resent} {} {} {} {next}", l.client, l.start, l.lease)
+        }
+        None => format!("{px} {resent} - 0 0 -"),
     }
 }
 

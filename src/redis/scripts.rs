@@ -55,15 +55,21 @@ end
 /// the name (`INCR` of its counter); when refused, the holder's remaining
 /// time, and this process's entry in the queue (when it waits).
 ///
-/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV`:
-/// 1 value; 2 expiry in ms; 3 `1` when this is a resend after a dropped
-/// connection (then a key that already holds our value is ours: the first
-/// copy was applied; the counter is increased all the same, since the key
-/// may be an earlier acquisition's with the same preset value); 4 the
-/// waiting process's id (empty: a try that does not wait, which takes a
-/// free lock only when nobody waits); 5 when its waiter started waiting
-/// (ms); 6 its lease (ms); 7 when acquired, the start of its next waiter
-/// (empty: none, leave the queue).
+/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV[1]`
+/// the value; `ARGV[2]` six words (one argument, so that the command stays
+/// within the ten arguments Redis reads from a client before it
+/// authenticates, and a missing password is reported as such):
+/// - the expiry in ms;
+/// - `1` when this is a resend after a dropped connection (then a key that
+///   already holds our value is ours: the first copy was applied; the
+///   counter is increased all the same, since the key may be an earlier
+///   acquisition's with the same preset value), else `0`;
+/// - the waiting process's id, or `-` for a try that does not wait (it
+///   takes a free lock only when nobody waits);
+/// - when its waiter started waiting (ms);
+/// - its entry's lease (ms);
+/// - when acquired, the start of its next waiter, or `-` (none: leave the
+///   queue).
 ///
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
 /// `-2`: gone meanwhile), or `{0, -3}` when the lock is free but another
@@ -72,11 +78,16 @@ pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{QUEUE_HELPERS}{}",
         r"
-local queue, leases, who = KEYS[3], KEYS[4], ARGV[4]
+local queue, leases = KEYS[3], KEYS[4]
+local px, resent, who, start, lease, next_start =
+    string.match(ARGV[2], '^(%d+) ([01]) (%S+) (%d+) (%d+) (%S+)$')
+if who == '-' then
+    who = ''
+end
 local function acquired()
     if who ~= '' then
-        if ARGV[7] ~= '' then
-            line_up(queue, leases, who, ARGV[7], ARGV[6], now_ms())
+        if next_start ~= '-' then
+            line_up(queue, leases, who, next_start, lease, now_ms())
         else
             leave(queue, leases, who)
         end
@@ -85,12 +96,12 @@ local function acquired()
 end
 local function refused(pttl)
     if who ~= '' then
-        line_up(queue, leases, who, ARGV[5], ARGV[6], now_ms())
+        line_up(queue, leases, who, start, lease, now_ms())
     end
     return {0, pttl}
 end
-if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], px)
     return acquired()
 end
 if redis.call('EXISTS', queue) == 1 then
@@ -99,7 +110,7 @@ if redis.call('EXISTS', queue) == 1 then
         return refused(-3)
     end
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', px) then
     return acquired()
 end
 return refused(redis.call('PTTL', KEYS[1]))

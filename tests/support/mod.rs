@@ -3,8 +3,8 @@
 //! Each [`RedisServer`] is started with no persistence, waits until it
 //! answers `PING`, and is killed when dropped, also when the test panics. A
 //! test can kill a node, pause it (`SIGSTOP`) and resume it (`SIGCONT`), or
-//! restart it empty on the same port. The machine's shared instance on 6379
-//! is never used.
+//! restart it empty on the same port. A server can require a password
+//! (`requirepass`). The machine's shared instance on 6379 is never used.
 
 #![allow(dead_code)]
 
@@ -23,36 +23,55 @@ pub struct RedisServer {
     child: Option<Child>,
     paused: bool,
     dir: PathBuf,
+    /// The `requirepass` password, if the server asks for one.
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a server on a free port that refuses every command until a
+    /// client authenticates with `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        Self::start_with(Some(password.to_owned()))
+    }
+
+    fn start_with(password: Option<String>) -> RedisServer {
         for _ in 0..20 {
             let port = free_port();
-            if let Some(server) = Self::try_start_on(port) {
+            if let Some(server) = Self::try_start_on(port, password.clone()) {
                 return server;
             }
         }
         panic!("could not start redis-server on a free port after 20 tries");
     }
 
-    fn try_start_on(port: u16) -> Option<RedisServer> {
+    fn try_start_on(port: u16, password: Option<String>) -> Option<RedisServer> {
         let dir = std::env::temp_dir().join(format!("tower-dsync-redis-{port}"));
         std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let child = spawn_redis(port, &dir);
+        let child = spawn_redis(port, &dir, password.as_deref());
         let mut server = RedisServer {
             port,
             child: Some(child),
             paused: false,
             dir,
+            password,
         };
         server.wait_ready().then_some(server)
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, without credentials.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://:PASSWORD@127.0.0.1:PORT` with the server's password (the
+    /// plain URL when it has none).
+    pub fn authenticated_url(&self) -> String {
+        authenticated_url(self.port, self.password.as_deref())
     }
 
     /// The port.
@@ -88,7 +107,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            self.child = Some(spawn_redis(self.port, &self.dir));
+            self.child = Some(spawn_redis(self.port, &self.dir, self.password.as_deref()));
             if self.wait_ready() {
                 return;
             }
@@ -103,7 +122,7 @@ impl RedisServer {
 
     /// A plain synchronous connection, for assertions.
     pub fn connection(&self) -> redis::Connection {
-        let client = redis::Client::open(self.url()).expect("client");
+        let client = redis::Client::open(self.authenticated_url()).expect("client");
         let con = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .expect("connect to the test server");
@@ -155,7 +174,7 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if ping(self.port) {
+            if ping(self.port, self.password.as_deref()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -229,9 +248,13 @@ impl RedisNodes {
     }
 }
 
-fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
+fn spawn_redis(port: u16, dir: &std::path::Path, password: Option<&str>) -> Child {
     let port_arg = port.to_string();
-    let result = Command::new("redis-server")
+    let mut command = Command::new("redis-server");
+    if let Some(password) = password {
+        command.args(["--requirepass", password]);
+    }
+    let result = command
         .args([
             "--port",
             &port_arg,
@@ -265,13 +288,21 @@ fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port that nothing listens on (at the time of the call).
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
     listener.local_addr().expect("local addr").port()
 }
 
-fn ping(port: u16) -> bool {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+fn authenticated_url(port: u16, password: Option<&str>) -> String {
+    match password {
+        Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
+        None => format!("redis://127.0.0.1:{port}"),
+    }
+}
+
+fn ping(port: u16, password: Option<&str>) -> bool {
+    let Ok(client) = redis::Client::open(authenticated_url(port, password)) else {
         return false;
     };
     let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
