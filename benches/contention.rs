@@ -83,6 +83,11 @@ struct Record {
     waits_us: Vec<u64>,
     /// Contender ids in the order they held the lock.
     holders: Vec<usize>,
+    /// From a holder starting its release to the next holder holding, in
+    /// microseconds.
+    gaps_us: Vec<u64>,
+    /// When the last holder started its release.
+    left_at: Option<Instant>,
     /// Every acquisition, also those after the deadline.
     all: usize,
     overlaps: usize,
@@ -108,10 +113,14 @@ impl Shared {
             if now <= self.deadline {
                 record.waits_us.push(waited.as_micros() as u64);
                 record.holders.push(id);
+                if let Some(left) = record.left_at.take() {
+                    record.gaps_us.push((now - left).as_micros() as u64);
+                }
             }
         }
         tokio::time::sleep(HOLD).await;
         self.inside.fetch_sub(1, Ordering::SeqCst);
+        self.record.lock().unwrap().left_at = Some(Instant::now());
         now <= self.deadline
     }
 }
@@ -258,6 +267,8 @@ struct Figures {
     p99_ms: f64,
     max_ms: f64,
     fifo_ms: f64,
+    gap_p50_ms: f64,
+    gap_p99_ms: f64,
     commands: f64,
 }
 
@@ -303,6 +314,7 @@ fn run_case(
     let acquisitions = record.holders.len();
     let handoffs = record.holders.windows(2).filter(|w| w[0] != w[1]).count();
     record.waits_us.sort_unstable();
+    record.gaps_us.sort_unstable();
     let per_second = acquisitions as f64 / run.as_secs_f64();
     Figures {
         per_second,
@@ -311,6 +323,8 @@ fn run_case(
         p99_ms: percentile_ms(&record.waits_us, 0.99),
         max_ms: percentile_ms(&record.waits_us, 1.0),
         fifo_ms: (CONTENDERS - 1) as f64 * 1000.0 / per_second,
+        gap_p50_ms: percentile_ms(&record.gaps_us, 0.50),
+        gap_p99_ms: percentile_ms(&record.gaps_us, 0.99),
         commands: commands as f64 / record.all.max(1) as f64,
     }
 }
@@ -337,15 +351,20 @@ fn main() {
         HOLD.as_millis()
     );
     println!(
-        "| nodes | library | acquisitions/s | hand-off | wait p50 | wait p99 | wait max | FIFO bound | p99 / FIFO | commands/acq |"
+        "| nodes | library | acquisitions/s | hand-off | wait p50 | wait p99 | wait max | FIFO bound | p99 / FIFO | release to next hold p50 / p99 | commands/acq |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // DSYNC_BENCH_FILTER=tower runs only the cases whose label contains it.
+    let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     for n in [1, 3] {
         let nodes = RedisNodes::start(n);
         for library in libraries {
+            if !library.label().contains(&filter) {
+                continue;
+            }
             let f = run_case(&runtime, &nodes, library, Duration::from_secs(seconds));
             println!(
-                "| {n} | {} | {:.0} | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} | {:.1} |",
+                "| {n} | {} | {:.0} | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} | {:.2} / {:.2} ms | {:.1} |",
                 library.label(),
                 f.per_second,
                 f.handoff * 100.0,
@@ -354,6 +373,8 @@ fn main() {
                 f.max_ms,
                 f.fifo_ms,
                 f.p99_ms / f.fifo_ms,
+                f.gap_p50_ms,
+                f.gap_p99_ms,
                 f.commands,
             );
         }

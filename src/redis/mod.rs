@@ -67,14 +67,45 @@ use crate::sync::{DistSync, validate_name};
 /// The Redis backend: [`DistSync`] over one or more independent masters.
 ///
 /// Each node gets one multiplexed connection that reconnects on its own
-/// (redis-rs `ConnectionManager`), shared by every mutex, and one
-/// subscriber connection for release messages; none is opened per lock.
-/// A waiting `lock` wakes on a release message, on the holder's expiry, or
-/// after its retry delay, whichever comes first. Waiters of one process line
-/// up per name, first come first served: only the first of them talks to
-/// the nodes. Connections are made lazily, so a node that is down at start-up is
-/// not an error: it is used once it comes back, and locks succeed meanwhile
-/// as long as a quorum of the others answers.
+/// (redis-rs `ConnectionManager`), shared by every mutex, and, once a lock
+/// has had to wait, one subscriber connection on this `RedisSync`'s own
+/// wake-up channel; none is opened per lock. Connections are made lazily,
+/// so a node that is down at start-up is not an error: it is used once it
+/// comes back, and locks succeed meanwhile as long as a quorum of the
+/// others answers.
+///
+/// # Waiting is fair
+///
+/// Waiters are served in the order they started waiting, within a process
+/// and across processes:
+///
+/// - Waiters of one `RedisSync` line up per name, first come first served;
+///   only the first of them talks to the nodes.
+/// - Each node keeps a wait queue per name, with one entry per waiting
+///   `RedisSync`, ordered by when its first waiter started (a timestamp the
+///   process chooses, the same on every node, so that all nodes order
+///   waiters alike; processes whose clocks disagree by `d` are ordered as if
+///   the later clock's waiters had started `d` later). The acquire script
+///   lets nobody else take a free lock while a process waits ahead, and a
+///   try that does not wait (one try) does not jump the line.
+/// - A release publishes on the wake-up channel of the process first in
+///   line, which wakes its first waiter. A waiter also retries after its
+///   retry delay or the holder's remaining time, whichever comes first, so
+///   a lost message only costs that wait.
+/// - An entry is kept for one expiry (the waiter's) without renewal; every
+///   attempt renews it. A process that dies while first in line holds the
+///   others up for at most that long, as a holder that dies does. A waiter
+///   that gives up or is dropped takes its process out of the line.
+/// - When a process acquires the lock while more of its waiters wait, its
+///   entry stays in line with the next waiter's start, and that waiter
+///   waits for its wake-up before its first attempt: a steady stream of
+///   waiters costs one acquire and one release per acquisition on each
+///   node.
+///
+/// Entries and their leases are two small keys per name in use
+/// (`<key>\x1fqueue`, `<key>\x1fleases`) that vanish when the line empties.
+/// The scripts read the node's clock (`TIME`), so Redis 5 or later is
+/// needed.
 ///
 /// Must be built inside a Tokio runtime.
 ///

@@ -33,8 +33,9 @@ use crate::sync::DistMutex;
 /// Callers of `lock` with more than one try line up per name within their
 /// `RedisSync`, first come first served, and only the first of them talks
 /// to the nodes; a caller waits in line at most `tries` times its first
-/// retry delay. Across processes, a waiter wakes on the release message of
-/// the holder (see [`RedisSync`](super::RedisSync)).
+/// retry delay. Across processes, waiters are served in the order they
+/// started, through a wait queue on each node, and woken by the release
+/// (see [`RedisSync`](super::RedisSync#waiting-is-fair)).
 ///
 /// ```no_run
 /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
