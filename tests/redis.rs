@@ -664,20 +664,26 @@ async fn fencing_token_is_written_back_to_a_quorum() {
     let options = DistMutexOptions::default().with_tries(1);
     let name = unique("writeback");
     let counter = format!("dsync:{name}\u{1f}fence");
-    // Node 0 is far ahead of the others (they missed acquisitions).
-    let _: () = redis::cmd("SET")
-        .arg(&counter)
-        .arg(100)
-        .query(&mut nodes.servers[0].connection())
-        .unwrap();
+    // Nodes 0 and 1 are ahead of node 2 by different amounts (they missed
+    // acquisitions): any two nodes disagree, so the token is written back.
+    for (node, count) in [(0, 100), (1, 50)] {
+        let _: () = redis::cmd("SET")
+            .arg(&counter)
+            .arg(count)
+            .query(&mut nodes.servers[node].connection())
+            .unwrap();
+    }
     let mut m = sync.new_mutex(&name, options.clone()).unwrap();
     m.lock().await.unwrap();
-    assert_eq!(m.fencing_token(), Some(101));
+    // The highest token of the two nodes that answered first, written
+    // back to a quorum.
+    let first = m.fencing_token().unwrap();
+    assert!(first == 101 || first == 51, "{first}");
     m.unlock().await.unwrap();
     nodes.servers[0].kill();
     m.lock().await.unwrap();
     let token = m.fencing_token().unwrap();
-    assert!(token > 101, "token {token} went back");
+    assert!(token > first, "token {token} went back from {first}");
     m.unlock().await.unwrap();
 }
 
@@ -714,14 +720,13 @@ async fn waiters_wake_on_release_messages() {
         b
     });
     let queue = format!("dsync:{name}\u{1f}queue");
+    // a's lock returned once two nodes said yes; on the third, b may have
+    // come first, so b is queued on a quorum, not necessarily everywhere.
     eventually(
         Duration::from_secs(10),
-        "b subscribed and queued on every node",
+        "b subscribed everywhere and queued on a quorum",
         async || {
-            nodes
-                .servers
-                .iter()
-                .all(|s| wake_channels(s) == 1 && s.exists(&queue))
+            nodes.servers.iter().all(|s| wake_channels(s) == 1) && nodes.count_key(&queue) >= 2
         },
     )
     .await;

@@ -212,10 +212,10 @@ impl DistMutex for RedisMutex {
             }
             let error = match (fenced, validity_end(&self.options, start)) {
                 (Ok(Some(token)), Some(until)) => {
-                    round.finish_in_background();
                     if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
                         waiter.acquired(lineup);
                     }
+                    settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
                     self.value = value;
                     self.until = Some(until);
                     self.token = Some(token);
@@ -405,6 +405,56 @@ fn highest_token(claims: &Round<Claim>) -> (u64, usize) {
     });
     let highest = tokens.clone().max().unwrap_or(0);
     (highest, tokens.filter(|t| *t == highest).count())
+}
+
+/// Lets an acquisition's remaining commands finish in the background. A
+/// node that refused it (it was late, or another owner's key was still
+/// there) queued this process with the waiter's start; when no waiter of
+/// the process is left, that entry must go, or it would hold the line up on
+/// that node until its lease ran out.
+fn settle_acquired(
+    round: Round<Claim>,
+    shared: &Arc<Shared>,
+    keys: &Arc<Keys>,
+    lineup: Option<Lineup>,
+    timeout: Duration,
+) {
+    let refused = |claim: &Claim| matches!(claim, Claim::Held { .. });
+    let Some(lineup) = lineup.filter(|l| l.next.is_none()) else {
+        round.finish_in_background();
+        return;
+    };
+    if round.unanswered() == 0 && !round.replies.iter().any(|(_, c)| refused(c)) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (shared, keys) = (shared.clone(), keys.clone());
+    runtime.spawn(async move {
+        let mut queued = Vec::new();
+        round
+            .drain(|node, answer| {
+                if answer.is_some_and(refused) {
+                    queued.push(node);
+                }
+            })
+            .await;
+        if queued.is_empty() || shared.queues.get(&keys.lock).is_some_and(|s| !s.is_idle()) {
+            return;
+        }
+        let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
+        join_all(queued.into_iter().map(|i| {
+            shared.nodes[i].leave(
+                keys.clone(),
+                shared.client_id.clone(),
+                lineup.start,
+                announce.clone(),
+                timeout,
+            )
+        }))
+        .await;
+    });
 }
 
 /// A background release of keys set with `value`.

@@ -45,8 +45,11 @@ impl<T: Send + 'static> Round<T> {
         }
     }
 
-    /// Collects answers: all of them, or with `fail_fast` only until the
-    /// quorum outcome is decided either way.
+    /// Collects answers until a quorum said yes (the outcome is decided:
+    /// the other nodes' commands are left to finish), or until every node
+    /// answered; with `fail_fast`, also as soon as a quorum is out of
+    /// reach. Without it, a failed round hears every node, so that its
+    /// error tells a busy lock from unavailable nodes.
     pub(crate) async fn settle(
         &mut self,
         quorum: usize,
@@ -61,7 +64,7 @@ impl<T: Send + 'static> Round<T> {
                 }
                 Err(failure) => self.failures.push((i, failure)),
             }
-            if fail_fast && (self.yes >= quorum || self.yes + self.pending.len() < quorum) {
+            if self.yes >= quorum || (fail_fast && self.yes + self.pending.len() < quorum) {
                 break;
             }
         }
