@@ -119,7 +119,8 @@ impl Node {
                 .key(&*keys.queue)
                 .key(&*keys.leases)
                 .arg(&*value)
-                .arg(acquire_settings(px, resent, lineup.as_ref()));
+                .arg(px)
+                .arg(acquire_settings(resent, lineup.as_ref()));
             async move {
                 let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
                 Ok(if set == 1 {
@@ -271,16 +272,16 @@ impl Node {
     }
 }
 
-/// `ACQUIRE`'s second argument: expiry, resend flag, and the waiter's
-/// place in the queue (`-` for none).
-fn acquire_settings(px: u64, resent: bool, lineup: Option<&Lineup>) -> String {
+/// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
+/// and the waiter's place in the queue (`-` for none).
+fn acquire_settings(resent: bool, lineup: Option<&Lineup>) -> String {
     let resent = u8::from(resent);
     match lineup {
         Some(l) => {
             let next = l.next.map_or_else(|| "-".to_owned(), |n| n.to_string());
-            format!("{px} {resent} {} {} {} {next}", l.client, l.start, l.lease)
+            format!("{next} {resent} {} {} {}", l.client, l.start, l.lease)
         }
-        None => format!("{px} {resent} - 0 0 -"),
+        None => format!("- {resent} - 0 0"),
     }
 }
 

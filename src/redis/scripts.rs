@@ -55,11 +55,12 @@ end
 /// the name (`INCR` of its counter); when refused, the holder's remaining
 /// time, and this process's entry in the queue (when it waits).
 ///
-/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV[1]`
-/// the value; `ARGV[2]` six words (one argument, so that the command stays
-/// within the ten arguments Redis reads from a client before it
-/// authenticates, and a missing password is reported as such):
-/// - the expiry in ms;
+/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV`: 1 the
+/// value, 2 the expiry in ms, 3 five words (one argument, so that the
+/// command stays within the ten arguments Redis reads from a client before
+/// it authenticates, and a missing password is reported as such):
+/// - when acquired, the start of the process's next waiter, or `-` (none:
+///   leave the queue);
 /// - `1` when this is a resend after a dropped connection (then a key that
 ///   already holds our value is ours: the first copy was applied; the
 ///   counter is increased all the same, since the key may be an earlier
@@ -67,20 +68,28 @@ end
 /// - the waiting process's id, or `-` for a try that does not wait (it
 ///   takes a free lock only when nobody waits);
 /// - when its waiter started waiting (ms);
-/// - its entry's lease (ms);
-/// - when acquired, the start of its next waiter, or `-` (none: leave the
-///   queue).
+/// - its entry's lease (ms).
+///
+/// The common case, a free lock that nobody waits for, runs first and
+/// touches nothing else: `EXISTS` on the queue, `SET`, `INCR`.
 ///
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
 /// `-2`: gone meanwhile), or `{0, -3}` when the lock is free but another
 /// process waits first.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{QUEUE_HELPERS}{}",
+        "{}{QUEUE_HELPERS}{}",
+        r"
+local set = redis.call('EXISTS', KEYS[3]) == 0
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if set and string.byte(ARGV[3], 1) == 45 then
+    return {1, redis.call('INCR', KEYS[2])}
+end
+",
         r"
 local queue, leases = KEYS[3], KEYS[4]
-local px, resent, who, start, lease, next_start =
-    string.match(ARGV[2], '^(%d+) ([01]) (%S+) (%d+) (%d+) (%S+)$')
+local next_start, resent, who, start, lease =
+    string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+)$')
 if who == '-' then
     who = ''
 end
@@ -100,8 +109,11 @@ local function refused(pttl)
     end
     return {0, pttl}
 end
+if set then
+    return acquired()
+end
 if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], px)
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return acquired()
 end
 if redis.call('EXISTS', queue) == 1 then
@@ -110,7 +122,7 @@ if redis.call('EXISTS', queue) == 1 then
         return refused(-3)
     end
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', px) then
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return acquired()
 end
 return refused(redis.call('PTTL', KEYS[1]))
@@ -170,17 +182,20 @@ return 1
 /// nonce. Returns 1 if deleted, else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{QUEUE_HELPERS}{}",
+        "{}{QUEUE_HELPERS}{}",
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return 0
 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
-    local first = first_waiter(KEYS[2], KEYS[3], now_ms())
-    if first then
-        redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
-    end
+if ARGV[2] == '' or redis.call('EXISTS', KEYS[2]) == 0 then
+    return 1
+end
+",
+        r"
+local first = first_waiter(KEYS[2], KEYS[3], now_ms())
+if first then
+    redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
 end
 return 1
 "
