@@ -76,6 +76,9 @@ struct Samples {
 impl Samples {
     fn figures(&mut self, server_seconds: f64, client_seconds: f64) -> Figures {
         let all = &mut self.latencies;
+        if all.is_empty() {
+            all.push(0);
+        }
         all.sort_unstable();
         let at = |p: f64| all[((all.len() - 1) as f64 * p).round() as usize] as f64;
         Figures {
@@ -274,6 +277,9 @@ fn main() {
         "| nodes | tasks | library | cycles/s | p50 | p99 | Redis CPU / cycle | client CPU / cycle | cycles/s vs floor | p50 vs floor | p99 vs floor |"
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // DSYNC_BENCH_FILTER=tower measures only the libraries whose label
+    // contains it (for profiling; the ratios then mean nothing).
+    let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     let mut rows = Vec::new();
     for n in [1, 3] {
         let nodes = RedisNodes::start(n);
@@ -284,6 +290,9 @@ fn main() {
             let mut client = [0.0; 3];
             for _ in 0..rounds {
                 for (i, library) in LIBRARIES.into_iter().enumerate() {
+                    if !library.label().contains(&filter) {
+                        continue;
+                    }
                     let (before, before_client) = (server_cpu(&nodes), client_cpu());
                     let round = runtime.block_on(async {
                         let turn = Duration::from_secs(1);
