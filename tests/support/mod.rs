@@ -313,3 +313,14 @@ fn ping(port: u16, password: Option<&str>) -> bool {
         .query::<String>(&mut con)
         .is_ok_and(|pong| pong == "PONG")
 }
+
+/// Polls `check` every few milliseconds until it holds; panics after
+/// `bound`. For outcomes that follow a response in the background (the
+/// slowest node's commands, say).
+pub async fn wait_until(bound: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
