@@ -23,6 +23,12 @@
 //! crate, whose every lock command is a script; `GET`, `DEL` for rslock,
 //! which sends `SET NX PX` itself and releases with a script).
 //!
+//! With `DSYNC_BENCH_CSV=path` it appends, per node count and rslock mode,
+//! tower-dsync's acquisitions/s over rslock's, rslock's wait p99 over
+//! tower-dsync's, and rslock's commands per acquisition over tower-dsync's
+//! (above 1: tower-dsync is better) to a CSV file (see
+//! `scripts/bench-report.py`).
+//!
 //! Every run also checks exclusion: a contender that finds another one
 //! inside the critical section counts an overlap, and the bench fails if
 //! there is any.
@@ -32,6 +38,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -356,13 +363,27 @@ fn main() {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // DSYNC_BENCH_FILTER=tower runs only the cases whose label contains it.
     let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
+    let mut rows = Vec::new();
     for n in [1, 3] {
         let nodes = RedisNodes::start(n);
+        let mut ours: Option<(f64, f64, f64)> = None;
         for library in libraries {
             if !library.label().contains(&filter) {
                 continue;
             }
             let f = run_case(&runtime, &nodes, library, Duration::from_secs(seconds));
+            match (library, ours) {
+                (Library::TowerDsync, _) => ours = Some((f.per_second, f.p99_ms, f.commands)),
+                (Library::Rslock { .. }, Some((per_second, p99, commands))) => rows.push(format!(
+                    "contention,{n} node{},tower-dsync vs {},{:.3},{:.3},{:.3}",
+                    if n == 1 { "" } else { "s" },
+                    library.label(),
+                    per_second / f.per_second,
+                    f.p99_ms / p99,
+                    f.commands / commands,
+                )),
+                _ => {}
+            }
             println!(
                 "| {n} | {} | {:.0} | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} | {:.2} / {:.2} ms | {:.1} |",
                 library.label(),
@@ -377,6 +398,16 @@ fn main() {
                 f.gap_p99_ms,
                 f.commands,
             );
+        }
+    }
+    if let Ok(path) = std::env::var("DSYNC_BENCH_CSV") {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open the CSV file");
+        for row in rows {
+            writeln!(file, "{row}").expect("write the CSV file");
         }
     }
 }
