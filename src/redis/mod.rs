@@ -92,10 +92,11 @@ use crate::sync::{DistSync, validate_name};
 ///   line, which wakes its first waiter. A waiter also retries after its
 ///   retry delay or the holder's remaining time, whichever comes first, so
 ///   a lost message only costs that wait.
-/// - An entry is kept for one expiry (the waiter's) without renewal; every
-///   attempt renews it. A process that dies while first in line holds the
-///   others up for at most that long, as a holder that dies does. A waiter
-///   that gives up or is dropped takes its process out of the line.
+/// - An entry is kept for one expiry (the waiter's, at most 10 s) without
+///   renewal; every attempt renews it. A process that dies while first in
+///   line holds the others up for at most that long, as a holder that dies
+///   does. A waiter that gives up or is dropped takes its process out of
+///   the line.
 /// - When a process acquires the lock while more of its waiters wait, its
 ///   entry stays in line with the next waiter's start, and that waiter
 ///   waits for its wake-up before its first attempt: a steady stream of

@@ -139,9 +139,10 @@ impl DistMutex for RedisMutex {
                 }
             }
         };
-        // An entry in the wait queues is kept for one expiry without a
-        // renewal; a waiter renews it at least twice as often.
-        let lease = expiry;
+        // An entry in the wait queues is kept for one expiry (at most
+        // MAX_LEASE) without a renewal; a waiter renews it at least twice
+        // as often.
+        let lease = expiry.min(MAX_LEASE);
         // How long the holder keeps the name, as its nodes told us.
         let mut holder_left = Duration::MAX;
         // Attempts made, and whether the next one goes at once (uncounted):
@@ -336,6 +337,11 @@ impl DistMutex for RedisMutex {
             .await
     }
 }
+
+/// The longest a node keeps a waiting process's place in line without a
+/// renewal: how long a process that died while first in line can hold the
+/// others up.
+const MAX_LEASE: Duration = Duration::from_secs(10);
 
 /// `start + expiry - elapsed - drift`, if that is still ahead.
 fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
