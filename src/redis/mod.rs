@@ -142,6 +142,8 @@ pub(crate) struct Shared {
     client_id: Arc<str>,
     /// The wake-up channels' prefix; a process's id completes its channel.
     wake_prefix: Arc<str>,
+    /// The start (ms since the epoch) of this process's latest waiter.
+    last_start: std::sync::atomic::AtomicU64,
     quorum: usize,
     key_prefix: String,
     separator: String,
@@ -318,9 +320,12 @@ impl RedisSyncBuilder {
         self
     }
 
-    /// Every operation returns as soon as its quorum outcome is decided,
-    /// and the commands to the remaining nodes finish in the background
-    /// (default off: wait for every node or its timeout, as go-redsync).
+    /// Every operation returns as soon as its quorum outcome is decided
+    /// either way, and the commands to the remaining nodes finish in the
+    /// background. By default a success already returns as soon as a
+    /// quorum said yes; a failure waits for every node (or its timeout), so
+    /// that the error tells a busy lock from unavailable nodes. With this
+    /// on, a failure returns as soon as a quorum is out of reach.
     pub fn fail_fast(mut self, on: bool) -> Self {
         self.fail_fast = on;
         self
@@ -387,6 +392,7 @@ impl RedisSyncBuilder {
                 queues,
                 client_id,
                 wake_prefix,
+                last_start: Default::default(),
                 key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
                 set_nx_on_extend: self.set_nx_on_extend,

@@ -153,6 +153,14 @@ impl DistMutex for RedisMutex {
         let mut retry_now = false;
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut last_error = None;
+        let mut subscribe_tried = false;
+        if wait_first && !self.shared.wakeups.subscribed() {
+            // No wake-up could reach this waiter: subscribe, then try at
+            // once instead.
+            subscribe_tried = true;
+            self.shared.wakeups.subscribe(timeout).await;
+            wait_first = false;
+        }
         while made < tries || retry_now {
             if (made > 0 && !retry_now) || wait_first {
                 let wait = self
@@ -178,6 +186,7 @@ impl DistMutex for RedisMutex {
                     node.acquire(
                         self.keys.clone(),
                         value.clone(),
+                        preset,
                         expiry,
                         lineup.clone(),
                         timeout,
@@ -231,14 +240,6 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
-            if waiter.is_some()
-                && matches!(error, Error::Held { .. })
-                && !subscribed
-                && made < tries
-            {
-                self.shared.wakeups.subscribe(timeout).await;
-                retry_now = true;
-            }
             self.cleanup = release_leftovers(
                 round,
                 &self.shared,
@@ -248,6 +249,18 @@ impl DistMutex for RedisMutex {
                 timeout,
                 lineup.as_ref(),
             );
+            if waiter.is_some()
+                && matches!(error, Error::Held { .. })
+                && !subscribed
+                && !subscribe_tried
+                && made < tries
+            {
+                subscribe_tried = true;
+                last_error = Some(error);
+                self.shared.wakeups.subscribe(timeout).await;
+                retry_now = true;
+                continue;
+            }
             last_error = Some(error);
         }
         Err(last_error.expect("tries is at least 1"))
@@ -267,6 +280,7 @@ impl DistMutex for RedisMutex {
                 self.keys.clone(),
                 self.value.clone(),
                 Some(announce.clone()),
+                None,
                 timeout,
             )
         }));
@@ -430,7 +444,10 @@ fn settle_acquired(
         round.finish_in_background();
         return;
     };
-    if round.unanswered() == 0 && !round.replies.iter().any(|(_, c)| refused(c)) {
+    if round.unanswered() == 0
+        && round.failures.is_empty()
+        && !round.replies.iter().any(|(_, c)| refused(c))
+    {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -441,7 +458,9 @@ fn settle_acquired(
         let mut queued = Vec::new();
         round
             .drain(|node, answer| {
-                if answer.is_some_and(refused) {
+                // Refused, or no answer (a command that timed out may
+                // still have been applied): the entry may be there.
+                if answer.is_none_or(refused) {
                     queued.push(node);
                 }
             })
@@ -592,7 +611,9 @@ fn release_leftovers(
         let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
         join_all(suspects.into_iter().map(|i| {
             let announce = Some(announce.clone());
-            shared.nodes[i].release(keys.clone(), value.clone(), announce, timeout)
+            // Not to this process: its waiter just got refused by a quorum.
+            let except = Some(shared.client_id.clone());
+            shared.nodes[i].release(keys.clone(), value.clone(), announce, except, timeout)
         }))
         .await;
         if let Some(start) = queued

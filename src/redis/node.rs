@@ -101,11 +101,16 @@ impl Node {
         &self.label
     }
 
-    /// `ACQUIRE` on the name's keys; `lineup` when the caller waits.
+    /// `ACQUIRE` on the name's keys; `lineup` when the caller waits. A
+    /// resend after a dropped connection may claim a key that already
+    /// holds `value` only when the value is not `preset`: a generated value
+    /// is this attempt's alone, a preset one may be another owner's.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
         keys: Arc<Keys>,
         value: Arc<str>,
+        preset: bool,
         expiry: Duration,
         lineup: Option<Lineup>,
         timeout: Duration,
@@ -120,7 +125,7 @@ impl Node {
                 .key(&*keys.leases)
                 .arg(&*value)
                 .arg(px)
-                .arg(acquire_settings(resent, lineup.as_ref()));
+                .arg(acquire_settings(resent && !preset, lineup.as_ref()));
             async move {
                 let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
                 Ok(if set == 1 {
@@ -180,9 +185,11 @@ impl Node {
         keys: Arc<Keys>,
         value: Arc<str>,
         announce: Option<Announce>,
+        except: Option<Arc<str>>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
+            let except = except.as_deref().unwrap_or("");
             let (channel, nonce) = match &announce {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
@@ -194,7 +201,8 @@ impl Node {
                 .key(&*keys.leases)
                 .arg(&*value)
                 .arg(channel)
-                .arg(nonce);
+                .arg(nonce)
+                .arg(except);
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

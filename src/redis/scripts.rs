@@ -61,10 +61,10 @@ end
 /// it authenticates, and a missing password is reported as such):
 /// - when acquired, the start of the process's next waiter, or `-` (none:
 ///   leave the queue);
-/// - `1` when this is a resend after a dropped connection (then a key that
-///   already holds our value is ours: the first copy was applied; the
-///   counter is increased all the same, since the key may be an earlier
-///   acquisition's with the same preset value), else `0`;
+/// - `1` when this is a resend after a dropped connection of an attempt
+///   with a generated value (then a key that already holds our value is
+///   ours: the first copy was applied), else `0` (a preset value may be
+///   another owner's, so a resend with one is an ordinary attempt);
 /// - the waiting process's id, or `-` for a try that does not wait (it
 ///   takes a free lock only when nobody waits);
 /// - when its waiter started waiting (ms);
@@ -179,7 +179,9 @@ return 1
 ///
 /// `KEYS`: 1 lock, 2 wait queue, 3 leases. `ARGV`: 1 value, 2 the wake-up
 /// channel prefix (the process id completes it; empty: tell nobody), 3 the
-/// nonce. Returns 1 if deleted, else 0.
+/// nonce, 4 a process not to wake (the releaser of a failed attempt's
+/// leftovers, whose waiter was just refused; empty: none). Returns 1 if
+/// deleted, else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{QUEUE_HELPERS}{}",
@@ -194,7 +196,7 @@ end
 ",
         r"
 local first = first_waiter(KEYS[2], KEYS[3], now_ms())
-if first then
+if first and first ~= ARGV[4] then
     redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
 end
 return 1

@@ -18,6 +18,7 @@
 //! acquisition on each node, no more.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +44,6 @@ struct Line {
     /// Waiters in arrival order: ticket and start (ms since the epoch).
     waiting: VecDeque<(u64, u64)>,
     next_ticket: u64,
-    last_start: u64,
     /// The start this process's entry in the nodes' wait queues may carry.
     advertised: Option<u64>,
     /// The waiter whose start an acquisition put in the queues: it waits
@@ -51,8 +51,12 @@ struct Line {
     reserved_for: Option<u64>,
     /// The nonce of the last release signalled: every node announces a
     /// release with the same one, and it must wake one waiter, not one per
-    /// node.
+    /// node...
     last_release: Option<u64>,
+    /// ...unless an attempt started since that wake: it may have reached
+    /// some nodes before the release did, and a later node's announcement
+    /// of the same release is then news.
+    tried: bool,
 }
 
 impl NameState {
@@ -69,8 +73,9 @@ impl NameState {
     /// to this process: wake the first waiter, once per nonce.
     pub(crate) fn announced(&self, nonce: u64) {
         let mut line = self.line();
-        if line.last_release != Some(nonce) {
+        if line.last_release != Some(nonce) || line.tried {
             line.last_release = Some(nonce);
+            line.tried = false;
             self.wake.notify_one();
         }
     }
@@ -104,14 +109,21 @@ impl Waiter {
                 .as_millis(),
         )
         .unwrap_or(u64::MAX);
-        let (ticket, start) = {
+        // Strictly increasing within the process, so that a departure
+        // (which removes the entry only up to its own start) never removes
+        // the entry of a later waiter.
+        let start = shared
+            .last_start
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .map_or(now, |last| now.max(last + 1));
+        let ticket = {
             let mut line = place.shared().line();
             let ticket = line.next_ticket;
             line.next_ticket += 1;
-            line.last_start = line.last_start.max(now);
-            let start = line.last_start;
             line.waiting.push_back((ticket, start));
-            (ticket, start)
+            ticket
         };
         Waiter {
             place,
@@ -152,6 +164,7 @@ impl Waiter {
     pub(crate) fn lineup(&self, lease: Duration) -> Lineup {
         let mut line = self.place.shared().line();
         line.advertised = Some(self.start);
+        line.tried = true;
         Lineup {
             client: self.shared.client_id.clone(),
             start: self.start,
