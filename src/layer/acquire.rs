@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
 
 use super::Shared;
-use super::held::HeldLock;
-use super::keeper::{Keeper, ReleaseGuard};
+use super::held::{HeldLock, LockView};
+use super::keeper::Keeper;
+use super::lease::{Lease, ReleaseGuard};
 use super::rejection::{Rejection, RejectionKind};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
@@ -18,8 +18,6 @@ use crate::sync::{DistMutex, DistSync};
 pub(crate) struct Holding {
     pub(crate) guard: ReleaseGuard,
     pub(crate) held: HeldLock,
-    /// With the abort option: fires when the lock is lost.
-    pub(crate) lost: Option<oneshot::Receiver<()>>,
 }
 
 /// Waits for the lock on `name`, at most the wait budget.
@@ -76,33 +74,28 @@ pub(crate) async fn acquire<D: DistSync>(
 
     let until = mutex.until();
     place.set_holder_until(until);
-    let (held, state) = HeldLock::new(name, mutex.value().to_owned(), mutex.fencing_token(), until);
-    let (on_lost, lost) = if shared.abort_on_lost {
-        let (tx, rx) = oneshot::channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
     tracing::debug!(
-        name = held.name(),
+        name,
         waited_ms = start.elapsed().as_millis() as u64,
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
-    let guard = Keeper {
+    let view = LockView::new(name, mutex.value().to_owned(), mutex.fencing_token(), until);
+    let now = Instant::now();
+    let holder = place.shared().clone();
+    let keeper = Keeper {
         mutex,
         turn,
         place,
-        state,
         interval: shared.extend_every,
         release_timeout: shared.options.expiry(),
-        on_lost,
-        hold_until: shared
-            .max_hold
-            .and_then(|limit| Instant::now().checked_add(limit)),
-    }
-    .spawn();
-    Ok(Holding { guard, held, lost })
+        first_extend: now
+            .checked_add(shared.extend_every)
+            .unwrap_or_else(far_future),
+        hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
+    };
+    let (guard, held) = Lease::hold(view, keeper, holder);
+    Ok(Holding { guard, held })
 }
 
 fn new_mutex<D: DistSync>(

@@ -65,6 +65,7 @@ pub(crate) mod extract;
 mod future;
 mod held;
 mod keeper;
+mod lease;
 mod name;
 mod queue;
 mod rejection;

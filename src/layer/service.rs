@@ -100,6 +100,7 @@ where
             request,
             shared.mapper.clone(),
             shared.release_on_head,
+            shared.abort_on_lost,
             grpc,
         )
     }

@@ -1,0 +1,228 @@
+//! One shared state per held lock (a lease): what the handler sees of it,
+//! the keeper until it starts, and the release guard that the response
+//! carries. The keeper starts lazily, in a task of its own, only if the
+//! request is still in flight when the first extension falls due.
+//!
+//! # Why the first extension is never late
+//!
+//! The lease arms a Tokio timer at acquisition, set to the instant the
+//! first extension falls due: acquisition + `extend_every` (or the end of
+//! `max_hold`, if sooner). The timer's waker is the lease itself, so the
+//! runtime's time driver, not a poll of the response future or body, starts
+//! the keeper: a handler that sleeps for minutes, or a body whose next
+//! chunk comes much later, is kept all the same. When the timer fires, the
+//! keeper task is spawned and extends at once (its first deadline is the
+//! same instant, computed at acquisition, not when the task starts), then
+//! every interval, as before. This is the same time driver and the same
+//! deadline that the keeper task, spawned eagerly, used to sleep on; the
+//! only difference is that the task is scheduled when the timer fires
+//! instead of being woken then, so the first extension comes as early as it
+//! did. A wake-up before the deadline (the timer is polled unconstrained by
+//! the task budget, so none is expected) only starts the keeper early: it
+//! still extends at the deadline, never before.
+//!
+//! A request that lets go before the deadline cancels the timer and
+//! releases inline ([`Keeper::release`]): no task, no extension. A request
+//! that lets go after its keeper started tells the keeper, which releases.
+//! A keeper that starts after the request let go finds nothing to do.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::time::{Sleep, sleep_until};
+
+use super::held::{HeldLock, LockView};
+use super::keeper::Keeper;
+use super::queue::Holder;
+use crate::sync::DistMutex;
+
+/// The lease of one held lock, shared by the handler's [`HeldLock`], the
+/// response's [`ReleaseGuard`], the armed timer and the keeper task.
+pub(crate) struct Lease<M> {
+    view: LockView,
+    stage: Mutex<Stage<M>>,
+    /// Tells a running keeper that the request has let go.
+    let_go: Notify,
+    /// Tells this name's local queue, at once, that the release is under
+    /// way.
+    holder: Arc<Holder>,
+    /// Where the keeper and a deferred release run.
+    runtime: Handle,
+}
+
+enum Stage<M> {
+    /// No task yet: the timer starts the keeper when the first extension
+    /// falls due. `timer` is `None` only while the lease is being armed.
+    Armed {
+        keeper: Keeper<M>,
+        timer: Option<Pin<Box<Sleep>>>,
+    },
+    /// The keeper task owns the keeper.
+    Kept,
+    /// The request let go.
+    Done,
+}
+
+/// What the guard and the handler's view need of a lease, whatever the
+/// backend.
+pub(crate) trait DynLease: Send + Sync + 'static {
+    /// The part the handler sees.
+    fn view(&self) -> &LockView;
+    /// The request no longer needs the lock: release it, inline if the
+    /// keeper has not started and the backend's unlock is done at once,
+    /// else in the background.
+    fn let_go(self: Arc<Self>);
+}
+
+impl<M: DistMutex> Lease<M> {
+    /// Starts holding the lock kept by `keeper`: arms the timer that starts
+    /// the keeper when the first extension falls due. Call it within the
+    /// Tokio runtime that should keep the lock.
+    pub(crate) fn hold(
+        view: LockView,
+        keeper: Keeper<M>,
+        holder: Arc<Holder>,
+    ) -> (ReleaseGuard, HeldLock) {
+        let deadline = keeper.first_deadline();
+        let lease = Arc::new(Lease {
+            view,
+            stage: Mutex::new(Stage::Armed {
+                keeper,
+                timer: None,
+            }),
+            let_go: Notify::new(),
+            holder,
+            runtime: Handle::current(),
+        });
+        let mut timer = Box::pin(sleep_until(deadline));
+        let waker = Waker::from(lease.clone());
+        // Unconstrained: an exhausted task budget would otherwise wake us
+        // at once instead of registering the timer.
+        let mut first = tokio::task::unconstrained(timer.as_mut());
+        if Pin::new(&mut first)
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            lease.start_keeper();
+        } else {
+            let mut stage = lease.stage();
+            if let Stage::Armed { timer: slot, .. } = &mut *stage {
+                *slot = Some(timer);
+            }
+            // Else the timer fired meanwhile and the keeper runs: the timer
+            // is dropped below, outside the lock.
+        }
+        let dynamic: Arc<dyn DynLease> = lease;
+        (
+            ReleaseGuard {
+                lease: Some(dynamic.clone()),
+            },
+            HeldLock::new(dynamic),
+        )
+    }
+
+    pub(crate) fn view(&self) -> &LockView {
+        &self.view
+    }
+
+    /// Resolves once the request has let go (for the running keeper).
+    pub(crate) async fn let_go_signal(&self) {
+        self.let_go.notified().await;
+    }
+
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.runtime
+    }
+
+    fn stage(&self) -> MutexGuard<'_, Stage<M>> {
+        self.stage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Spawns the keeper task, unless it runs already or the request has
+    /// let go.
+    fn start_keeper(self: &Arc<Self>) {
+        let (keeper, timer) = {
+            let mut stage = self.stage();
+            match std::mem::replace(&mut *stage, Stage::Kept) {
+                Stage::Armed { keeper, timer } => (keeper, timer),
+                other => {
+                    *stage = other;
+                    return;
+                }
+            }
+        };
+        drop(timer);
+        self.runtime.spawn(keeper.keep(self.clone()));
+    }
+}
+
+/// The armed timer wakes the lease: the first extension is due.
+impl<M: DistMutex> Wake for Lease<M> {
+    fn wake(self: Arc<Self>) {
+        self.start_keeper();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.start_keeper();
+    }
+}
+
+impl<M: DistMutex> DynLease for Lease<M> {
+    fn view(&self) -> &LockView {
+        &self.view
+    }
+
+    fn let_go(self: Arc<Self>) {
+        self.holder.releasing();
+        let armed = match std::mem::replace(&mut *self.stage(), Stage::Done) {
+            Stage::Armed { keeper, timer } => Some((keeper, timer)),
+            Stage::Kept => None,
+            Stage::Done => return,
+        };
+        match armed {
+            Some((keeper, timer)) => {
+                // Cancels the timer: no keeper will start.
+                drop(timer);
+                keeper.release(&self);
+            }
+            None => self.let_go.notify_one(),
+        }
+    }
+}
+
+/// Dropping the guard lets go of the lock (see [`DynLease::let_go`]); the
+/// response future, then its body, carries it.
+pub(crate) struct ReleaseGuard {
+    lease: Option<Arc<dyn DynLease>>,
+}
+
+impl ReleaseGuard {
+    /// Ready once the lock is lost (for the abort option).
+    pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.lease {
+            Some(lease) => lease.view().poll_lost(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl fmt::Debug for ReleaseGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReleaseGuard")
+            .field("name", &self.lease.as_ref().map(|l| l.view().name()))
+            .finish()
+    }
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.let_go();
+        }
+    }
+}
