@@ -122,7 +122,7 @@ impl DistSync for MemorySync {
         Ok(MemoryMutex {
             shared: self.shared.clone(),
             name: Arc::from(name),
-            value: options.value().unwrap_or_default().to_owned(),
+            value: options.value().map(Arc::from),
             options,
             until: None,
             token: None,
@@ -151,7 +151,8 @@ pub struct MemoryMutex {
     shared: Arc<Shared>,
     name: Arc<str>,
     options: DistMutexOptions,
-    value: String,
+    /// `None` until acquired, unless preset.
+    value: Option<Arc<str>>,
     until: Option<Instant>,
     token: Option<u64>,
 }
@@ -168,7 +169,7 @@ impl fmt::Debug for MemoryMutex {
 
 impl MemoryMutex {
     fn acquired(&mut self, value: Arc<str>, grant: Grant) {
-        self.value = value.to_string();
+        self.value = Some(value);
         self.until = Some(
             grant
                 .expires_at
@@ -185,7 +186,7 @@ impl DistMutex for MemoryMutex {
     }
 
     fn value(&self) -> &str {
-        &self.value
+        self.value.as_deref().unwrap_or_default()
     }
 
     fn until(&self) -> Option<Instant> {
@@ -197,7 +198,7 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn lock(&mut self) -> Result<()> {
-        let value: Arc<str> = self.options.gen_value()?.into();
+        let value = self.options.gen_shared_value()?;
         let expiry = self.options.expiry();
         // Takes us out of the name's queue if this future is dropped or
         // gives up, and passes the lock on if a release had handed it to us.
@@ -236,7 +237,7 @@ impl DistMutex for MemoryMutex {
 
     async fn unlock(&mut self) -> Result<()> {
         let mut names = self.shared.names();
-        if names.release(&self.name, &self.value) {
+        if names.release(&self.name, self.value()) {
             self.until = None;
             Ok(())
         } else {
@@ -247,7 +248,7 @@ impl DistMutex for MemoryMutex {
     async fn extend(&mut self) -> Result<()> {
         let mut names = self.shared.names();
         let expires_at = names
-            .extend(&self.name, &self.value, self.options.expiry())
+            .extend(&self.name, self.value(), self.options.expiry())
             .ok_or(Error::NotAcquired)?;
         self.until = Some(
             expires_at
@@ -258,7 +259,7 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn valid(&self) -> Result<bool> {
-        Ok(self.shared.names().is_held_by(&self.name, &self.value))
+        Ok(self.shared.names().is_held_by(&self.name, self.value()))
     }
 }
 
@@ -335,10 +336,12 @@ impl Names {
     ) -> std::result::Result<Grant, (Duration, Arc<Notify>)> {
         let now = Instant::now();
         self.reap(now);
-        if !self.map.contains_key(name) {
-            self.map.insert(name.clone(), Entry::default());
-        }
-        let entry = self.map.get_mut(name).expect("inserted above");
+        let Names {
+            map,
+            expiries,
+            next_token,
+        } = self;
+        let entry = map.entry(name.clone()).or_default();
         if let Some(holder) = &mut entry.holder
             && holder.handed_to == Some(id)
         {
@@ -352,7 +355,10 @@ impl Names {
             // Nobody waits on a free name (a release hands it on at once),
             // so the name is ours; leave the queue if we were in it.
             entry.queue.retain(|w| w.id != id);
-            return Ok(self.grant(name, value.clone(), now + expiry, None));
+            let expires_at = now + expiry;
+            return Ok(grant(
+                expiries, next_token, entry, name, value, expires_at, None,
+            ));
         }
         let wake = match entry.queue.iter().find(|w| w.id == id) {
             Some(waiter) => waiter.wake.clone(),
@@ -424,27 +430,6 @@ impl Names {
         self.map.get(name)?.holder.as_ref()
     }
 
-    /// Makes a new holder of `name` (whose entry exists).
-    fn grant(
-        &mut self,
-        name: &Arc<str>,
-        value: Arc<str>,
-        expires_at: Instant,
-        handed_to: Option<u64>,
-    ) -> Grant {
-        let token = self.next_token;
-        self.next_token += 1;
-        self.expiries.insert((expires_at, token), name.clone());
-        let entry = self.map.get_mut(name).expect("granted names have an entry");
-        entry.holder = Some(Holder {
-            value,
-            expires_at,
-            token,
-            handed_to,
-        });
-        Grant { expires_at, token }
-    }
-
     /// Removes the holder of `name`, then hands the name to its first
     /// waiter, or forgets the name if nobody waits.
     fn clear(&mut self, name: &str) {
@@ -455,13 +440,16 @@ impl Names {
             self.expiries.remove(&(holder.expires_at, holder.token));
         }
         if let Some(waiter) = entry.queue.pop_front() {
-            self.map.insert(name.clone(), entry);
-            self.grant(
+            grant(
+                &mut self.expiries,
+                &mut self.next_token,
+                &mut entry,
                 &name,
-                waiter.value,
+                &waiter.value,
                 Instant::now() + waiter.expiry,
                 Some(waiter.id),
             );
+            self.map.insert(name, entry);
             waiter.wake.notify_one();
         } else if self.map.capacity() > 64 && self.map.len() * 4 < self.map.capacity() {
             self.map.shrink_to(self.map.len() * 2);
@@ -477,6 +465,30 @@ impl Names {
             self.clear(&name);
         }
     }
+}
+
+/// Makes `value` the holder of `entry`, the entry of `name` (the fields of
+/// [`Names`] it touches are passed apart, so that `entry` may be borrowed
+/// from the map).
+fn grant(
+    expiries: &mut BTreeMap<(Instant, u64), Arc<str>>,
+    next_token: &mut u64,
+    entry: &mut Entry,
+    name: &Arc<str>,
+    value: &Arc<str>,
+    expires_at: Instant,
+    handed_to: Option<u64>,
+) -> Grant {
+    let token = *next_token;
+    *next_token += 1;
+    expiries.insert((expires_at, token), name.clone());
+    entry.holder = Some(Holder {
+        value: value.clone(),
+        expires_at,
+        token,
+        handed_to,
+    });
+    Grant { expires_at, token }
 }
 
 /// A waiter's place in a name's queue, owned by the `lock()` future.

@@ -6,9 +6,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::Semaphore;
 
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
@@ -18,23 +19,15 @@ pub(crate) struct LocalQueues<T = ()> {
 
 /// A name's gate and how many callers use it.
 struct Entry<T> {
-    gate: Gate<T>,
+    gate: Arc<Gate<T>>,
     users: usize,
 }
 
-/// One name's queue: a FIFO async mutex whose guard is the turn.
+/// One name's queue: a fair (FIFO) semaphore with one permit, the turn,
+/// and what the name's users share, in one allocation.
 struct Gate<T> {
-    turn: Arc<tokio::sync::Mutex<()>>,
-    shared: Arc<T>,
-}
-
-impl<T> Clone for Gate<T> {
-    fn clone(&self) -> Self {
-        Gate {
-            turn: self.turn.clone(),
-            shared: self.shared.clone(),
-        }
-    }
+    turn: Semaphore,
+    shared: T,
 }
 
 impl<T> Default for LocalQueues<T> {
@@ -79,10 +72,10 @@ impl<T: Default> LocalQueues<T> {
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.entry(name.clone()).or_insert_with(|| Entry {
-            gate: Gate {
-                turn: Arc::default(),
-                shared: Arc::default(),
-            },
+            gate: Arc::new(Gate {
+                turn: Semaphore::new(1),
+                shared: T::default(),
+            }),
             users: 0,
         });
         entry.users += 1;
@@ -98,7 +91,7 @@ impl<T: Default> LocalQueues<T> {
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
     name: Arc<str>,
-    gate: Gate<T>,
+    gate: Arc<Gate<T>>,
 }
 
 impl<T> fmt::Debug for Place<T> {
@@ -109,25 +102,76 @@ impl<T> fmt::Debug for Place<T> {
 
 impl<T> Place<T> {
     /// Waits for this caller's turn (FIFO); the turn lasts as long as the
-    /// returned guard.
-    pub(crate) async fn wait(&self) -> OwnedMutexGuard<()> {
-        self.gate.turn.clone().lock_owned().await
+    /// returned guard. Cancel-safe: a dropped wait takes no turn.
+    pub(crate) async fn wait(&self) -> Turn<T> {
+        let permit = self
+            .gate
+            .turn
+            .acquire()
+            .await
+            .expect("a gate's semaphore is never closed");
+        permit.forget();
+        Turn {
+            gate: self.gate.clone(),
+        }
     }
 
     /// This caller's turn, if nobody holds it now.
-    pub(crate) fn try_turn(&self) -> Option<OwnedMutexGuard<()>> {
-        self.gate.turn.clone().try_lock_owned().ok()
+    pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
+        let permit = self.gate.turn.try_acquire().ok()?;
+        permit.forget();
+        Some(Turn {
+            gate: self.gate.clone(),
+        })
+    }
+
+    /// The name of this queue.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// What the users of this name share.
-    pub(crate) fn shared(&self) -> &Arc<T> {
+    pub(crate) fn shared(&self) -> &T {
         &self.gate.shared
+    }
+
+    /// What the users of this name share, to keep beyond this place.
+    pub(crate) fn share(&self) -> Shared<T> {
+        Shared(self.gate.clone())
     }
 }
 
 impl<T> Drop for Place<T> {
     fn drop(&mut self) {
         self.queues.leave(&self.name);
+    }
+}
+
+/// A caller's turn: the next caller in the queue goes when it is dropped.
+pub(crate) struct Turn<T> {
+    gate: Arc<Gate<T>>,
+}
+
+impl<T> fmt::Debug for Turn<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Turn").finish_non_exhaustive()
+    }
+}
+
+impl<T> Drop for Turn<T> {
+    fn drop(&mut self) {
+        self.gate.turn.add_permits(1);
+    }
+}
+
+/// What the users of a name share (see [`Place::share`]).
+pub(crate) struct Shared<T>(Arc<Gate<T>>);
+
+impl<T> Deref for Shared<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0.shared
     }
 }
 
@@ -149,5 +193,33 @@ mod tests {
         let _turn = b.wait().await;
         drop(b);
         assert_eq!(queues.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn turns_are_first_come_first_served_and_a_dropped_wait_takes_none() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let queues: Arc<LocalQueues> = Arc::default();
+        let [a, b, c, d] = ["k"; 4].map(|name| queues.join(name.into()));
+        let turn = a.try_turn().expect("free");
+        let mut b_waits = Box::pin(b.wait());
+        let mut c_waits = Box::pin(c.wait());
+        let mut d_waits = Box::pin(d.wait());
+        for waits in [&mut b_waits, &mut c_waits, &mut d_waits] {
+            assert!(waits.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending(), "b came first");
+        let turn = match b_waits.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(turn) => turn,
+            std::task::Poll::Pending => panic!("b's turn"),
+        };
+        // b's turn ends and passes to c, which gives up before it sees it:
+        // the turn passes on to d.
+        drop(turn);
+        drop(c_waits);
+        assert!(d_waits.as_mut().poll(&mut cx).is_ready());
     }
 }

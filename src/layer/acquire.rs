@@ -10,6 +10,7 @@ use super::Shared;
 use super::held::{HeldLock, LockView};
 use super::keeper::Keeper;
 use super::lease::{Lease, ReleaseGuard};
+use super::queue::{Place, Turn};
 use super::rejection::{Rejection, RejectionKind};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
@@ -23,19 +24,23 @@ pub(crate) struct Holding {
 /// Waits for the lock on `name`, at most the wait budget.
 pub(crate) async fn acquire<D: DistSync>(
     shared: Arc<Shared<D>>,
-    name: String,
+    name: Arc<str>,
     grpc: bool,
 ) -> Result<Holding, Rejection> {
     let start = Instant::now();
     let deadline = start.checked_add(shared.wait).unwrap_or_else(far_future);
     let fail_fast = shared.wait.is_zero();
-    let place = shared.queues.join(Arc::from(name.as_str()));
+    let place = shared.queues.join(name);
+    let name = &**place.name();
 
-    let turn = if fail_fast {
-        // A release takes at most one node timeout.
-        place.turn_unless_busy(shared.options.node_timeout()).await
-    } else {
-        timeout_at(deadline, place.wait()).await.ok()
+    // The waits are boxed: they are the rare path, and would otherwise
+    // make every request's future larger.
+    let (turn, queued) = match place.try_turn() {
+        Some(turn) => (Some(turn), false),
+        None => (
+            Box::pin(wait_turn(&shared, &place, deadline, fail_fast)).await,
+            true,
+        ),
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
@@ -51,26 +56,17 @@ pub(crate) async fn acquire<D: DistSync>(
 
     // One try first: a free key is taken at once, and a backend that is
     // down answers 503 at once instead of after the whole budget.
-    let first = lock_once(&shared, &name).await;
+    let first = lock_once(&shared, name).await;
     // Counts retries for the `acquired` event, when anyone listens.
     let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);
     let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
     let locked = match first {
         Err(Error::Held { .. }) if !fail_fast => {
-            match new_mutex(&shared, &name, u32::MAX, retries.as_ref()) {
-                Ok(mut mutex) => match timeout_at(deadline, mutex.lock()).await {
-                    Ok(Ok(())) => Ok(mutex),
-                    Ok(Err(error)) => Err(error),
-                    // The budget is spent: one last try, which also learns
-                    // how long the holder keeps the key.
-                    Err(_) => lock_once(&shared, &name).await,
-                },
-                Err(error) => Err(error),
-            }
+            Box::pin(lock_until(&shared, name, deadline, retries.as_ref())).await
         }
         first => first,
     };
-    let mutex = locked.map_err(|error| rejection(&name, error, grpc, &shared))?;
+    let mutex = locked.map_err(|error| rejection(name, error, grpc, &shared))?;
 
     let until = mutex.until();
     place.set_holder_until(until);
@@ -80,9 +76,21 @@ pub(crate) async fn acquire<D: DistSync>(
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
-    let view = LockView::new(name, mutex.value().to_owned(), mutex.fencing_token(), until);
-    let now = Instant::now();
-    let holder = place.shared().clone();
+    let view = LockView::new(
+        place.name().clone(),
+        mutex.value(),
+        mutex.fencing_token(),
+        until,
+    );
+    // The keeper's clock starts at acquisition. A request that neither
+    // queued nor waited reuses `start`, one backend call earlier: its first
+    // extension and the end of its `max_hold` only come that much sooner.
+    let now = if queued || waited {
+        Instant::now()
+    } else {
+        start
+    };
+    let holder = place.share();
     let keeper = Keeper {
         mutex,
         turn,
@@ -96,6 +104,39 @@ pub(crate) async fn acquire<D: DistSync>(
     };
     let (guard, held) = Lease::hold(view, keeper, holder);
     Ok(Holding { guard, held })
+}
+
+/// Waits for this request's turn in the local queue: within the wait
+/// budget, or, failing fast, only for a holder whose release is under way.
+async fn wait_turn<D: DistSync>(
+    shared: &Shared<D>,
+    place: &Place,
+    deadline: Instant,
+    fail_fast: bool,
+) -> Option<Turn> {
+    if fail_fast {
+        // A release takes at most one node timeout.
+        place.turn_unless_busy(shared.options.node_timeout()).await
+    } else {
+        timeout_at(deadline, place.wait()).await.ok()
+    }
+}
+
+/// Waits for the lock on a held name until `deadline`.
+async fn lock_until<D: DistSync>(
+    shared: &Shared<D>,
+    name: &str,
+    deadline: Instant,
+    retries: Option<&Arc<AtomicU32>>,
+) -> Result<D::Mutex, Error> {
+    let mut mutex = new_mutex(shared, name, u32::MAX, retries)?;
+    match timeout_at(deadline, mutex.lock()).await {
+        Ok(Ok(())) => Ok(mutex),
+        Ok(Err(error)) => Err(error),
+        // The budget is spent: one last try, which also learns how long
+        // the holder keeps the key.
+        Err(_) => lock_once(shared, name).await,
+    }
 }
 
 fn new_mutex<D: DistSync>(

@@ -40,12 +40,43 @@ pub struct HeldLock {
 /// What can be seen of a held lock: fixed facts, and a status that the
 /// keeper and the release change.
 pub(crate) struct LockView {
-    name: String,
-    value: String,
+    name: Arc<str>,
+    value: Value,
     token: Option<u64>,
     status: Mutex<Status>,
     /// Told of every change of `lost` or `released`.
     changed: Notify,
+}
+
+/// The lock's value, kept inline when short (the default is 32 hex
+/// digits), so that a request's view of it costs no allocation.
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+const INLINE: usize = 48;
+
+impl Value {
+    fn new(value: &str) -> Self {
+        match u8::try_from(value.len()) {
+            Ok(len) if value.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..value.len()].copy_from_slice(value.as_bytes());
+                Value::Inline { len, bytes }
+            }
+            _ => Value::Heap(value.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Value::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            Value::Heap(value) => value,
+        }
+    }
 }
 
 /// What changes while the lock is held.
@@ -61,14 +92,14 @@ struct Status {
 
 impl LockView {
     pub(crate) fn new(
-        name: String,
-        value: String,
+        name: Arc<str>,
+        value: &str,
         token: Option<u64>,
         until: Option<Instant>,
     ) -> Self {
         LockView {
             name,
-            value,
+            value: Value::new(value),
             token,
             status: Mutex::new(Status {
                 until,
@@ -159,7 +190,7 @@ impl HeldLock {
 
     /// The random value that owns the lock.
     pub fn value(&self) -> &str {
-        &self.view().value
+        self.view().value.as_str()
     }
 
     /// The fencing token of this acquisition, when the backend gives one.

@@ -11,12 +11,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::sync::OwnedMutexGuard;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::held::LockView;
 use super::lease::Lease;
-use super::queue::Place;
+use super::queue::{Place, Turn};
 use crate::error::Error;
 use crate::sync::DistMutex;
 
@@ -24,7 +23,7 @@ use crate::sync::DistMutex;
 pub(crate) struct Keeper<M> {
     pub(crate) mutex: M,
     /// This request's turn in the local queue, passed on after release.
-    pub(crate) turn: OwnedMutexGuard<()>,
+    pub(crate) turn: Turn,
     pub(crate) place: Place,
     pub(crate) interval: Duration,
     /// The longest a release may take: past the expiry it is moot.
@@ -145,13 +144,7 @@ where
 
 /// The lock is released (or given up): logs how, tells the handler, and
 /// passes this request's turn on to the next local request for the name.
-fn finish(
-    view: &LockView,
-    unlocked: Unlocked,
-    lost: bool,
-    turn: OwnedMutexGuard<()>,
-    place: Place,
-) {
+fn finish(view: &LockView, unlocked: Unlocked, lost: bool, turn: Turn, place: Place) {
     let name = view.name();
     match unlocked {
         Unlocked::Done(Ok(())) => tracing::debug!(name, "lock released"),

@@ -38,7 +38,7 @@ use tokio::time::{Sleep, sleep_until};
 
 use super::held::{HeldLock, LockView};
 use super::keeper::Keeper;
-use super::queue::Holder;
+use super::queue::HolderRef;
 use crate::sync::DistMutex;
 
 /// The lease of one held lock, shared by the handler's [`HeldLock`], the
@@ -50,7 +50,7 @@ pub(crate) struct Lease<M> {
     let_go: Notify,
     /// Tells this name's local queue, at once, that the release is under
     /// way.
-    holder: Arc<Holder>,
+    holder: HolderRef,
     /// Where the keeper and a deferred release run.
     runtime: Handle,
 }
@@ -86,7 +86,7 @@ impl<M: DistMutex> Lease<M> {
     pub(crate) fn hold(
         view: LockView,
         keeper: Keeper<M>,
-        holder: Arc<Holder>,
+        holder: HolderRef,
     ) -> (ReleaseGuard, HeldLock) {
         let deadline = keeper.first_deadline();
         let lease = Arc::new(Lease {

@@ -1,6 +1,8 @@
 //! From a request key to a lock name: `namespace + separator + key`, with
 //! the key escaped so that it can never reach another namespace's lock.
 
+use std::sync::Arc;
+
 use super::extract::KeyError;
 use crate::sync::MAX_NAME_LEN;
 
@@ -30,7 +32,10 @@ impl Namer {
     /// percent-encoded, so distinct keys give distinct names and a key never
     /// adds a level to the name: with the separator `:`, the key `a:b` in
     /// namespace `n` is `n:a%3Ab`, which no key of namespace `n:a` can give.
-    pub(crate) fn name(&self, key: &str) -> Result<String, KeyError> {
+    ///
+    /// Built on the stack and allocated once, shared by the local queue and
+    /// the handler's [`HeldLock`](super::HeldLock).
+    pub(crate) fn name(&self, key: &str) -> Result<Arc<str>, KeyError> {
         let max = self.max_key_len();
         if key.is_empty() {
             return Err(KeyError::Empty);
@@ -44,23 +49,49 @@ impl Namer {
         if key.chars().any(char::is_control) {
             return Err(KeyError::ControlCharacter);
         }
-        let mut name = String::with_capacity(self.prefix.len() + key.len());
-        name.push_str(&self.prefix);
-        for c in key.chars() {
-            if c == '%' || self.separator.contains(&c) {
-                let mut utf8 = [0u8; 4];
-                for byte in c.encode_utf8(&mut utf8).bytes() {
-                    name.push_str(&format!("%{byte:02X}"));
-                }
-            } else {
-                name.push(c);
-            }
-        }
-        let escaped = name.len() - self.prefix.len();
+        // Each escaped byte becomes three: `%XX`.
+        let escaped_bytes: usize = key
+            .chars()
+            .filter(|c| self.escapes(*c))
+            .map(char::len_utf8)
+            .sum();
+        let escaped = key.len() + 2 * escaped_bytes;
         if escaped > max {
             return Err(KeyError::TooLong { len: escaped, max });
         }
-        Ok(name)
+        let mut name = [0u8; MAX_NAME_LEN];
+        let mut len = self.prefix.len();
+        name[..len].copy_from_slice(self.prefix.as_bytes());
+        if escaped_bytes == 0 {
+            name[len..len + key.len()].copy_from_slice(key.as_bytes());
+            len += key.len();
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            for c in key.chars() {
+                let mut utf8 = [0u8; 4];
+                let bytes = c.encode_utf8(&mut utf8).as_bytes();
+                if self.escapes(c) {
+                    for byte in bytes {
+                        name[len..len + 3].copy_from_slice(&[
+                            b'%',
+                            HEX[usize::from(byte >> 4)],
+                            HEX[usize::from(byte & 0xf)],
+                        ]);
+                        len += 3;
+                    }
+                } else {
+                    name[len..len + bytes.len()].copy_from_slice(bytes);
+                    len += bytes.len();
+                }
+            }
+        }
+        let name =
+            std::str::from_utf8(&name[..len]).expect("whole UTF-8 strings and ASCII escapes");
+        Ok(Arc::from(name))
+    }
+
+    fn escapes(&self, c: char) -> bool {
+        c == '%' || self.separator.contains(&c)
     }
 }
 
@@ -72,12 +103,16 @@ mod tests {
     fn keys_stay_inside_their_namespace() {
         let outer = Namer::new("n", ":");
         let inner = Namer::new("n:a", ":");
-        assert_eq!(outer.name("a:b").unwrap(), "n:a%3Ab");
-        assert_eq!(inner.name("b").unwrap(), "n:a:b");
-        assert_eq!(outer.name("100%").unwrap(), "n:100%25");
+        assert_eq!(&*outer.name("a:b").unwrap(), "n:a%3Ab");
+        assert_eq!(&*inner.name("b").unwrap(), "n:a:b");
+        assert_eq!(&*outer.name("100%").unwrap(), "n:100%25");
         assert_ne!(outer.name("%3A").unwrap(), outer.name(":").unwrap());
         let multi = Namer::new("ns", "::");
-        assert_eq!(multi.name("x::y").unwrap(), "ns::x%3A%3Ay");
+        assert_eq!(&*multi.name("x::y").unwrap(), "ns::x%3A%3Ay");
+        // Multi-byte separators are escaped byte by byte.
+        let arrow = Namer::new("ns", "→");
+        assert_eq!(&*arrow.name("a→b").unwrap(), "ns→a%E2%86%92b");
+        assert_eq!(&*outer.name("é:ü").unwrap(), "n:é%3Aü");
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl DistMutex for RedisMutex {
             }
             made += u32::from(!retry_now);
             retry_now = false;
-            let value: Arc<str> = self.options.gen_value()?.into();
+            let value = self.options.gen_shared_value()?;
             wait_for_cleanup(&mut self.cleanup, &value).await;
             let start = Instant::now();
             let keys = [self.key.clone(), self.counter.clone()];
