@@ -12,6 +12,7 @@
 //! expired ones (kept in expiry order) by the next call on the backend,
 //! whatever its name.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,13 +380,22 @@ impl Names {
 
     /// Releases the lock held with `value`; false if `value` does not hold
     /// an unexpired lock on `name`.
-    fn release(&mut self, name: &str, value: &str) -> bool {
+    fn release(&mut self, name: &Arc<str>, value: &str) -> bool {
         self.reap(Instant::now());
-        if self.holder(name).is_none_or(|h| *h.value != *value) {
-            return false;
+        match self.map.entry(name.clone()) {
+            MapEntry::Occupied(entry)
+                if entry
+                    .get()
+                    .holder
+                    .as_ref()
+                    .is_some_and(|h| *h.value == *value) =>
+            {
+                let (name, entry) = entry.remove_entry();
+                self.settle(name, entry);
+                true
+            }
+            _ => false,
         }
-        self.clear(name);
-        true
     }
 
     /// Moves the expiry of the lock held with `value` to `now + expiry`.
@@ -433,9 +443,13 @@ impl Names {
     /// Removes the holder of `name`, then hands the name to its first
     /// waiter, or forgets the name if nobody waits.
     fn clear(&mut self, name: &str) {
-        let Some((name, mut entry)) = self.map.remove_entry(name) else {
-            return;
-        };
+        if let Some((name, entry)) = self.map.remove_entry(name) {
+            self.settle(name, entry);
+        }
+    }
+
+    /// The rest of [`clear`](Self::clear), once the entry is out of the map.
+    fn settle(&mut self, name: Arc<str>, mut entry: Entry) {
         if let Some(holder) = entry.holder.take() {
             self.expiries.remove(&(holder.expires_at, holder.token));
         }

@@ -5,6 +5,7 @@
 //! Redis backend (per `lock()` call).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,12 +56,12 @@ impl<T> LocalQueues<T> {
             .len()
     }
 
-    fn leave(&self, name: &str) {
+    fn leave(&self, name: &Arc<str>) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = map.get_mut(name) {
-            entry.users -= 1;
-            if entry.users == 0 {
-                map.remove(name);
+        if let MapEntry::Occupied(mut entry) = map.entry(name.clone()) {
+            entry.get_mut().users -= 1;
+            if entry.get().users == 0 {
+                entry.remove();
             }
         }
     }

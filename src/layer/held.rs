@@ -85,6 +85,8 @@ struct Status {
     until: Option<Instant>,
     lost: bool,
     released: bool,
+    /// Set once [`HeldLock::lost`] waits: changes are then announced.
+    watched: bool,
     /// With the abort option: the response future or body to wake when the
     /// lock is lost.
     on_lost: Option<Waker>,
@@ -105,6 +107,7 @@ impl LockView {
                 until,
                 lost: false,
                 released: false,
+                watched: false,
                 on_lost: None,
             }),
             changed: Notify::new(),
@@ -127,21 +130,29 @@ impl LockView {
     /// Records that the lock can no longer be trusted, and tells whoever
     /// waits for that.
     pub(crate) fn set_lost(&self) {
-        let waker = {
+        let (waker, watched) = {
             let mut status = self.status();
             status.lost = true;
-            status.on_lost.take()
+            (status.on_lost.take(), status.watched)
         };
         if let Some(waker) = waker {
             waker.wake();
         }
-        self.changed.notify_waiters();
+        if watched {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Records that the request no longer holds the lock.
     pub(crate) fn set_released(&self) {
-        self.status().released = true;
-        self.changed.notify_waiters();
+        let watched = {
+            let mut status = self.status();
+            status.released = true;
+            status.watched
+        };
+        if watched {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Ready once the lock is lost; until then, `cx` is woken when it is.
@@ -225,8 +236,14 @@ impl HeldLock {
             // Registered before the check, so that no change slips between.
             let mut changed = pin!(view.changed.notified());
             changed.as_mut().enable();
-            if self.is_released() {
-                return;
+            {
+                let mut status = view.status();
+                if status.lost || status.released {
+                    return;
+                }
+                // Under the same lock as the change: either the change is
+                // seen above, or it is announced to `changed`.
+                status.watched = true;
             }
             changed.await;
         }

@@ -27,15 +27,13 @@
 //! A keeper that starts after the request let go finds nothing to do.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
-use tokio::time::{Sleep, sleep_until};
 
+use super::alarm::Alarm;
 use super::held::{HeldLock, LockView};
 use super::keeper::Keeper;
 use super::queue::HolderRef;
@@ -43,9 +41,13 @@ use crate::sync::DistMutex;
 
 /// The lease of one held lock, shared by the handler's [`HeldLock`], the
 /// response's [`ReleaseGuard`], the armed timer and the keeper task.
+///
+/// Always in an `Arc`, which is never unwrapped: the alarm stays in place.
 pub(crate) struct Lease<M> {
     view: LockView,
     stage: Mutex<Stage<M>>,
+    /// Starts the keeper when the first extension falls due.
+    alarm: Alarm,
     /// Tells a running keeper that the request has let go.
     let_go: Notify,
     /// Tells this name's local queue, at once, that the release is under
@@ -56,12 +58,9 @@ pub(crate) struct Lease<M> {
 }
 
 enum Stage<M> {
-    /// No task yet: the timer starts the keeper when the first extension
-    /// falls due. `timer` is `None` only while the lease is being armed.
-    Armed {
-        keeper: Keeper<M>,
-        timer: Option<Pin<Box<Sleep>>>,
-    },
+    /// No task yet: the alarm starts the keeper when the first extension
+    /// falls due.
+    Armed(Keeper<M>),
     /// The keeper task owns the keeper.
     Kept,
     /// The request let go.
@@ -91,31 +90,16 @@ impl<M: DistMutex> Lease<M> {
         let deadline = keeper.first_deadline();
         let lease = Arc::new(Lease {
             view,
-            stage: Mutex::new(Stage::Armed {
-                keeper,
-                timer: None,
-            }),
+            stage: Mutex::new(Stage::Armed(keeper)),
+            alarm: Alarm::new(),
             let_go: Notify::new(),
             holder,
             runtime: Handle::current(),
         });
-        let mut timer = Box::pin(sleep_until(deadline));
         let waker = Waker::from(lease.clone());
-        // Unconstrained: an exhausted task budget would otherwise wake us
-        // at once instead of registering the timer.
-        let mut first = tokio::task::unconstrained(timer.as_mut());
-        if Pin::new(&mut first)
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
-        {
+        // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped.
+        if unsafe { lease.alarm.arm(deadline, &waker) } {
             lease.start_keeper();
-        } else {
-            let mut stage = lease.stage();
-            if let Stage::Armed { timer: slot, .. } = &mut *stage {
-                *slot = Some(timer);
-            }
-            // Else the timer fired meanwhile and the keeper runs: the timer
-            // is dropped below, outside the lock.
         }
         let dynamic: Arc<dyn DynLease> = lease;
         (
@@ -146,17 +130,18 @@ impl<M: DistMutex> Lease<M> {
     /// Spawns the keeper task, unless it runs already or the request has
     /// let go.
     fn start_keeper(self: &Arc<Self>) {
-        let (keeper, timer) = {
+        let keeper = {
             let mut stage = self.stage();
             match std::mem::replace(&mut *stage, Stage::Kept) {
-                Stage::Armed { keeper, timer } => (keeper, timer),
+                Stage::Armed(keeper) => keeper,
                 other => {
                     *stage = other;
                     return;
                 }
             }
         };
-        drop(timer);
+        // Fired already, unless the wake-up came early.
+        self.alarm.cancel();
         self.runtime.spawn(keeper.keep(self.clone()));
     }
 }
@@ -180,14 +165,14 @@ impl<M: DistMutex> DynLease for Lease<M> {
     fn let_go(self: Arc<Self>) {
         self.holder.releasing();
         let armed = match std::mem::replace(&mut *self.stage(), Stage::Done) {
-            Stage::Armed { keeper, timer } => Some((keeper, timer)),
+            Stage::Armed(keeper) => Some(keeper),
             Stage::Kept => None,
             Stage::Done => return,
         };
         match armed {
-            Some((keeper, timer)) => {
-                // Cancels the timer: no keeper will start.
-                drop(timer);
+            Some(keeper) => {
+                // No keeper will start.
+                self.alarm.cancel();
                 keeper.release(&self);
             }
             None => self.let_go.notify_one(),

@@ -60,6 +60,7 @@
 //! ```
 
 mod acquire;
+mod alarm;
 mod body;
 pub(crate) mod extract;
 mod future;

@@ -59,40 +59,58 @@ impl Namer {
         if escaped > max {
             return Err(KeyError::TooLong { len: escaped, max });
         }
-        let mut name = [0u8; MAX_NAME_LEN];
-        let mut len = self.prefix.len();
-        name[..len].copy_from_slice(self.prefix.as_bytes());
-        if escaped_bytes == 0 {
-            name[len..len + key.len()].copy_from_slice(key.as_bytes());
-            len += key.len();
+        let len = self.prefix.len() + escaped;
+        if len <= SHORT {
+            let mut name = [0; SHORT];
+            self.write(key, escaped_bytes > 0, &mut name[..len]);
+            Ok(Arc::from(as_str(&name[..len])))
         } else {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            for c in key.chars() {
-                let mut utf8 = [0u8; 4];
-                let bytes = c.encode_utf8(&mut utf8).as_bytes();
-                if self.escapes(c) {
-                    for byte in bytes {
-                        name[len..len + 3].copy_from_slice(&[
-                            b'%',
-                            HEX[usize::from(byte >> 4)],
-                            HEX[usize::from(byte & 0xf)],
-                        ]);
-                        len += 3;
-                    }
-                } else {
-                    name[len..len + bytes.len()].copy_from_slice(bytes);
-                    len += bytes.len();
+            let mut name = vec![0; len];
+            self.write(key, escaped_bytes > 0, &mut name);
+            Ok(Arc::from(as_str(&name)))
+        }
+    }
+
+    /// Writes the name of `key` into `name`, exactly as long as it.
+    fn write(&self, key: &str, escape: bool, name: &mut [u8]) {
+        let (prefix, mut rest) = name.split_at_mut(self.prefix.len());
+        prefix.copy_from_slice(self.prefix.as_bytes());
+        if !escape {
+            rest.copy_from_slice(key.as_bytes());
+            return;
+        }
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        for c in key.chars() {
+            let mut utf8 = [0; 4];
+            let bytes = c.encode_utf8(&mut utf8).as_bytes();
+            if self.escapes(c) {
+                for byte in bytes {
+                    let (out, tail) = rest.split_at_mut(3);
+                    out.copy_from_slice(&[
+                        b'%',
+                        HEX[usize::from(byte >> 4)],
+                        HEX[usize::from(byte & 0xf)],
+                    ]);
+                    rest = tail;
                 }
+            } else {
+                let (out, tail) = rest.split_at_mut(bytes.len());
+                out.copy_from_slice(bytes);
+                rest = tail;
             }
         }
-        let name =
-            std::str::from_utf8(&name[..len]).expect("whole UTF-8 strings and ASCII escapes");
-        Ok(Arc::from(name))
     }
 
     fn escapes(&self, c: char) -> bool {
         c == '%' || self.separator.contains(&c)
     }
+}
+
+/// Names up to this long are built on the stack.
+const SHORT: usize = 256;
+
+fn as_str(name: &[u8]) -> &str {
+    std::str::from_utf8(name).expect("whole UTF-8 strings and ASCII escapes")
 }
 
 #[cfg(test)]
@@ -113,6 +131,14 @@ mod tests {
         let arrow = Namer::new("ns", "→");
         assert_eq!(&*arrow.name("a→b").unwrap(), "ns→a%E2%86%92b");
         assert_eq!(&*outer.name("é:ü").unwrap(), "n:é%3Aü");
+        // Long names are built on the heap, the same way.
+        let long = format!("{}:{}", "a".repeat(300), "b".repeat(300));
+        let escaped = format!("n:{}%3A{}", "a".repeat(300), "b".repeat(300));
+        assert_eq!(&*outer.name(&long).unwrap(), escaped);
+        assert_eq!(
+            &*outer.name(&"c".repeat(500)).unwrap(),
+            format!("n:{}", "c".repeat(500))
+        );
     }
 
     #[test]
