@@ -13,13 +13,22 @@ pub(crate) struct Namer {
     prefix: String,
     /// The characters of the separator, escaped in keys.
     separator: Vec<char>,
+    /// The ASCII bytes escaped in keys: `%` and the separator's.
+    escaped_ascii: [bool; 128],
 }
 
 impl Namer {
     pub(crate) fn new(namespace: &str, separator: &str) -> Self {
+        let mut escaped_ascii = [false; 128];
+        for byte in separator.bytes().chain([b'%']) {
+            if byte.is_ascii() {
+                escaped_ascii[usize::from(byte)] = true;
+            }
+        }
         Namer {
             prefix: format!("{namespace}{separator}"),
             separator: separator.chars().collect(),
+            escaped_ascii,
         }
     }
 
@@ -46,15 +55,25 @@ impl Namer {
                 max,
             });
         }
-        if key.chars().any(char::is_control) {
-            return Err(KeyError::ControlCharacter);
-        }
         // Each escaped byte becomes three: `%XX`.
-        let escaped_bytes: usize = key
-            .chars()
-            .filter(|c| self.escapes(*c))
-            .map(char::len_utf8)
-            .sum();
+        let escaped_bytes = if key.is_ascii() {
+            let mut escaped = 0;
+            for &byte in key.as_bytes() {
+                if byte.is_ascii_control() {
+                    return Err(KeyError::ControlCharacter);
+                }
+                escaped += usize::from(self.escaped_ascii[usize::from(byte)]);
+            }
+            escaped
+        } else {
+            if key.chars().any(char::is_control) {
+                return Err(KeyError::ControlCharacter);
+            }
+            key.chars()
+                .filter(|c| self.escapes(*c))
+                .map(char::len_utf8)
+                .sum()
+        };
         let escaped = key.len() + 2 * escaped_bytes;
         if escaped > max {
             return Err(KeyError::TooLong { len: escaped, max });
@@ -146,6 +165,8 @@ mod tests {
         let namer = Namer::new("ns", ":");
         assert_eq!(namer.name(""), Err(KeyError::Empty));
         assert_eq!(namer.name("a\u{7}b"), Err(KeyError::ControlCharacter));
+        assert_eq!(namer.name("a\u{7f}"), Err(KeyError::ControlCharacter));
+        assert_eq!(namer.name("é\u{85}"), Err(KeyError::ControlCharacter));
         assert!(matches!(
             namer.name(&"k".repeat(2000)),
             Err(KeyError::TooLong { .. })
