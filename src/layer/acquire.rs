@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
 
@@ -27,20 +28,16 @@ pub(crate) async fn acquire<D: DistSync>(
     name: Arc<str>,
     grpc: bool,
 ) -> Result<Holding, Rejection> {
-    let start = Instant::now();
-    let deadline = start.checked_add(shared.wait).unwrap_or_else(far_future);
     let fail_fast = shared.wait.is_zero();
+    let mut budget = Budget::new(shared.wait);
     let place = shared.queues.join(name);
     let name = &**place.name();
 
     // The waits are boxed: they are the rare path, and would otherwise
     // make every request's future larger.
-    let (turn, queued) = match place.try_turn() {
-        Some(turn) => (Some(turn), false),
-        None => (
-            Box::pin(wait_turn(&shared, &place, deadline, fail_fast)).await,
-            true,
-        ),
+    let turn = match place.try_turn() {
+        Some(turn) => Some(turn),
+        None => Box::pin(wait_turn(&shared, &place, budget.deadline(), fail_fast)).await,
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
@@ -62,7 +59,13 @@ pub(crate) async fn acquire<D: DistSync>(
     let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
     let locked = match first {
         Err(Error::Held { .. }) if !fail_fast => {
-            Box::pin(lock_until(&shared, name, deadline, retries.as_ref())).await
+            Box::pin(lock_until(
+                &shared,
+                name,
+                budget.deadline(),
+                retries.as_ref(),
+            ))
+            .await
         }
         first => first,
     };
@@ -72,7 +75,7 @@ pub(crate) async fn acquire<D: DistSync>(
     place.set_holder_until(until);
     tracing::debug!(
         name,
-        waited_ms = start.elapsed().as_millis() as u64,
+        waited_ms = budget.waited().as_millis() as u64,
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
@@ -82,14 +85,14 @@ pub(crate) async fn acquire<D: DistSync>(
         mutex.fencing_token(),
         until,
     );
-    // The keeper's clock starts at acquisition. A request that neither
-    // queued nor waited reuses `start`, one backend call earlier: its first
-    // extension and the end of its `max_hold` only come that much sooner.
-    let now = if queued || waited {
-        Instant::now()
-    } else {
-        start
-    };
+    // The keeper's clock starts at acquisition, which `until` tells
+    // without a clock read: `until - validity` is the acquisition for the
+    // in-process backend, and the start of the attempt (sooner) for Redis,
+    // whose validity also subtracts the attempt's duration. Sooner only
+    // brings the first extension and the end of `max_hold` forward.
+    let now = until
+        .and_then(|until| until.checked_sub(shared.validity))
+        .unwrap_or_else(Instant::now);
     let holder = place.share();
     let keeper = Keeper {
         mutex,
@@ -104,6 +107,31 @@ pub(crate) async fn acquire<D: DistSync>(
     };
     let (guard, held) = Lease::hold(view, keeper, holder);
     Ok(Holding { guard, held })
+}
+
+/// The wait budget of a request. It runs from the first moment the request
+/// has to wait (for its turn, or for a held key), so that an uncontended
+/// request reads no clock for it.
+struct Budget {
+    wait: Duration,
+    since: Option<Instant>,
+}
+
+impl Budget {
+    fn new(wait: Duration) -> Self {
+        Budget { wait, since: None }
+    }
+
+    /// When the budget is spent; starts it if it has not started.
+    fn deadline(&mut self) -> Instant {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        since.checked_add(self.wait).unwrap_or_else(far_future)
+    }
+
+    /// How long the request has waited.
+    fn waited(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
 }
 
 /// Waits for this request's turn in the local queue: within the wait
@@ -195,5 +223,5 @@ fn rejection<D: DistSync>(name: &str, error: Error, grpc: bool, shared: &Shared<
 
 /// About 30 years from now, as tokio does for "never".
 fn far_future() -> Instant {
-    Instant::now() + std::time::Duration::from_secs(86400 * 365 * 30)
+    Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }

@@ -359,6 +359,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             release_on_head: self.release == ReleaseOn::Head,
             abort_on_lost: self.lost == OnLost::Abort,
             extend_every,
+            validity,
             max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
@@ -389,6 +390,8 @@ pub(crate) struct Shared<D> {
     release_on_head: bool,
     abort_on_lost: bool,
     extend_every: Duration,
+    /// The longest validity of an acquisition: `options.validity()`.
+    validity: Duration,
     max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,
