@@ -169,6 +169,45 @@ impl fmt::Debug for MemoryMutex {
 }
 
 impl MemoryMutex {
+    /// One try of [`lock`](DistMutex::lock), which never waits.
+    fn lock_now(&mut self) -> Result<()> {
+        let value = self.options.gen_shared_value()?;
+        let mut place = QueuePlace {
+            shared: &self.shared,
+            name: &self.name,
+            id: self.shared.next_waiter.fetch_add(1, Ordering::Relaxed),
+            queued: false,
+        };
+        let attempt =
+            self.shared
+                .names()
+                .try_acquire(&self.name, &value, self.options.expiry(), place.id);
+        match attempt {
+            Ok(grant) => {
+                drop(place);
+                self.acquired(value, grant);
+                Ok(())
+            }
+            Err((remaining, _)) => {
+                // Out of the queue that the try joined.
+                place.queued = true;
+                Err(Error::Held {
+                    remaining: Some(remaining),
+                })
+            }
+        }
+    }
+
+    fn unlock_now(&mut self) -> Result<()> {
+        let mut names = self.shared.names();
+        if names.release(&self.name, self.value()) {
+            self.until = None;
+            Ok(())
+        } else {
+            Err(Error::NotAcquired)
+        }
+    }
+
     fn acquired(&mut self, value: Arc<str>, grant: Grant) {
         self.value = Some(value);
         self.until = Some(
@@ -237,13 +276,7 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn unlock(&mut self) -> Result<()> {
-        let mut names = self.shared.names();
-        if names.release(&self.name, self.value()) {
-            self.until = None;
-            Ok(())
-        } else {
-            Err(Error::NotAcquired)
-        }
+        self.unlock_now()
     }
 
     async fn extend(&mut self) -> Result<()> {
@@ -261,6 +294,14 @@ impl DistMutex for MemoryMutex {
 
     async fn valid(&self) -> Result<bool> {
         Ok(self.shared.names().is_held_by(&self.name, self.value()))
+    }
+
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        Some(self.lock_now())
+    }
+
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        Some(self.unlock_now())
     }
 }
 

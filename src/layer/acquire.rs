@@ -22,22 +22,82 @@ pub(crate) struct Holding {
     pub(crate) held: HeldLock,
 }
 
-/// Waits for the lock on `name`, at most the wait budget.
+/// How far a request got without waiting (see [`start`]).
+pub(crate) enum Start<D: DistSync> {
+    /// It holds its lock.
+    Held(Holding),
+    /// It is rejected.
+    Rejected(Rejection),
+    /// It has to wait: [`acquire`] goes on from here.
+    Wait(Waiting<D>),
+}
+
+/// A request that has to wait, and where.
+pub(crate) struct Waiting<D: DistSync> {
+    place: Place,
+    /// Its turn in the local queue, once it has it.
+    turn: Option<Turn>,
+    first: First<D::Mutex>,
+}
+
+/// The first try at the backend.
+enum First<M> {
+    /// Not made yet (the request waits for its turn first).
+    NotYet,
+    /// Made with `lock`: the backend cannot answer at once.
+    Lock(M),
+    /// The key is held.
+    Held(crate::Error),
+}
+
+/// The acquisition of the lock on `name`, as far as it goes without
+/// waiting: the turn in the local queue if it is free, then one try at the
+/// backend if it answers at once ([`DistMutex::try_lock_now`]). An
+/// uncontended request on the in-process backend is served from here,
+/// without the machinery of a future.
+pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>, grpc: bool) -> Start<D> {
+    let place = shared.queues.join(name);
+    let Some(turn) = place.try_turn() else {
+        return Start::Wait(Waiting {
+            place,
+            turn: None,
+            first: First::NotYet,
+        });
+    };
+    place.start_turn();
+    let mut mutex = match new_mutex(shared, place.name(), 1, None) {
+        Ok(mutex) => mutex,
+        Err(error) => return Start::Rejected(rejection(place.name(), error, grpc, shared)),
+    };
+    let first = match mutex.try_lock_now() {
+        Some(Ok(())) => {
+            tracing::debug!(name = &**place.name(), waited_ms = 0, attempts = 1, "lock acquired");
+            return Start::Held(hold(shared, place, turn, mutex));
+        }
+        None => First::Lock(mutex),
+        Some(Err(error @ Error::Held { .. })) if !shared.wait.is_zero() => First::Held(error),
+        Some(Err(error)) => return Start::Rejected(rejection(place.name(), error, grpc, shared)),
+    };
+    Start::Wait(Waiting {
+        place,
+        turn: Some(turn),
+        first,
+    })
+}
+
+/// Waits for the lock where [`start`] left off, at most the wait budget.
 pub(crate) async fn acquire<D: DistSync>(
     shared: Arc<Shared<D>>,
-    name: Arc<str>,
+    waiting: Waiting<D>,
     grpc: bool,
 ) -> Result<Holding, Rejection> {
+    let Waiting { place, turn, first } = waiting;
+    let name = &**place.name();
     let fail_fast = shared.wait.is_zero();
     let mut budget = Budget::new(shared.wait);
-    let place = shared.queues.join(name);
-    let name = &**place.name();
-
-    // The waits are boxed: they are the rare path, and would otherwise
-    // make every request's future larger.
-    let turn = match place.try_turn() {
+    let turn = match turn {
         Some(turn) => Some(turn),
-        None => Box::pin(wait_turn(&shared, &place, budget.deadline(), fail_fast)).await,
+        None => wait_turn(&shared, &place, budget.deadline(), fail_fast).await,
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
@@ -53,32 +113,36 @@ pub(crate) async fn acquire<D: DistSync>(
 
     // One try first: a free key is taken at once, and a backend that is
     // down answers 503 at once instead of after the whole budget.
-    let first = lock_once(&shared, name).await;
+    let first = match first {
+        First::NotYet => lock_once(&shared, name).await,
+        First::Lock(mut mutex) => mutex.lock().await.map(|()| mutex),
+        First::Held(error) => Err(error),
+    };
     // Counts retries for the `acquired` event, when anyone listens.
     let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);
     let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
     let locked = match first {
         Err(Error::Held { .. }) if !fail_fast => {
-            Box::pin(lock_until(
-                &shared,
-                name,
-                budget.deadline(),
-                retries.as_ref(),
-            ))
-            .await
+            lock_until(&shared, name, budget.deadline(), retries.as_ref()).await
         }
         first => first,
     };
     let mutex = locked.map_err(|error| rejection(name, error, grpc, &shared))?;
-
-    let until = mutex.until();
-    place.set_holder_until(until);
     tracing::debug!(
         name,
         waited_ms = budget.waited().as_millis() as u64,
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
+    Ok(hold(&shared, place, turn, mutex))
+}
+
+/// Holds the lock just acquired: the handler's view of it, and a lease
+/// whose keeper extends it if the request is still served when the first
+/// extension falls due.
+fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
+    let until = mutex.until();
+    place.set_holder_until(until);
     let view = LockView::new(
         place.name().clone(),
         mutex.value(),
@@ -106,7 +170,7 @@ pub(crate) async fn acquire<D: DistSync>(
         hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
     };
     let (guard, held) = Lease::hold(view, keeper, holder);
-    Ok(Holding { guard, held })
+    Holding { guard, held }
 }
 
 /// The wait budget of a request. It runs from the first moment the request

@@ -10,10 +10,12 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::Shared;
 use super::acquire::Holding;
 use super::body::LockBody;
 use super::lease::ReleaseGuard;
 use super::rejection::{Rejection, RejectionKind, RejectionMapper};
+use crate::sync::DistSync;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Holding, Rejection>> + Send>>;
 
@@ -77,6 +79,25 @@ where
             mapper,
             release_on_head,
             abort_on_lost,
+            grpc,
+        }
+    }
+
+    /// A request that got its lock at once, and is served.
+    pub(crate) fn serving<D: DistSync>(
+        future: S::Future,
+        guard: ReleaseGuard,
+        shared: &Shared<D>,
+        grpc: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Serving {
+                future,
+                guard: Some(guard),
+            },
+            mapper: shared.mapper.clone(),
+            release_on_head: shared.release_on_head,
+            abort_on_lost: shared.abort_on_lost,
             grpc,
         }
     }

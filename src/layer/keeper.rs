@@ -1,16 +1,11 @@
 //! The keeper of a request's lock: once started (see [`lease`](super::lease)),
 //! it extends the lock every interval while the request is in flight and
 //! reports a failed extension; when the request lets go it releases the
-//! lock, inline if the backend's unlock is done at once, else in a task.
+//! lock, inline if the backend answers at once, else in a task.
 
-use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::runtime::Handle;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::held::LockView;
@@ -38,7 +33,6 @@ pub(crate) struct Keeper<M> {
 enum Unlocked {
     Done(crate::Result<()>),
     TimedOut,
-    Panicked,
 }
 
 impl<M: DistMutex> Keeper<M> {
@@ -90,9 +84,10 @@ impl<M: DistMutex> Keeper<M> {
     }
 
     /// Releases the lock of a request that let go before its keeper
-    /// started. The unlock is polled once, right here; if it is not done
-    /// then (a backend that waits for the network), it goes on in a task,
-    /// so that the response path never waits for it.
+    /// started: right here if the backend answers at once
+    /// ([`DistMutex::try_unlock_now`]), else in a task, so that the
+    /// response path never waits for the backend. Not here while the thread
+    /// unwinds: a panicking backend would abort the process.
     pub(crate) fn release(self, lease: &Arc<Lease<M>>) {
         let Keeper {
             mut mutex,
@@ -101,44 +96,19 @@ impl<M: DistMutex> Keeper<M> {
             release_timeout,
             ..
         } = self;
-        let mut unlock = Box::pin(async move { mutex.unlock().await });
-        match poll_here(&mut unlock, lease.runtime()) {
-            Poll::Ready(unlocked) => finish(lease.view(), unlocked, false, turn, place),
-            Poll::Pending => {
-                let lease = lease.clone();
-                lease.runtime().clone().spawn(async move {
-                    let unlocked = match timeout(release_timeout, unlock).await {
-                        Ok(result) => Unlocked::Done(result),
-                        Err(_) => Unlocked::TimedOut,
-                    };
-                    finish(lease.view(), unlocked, false, turn, place);
-                });
-            }
+        if !std::thread::panicking()
+            && let Some(result) = mutex.try_unlock_now()
+        {
+            return finish(lease.view(), Unlocked::Done(result), false, turn, place);
         }
-    }
-}
-
-/// Polls `unlock` once on this thread, if that is sound here: within a
-/// context of `runtime` (entered for the poll), and not while the thread
-/// unwinds. A panic of the backend is caught: the release has failed, and
-/// the lock expires on its own. `Pending` means: finish it in a task.
-fn poll_here<F>(unlock: &mut Pin<Box<F>>, runtime: &Handle) -> Poll<Unlocked>
-where
-    F: Future<Output = crate::Result<()>>,
-{
-    if std::thread::panicking() {
-        return Poll::Pending;
-    }
-    // Entering the runtime would panic in a thread-local destructor.
-    if Handle::try_current().is_err_and(|e| e.is_thread_local_destroyed()) {
-        return Poll::Pending;
-    }
-    let _context = runtime.enter();
-    let mut cx = Context::from_waker(Waker::noop());
-    match catch_unwind(AssertUnwindSafe(|| unlock.as_mut().poll(&mut cx))) {
-        Ok(Poll::Ready(result)) => Poll::Ready(Unlocked::Done(result)),
-        Ok(Poll::Pending) => Poll::Pending,
-        Err(_) => Poll::Ready(Unlocked::Panicked),
+        let lease = lease.clone();
+        lease.runtime().clone().spawn(async move {
+            let unlocked = match timeout(release_timeout, mutex.unlock()).await {
+                Ok(result) => Unlocked::Done(result),
+                Err(_) => Unlocked::TimedOut,
+            };
+            finish(lease.view(), unlocked, false, turn, place);
+        });
     }
 }
 
@@ -154,9 +124,6 @@ fn finish(view: &LockView, unlocked: Unlocked, lost: bool, turn: Turn, place: Pl
         }
         Unlocked::TimedOut => {
             tracing::warn!(name, "lock release timed out; it expires on its own")
-        }
-        Unlocked::Panicked => {
-            tracing::warn!(name, "lock release panicked; it expires on its own")
         }
     }
     view.set_released();

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::Shared;
-use super::acquire::acquire;
+use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
 use super::extract::KeyExtractor;
 use super::future::ResponseFuture;
@@ -94,15 +94,25 @@ where
         if let Some(reason) = &shared.misconfigured {
             return reject(RejectionKind::Misconfigured, reason.clone());
         }
-        ResponseFuture::acquiring(
-            Box::pin(acquire(shared.clone(), name, grpc)),
-            inner,
-            request,
-            shared.mapper.clone(),
-            shared.release_on_head,
-            shared.abort_on_lost,
-            grpc,
-        )
+        match start(shared, name, grpc) {
+            Start::Held(holding) => {
+                let mut request = request;
+                request.extensions_mut().insert(holding.held);
+                ResponseFuture::serving(inner.call(request), holding.guard, shared, grpc)
+            }
+            Start::Rejected(rejection) => {
+                ResponseFuture::rejected(rejection, shared.mapper.clone())
+            }
+            Start::Wait(waiting) => ResponseFuture::acquiring(
+                Box::pin(acquire(shared.clone(), waiting, grpc)),
+                inner,
+                request,
+                shared.mapper.clone(),
+                shared.release_on_head,
+                shared.abort_on_lost,
+                grpc,
+            ),
+        }
     }
 }
 
