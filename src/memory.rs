@@ -124,6 +124,7 @@ impl DistSync for MemorySync {
             shared: self.shared.clone(),
             name: Arc::from(name),
             value: options.value().map(Arc::from),
+            drift: options.drift(),
             options,
             until: None,
             token: None,
@@ -152,6 +153,8 @@ pub struct MemoryMutex {
     shared: Arc<Shared>,
     name: Arc<str>,
     options: DistMutexOptions,
+    /// `options.drift()`, computed once.
+    drift: Duration,
     /// `None` until acquired, unless preset.
     value: Option<Arc<str>>,
     until: Option<Instant>,
@@ -213,7 +216,7 @@ impl MemoryMutex {
         self.until = Some(
             grant
                 .expires_at
-                .checked_sub(self.options.drift())
+                .checked_sub(self.drift)
                 .unwrap_or(grant.expires_at),
         );
         self.token = Some(grant.token);
@@ -284,11 +287,7 @@ impl DistMutex for MemoryMutex {
         let expires_at = names
             .extend(&self.name, self.value(), self.options.expiry())
             .ok_or(Error::NotAcquired)?;
-        self.until = Some(
-            expires_at
-                .checked_sub(self.options.drift())
-                .unwrap_or(expires_at),
-        );
+        self.until = Some(expires_at.checked_sub(self.drift).unwrap_or(expires_at));
         Ok(())
     }
 

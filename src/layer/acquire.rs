@@ -71,7 +71,12 @@ pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>, grpc: bool)
     };
     let first = match mutex.try_lock_now() {
         Some(Ok(())) => {
-            tracing::debug!(name = &**place.name(), waited_ms = 0, attempts = 1, "lock acquired");
+            tracing::debug!(
+                name = &**place.name(),
+                waited_ms = 0,
+                attempts = 1,
+                "lock acquired"
+            );
             return Start::Held(hold(shared, place, turn, mutex));
         }
         None => First::Lock(mutex),

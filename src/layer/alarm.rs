@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
 
 use tokio::time::{Instant, Sleep, sleep_until};
@@ -15,18 +14,12 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// in place (by [`cancel`](Self::cancel) or with the alarm). Nothing here
 /// takes it out of its slot.
 pub(crate) struct Alarm {
-    sleep: Mutex<Option<Sleep>>,
+    sleep: Option<Sleep>,
 }
 
 impl Alarm {
     pub(crate) fn new() -> Self {
-        Alarm {
-            sleep: Mutex::new(None),
-        }
-    }
-
-    fn slot(&self) -> MutexGuard<'_, Option<Sleep>> {
-        self.sleep.lock().unwrap_or_else(PoisonError::into_inner)
+        Alarm { sleep: None }
     }
 
     /// Wakes `waker` at `deadline`, from the runtime's time driver. True if
@@ -36,10 +29,10 @@ impl Alarm {
     /// # Safety
     ///
     /// The alarm must stay where it is until it is dropped: it lives in the
-    /// heap allocation of an `Arc` that is never unwrapped.
-    pub(crate) unsafe fn arm(&self, deadline: Instant, waker: &Waker) -> bool {
-        let mut slot = self.slot();
-        let sleep = slot.insert(sleep_until(deadline));
+    /// heap allocation of an `Arc` that is never unwrapped, in a field that
+    /// is never moved out.
+    pub(crate) unsafe fn arm(&mut self, deadline: Instant, waker: &Waker) -> bool {
+        let sleep = self.sleep.insert(sleep_until(deadline));
         // SAFETY: the caller keeps the alarm in place, and the `Sleep` is
         // never moved out of its slot (see the type's documentation), so it
         // stays at this address until it is dropped.
@@ -51,14 +44,15 @@ impl Alarm {
             .poll(&mut Context::from_waker(waker))
             .is_ready();
         if elapsed {
-            *slot = None;
+            self.sleep = None;
         }
         elapsed
     }
 
     /// Disarms the alarm: its waker is not woken (unless it is being woken
     /// right now) and is dropped.
-    pub(crate) fn cancel(&self) {
-        *self.slot() = None;
+    pub(crate) fn cancel(&mut self) {
+        // Dropped in place.
+        self.sleep = None;
     }
 }

@@ -45,9 +45,7 @@ use crate::sync::DistMutex;
 /// Always in an `Arc`, which is never unwrapped: the alarm stays in place.
 pub(crate) struct Lease<M> {
     view: LockView,
-    stage: Mutex<Stage<M>>,
-    /// Starts the keeper when the first extension falls due.
-    alarm: Alarm,
+    state: Mutex<State<M>>,
     /// Tells a running keeper that the request has let go.
     let_go: Notify,
     /// Tells this name's local queue, at once, that the release is under
@@ -55,6 +53,14 @@ pub(crate) struct Lease<M> {
     holder: HolderRef,
     /// Where the keeper and a deferred release run.
     runtime: Handle,
+}
+
+/// What changes, under one lock.
+struct State<M> {
+    stage: Stage<M>,
+    /// Starts the keeper when the first extension falls due. Never moved
+    /// out of the lease.
+    alarm: Alarm,
 }
 
 enum Stage<M> {
@@ -90,15 +96,21 @@ impl<M: DistMutex> Lease<M> {
         let deadline = keeper.first_deadline();
         let lease = Arc::new(Lease {
             view,
-            stage: Mutex::new(Stage::Armed(keeper)),
-            alarm: Alarm::new(),
+            state: Mutex::new(State {
+                stage: Stage::Armed(keeper),
+                alarm: Alarm::new(),
+            }),
             let_go: Notify::new(),
             holder,
             runtime: Handle::current(),
         });
         let waker = Waker::from(lease.clone());
-        // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped.
-        if unsafe { lease.alarm.arm(deadline, &waker) } {
+        let mut state = lease.state();
+        // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped,
+        // and is never moved out of its field.
+        let elapsed = unsafe { state.alarm.arm(deadline, &waker) };
+        drop(state);
+        if elapsed {
             lease.start_keeper();
         }
         let dynamic: Arc<dyn DynLease> = lease;
@@ -123,25 +135,26 @@ impl<M: DistMutex> Lease<M> {
         &self.runtime
     }
 
-    fn stage(&self) -> MutexGuard<'_, Stage<M>> {
-        self.stage.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State<M>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Spawns the keeper task, unless it runs already or the request has
     /// let go.
     fn start_keeper(self: &Arc<Self>) {
         let keeper = {
-            let mut stage = self.stage();
-            match std::mem::replace(&mut *stage, Stage::Kept) {
+            let mut state = self.state();
+            let keeper = match std::mem::replace(&mut state.stage, Stage::Kept) {
                 Stage::Armed(keeper) => keeper,
                 other => {
-                    *stage = other;
+                    state.stage = other;
                     return;
                 }
-            }
+            };
+            // Fired already, unless the wake-up came early.
+            state.alarm.cancel();
+            keeper
         };
-        // Fired already, unless the wake-up came early.
-        self.alarm.cancel();
         self.runtime.spawn(keeper.keep(self.clone()));
     }
 }
@@ -164,17 +177,20 @@ impl<M: DistMutex> DynLease for Lease<M> {
 
     fn let_go(self: Arc<Self>) {
         self.holder.releasing();
-        let armed = match std::mem::replace(&mut *self.stage(), Stage::Done) {
-            Stage::Armed(keeper) => Some(keeper),
-            Stage::Kept => None,
-            Stage::Done => return,
+        let armed = {
+            let mut state = self.state();
+            match std::mem::replace(&mut state.stage, Stage::Done) {
+                Stage::Armed(keeper) => {
+                    // No keeper will start.
+                    state.alarm.cancel();
+                    Some(keeper)
+                }
+                Stage::Kept => None,
+                Stage::Done => return,
+            }
         };
         match armed {
-            Some(keeper) => {
-                // No keeper will start.
-                self.alarm.cancel();
-                keeper.release(&self);
-            }
+            Some(keeper) => keeper.release(&self),
             None => self.let_go.notify_one(),
         }
     }
