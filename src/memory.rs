@@ -13,7 +13,7 @@
 //! whatever its name.
 
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
 use crate::sync::{DistMutex, DistSync, validate_name};
 
@@ -78,6 +79,7 @@ impl MemorySync {
             shared: Arc::new(Shared {
                 names: Mutex::new(Names::new()),
                 next_waiter: AtomicU64::new(0),
+                hashing: Hashing::default(),
             }),
             separator: Arc::from(":"),
         }
@@ -122,7 +124,7 @@ impl DistSync for MemorySync {
         options.validate()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
-            name: Arc::from(name),
+            name: self.shared.hashing.name(Arc::from(name)),
             value: options.value().map(Arc::from),
             drift: options.drift(),
             options,
@@ -151,7 +153,7 @@ impl DistSync for MemorySync {
 /// ```
 pub struct MemoryMutex {
     shared: Arc<Shared>,
-    name: Arc<str>,
+    name: HashedName,
     options: DistMutexOptions,
     /// `options.drift()`, computed once.
     drift: Duration,
@@ -164,7 +166,7 @@ pub struct MemoryMutex {
 impl fmt::Debug for MemoryMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryMutex")
-            .field("name", &self.name)
+            .field("name", self.name.name())
             .field("until", &self.until)
             .field("fencing_token", &self.token)
             .finish_non_exhaustive()
@@ -225,7 +227,7 @@ impl MemoryMutex {
 
 impl DistMutex for MemoryMutex {
     fn name(&self) -> &str {
-        &self.name
+        self.name.name()
     }
 
     fn value(&self) -> &str {
@@ -307,6 +309,8 @@ impl DistMutex for MemoryMutex {
 struct Shared {
     names: Mutex<Names>,
     next_waiter: AtomicU64,
+    /// How names are hashed in `names`: once per mutex.
+    hashing: Hashing,
 }
 
 impl Shared {
@@ -323,8 +327,8 @@ impl Shared {
 /// while it has a holder (its queue may be non-empty) and every holder has
 /// exactly one entry in `expiries`, keyed by its expiry and token.
 struct Names {
-    map: HashMap<Arc<str>, Entry>,
-    expiries: BTreeMap<(Instant, u64), Arc<str>>,
+    map: HashedMap<Entry>,
+    expiries: BTreeMap<(Instant, u64), HashedName>,
     next_token: u64,
 }
 
@@ -359,7 +363,7 @@ struct Grant {
 impl Names {
     fn new() -> Self {
         Names {
-            map: HashMap::new(),
+            map: HashedMap::default(),
             expiries: BTreeMap::new(),
             next_token: 1,
         }
@@ -370,7 +374,7 @@ impl Names {
     /// the waiter has a place in the queue.
     fn try_acquire(
         &mut self,
-        name: &Arc<str>,
+        name: &HashedName,
         value: &Arc<str>,
         expiry: Duration,
         id: u64,
@@ -420,7 +424,7 @@ impl Names {
 
     /// Releases the lock held with `value`; false if `value` does not hold
     /// an unexpired lock on `name`.
-    fn release(&mut self, name: &Arc<str>, value: &str) -> bool {
+    fn release(&mut self, name: &HashedName, value: &str) -> bool {
         self.reap(Instant::now());
         match self.map.entry(name.clone()) {
             MapEntry::Occupied(entry)
@@ -439,7 +443,7 @@ impl Names {
     }
 
     /// Moves the expiry of the lock held with `value` to `now + expiry`.
-    fn extend(&mut self, name: &str, value: &str, expiry: Duration) -> Option<Instant> {
+    fn extend(&mut self, name: &HashedName, value: &str, expiry: Duration) -> Option<Instant> {
         let now = Instant::now();
         self.reap(now);
         let holder = self.map.get_mut(name)?.holder.as_mut()?;
@@ -454,14 +458,14 @@ impl Names {
     }
 
     /// Whether `value` holds an unexpired lock on `name`.
-    fn is_held_by(&mut self, name: &str, value: &str) -> bool {
+    fn is_held_by(&mut self, name: &HashedName, value: &str) -> bool {
         self.reap(Instant::now());
         self.holder(name).is_some_and(|h| *h.value == *value)
     }
 
     /// Leaves a waiter's place: out of the queue, and if a release had
     /// already handed it the lock, passes the lock on.
-    fn leave(&mut self, name: &str, id: u64) {
+    fn leave(&mut self, name: &HashedName, id: u64) {
         self.reap(Instant::now());
         let Some(entry) = self.map.get_mut(name) else {
             return;
@@ -476,20 +480,20 @@ impl Names {
         }
     }
 
-    fn holder(&self, name: &str) -> Option<&Holder> {
+    fn holder(&self, name: &HashedName) -> Option<&Holder> {
         self.map.get(name)?.holder.as_ref()
     }
 
     /// Removes the holder of `name`, then hands the name to its first
     /// waiter, or forgets the name if nobody waits.
-    fn clear(&mut self, name: &str) {
+    fn clear(&mut self, name: &HashedName) {
         if let Some((name, entry)) = self.map.remove_entry(name) {
             self.settle(name, entry);
         }
     }
 
     /// The rest of [`clear`](Self::clear), once the entry is out of the map.
-    fn settle(&mut self, name: Arc<str>, mut entry: Entry) {
+    fn settle(&mut self, name: HashedName, mut entry: Entry) {
         if let Some(holder) = entry.holder.take() {
             self.expiries.remove(&(holder.expires_at, holder.token));
         }
@@ -525,10 +529,10 @@ impl Names {
 /// [`Names`] it touches are passed apart, so that `entry` may be borrowed
 /// from the map).
 fn grant(
-    expiries: &mut BTreeMap<(Instant, u64), Arc<str>>,
+    expiries: &mut BTreeMap<(Instant, u64), HashedName>,
     next_token: &mut u64,
     entry: &mut Entry,
-    name: &Arc<str>,
+    name: &HashedName,
     value: &Arc<str>,
     expires_at: Instant,
     handed_to: Option<u64>,
@@ -548,7 +552,7 @@ fn grant(
 /// A waiter's place in a name's queue, owned by the `lock()` future.
 struct QueuePlace<'a> {
     shared: &'a Shared,
-    name: &'a str,
+    name: &'a HashedName,
     id: u64,
     /// False until the waiter may be in the queue, and again once it holds
     /// the lock.

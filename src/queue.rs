@@ -4,7 +4,6 @@
 //! caller uses it. Used by the Tower layer (per request key) and by the
 //! Redis backend (per `lock()` call).
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::ops::Deref;
@@ -12,10 +11,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Semaphore;
 
+use crate::hashed::{HashedMap, HashedName, Hashing};
+
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<HashMap<Arc<str>, Entry<T>>>,
+    map: Mutex<HashedMap<Entry<T>>>,
+    hashing: Hashing,
 }
 
 /// A name's gate and how many callers use it.
@@ -35,6 +37,7 @@ impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
             map: Mutex::default(),
+            hashing: Hashing::default(),
         }
     }
 }
@@ -56,7 +59,7 @@ impl<T> LocalQueues<T> {
             .len()
     }
 
-    fn leave(&self, name: &Arc<str>) {
+    fn leave(&self, name: &HashedName) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let MapEntry::Occupied(mut entry) = map.entry(name.clone()) {
             entry.get_mut().users -= 1;
@@ -71,6 +74,7 @@ impl<T: Default> LocalQueues<T> {
     /// Joins the queue of `name`; the returned place then waits for its
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
+        let name = self.hashing.name(name);
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.entry(name.clone()).or_insert_with(|| Entry {
             gate: Arc::new(Gate {
@@ -91,13 +95,15 @@ impl<T: Default> LocalQueues<T> {
 /// A caller's place in a queue. Dropping it leaves the queue.
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
-    name: Arc<str>,
+    name: HashedName,
     gate: Arc<Gate<T>>,
 }
 
 impl<T> fmt::Debug for Place<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Place").field("name", &self.name).finish()
+        f.debug_struct("Place")
+            .field("name", self.name.name())
+            .finish()
     }
 }
 
@@ -128,7 +134,7 @@ impl<T> Place<T> {
 
     /// The name of this queue.
     pub(crate) fn name(&self) -> &Arc<str> {
-        &self.name
+        self.name.name()
     }
 
     /// What the users of this name share.
