@@ -94,16 +94,7 @@ impl<M: DistMutex> Lease<M> {
         holder: HolderRef,
     ) -> (ReleaseGuard, HeldLock) {
         let deadline = keeper.first_deadline();
-        let lease = Arc::new(Lease {
-            view,
-            state: Mutex::new(State {
-                stage: Stage::Armed(keeper),
-                alarm: Alarm::new(),
-            }),
-            let_go: Notify::new(),
-            holder,
-            runtime: Handle::current(),
-        });
+        let lease = Self::new(view, keeper, holder);
         let waker = Waker::from(lease.clone());
         let mut state = lease.state();
         // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped,
@@ -113,6 +104,25 @@ impl<M: DistMutex> Lease<M> {
         if elapsed {
             lease.start_keeper();
         }
+        Self::handles(lease)
+    }
+
+    /// A lease of `keeper`'s lock, not armed yet.
+    fn new(view: LockView, keeper: Keeper<M>, holder: HolderRef) -> Arc<Self> {
+        Arc::new(Lease {
+            view,
+            state: Mutex::new(State {
+                stage: Stage::Armed(keeper),
+                alarm: Alarm::new(),
+            }),
+            let_go: Notify::new(),
+            holder,
+            runtime: Handle::current(),
+        })
+    }
+
+    /// The response's guard and the handler's view.
+    fn handles(lease: Arc<Self>) -> (ReleaseGuard, HeldLock) {
         let dynamic: Arc<dyn DynLease> = lease;
         (
             ReleaseGuard {
@@ -225,5 +235,109 @@ impl Drop for ReleaseGuard {
         if let Some(lease) = self.lease.take() {
             lease.let_go();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::layer::queue::LocalQueues;
+    use crate::{DistMutexOptions, DistSync, MemorySync};
+
+    /// A lease of a freshly taken lock on `name`: expiry 3 s, so the first
+    /// extension is due 1 s after acquisition. Not armed.
+    fn lease(sync: &MemorySync, name: &str) -> Arc<Lease<crate::memory::MemoryMutex>> {
+        let queues: Arc<LocalQueues> = Arc::default();
+        let place = queues.join(name.into());
+        let turn = place.try_turn().unwrap();
+        let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+        let mut mutex = sync.new_mutex(name, options).unwrap();
+        assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
+        let now = Instant::now();
+        let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
+        let holder = place.share();
+        let keeper = Keeper {
+            mutex,
+            turn,
+            place,
+            interval: Duration::from_secs(1),
+            release_timeout: Duration::from_secs(3),
+            first_extend: now + Duration::from_secs(1),
+            hold_until: None,
+        };
+        Lease::new(view, keeper, holder)
+    }
+
+    /// A keeper started early (a wake-up before the deadline) extends at
+    /// the deadline set at acquisition, not before.
+    #[tokio::test(start_paused = true)]
+    async fn an_early_start_extends_only_when_due() {
+        let sync = MemorySync::new();
+        let lease = lease(&sync, "early");
+        let (guard, held) = Lease::handles(lease.clone());
+        let first = held.until().unwrap();
+        lease.start_keeper();
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert_eq!(held.until(), Some(first), "nothing extended before 1 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(held.until().unwrap() > first, "extended at 1 s");
+        drop(guard);
+        held.lost().await;
+        assert!(!held.is_lost());
+        assert_eq!(sync.names_in_use(), 0);
+    }
+
+    /// A request that lets go while its keeper is starting is released by
+    /// the keeper, without an extension.
+    #[tokio::test(start_paused = true)]
+    async fn letting_go_as_the_keeper_starts_releases_without_extending() {
+        let sync = MemorySync::new();
+        let lease = lease(&sync, "race");
+        let (guard, held) = Lease::handles(lease.clone());
+        let first = held.until();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Due now: the keeper starts, and the request lets go before the
+        // keeper task runs.
+        lease.start_keeper();
+        drop(guard);
+        assert_eq!(sync.names_in_use(), 1, "the keeper releases, in its task");
+        held.lost().await;
+        assert!(!held.is_lost());
+        assert_eq!(held.until(), first, "no extension");
+        assert_eq!(sync.names_in_use(), 0);
+    }
+
+    /// An armed lease whose deadline has passed starts its keeper at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_already_passed_starts_the_keeper_at_once() {
+        let sync = MemorySync::new();
+        let queues: Arc<LocalQueues> = Arc::default();
+        let place = queues.join("late".into());
+        let turn = place.try_turn().unwrap();
+        let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+        let mut mutex = sync.new_mutex("late", options).unwrap();
+        assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
+        let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
+        let holder = place.share();
+        let keeper = Keeper {
+            mutex,
+            turn,
+            place,
+            interval: Duration::from_secs(1),
+            release_timeout: Duration::from_secs(3),
+            first_extend: Instant::now() - Duration::from_millis(1),
+            hold_until: None,
+        };
+        let metrics = Handle::current().metrics();
+        assert_eq!(metrics.num_alive_tasks(), 0);
+        let (guard, held) = Lease::hold(view, keeper, holder);
+        assert_eq!(metrics.num_alive_tasks(), 1, "the keeper started");
+        drop(guard);
+        held.lost().await;
+        assert_eq!(sync.names_in_use(), 0);
     }
 }
