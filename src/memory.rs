@@ -121,12 +121,12 @@ impl DistSync for MemorySync {
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<MemoryMutex> {
         validate_name(name)?;
-        options.validate()?;
+        let drift = options.validated_drift()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
             name: self.shared.hashing.name(Arc::from(name)),
             value: options.value().map(Arc::from),
-            drift: options.drift(),
+            drift,
             options,
             until: None,
             token: None,

@@ -341,6 +341,18 @@ impl DistMutexOptions {
     /// assert!(err.to_string().contains("drift_factor"));
     /// ```
     pub fn validate(&self) -> Result<()> {
+        self.check(self.drift())
+    }
+
+    /// [`validate`](Self::validate), and the drift, computed once.
+    pub(crate) fn validated_drift(&self) -> Result<Duration> {
+        let drift = self.drift();
+        self.check(drift)?;
+        Ok(drift)
+    }
+
+    /// The checks of [`validate`](Self::validate), given the drift.
+    fn check(&self, drift: Duration) -> Result<()> {
         let invalid = |reason: String| Err(Error::InvalidOptions { reason });
         if self.expiry.is_zero() {
             return invalid("expiry must be greater than zero".into());
@@ -363,11 +375,10 @@ impl DistMutexOptions {
                 self.timeout_factor
             ));
         }
-        if self.validity().is_zero() {
+        if self.expiry.saturating_sub(drift).is_zero() {
             return invalid(format!(
-                "expiry ({:?}) must be longer than the drift allowance ({:?})",
+                "expiry ({:?}) must be longer than the drift allowance ({drift:?})",
                 self.expiry,
-                self.drift()
             ));
         }
         if self.value.as_deref() == Some("") {

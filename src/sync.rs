@@ -181,10 +181,20 @@ pub fn validate_name(name: &str) -> Result<()> {
         "the name is empty"
     } else if name.len() > MAX_NAME_LEN {
         "the name is longer than 1024 bytes"
-    } else if name.chars().any(char::is_control) {
+    } else if has_control_character(name) {
         "the name contains a control character"
     } else {
         return Ok(());
     };
     Err(Error::InvalidName { reason })
+}
+
+/// Whether `name` has a control character; an ASCII name is checked byte
+/// by byte.
+fn has_control_character(name: &str) -> bool {
+    if name.is_ascii() {
+        name.bytes().any(|b| b.is_ascii_control())
+    } else {
+        name.chars().any(char::is_control)
+    }
 }
