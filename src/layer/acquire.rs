@@ -26,8 +26,8 @@ pub(crate) struct Holding {
 pub(crate) enum Start<D: DistSync> {
     /// It holds its lock.
     Held(Holding),
-    /// It is rejected.
-    Rejected(Rejection),
+    /// The backend said no: the error, to make a [`rejection`] of.
+    Failed(Arc<str>, Error),
     /// It has to wait: [`acquire`] goes on from here.
     Wait(Waiting<D>),
 }
@@ -55,7 +55,7 @@ enum First<M> {
 /// backend if it answers at once ([`DistMutex::try_lock_now`]). An
 /// uncontended request on the in-process backend is served from here,
 /// without the machinery of a future.
-pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>, grpc: bool) -> Start<D> {
+pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>) -> Start<D> {
     let place = shared.queues.join(name);
     let Some(turn) = place.try_turn() else {
         return Start::Wait(Waiting {
@@ -67,7 +67,7 @@ pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>, grpc: bool)
     place.start_turn();
     let mut mutex = match new_mutex(shared, place.name(), 1, None) {
         Ok(mutex) => mutex,
-        Err(error) => return Start::Rejected(rejection(place.name(), error, grpc, shared)),
+        Err(error) => return Start::Failed(place.name().clone(), error),
     };
     let first = match mutex.try_lock_now() {
         Some(Ok(())) => {
@@ -81,7 +81,7 @@ pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>, grpc: bool)
         }
         None => First::Lock(mutex),
         Some(Err(error @ Error::Held { .. })) if !shared.wait.is_zero() => First::Held(error),
-        Some(Err(error)) => return Start::Rejected(rejection(place.name(), error, grpc, shared)),
+        Some(Err(error)) => return Start::Failed(place.name().clone(), error),
     };
     Start::Wait(Waiting {
         place,
@@ -259,7 +259,13 @@ async fn lock_once<D: DistSync>(shared: &Shared<D>, name: &str) -> Result<D::Mut
     Ok(mutex)
 }
 
-fn rejection<D: DistSync>(name: &str, error: Error, grpc: bool, shared: &Shared<D>) -> Rejection {
+/// The rejection of a request whose lock on `name` failed with `error`.
+pub(crate) fn rejection<D: DistSync>(
+    name: &str,
+    error: Error,
+    grpc: bool,
+    shared: &Shared<D>,
+) -> Rejection {
     match error {
         Error::Held { remaining } => {
             tracing::debug!(name, "lock busy");

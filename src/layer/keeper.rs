@@ -84,11 +84,25 @@ impl<M: DistMutex> Keeper<M> {
     }
 
     /// Releases the lock of a request that let go before its keeper
-    /// started: right here if the backend answers at once
-    /// ([`DistMutex::try_unlock_now`]), else in a task, so that the
-    /// response path never waits for the backend. Not here while the thread
-    /// unwinds: a panicking backend would abort the process.
-    pub(crate) fn release(self, lease: &Arc<Lease<M>>) {
+    /// started, right here, if the backend answers at once
+    /// ([`DistMutex::try_unlock_now`]); the caller then drops the keeper,
+    /// which passes the turn on. False if it cannot: the thread unwinds (a
+    /// panicking backend would abort the process), or the backend's answer
+    /// has to wait; then [`release_later`](Self::release_later).
+    pub(crate) fn release_now(&mut self, view: &LockView) -> bool {
+        if std::thread::panicking() {
+            return false;
+        }
+        let Some(result) = self.mutex.try_unlock_now() else {
+            return false;
+        };
+        report(view, Unlocked::Done(result), false, &self.place);
+        true
+    }
+
+    /// Releases the lock in a task, so that the response path never waits
+    /// for the backend.
+    pub(crate) fn release_later(self, lease: &Arc<Lease<M>>) {
         let Keeper {
             mut mutex,
             turn,
@@ -96,11 +110,6 @@ impl<M: DistMutex> Keeper<M> {
             release_timeout,
             ..
         } = self;
-        if !std::thread::panicking()
-            && let Some(result) = mutex.try_unlock_now()
-        {
-            return finish(lease.view(), Unlocked::Done(result), false, turn, place);
-        }
         let lease = lease.clone();
         lease.runtime().clone().spawn(async move {
             let unlocked = match timeout(release_timeout, mutex.unlock()).await {
@@ -115,6 +124,14 @@ impl<M: DistMutex> Keeper<M> {
 /// The lock is released (or given up): logs how, tells the handler, and
 /// passes this request's turn on to the next local request for the name.
 fn finish(view: &LockView, unlocked: Unlocked, lost: bool, turn: Turn, place: Place) {
+    report(view, unlocked, lost, &place);
+    // The next local request for this name may go now.
+    drop(turn);
+    drop(place);
+}
+
+/// The lock is released (or given up): logs how and tells the handler.
+fn report(view: &LockView, unlocked: Unlocked, lost: bool, place: &Place) {
     let name = view.name();
     match unlocked {
         Unlocked::Done(Ok(())) => tracing::debug!(name, "lock released"),
@@ -128,7 +145,4 @@ fn finish(view: &LockView, unlocked: Unlocked, lost: bool, turn: Turn, place: Pl
     }
     view.set_released();
     place.set_holder_until(None);
-    // The next local request for this name may go now.
-    drop(turn);
-    drop(place);
 }

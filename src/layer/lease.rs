@@ -187,21 +187,29 @@ impl<M: DistMutex> DynLease for Lease<M> {
 
     fn let_go(self: Arc<Self>) {
         self.holder.releasing();
-        let armed = {
-            let mut state = self.state();
-            match std::mem::replace(&mut state.stage, Stage::Done) {
-                Stage::Armed(keeper) => {
-                    // No keeper will start.
-                    state.alarm.cancel();
-                    Some(keeper)
+        let mut state = self.state();
+        let State { stage, alarm } = &mut *state;
+        match stage {
+            Stage::Armed(keeper) => {
+                // No keeper will start.
+                alarm.cancel();
+                if keeper.release_now(&self.view) {
+                    // Dropped in place: its turn passes on.
+                    *stage = Stage::Done;
+                    return;
                 }
-                Stage::Kept => None,
-                Stage::Done => return,
+                let Stage::Armed(keeper) = std::mem::replace(stage, Stage::Done) else {
+                    unreachable!("armed above");
+                };
+                drop(state);
+                keeper.release_later(&self);
             }
-        };
-        match armed {
-            Some(keeper) => keeper.release(&self),
-            None => self.let_go.notify_one(),
+            Stage::Kept => {
+                *stage = Stage::Done;
+                drop(state);
+                self.let_go.notify_one();
+            }
+            Stage::Done => {}
         }
     }
 }
