@@ -9,22 +9,32 @@
 //! first extension falls due: acquisition + `extend_every` (or the end of
 //! `max_hold`, if sooner). The timer's waker is the lease itself, so the
 //! runtime's time driver, not a poll of the response future or body, starts
-//! the keeper: a handler that sleeps for minutes, or a body whose next
-//! chunk comes much later, is kept all the same. When the timer fires, the
-//! keeper task is spawned and extends at once (its first deadline is the
-//! same instant, computed at acquisition, not when the task starts), then
-//! every interval, as before. This is the same time driver and the same
-//! deadline that the keeper task, spawned eagerly, used to sleep on; the
-//! only difference is that the task is scheduled when the timer fires
-//! instead of being woken then, so the first extension comes as early as it
-//! did. A wake-up before the deadline (the timer is polled unconstrained by
-//! the task budget, so none is expected) only starts the keeper early: it
-//! still extends at the deadline, never before.
+//! the keeper: a handler that waits for minutes, or a body whose next chunk
+//! comes much later, is kept all the same; so is a handler that blocks its
+//! thread, on a multi-threaded runtime, where another worker drives the
+//! timer. When the timer fires, the keeper task is spawned and extends at
+//! once (its first deadline is the same instant, computed at acquisition,
+//! not when the task starts), then every interval.
+//!
+//! This is the same time driver and the same deadline that the keeper task,
+//! when it was spawned for every request, slept on; the task is now
+//! scheduled when the timer fires instead of being woken then, so the first
+//! extension comes as early as it did. A wake-up before the deadline (the
+//! timer is polled unconstrained by the task budget, so none is expected)
+//! only starts the keeper early: it still extends at the deadline, never
+//! before. Acquisition is read from the lock's `until` (see
+//! `acquire::hold`), which can only put it earlier: extensions come sooner,
+//! never later.
+//!
+//! # Release
 //!
 //! A request that lets go before the deadline cancels the timer and
-//! releases inline ([`Keeper::release`]): no task, no extension. A request
-//! that lets go after its keeper started tells the keeper, which releases.
-//! A keeper that starts after the request let go finds nothing to do.
+//! releases inline when the backend answers at once
+//! ([`Keeper::release_now`]), else in a task ([`Keeper::release_later`]):
+//! no keeper, no extension. A request that lets go after its keeper started
+//! tells the keeper (a stored notification, so it is not missed if the task
+//! has not run yet), which releases before anything else. A keeper that
+//! would start after the request let go does not start.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
