@@ -162,7 +162,6 @@ fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mut
     let now = until
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
-    let holder = place.share();
     let keeper = Keeper {
         mutex,
         turn,
@@ -174,7 +173,7 @@ fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mut
             .unwrap_or_else(far_future),
         hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
     };
-    let (guard, held) = Lease::hold(view, keeper, holder);
+    let (guard, held) = Lease::hold(view, keeper);
     Holding { guard, held }
 }
 

@@ -58,9 +58,6 @@ pub(crate) struct Lease<M> {
     state: Mutex<State<M>>,
     /// Tells a running keeper that the request has let go.
     let_go: Notify,
-    /// Tells this name's local queue, at once, that the release is under
-    /// way.
-    holder: HolderRef,
     /// Where the keeper and a deferred release run.
     runtime: Handle,
 }
@@ -77,8 +74,9 @@ enum Stage<M> {
     /// No task yet: the alarm starts the keeper when the first extension
     /// falls due.
     Armed(Keeper<M>),
-    /// The keeper task owns the keeper.
-    Kept,
+    /// The keeper task owns the keeper; the lease keeps what the key's
+    /// local queue shares, to tell it at once that the release is under way.
+    Kept(HolderRef),
     /// The request let go.
     Done,
 }
@@ -98,13 +96,9 @@ impl<M: DistMutex> Lease<M> {
     /// Starts holding the lock kept by `keeper`: arms the timer that starts
     /// the keeper when the first extension falls due. Call it within the
     /// Tokio runtime that should keep the lock.
-    pub(crate) fn hold(
-        view: LockView,
-        keeper: Keeper<M>,
-        holder: HolderRef,
-    ) -> (ReleaseGuard, HeldLock) {
+    pub(crate) fn hold(view: LockView, keeper: Keeper<M>) -> (ReleaseGuard, HeldLock) {
         let deadline = keeper.first_deadline();
-        let lease = Self::new(view, keeper, holder);
+        let lease = Self::new(view, keeper);
         let waker = Waker::from(lease.clone());
         let mut state = lease.state();
         // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped,
@@ -118,7 +112,7 @@ impl<M: DistMutex> Lease<M> {
     }
 
     /// A lease of `keeper`'s lock, not armed yet.
-    fn new(view: LockView, keeper: Keeper<M>, holder: HolderRef) -> Arc<Self> {
+    fn new(view: LockView, keeper: Keeper<M>) -> Arc<Self> {
         Arc::new(Lease {
             view,
             state: Mutex::new(State {
@@ -126,7 +120,6 @@ impl<M: DistMutex> Lease<M> {
                 alarm: Alarm::new(),
             }),
             let_go: Notify::new(),
-            holder,
             runtime: Handle::current(),
         })
     }
@@ -164,13 +157,13 @@ impl<M: DistMutex> Lease<M> {
     fn start_keeper(self: &Arc<Self>) {
         let keeper = {
             let mut state = self.state();
-            let keeper = match std::mem::replace(&mut state.stage, Stage::Kept) {
-                Stage::Armed(keeper) => keeper,
-                other => {
-                    state.stage = other;
-                    return;
-                }
+            let Stage::Armed(_) = state.stage else {
+                return;
             };
+            let Stage::Armed(keeper) = std::mem::replace(&mut state.stage, Stage::Done) else {
+                unreachable!("armed above");
+            };
+            state.stage = Stage::Kept(keeper.place.share());
             // Fired already, unless the wake-up came early.
             state.alarm.cancel();
             keeper
@@ -196,11 +189,13 @@ impl<M: DistMutex> DynLease for Lease<M> {
     }
 
     fn let_go(self: Arc<Self>) {
-        self.holder.releasing();
         let mut state = self.state();
         let State { stage, alarm } = &mut *state;
         match stage {
             Stage::Armed(keeper) => {
+                // Waiting requests learn at once that the release is under
+                // way.
+                keeper.place.shared().releasing();
                 // No keeper will start.
                 alarm.cancel();
                 if keeper.release_now(&self.view) {
@@ -214,7 +209,8 @@ impl<M: DistMutex> DynLease for Lease<M> {
                 drop(state);
                 keeper.release_later(&self);
             }
-            Stage::Kept => {
+            Stage::Kept(holder) => {
+                holder.releasing();
                 *stage = Stage::Done;
                 drop(state);
                 self.let_go.notify_one();
@@ -277,7 +273,6 @@ mod tests {
         assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
         let now = Instant::now();
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
-        let holder = place.share();
         let keeper = Keeper {
             mutex,
             turn,
@@ -287,7 +282,7 @@ mod tests {
             first_extend: now + Duration::from_secs(1),
             hold_until: None,
         };
-        Lease::new(view, keeper, holder)
+        Lease::new(view, keeper)
     }
 
     /// A keeper started early (a wake-up before the deadline) extends at
@@ -340,7 +335,6 @@ mod tests {
         let mut mutex = sync.new_mutex("late", options).unwrap();
         assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
-        let holder = place.share();
         let keeper = Keeper {
             mutex,
             turn,
@@ -352,7 +346,7 @@ mod tests {
         };
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);
-        let (guard, held) = Lease::hold(view, keeper, holder);
+        let (guard, held) = Lease::hold(view, keeper);
         assert_eq!(metrics.num_alive_tasks(), 1, "the keeper started");
         drop(guard);
         held.lost().await;
