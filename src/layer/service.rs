@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::Shared;
 use super::acquire::{Start, acquire, rejection, start};
 use super::body::LockBody;
-use super::extract::KeyExtractor;
+use super::extract::{KeyExtractor, key_of};
 use super::future::ResponseFuture;
 use super::rejection::{Rejection, RejectionKind};
 use crate::sync::DistSync;
@@ -77,7 +77,7 @@ where
             let rejection = Rejection::new(kind, message, is_grpc(request));
             ResponseFuture::rejected(rejection, shared.mapper.clone())
         };
-        let key = match self.extractor.extract(&request) {
+        let key = match key_of(&self.extractor, &request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.reject_missing => {
                 return reject(
