@@ -16,9 +16,19 @@ use crate::hashed::{HashedMap, HashedName, Hashing};
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<HashedMap<Entry<T>>>,
+    map: Mutex<Names<T>>,
     hashing: Hashing,
 }
+
+/// The queues in use, and a few gates kept from names gone out of use, for
+/// the next names (one allocation less per new name).
+struct Names<T> {
+    entries: HashedMap<Entry<T>>,
+    spare: Vec<Arc<Gate<T>>>,
+}
+
+/// How many gates are kept for new names.
+const SPARE_GATES: usize = 32;
 
 /// A name's gate and how many callers use it.
 struct Entry<T> {
@@ -33,10 +43,34 @@ struct Gate<T> {
     shared: T,
 }
 
+impl<T: Default> Gate<T> {
+    fn new() -> Self {
+        Gate {
+            turn: Semaphore::new(1),
+            shared: T::default(),
+        }
+    }
+}
+
+/// A fresh gate: a spare one, as new, if one is free, else a new one.
+fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
+    while let Some(mut gate) = spare.pop() {
+        if let Some(unused) = Arc::get_mut(&mut gate) {
+            *unused = Gate::new();
+            return gate;
+        }
+        // The place that left it still holds it: let it go.
+    }
+    Arc::new(Gate::new())
+}
+
 impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
-            map: Mutex::default(),
+            map: Mutex::new(Names {
+                entries: HashedMap::default(),
+                spare: Vec::new(),
+            }),
             hashing: Hashing::default(),
         }
     }
@@ -56,15 +90,21 @@ impl<T> LocalQueues<T> {
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .entries
             .len()
     }
 
     fn leave(&self, name: &HashedName) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let MapEntry::Occupied(mut entry) = map.entry(name.clone()) {
+        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let MapEntry::Occupied(mut entry) = names.entries.entry(name.clone()) {
             entry.get_mut().users -= 1;
             if entry.get().users == 0 {
-                entry.remove();
+                let gate = entry.remove().gate;
+                // Held by the leaving place alone besides: no turn, no
+                // waiter is left on it, so it can serve another name.
+                if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
+                    names.spare.push(gate);
+                }
             }
         }
     }
@@ -75,12 +115,10 @@ impl<T: Default> LocalQueues<T> {
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let name = self.hashing.name(name);
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = map.entry(name.clone()).or_insert_with(|| Entry {
-            gate: Arc::new(Gate {
-                turn: Semaphore::new(1),
-                shared: T::default(),
-            }),
+        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let Names { entries, spare } = &mut *names;
+        let entry = entries.entry(name.clone()).or_insert_with(|| Entry {
+            gate: fresh_gate(spare),
             users: 0,
         });
         entry.users += 1;
@@ -228,5 +266,33 @@ mod tests {
         drop(turn);
         drop(c_waits);
         assert!(d_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn gates_of_names_gone_are_reused_fresh() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let queues: Arc<LocalQueues<AtomicUsize>> = Arc::default();
+        let a = queues.join("a".into());
+        let turn = a.try_turn().unwrap();
+        a.shared().store(5, Ordering::Relaxed);
+        drop(turn);
+        drop(a);
+        assert_eq!(queues.map.lock().unwrap().spare.len(), 1);
+        let b = queues.join("b".into());
+        assert_eq!(queues.map.lock().unwrap().spare.len(), 0, "reused");
+        assert_eq!(b.shared().load(Ordering::Relaxed), 0, "as new");
+        assert!(b.try_turn().is_some());
+        drop(b);
+        // A turn that outlives its place keeps its gate out of the spares.
+        let c = queues.join("c".into());
+        let c_turn = c.try_turn().unwrap();
+        let spares = queues.map.lock().unwrap().spare.len();
+        drop(c);
+        assert_eq!(queues.map.lock().unwrap().spare.len(), spares);
+        let d = queues.join("d".into());
+        assert!(d.try_turn().is_some(), "d has a gate of its own");
+        drop(c_turn);
+        assert_eq!(queues.len(), 1);
     }
 }
