@@ -1,5 +1,8 @@
 //! How a request gets its lock: its turn in the local queue, then the
-//! backend, both within the wait budget; then a keeper holds the lock.
+//! backend, both within the wait budget; then a lease holds the lock. An
+//! uncontended request on a backend that answers at once gets it without
+//! waiting, straight from `call` ([`start`]); the others wait in the
+//! response future ([`acquire`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

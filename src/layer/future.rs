@@ -1,5 +1,6 @@
-//! The response future of [`DistLock`](super::DistLock): acquire, then
-//! serve, then hand the release guard to the body.
+//! The response future of [`DistLock`](super::DistLock): acquire (unless
+//! the lock was had at once, in `call`), then serve, then hand the release
+//! guard to the body.
 
 use std::fmt;
 use std::future::Future;

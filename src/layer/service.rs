@@ -96,6 +96,9 @@ where
         if let Some(reason) = &shared.misconfigured {
             return reject(RejectionKind::Misconfigured, reason.clone(), &request);
         }
+        // A free key on a backend that answers at once is locked here, and
+        // the inner service called at once; otherwise the response future
+        // waits for the lock.
         match start(shared, name) {
             Start::Held(holding) => {
                 let grpc = shared.abort_on_lost && is_grpc(&request);
