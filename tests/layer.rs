@@ -1110,3 +1110,39 @@ async fn release_goes_to_a_task_when_the_backend_cannot_answer_at_once() {
     assert_eq!(remote.inner.names_in_use(), 0);
     assert_eq!(layer.local_keys(), 0);
 }
+
+/// A backend that panics as it releases at once does not take the response
+/// down: the body ends, the handler is told the lock is released, the next
+/// request for the key goes on (and gets the lock once it has expired).
+#[tokio::test(start_paused = true)]
+async fn a_release_that_panics_does_not_break_the_response() {
+    let sync = support::remote::PanicOnRelease {
+        inner: MemorySync::new(),
+    };
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
+    let service = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(move |request: http::Request<()>| {
+            held_tx
+                .send(request.extensions().get::<HeldLock>().cloned().unwrap())
+                .unwrap();
+            async {
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            }
+        });
+    let response = service.clone().oneshot(keyed("boom")).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    let lock = held_rx.recv().await.unwrap();
+    assert!(lock.is_released());
+    assert_eq!(layer.local_keys(), 0, "the turn passed on");
+    // The backend still holds the name until it expires; then the next
+    // request gets it.
+    let response = service.oneshot(keyed("boom")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sync.inner.names_in_use(), 1);
+}

@@ -3,6 +3,7 @@
 //! reports a failed extension; when the request lets go it releases the
 //! lock, inline if the backend answers at once, else in a task.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ pub(crate) struct Keeper<M> {
 enum Unlocked {
     Done(crate::Result<()>),
     TimedOut,
+    Panicked,
 }
 
 impl<M: DistMutex> Keeper<M> {
@@ -93,10 +95,14 @@ impl<M: DistMutex> Keeper<M> {
         if std::thread::panicking() {
             return false;
         }
-        let Some(result) = self.mutex.try_unlock_now() else {
-            return false;
+        // A backend that panics here must not take the response down with
+        // it: the release has failed, and the lock expires on its own.
+        let unlocked = match catch_unwind(AssertUnwindSafe(|| self.mutex.try_unlock_now())) {
+            Ok(None) => return false,
+            Ok(Some(result)) => Unlocked::Done(result),
+            Err(_) => Unlocked::Panicked,
         };
-        report(view, Unlocked::Done(result), false, &self.place);
+        report(view, unlocked, false, &self.place);
         true
     }
 
@@ -141,6 +147,9 @@ fn report(view: &LockView, unlocked: Unlocked, lost: bool, place: &Place) {
         }
         Unlocked::TimedOut => {
             tracing::warn!(name, "lock release timed out; it expires on its own")
+        }
+        Unlocked::Panicked => {
+            tracing::error!(name, "lock release panicked; it expires on its own")
         }
     }
     view.set_released();

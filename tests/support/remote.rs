@@ -84,3 +84,58 @@ impl<M: DistMutex> DistMutex for RemoteMutex<M> {
         self.inner.valid().await
     }
 }
+
+/// A backend that answers at once, except that releasing at once panics:
+/// for the layer's guard against a panicking backend.
+#[derive(Debug, Clone)]
+pub struct PanicOnRelease<S> {
+    pub inner: S,
+}
+
+impl<S: DistSync> DistSync for PanicOnRelease<S> {
+    type Mutex = PanicOnReleaseMutex<S::Mutex>;
+
+    fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<Self::Mutex> {
+        Ok(PanicOnReleaseMutex(self.inner.new_mutex(name, options)?))
+    }
+
+    fn separator(&self) -> &str {
+        self.inner.separator()
+    }
+}
+
+#[derive(Debug)]
+pub struct PanicOnReleaseMutex<M>(M);
+
+impl<M: DistMutex> DistMutex for PanicOnReleaseMutex<M> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn value(&self) -> &str {
+        self.0.value()
+    }
+    fn until(&self) -> Option<Instant> {
+        self.0.until()
+    }
+    fn fencing_token(&self) -> Option<u64> {
+        self.0.fencing_token()
+    }
+    async fn lock(&mut self) -> Result<()> {
+        self.0.lock().await
+    }
+    async fn unlock(&mut self) -> Result<()> {
+        self.0.unlock().await
+    }
+    async fn extend(&mut self) -> Result<()> {
+        self.0.extend().await
+    }
+    async fn valid(&self) -> Result<bool> {
+        self.0.valid().await
+    }
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        self.0.try_lock_now()
+    }
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        panic!("release panics (expected by the test)");
+    }
+}
