@@ -130,6 +130,14 @@ impl DistMutex for AnyMutex {
     fn valid(&self) -> impl Future<Output = Result<bool>> + Send {
         self.0.valid_boxed()
     }
+
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        self.0.try_lock_now()
+    }
+
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        self.0.try_unlock_now()
+    }
 }
 
 /// Object-safe mirror of [`DistSync`].
@@ -159,6 +167,8 @@ trait ErasedMutex: Send + Sync + 'static {
     fn unlock_boxed(&mut self) -> BoxFuture<'_, Result<()>>;
     fn extend_boxed(&mut self) -> BoxFuture<'_, Result<()>>;
     fn valid_boxed(&self) -> BoxFuture<'_, Result<bool>>;
+    fn try_lock_now(&mut self) -> Option<Result<()>>;
+    fn try_unlock_now(&mut self) -> Option<Result<()>>;
 }
 
 impl<M: DistMutex> ErasedMutex for M {
@@ -192,5 +202,13 @@ impl<M: DistMutex> ErasedMutex for M {
 
     fn valid_boxed(&self) -> BoxFuture<'_, Result<bool>> {
         Box::pin(DistMutex::valid(self))
+    }
+
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        DistMutex::try_lock_now(self)
+    }
+
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        DistMutex::try_unlock_now(self)
     }
 }

@@ -76,6 +76,7 @@ mod any;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
 mod error;
+mod hashed;
 pub mod layer;
 mod memory;
 mod options;

@@ -12,7 +12,8 @@
 //! expired ones (kept in expiry order) by the next call on the backend,
 //! whatever its name.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
 use crate::sync::{DistMutex, DistSync, validate_name};
 
@@ -77,6 +79,7 @@ impl MemorySync {
             shared: Arc::new(Shared {
                 names: Mutex::new(Names::new()),
                 next_waiter: AtomicU64::new(0),
+                hashing: Hashing::default(),
             }),
             separator: Arc::from(":"),
         }
@@ -118,11 +121,12 @@ impl DistSync for MemorySync {
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<MemoryMutex> {
         validate_name(name)?;
-        options.validate()?;
+        let drift = options.validated_drift()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
-            name: Arc::from(name),
-            value: options.value().unwrap_or_default().to_owned(),
+            name: self.shared.hashing.name(Arc::from(name)),
+            value: options.value().map(Arc::from),
+            drift,
             options,
             until: None,
             token: None,
@@ -149,9 +153,12 @@ impl DistSync for MemorySync {
 /// ```
 pub struct MemoryMutex {
     shared: Arc<Shared>,
-    name: Arc<str>,
+    name: HashedName,
     options: DistMutexOptions,
-    value: String,
+    /// `options.drift()`, computed once.
+    drift: Duration,
+    /// `None` until acquired, unless preset.
+    value: Option<Arc<str>>,
     until: Option<Instant>,
     token: Option<u64>,
 }
@@ -159,7 +166,7 @@ pub struct MemoryMutex {
 impl fmt::Debug for MemoryMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryMutex")
-            .field("name", &self.name)
+            .field("name", self.name.name())
             .field("until", &self.until)
             .field("fencing_token", &self.token)
             .finish_non_exhaustive()
@@ -167,12 +174,51 @@ impl fmt::Debug for MemoryMutex {
 }
 
 impl MemoryMutex {
+    /// One try of [`lock`](DistMutex::lock), which never waits.
+    fn lock_now(&mut self) -> Result<()> {
+        let value = self.options.gen_shared_value()?;
+        let mut place = QueuePlace {
+            shared: &self.shared,
+            name: &self.name,
+            id: self.shared.next_waiter.fetch_add(1, Ordering::Relaxed),
+            queued: false,
+        };
+        let attempt =
+            self.shared
+                .names()
+                .try_acquire(&self.name, &value, self.options.expiry(), place.id);
+        match attempt {
+            Ok(grant) => {
+                drop(place);
+                self.acquired(value, grant);
+                Ok(())
+            }
+            Err((remaining, _)) => {
+                // Out of the queue that the try joined.
+                place.queued = true;
+                Err(Error::Held {
+                    remaining: Some(remaining),
+                })
+            }
+        }
+    }
+
+    fn unlock_now(&mut self) -> Result<()> {
+        let mut names = self.shared.names();
+        if names.release(&self.name, self.value()) {
+            self.until = None;
+            Ok(())
+        } else {
+            Err(Error::NotAcquired)
+        }
+    }
+
     fn acquired(&mut self, value: Arc<str>, grant: Grant) {
-        self.value = value.to_string();
+        self.value = Some(value);
         self.until = Some(
             grant
                 .expires_at
-                .checked_sub(self.options.drift())
+                .checked_sub(self.drift)
                 .unwrap_or(grant.expires_at),
         );
         self.token = Some(grant.token);
@@ -181,11 +227,11 @@ impl MemoryMutex {
 
 impl DistMutex for MemoryMutex {
     fn name(&self) -> &str {
-        &self.name
+        self.name.name()
     }
 
     fn value(&self) -> &str {
-        &self.value
+        self.value.as_deref().unwrap_or_default()
     }
 
     fn until(&self) -> Option<Instant> {
@@ -197,7 +243,7 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn lock(&mut self) -> Result<()> {
-        let value: Arc<str> = self.options.gen_value()?.into();
+        let value = self.options.gen_shared_value()?;
         let expiry = self.options.expiry();
         // Takes us out of the name's queue if this future is dropped or
         // gives up, and passes the lock on if a release had handed it to us.
@@ -235,36 +281,36 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn unlock(&mut self) -> Result<()> {
-        let mut names = self.shared.names();
-        if names.release(&self.name, &self.value) {
-            self.until = None;
-            Ok(())
-        } else {
-            Err(Error::NotAcquired)
-        }
+        self.unlock_now()
     }
 
     async fn extend(&mut self) -> Result<()> {
         let mut names = self.shared.names();
         let expires_at = names
-            .extend(&self.name, &self.value, self.options.expiry())
+            .extend(&self.name, self.value(), self.options.expiry())
             .ok_or(Error::NotAcquired)?;
-        self.until = Some(
-            expires_at
-                .checked_sub(self.options.drift())
-                .unwrap_or(expires_at),
-        );
+        self.until = Some(expires_at.checked_sub(self.drift).unwrap_or(expires_at));
         Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
-        Ok(self.shared.names().is_held_by(&self.name, &self.value))
+        Ok(self.shared.names().is_held_by(&self.name, self.value()))
+    }
+
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        Some(self.lock_now())
+    }
+
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        Some(self.unlock_now())
     }
 }
 
 struct Shared {
     names: Mutex<Names>,
     next_waiter: AtomicU64,
+    /// How names are hashed in `names`: once per mutex.
+    hashing: Hashing,
 }
 
 impl Shared {
@@ -281,8 +327,8 @@ impl Shared {
 /// while it has a holder (its queue may be non-empty) and every holder has
 /// exactly one entry in `expiries`, keyed by its expiry and token.
 struct Names {
-    map: HashMap<Arc<str>, Entry>,
-    expiries: BTreeMap<(Instant, u64), Arc<str>>,
+    map: HashedMap<Entry>,
+    expiries: BTreeMap<(Instant, u64), HashedName>,
     next_token: u64,
 }
 
@@ -317,7 +363,7 @@ struct Grant {
 impl Names {
     fn new() -> Self {
         Names {
-            map: HashMap::new(),
+            map: HashedMap::default(),
             expiries: BTreeMap::new(),
             next_token: 1,
         }
@@ -328,17 +374,19 @@ impl Names {
     /// the waiter has a place in the queue.
     fn try_acquire(
         &mut self,
-        name: &Arc<str>,
+        name: &HashedName,
         value: &Arc<str>,
         expiry: Duration,
         id: u64,
     ) -> std::result::Result<Grant, (Duration, Arc<Notify>)> {
         let now = Instant::now();
         self.reap(now);
-        if !self.map.contains_key(name) {
-            self.map.insert(name.clone(), Entry::default());
-        }
-        let entry = self.map.get_mut(name).expect("inserted above");
+        let Names {
+            map,
+            expiries,
+            next_token,
+        } = self;
+        let entry = map.entry(name.clone()).or_default();
         if let Some(holder) = &mut entry.holder
             && holder.handed_to == Some(id)
         {
@@ -352,7 +400,10 @@ impl Names {
             // Nobody waits on a free name (a release hands it on at once),
             // so the name is ours; leave the queue if we were in it.
             entry.queue.retain(|w| w.id != id);
-            return Ok(self.grant(name, value.clone(), now + expiry, None));
+            let expires_at = now + expiry;
+            return Ok(grant(
+                expiries, next_token, entry, name, value, expires_at, None,
+            ));
         }
         let wake = match entry.queue.iter().find(|w| w.id == id) {
             Some(waiter) => waiter.wake.clone(),
@@ -373,17 +424,26 @@ impl Names {
 
     /// Releases the lock held with `value`; false if `value` does not hold
     /// an unexpired lock on `name`.
-    fn release(&mut self, name: &str, value: &str) -> bool {
+    fn release(&mut self, name: &HashedName, value: &str) -> bool {
         self.reap(Instant::now());
-        if self.holder(name).is_none_or(|h| *h.value != *value) {
-            return false;
+        match self.map.entry(name.clone()) {
+            MapEntry::Occupied(entry)
+                if entry
+                    .get()
+                    .holder
+                    .as_ref()
+                    .is_some_and(|h| *h.value == *value) =>
+            {
+                let (name, entry) = entry.remove_entry();
+                self.settle(name, entry);
+                true
+            }
+            _ => false,
         }
-        self.clear(name);
-        true
     }
 
     /// Moves the expiry of the lock held with `value` to `now + expiry`.
-    fn extend(&mut self, name: &str, value: &str, expiry: Duration) -> Option<Instant> {
+    fn extend(&mut self, name: &HashedName, value: &str, expiry: Duration) -> Option<Instant> {
         let now = Instant::now();
         self.reap(now);
         let holder = self.map.get_mut(name)?.holder.as_mut()?;
@@ -398,14 +458,14 @@ impl Names {
     }
 
     /// Whether `value` holds an unexpired lock on `name`.
-    fn is_held_by(&mut self, name: &str, value: &str) -> bool {
+    fn is_held_by(&mut self, name: &HashedName, value: &str) -> bool {
         self.reap(Instant::now());
         self.holder(name).is_some_and(|h| *h.value == *value)
     }
 
     /// Leaves a waiter's place: out of the queue, and if a release had
     /// already handed it the lock, passes the lock on.
-    fn leave(&mut self, name: &str, id: u64) {
+    fn leave(&mut self, name: &HashedName, id: u64) {
         self.reap(Instant::now());
         let Some(entry) = self.map.get_mut(name) else {
             return;
@@ -420,48 +480,34 @@ impl Names {
         }
     }
 
-    fn holder(&self, name: &str) -> Option<&Holder> {
+    fn holder(&self, name: &HashedName) -> Option<&Holder> {
         self.map.get(name)?.holder.as_ref()
-    }
-
-    /// Makes a new holder of `name` (whose entry exists).
-    fn grant(
-        &mut self,
-        name: &Arc<str>,
-        value: Arc<str>,
-        expires_at: Instant,
-        handed_to: Option<u64>,
-    ) -> Grant {
-        let token = self.next_token;
-        self.next_token += 1;
-        self.expiries.insert((expires_at, token), name.clone());
-        let entry = self.map.get_mut(name).expect("granted names have an entry");
-        entry.holder = Some(Holder {
-            value,
-            expires_at,
-            token,
-            handed_to,
-        });
-        Grant { expires_at, token }
     }
 
     /// Removes the holder of `name`, then hands the name to its first
     /// waiter, or forgets the name if nobody waits.
-    fn clear(&mut self, name: &str) {
-        let Some((name, mut entry)) = self.map.remove_entry(name) else {
-            return;
-        };
+    fn clear(&mut self, name: &HashedName) {
+        if let Some((name, entry)) = self.map.remove_entry(name) {
+            self.settle(name, entry);
+        }
+    }
+
+    /// The rest of [`clear`](Self::clear), once the entry is out of the map.
+    fn settle(&mut self, name: HashedName, mut entry: Entry) {
         if let Some(holder) = entry.holder.take() {
             self.expiries.remove(&(holder.expires_at, holder.token));
         }
         if let Some(waiter) = entry.queue.pop_front() {
-            self.map.insert(name.clone(), entry);
-            self.grant(
+            grant(
+                &mut self.expiries,
+                &mut self.next_token,
+                &mut entry,
                 &name,
-                waiter.value,
+                &waiter.value,
                 Instant::now() + waiter.expiry,
                 Some(waiter.id),
             );
+            self.map.insert(name, entry);
             waiter.wake.notify_one();
         } else if self.map.capacity() > 64 && self.map.len() * 4 < self.map.capacity() {
             self.map.shrink_to(self.map.len() * 2);
@@ -479,10 +525,34 @@ impl Names {
     }
 }
 
+/// Makes `value` the holder of `entry`, the entry of `name` (the fields of
+/// [`Names`] it touches are passed apart, so that `entry` may be borrowed
+/// from the map).
+fn grant(
+    expiries: &mut BTreeMap<(Instant, u64), HashedName>,
+    next_token: &mut u64,
+    entry: &mut Entry,
+    name: &HashedName,
+    value: &Arc<str>,
+    expires_at: Instant,
+    handed_to: Option<u64>,
+) -> Grant {
+    let token = *next_token;
+    *next_token += 1;
+    expiries.insert((expires_at, token), name.clone());
+    entry.holder = Some(Holder {
+        value: value.clone(),
+        expires_at,
+        token,
+        handed_to,
+    });
+    Grant { expires_at, token }
+}
+
 /// A waiter's place in a name's queue, owned by the `lock()` future.
 struct QueuePlace<'a> {
     shared: &'a Shared,
-    name: &'a str,
+    name: &'a HashedName,
     id: u64,
     /// False until the waiter may be in the queue, and again once it holds
     /// the lock.

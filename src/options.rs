@@ -64,7 +64,8 @@ pub struct DistMutexOptions {
     delay_fn: DelayFn,
     drift_factor: f64,
     timeout_factor: f64,
-    gen_value_fn: GenValueFn,
+    /// `None`: the default, [`random_value`].
+    gen_value_fn: Option<GenValueFn>,
     value: Option<String>,
 }
 
@@ -76,7 +77,7 @@ impl Default for DistMutexOptions {
             delay_fn: Arc::new(default_delay),
             drift_factor: 0.01,
             timeout_factor: 0.05,
-            gen_value_fn: Arc::new(|| Ok(random_value())),
+            gen_value_fn: None,
             value: None,
         }
     }
@@ -188,7 +189,7 @@ impl DistMutexOptions {
         mut self,
         gen_value: impl Fn() -> std::result::Result<String, BoxError> + Send + Sync + 'static,
     ) -> Self {
-        self.gen_value_fn = Arc::new(gen_value);
+        self.gen_value_fn = Some(Arc::new(gen_value));
         self
     }
 
@@ -308,13 +309,26 @@ impl DistMutexOptions {
         if let Some(value) = &self.value {
             return Ok(value.clone());
         }
-        let value = (self.gen_value_fn)().map_err(Error::GenValue)?;
+        let Some(gen_value) = &self.gen_value_fn else {
+            return Ok(random_value());
+        };
+        let value = gen_value().map_err(Error::GenValue)?;
         if value.is_empty() {
             return Err(Error::GenValue(
                 "the value generator returned an empty value".into(),
             ));
         }
         Ok(value)
+    }
+
+    /// [`gen_value`](Self::gen_value), shared: what backends keep, made in
+    /// one allocation for the default generator.
+    pub(crate) fn gen_shared_value(&self) -> Result<Arc<str>> {
+        if self.value.is_none() && self.gen_value_fn.is_none() {
+            let hex = hex128(rand::rng().random::<u128>());
+            return Ok(Arc::from(hex_str(&hex)));
+        }
+        self.gen_value().map(Arc::from)
     }
 
     /// Checks every option's range; backends call this in `new_mutex`.
@@ -327,6 +341,18 @@ impl DistMutexOptions {
     /// assert!(err.to_string().contains("drift_factor"));
     /// ```
     pub fn validate(&self) -> Result<()> {
+        self.check(self.drift())
+    }
+
+    /// [`validate`](Self::validate), and the drift, computed once.
+    pub(crate) fn validated_drift(&self) -> Result<Duration> {
+        let drift = self.drift();
+        self.check(drift)?;
+        Ok(drift)
+    }
+
+    /// The checks of [`validate`](Self::validate), given the drift.
+    fn check(&self, drift: Duration) -> Result<()> {
         let invalid = |reason: String| Err(Error::InvalidOptions { reason });
         if self.expiry.is_zero() {
             return invalid("expiry must be greater than zero".into());
@@ -349,11 +375,10 @@ impl DistMutexOptions {
                 self.timeout_factor
             ));
         }
-        if self.validity().is_zero() {
+        if self.expiry.saturating_sub(drift).is_zero() {
             return invalid(format!(
-                "expiry ({:?}) must be longer than the drift allowance ({:?})",
+                "expiry ({:?}) must be longer than the drift allowance ({drift:?})",
                 self.expiry,
-                self.drift()
             ));
         }
         if self.value.as_deref() == Some("") {
@@ -388,5 +413,37 @@ fn default_delay(_retry: u32) -> Duration {
 /// assert!(v.bytes().all(|b| b.is_ascii_hexdigit()));
 /// ```
 pub fn random_value() -> String {
-    format!("{:032x}", rand::rng().random::<u128>())
+    hex_str(&hex128(rand::rng().random::<u128>())).to_owned()
+}
+
+/// The digits of `format!("{bits:032x}")`, written by hand: the formatter
+/// costs several times as much, once per lock.
+fn hex128(bits: u128) -> [u8; 32] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    hex
+}
+
+fn hex_str(hex: &[u8; 32]) -> &str {
+    std::str::from_utf8(hex).expect("hex digits are ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex128_is_zero_padded_lowercase_hex() {
+        for bits in [
+            0,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef << 60,
+            1 << 127,
+        ] {
+            assert_eq!(super::hex_str(&super::hex128(bits)), format!("{bits:032x}"));
+        }
+    }
 }

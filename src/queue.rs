@@ -4,43 +4,74 @@
 //! caller uses it. Used by the Tower layer (per request key) and by the
 //! Redis backend (per `lock()` call).
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::Semaphore;
+
+use crate::hashed::{HashedMap, HashedName, Hashing};
 
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<HashMap<Arc<str>, Entry<T>>>,
+    map: Mutex<Names<T>>,
+    hashing: Hashing,
 }
+
+/// The queues in use, and a few gates kept from names gone out of use, for
+/// the next names (one allocation less per new name).
+struct Names<T> {
+    entries: HashedMap<Entry<T>>,
+    spare: Vec<Arc<Gate<T>>>,
+}
+
+/// How many gates are kept for new names.
+const SPARE_GATES: usize = 32;
 
 /// A name's gate and how many callers use it.
 struct Entry<T> {
-    gate: Gate<T>,
+    gate: Arc<Gate<T>>,
     users: usize,
 }
 
-/// One name's queue: a FIFO async mutex whose guard is the turn.
+/// One name's queue: a fair (FIFO) semaphore with one permit, the turn,
+/// and what the name's users share, in one allocation.
 struct Gate<T> {
-    turn: Arc<tokio::sync::Mutex<()>>,
-    shared: Arc<T>,
+    turn: Semaphore,
+    shared: T,
 }
 
-impl<T> Clone for Gate<T> {
-    fn clone(&self) -> Self {
+impl<T: Default> Gate<T> {
+    fn new() -> Self {
         Gate {
-            turn: self.turn.clone(),
-            shared: self.shared.clone(),
+            turn: Semaphore::new(1),
+            shared: T::default(),
         }
     }
+}
+
+/// A fresh gate: a spare one, as new, if one is free, else a new one.
+fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
+    while let Some(mut gate) = spare.pop() {
+        if let Some(unused) = Arc::get_mut(&mut gate) {
+            *unused = Gate::new();
+            return gate;
+        }
+        // The place that left it still holds it: let it go.
+    }
+    Arc::new(Gate::new())
 }
 
 impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
-            map: Mutex::default(),
+            map: Mutex::new(Names {
+                entries: HashedMap::default(),
+                spare: Vec::new(),
+            }),
+            hashing: Hashing::default(),
         }
     }
 }
@@ -59,21 +90,31 @@ impl<T> LocalQueues<T> {
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .entries
             .len()
     }
 
     /// What the users of `name` share, while anyone uses it.
-    pub(crate) fn get(&self, name: &str) -> Option<Arc<T>> {
-        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(name).map(|entry| entry.gate.shared.clone())
+    pub(crate) fn get(&self, name: &str) -> Option<Shared<T>> {
+        let name = self.hashing.name(Arc::from(name));
+        let names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        names
+            .entries
+            .get(&name)
+            .map(|entry| Shared(entry.gate.clone()))
     }
 
-    fn leave(&self, name: &str) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = map.get_mut(name) {
-            entry.users -= 1;
-            if entry.users == 0 {
-                map.remove(name);
+    fn leave(&self, name: &HashedName) {
+        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let MapEntry::Occupied(mut entry) = names.entries.entry(name.clone()) {
+            entry.get_mut().users -= 1;
+            if entry.get().users == 0 {
+                let gate = entry.remove().gate;
+                // Held by the leaving place alone besides: no turn, no
+                // waiter is left on it, so it can serve another name.
+                if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
+                    names.spare.push(gate);
+                }
             }
         }
     }
@@ -83,12 +124,11 @@ impl<T: Default> LocalQueues<T> {
     /// Joins the queue of `name`; the returned place then waits for its
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = map.entry(name.clone()).or_insert_with(|| Entry {
-            gate: Gate {
-                turn: Arc::default(),
-                shared: Arc::default(),
-            },
+        let name = self.hashing.name(name);
+        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let Names { entries, spare } = &mut *names;
+        let entry = entries.entry(name.clone()).or_insert_with(|| Entry {
+            gate: fresh_gate(spare),
             users: 0,
         });
         entry.users += 1;
@@ -103,37 +143,90 @@ impl<T: Default> LocalQueues<T> {
 /// A caller's place in a queue. Dropping it leaves the queue.
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
-    name: Arc<str>,
-    gate: Gate<T>,
+    name: HashedName,
+    gate: Arc<Gate<T>>,
 }
 
 impl<T> fmt::Debug for Place<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Place").field("name", &self.name).finish()
+        f.debug_struct("Place")
+            .field("name", self.name.name())
+            .finish()
     }
 }
 
 impl<T> Place<T> {
     /// Waits for this caller's turn (FIFO); the turn lasts as long as the
-    /// returned guard.
-    pub(crate) async fn wait(&self) -> OwnedMutexGuard<()> {
-        self.gate.turn.clone().lock_owned().await
+    /// returned guard. Cancel-safe: a dropped wait takes no turn.
+    pub(crate) async fn wait(&self) -> Turn<T> {
+        let permit = self
+            .gate
+            .turn
+            .acquire()
+            .await
+            .expect("a gate's semaphore is never closed");
+        permit.forget();
+        Turn {
+            gate: self.gate.clone(),
+        }
     }
 
     /// This caller's turn, if nobody holds it now.
-    pub(crate) fn try_turn(&self) -> Option<OwnedMutexGuard<()>> {
-        self.gate.turn.clone().try_lock_owned().ok()
+    pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
+        let permit = self.gate.turn.try_acquire().ok()?;
+        permit.forget();
+        Some(Turn {
+            gate: self.gate.clone(),
+        })
+    }
+
+    /// The name of this queue.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        self.name.name()
     }
 
     /// What the users of this name share.
-    pub(crate) fn shared(&self) -> &Arc<T> {
+    pub(crate) fn shared(&self) -> &T {
         &self.gate.shared
+    }
+
+    /// What the users of this name share, to keep beyond this place.
+    pub(crate) fn share(&self) -> Shared<T> {
+        Shared(self.gate.clone())
     }
 }
 
 impl<T> Drop for Place<T> {
     fn drop(&mut self) {
         self.queues.leave(&self.name);
+    }
+}
+
+/// A caller's turn: the next caller in the queue goes when it is dropped.
+pub(crate) struct Turn<T> {
+    gate: Arc<Gate<T>>,
+}
+
+impl<T> fmt::Debug for Turn<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Turn").finish_non_exhaustive()
+    }
+}
+
+impl<T> Drop for Turn<T> {
+    fn drop(&mut self) {
+        self.gate.turn.add_permits(1);
+    }
+}
+
+/// What the users of a name share (see [`Place::share`]).
+pub(crate) struct Shared<T>(Arc<Gate<T>>);
+
+impl<T> Deref for Shared<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0.shared
     }
 }
 
@@ -155,5 +248,61 @@ mod tests {
         let _turn = b.wait().await;
         drop(b);
         assert_eq!(queues.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn turns_are_first_come_first_served_and_a_dropped_wait_takes_none() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let queues: Arc<LocalQueues> = Arc::default();
+        let [a, b, c, d] = ["k"; 4].map(|name| queues.join(name.into()));
+        let turn = a.try_turn().expect("free");
+        let mut b_waits = Box::pin(b.wait());
+        let mut c_waits = Box::pin(c.wait());
+        let mut d_waits = Box::pin(d.wait());
+        for waits in [&mut b_waits, &mut c_waits, &mut d_waits] {
+            assert!(waits.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending(), "b came first");
+        let turn = match b_waits.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(turn) => turn,
+            std::task::Poll::Pending => panic!("b's turn"),
+        };
+        // b's turn ends and passes to c, which gives up before it sees it:
+        // the turn passes on to d.
+        drop(turn);
+        drop(c_waits);
+        assert!(d_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn gates_of_names_gone_are_reused_fresh() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let queues: Arc<LocalQueues<AtomicUsize>> = Arc::default();
+        let a = queues.join("a".into());
+        let turn = a.try_turn().unwrap();
+        a.shared().store(5, Ordering::Relaxed);
+        drop(turn);
+        drop(a);
+        assert_eq!(queues.map.lock().unwrap().spare.len(), 1);
+        let b = queues.join("b".into());
+        assert_eq!(queues.map.lock().unwrap().spare.len(), 0, "reused");
+        assert_eq!(b.shared().load(Ordering::Relaxed), 0, "as new");
+        assert!(b.try_turn().is_some());
+        drop(b);
+        // A turn that outlives its place keeps its gate out of the spares.
+        let c = queues.join("c".into());
+        let c_turn = c.try_turn().unwrap();
+        let spares = queues.map.lock().unwrap().spare.len();
+        drop(c);
+        assert_eq!(queues.map.lock().unwrap().spare.len(), spares);
+        let d = queues.join("d".into());
+        assert!(d.try_turn().is_some(), "d has a gate of its own");
+        drop(c_turn);
+        assert_eq!(queues.len(), 1);
     }
 }

@@ -133,6 +133,35 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
     /// quorum answered during the call and a node then took long enough for
     /// the lock to expire.
     fn valid(&self) -> impl Future<Output = Result<bool>> + Send;
+
+    /// One try to acquire the lock, answered at once by a backend that needs
+    /// no I/O for it: `Some` with what [`lock`](Self::lock) with `tries` set
+    /// to 1 would give, or `None` (the default) when the answer has to wait,
+    /// in which case call `lock`. [`MemorySync`](crate::MemorySync) answers
+    /// at once; the Redis backend returns `None`. Callers use it to skip the
+    /// machinery of a future on their fast path, as the Tower layer does.
+    ///
+    /// ```
+    /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, MemorySync};
+    ///
+    /// let sync = MemorySync::new();
+    /// let mut a = sync.new_mutex("job:8", DistMutexOptions::default())?;
+    /// let mut b = sync.new_mutex("job:8", DistMutexOptions::default())?;
+    /// assert!(matches!(a.try_lock_now(), Some(Ok(()))));
+    /// assert!(matches!(b.try_lock_now(), Some(Err(Error::Held { .. }))));
+    /// assert!(matches!(a.try_unlock_now(), Some(Ok(()))));
+    /// # Ok::<_, tower_dsync::Error>(())
+    /// ```
+    fn try_lock_now(&mut self) -> Option<Result<()>> {
+        None
+    }
+
+    /// [`unlock`](Self::unlock), answered at once by a backend that needs no
+    /// I/O for it (see [`try_lock_now`](Self::try_lock_now)), or `None`
+    /// (the default): then call `unlock`.
+    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// Checks a lock name: it must be non-empty, at most [`MAX_NAME_LEN`] bytes,
@@ -152,10 +181,20 @@ pub fn validate_name(name: &str) -> Result<()> {
         "the name is empty"
     } else if name.len() > MAX_NAME_LEN {
         "the name is longer than 1024 bytes"
-    } else if name.chars().any(char::is_control) {
+    } else if has_control_character(name) {
         "the name contains a control character"
     } else {
         return Ok(());
     };
     Err(Error::InvalidName { reason })
+}
+
+/// Whether `name` has a control character; an ASCII name is checked byte
+/// by byte.
+fn has_control_character(name: &str) -> bool {
+    if name.is_ascii() {
+        name.bytes().any(|b| b.is_ascii_control())
+    } else {
+        name.chars().any(char::is_control)
+    }
 }

@@ -968,7 +968,13 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
         let sync = RedisSync::new(nodes.urls()).unwrap();
         let app = Router::new()
             .route("/quick", get(|| async { "quick" }))
-            .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)));
+            .layer(
+                // A long per-node timeout (3 s): no attempt times out on a
+                // loaded machine, which would add a cleanup round.
+                DistLockLayer::new(sync, HeaderKey::new(KEY)).mutex_options(
+                    DistMutexOptions::default().with_expiry(Duration::from_secs(60)),
+                ),
+            );
         let server = Server::start(app).await;
         let client = HttpClient::default();
         // Connections made and scripts loaded.
@@ -1016,4 +1022,209 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
             assert_eq!(calls["evalsha"], 2 * requests);
         }
     }
+}
+
+/// A no-op handler's service behind the layer, on `sync`.
+fn quick_service<D: DistSync>(
+    layer: DistLockLayer<D, HeaderKey>,
+) -> impl tower::Service<
+    http::Request<()>,
+    Response = http::Response<tower_dsync::layer::LockBody<http_body_util::Full<Bytes>>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        })
+}
+
+fn keyed(key: &str) -> http::Request<()> {
+    http::Request::get("/").header(KEY, key).body(()).unwrap()
+}
+
+/// A short request on a backend that answers at once: no keeper task is
+/// ever spawned, no extension is made, and the lock is released inline: it
+/// is free the moment the body has ended, before any task runs. Time that
+/// passes afterwards starts no keeper either.
+#[tokio::test(start_paused = true)]
+async fn short_request_spawns_no_task_and_releases_inline() {
+    let sync = Counting::new(MemorySync::new());
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
+    let service = quick_service(layer.clone());
+    let metrics = tokio::runtime::Handle::current().metrics();
+    for i in 0..10 {
+        let response = service
+            .clone()
+            .oneshot(keyed(&format!("k{i}")))
+            .await
+            .unwrap();
+        let mut body = std::pin::pin!(response.into_body());
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(body.frame().await.is_none());
+        // No await since the last frame: released inline.
+        assert_eq!(sync.inner.names_in_use(), 0, "released with the body's end");
+        assert_eq!(layer.local_keys(), 0);
+        assert_eq!(metrics.num_alive_tasks(), 0, "no keeper, no release task");
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(metrics.num_alive_tasks(), 0, "no keeper started later");
+    assert_eq!(sync.counts.extends(), 0);
+    assert_eq!(sync.counts.locks(), 10);
+    assert_eq!(sync.counts.unlocks(), 10);
+}
+
+/// A response whose body is not polled for a long time (a slow client, a
+/// long stream) is kept all the same: the keeper starts when the first
+/// extension falls due, driven by the runtime's timer, not by polls, and
+/// extends every interval; the key stays taken. Dropping the body then
+/// releases the lock through the keeper.
+#[tokio::test(start_paused = true)]
+async fn response_whose_body_is_not_polled_is_kept() {
+    let sync = Counting::new(MemorySync::new());
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options.clone()))
+        .service_fn(move |request: http::Request<()>| {
+            held_tx
+                .send(request.extensions().get::<HeldLock>().cloned().unwrap())
+                .unwrap();
+            async {
+                let never =
+                    futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+                Ok::<_, Infallible>(http::Response::new(http_body_util::StreamBody::new(never)))
+            }
+        });
+    let response = service.oneshot(keyed("slow")).await.unwrap();
+    let lock = held_rx.recv().await.unwrap();
+    let first_until = lock.until().unwrap();
+    // Three intervals pass; nothing polls the response's body.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        sync.counts.extends() >= 3,
+        "extended: {}",
+        sync.counts.extends()
+    );
+    assert!(lock.until().unwrap() > first_until + Duration::from_secs(2));
+    assert!(!lock.is_released());
+    let mut probe = sync
+        .inner
+        .new_mutex(lock.name(), options.clone().with_tries(1))
+        .unwrap();
+    assert!(
+        matches!(probe.lock().await, Err(tower_dsync::Error::Held { .. })),
+        "the key is still held in the backend"
+    );
+    drop(response);
+    lock.lost().await;
+    assert!(!lock.is_lost(), "released, not lost");
+    assert_eq!(sync.inner.names_in_use(), 0);
+}
+
+/// A handler that runs for several intervals, without its future being
+/// polled meanwhile, keeps its lock; one that ends before the first
+/// interval causes no extension.
+#[tokio::test(start_paused = true)]
+async fn handler_that_is_not_polled_is_kept() {
+    let sync = Counting::new(MemorySync::new());
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let go_rx = Arc::new(std::sync::Mutex::new(Some(go_rx)));
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options))
+        .service_fn(move |_: http::Request<()>| {
+            let go = go_rx.lock().unwrap().take();
+            async move {
+                if let Some(go) = go {
+                    // Woken only when the test says so.
+                    go.await.unwrap();
+                }
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"done"),
+                )))
+            }
+        });
+    let request = tokio::spawn(service.clone().oneshot(keyed("long")));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        sync.counts.extends() >= 3,
+        "extended: {}",
+        sync.counts.extends()
+    );
+    assert!(!request.is_finished());
+    go_tx.send(()).unwrap();
+    let response = request.await.unwrap().unwrap();
+    response.into_body().collect().await.unwrap();
+    let extends = sync.counts.extends();
+    // A short one: no extension.
+    let response = service.oneshot(keyed("short")).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(sync.counts.extends(), extends);
+    assert_eq!(sync.inner.names_in_use(), 0);
+}
+
+/// On a backend that cannot answer at once, the lock is acquired through
+/// the future and released in a task: the body ends while the unlock still
+/// waits, and the key is free once it is done.
+#[tokio::test]
+async fn release_goes_to_a_task_when_the_backend_cannot_answer_at_once() {
+    let remote = support::remote::Remote::gated(MemorySync::new());
+    let layer = DistLockLayer::new(remote.clone(), HeaderKey::new(KEY));
+    let service = quick_service(layer.clone());
+    let response = service.oneshot(keyed("remote")).await.unwrap();
+    // The unlock cannot go through yet; the body ends all the same.
+    response.into_body().collect().await.unwrap();
+    assert_eq!(remote.inner.names_in_use(), 1, "the unlock is waiting");
+    assert_eq!(
+        layer.local_keys(),
+        1,
+        "the next request waits for the release"
+    );
+    let unlocked = remote.unlocked.notified();
+    remote.unlock_gate.add_permits(1);
+    unlocked.await;
+    assert_eq!(remote.inner.names_in_use(), 0);
+    assert_eq!(layer.local_keys(), 0);
+}
+
+/// A backend that panics as it releases at once does not take the response
+/// down: the body ends, the handler is told the lock is released, the next
+/// request for the key goes on (and gets the lock once it has expired).
+#[tokio::test(start_paused = true)]
+async fn a_release_that_panics_does_not_break_the_response() {
+    let sync = support::remote::PanicOnRelease {
+        inner: MemorySync::new(),
+    };
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
+    let service = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(move |request: http::Request<()>| {
+            held_tx
+                .send(request.extensions().get::<HeldLock>().cloned().unwrap())
+                .unwrap();
+            async {
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            }
+        });
+    let response = service.clone().oneshot(keyed("boom")).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    let lock = held_rx.recv().await.unwrap();
+    assert!(lock.is_released());
+    assert_eq!(layer.local_keys(), 0, "the turn passed on");
+    // The backend still holds the name until it expires; then the next
+    // request gets it.
+    let response = service.oneshot(keyed("boom")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sync.inner.names_in_use(), 1);
 }

@@ -1097,3 +1097,35 @@ async fn leftover_release_does_not_wake_its_own_process() {
     second.abort();
     holder.unlock().await.unwrap();
 }
+
+/// An operation that returned once a quorum said yes leaves its other
+/// commands to finish in the background; the next operation of the same
+/// owner waits for them. Here every node has forgotten the scripts, so
+/// each command is sent twice (`NOSCRIPT`, then loaded): without the wait,
+/// the slowest node's acquire could land after the release and leave the
+/// key behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stragglers_never_overtake_the_next_operation() {
+    let nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    for round in 0..20 {
+        for server in &nodes.servers {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query(&mut server.connection())
+                .unwrap();
+        }
+        let name = unique("straggler");
+        let long = base_options().with_expiry(Duration::from_secs(60));
+        let mut m = sync.new_mutex(&name, long).unwrap();
+        m.lock().await.unwrap();
+        m.extend().await.unwrap();
+        m.unlock().await.unwrap();
+        let key = format!("dsync:{name}");
+        eventually(Duration::from_secs(10), "no key left", async || {
+            nodes.count_key(&key) == 0
+        })
+        .await;
+        assert_eq!(nodes.count_key(&key), 0, "round {round}");
+    }
+}

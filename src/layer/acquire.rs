@@ -1,15 +1,20 @@
 //! How a request gets its lock: its turn in the local queue, then the
-//! backend, both within the wait budget; then a keeper holds the lock.
+//! backend, both within the wait budget; then a lease holds the lock. An
+//! uncontended request on a backend that answers at once gets it without
+//! waiting, straight from `call` ([`start`]); the others wait in the
+//! response future ([`acquire`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
 
 use super::Shared;
-use super::held::HeldLock;
-use super::keeper::{Keeper, ReleaseGuard};
+use super::held::{HeldLock, LockView};
+use super::keeper::Keeper;
+use super::lease::{Lease, ReleaseGuard};
+use super::queue::{Place, Turn};
 use super::rejection::{Rejection, RejectionKind};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
@@ -18,26 +23,89 @@ use crate::sync::{DistMutex, DistSync};
 pub(crate) struct Holding {
     pub(crate) guard: ReleaseGuard,
     pub(crate) held: HeldLock,
-    /// With the abort option: fires when the lock is lost.
-    pub(crate) lost: Option<oneshot::Receiver<()>>,
 }
 
-/// Waits for the lock on `name`, at most the wait budget.
+/// How far a request got without waiting (see [`start`]).
+pub(crate) enum Start<D: DistSync> {
+    /// It holds its lock.
+    Held(Holding),
+    /// The backend said no: the error, to make a [`rejection`] of.
+    Failed(Arc<str>, Error),
+    /// It has to wait: [`acquire`] goes on from here.
+    Wait(Waiting<D>),
+}
+
+/// A request that has to wait, and where.
+pub(crate) struct Waiting<D: DistSync> {
+    place: Place,
+    /// Its turn in the local queue, once it has it.
+    turn: Option<Turn>,
+    first: First<D::Mutex>,
+}
+
+/// The first try at the backend.
+enum First<M> {
+    /// Not made yet (the request waits for its turn first).
+    NotYet,
+    /// Made with `lock`: the backend cannot answer at once.
+    Lock(M),
+    /// The key is held.
+    Held(crate::Error),
+}
+
+/// The acquisition of the lock on `name`, as far as it goes without
+/// waiting: the turn in the local queue if it is free, then one try at the
+/// backend if it answers at once ([`DistMutex::try_lock_now`]). An
+/// uncontended request on the in-process backend is served from here,
+/// without the machinery of a future.
+pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>) -> Start<D> {
+    let place = shared.queues.join(name);
+    let Some(turn) = place.try_turn() else {
+        return Start::Wait(Waiting {
+            place,
+            turn: None,
+            first: First::NotYet,
+        });
+    };
+    place.start_turn();
+    let mut mutex = match new_mutex(shared, place.name(), 1, None) {
+        Ok(mutex) => mutex,
+        Err(error) => return Start::Failed(place.name().clone(), error),
+    };
+    let first = match mutex.try_lock_now() {
+        Some(Ok(())) => {
+            tracing::debug!(
+                name = &**place.name(),
+                waited_ms = 0,
+                attempts = 1,
+                "lock acquired"
+            );
+            return Start::Held(hold(shared, place, turn, mutex));
+        }
+        None => First::Lock(mutex),
+        Some(Err(error @ Error::Held { .. })) if !shared.wait.is_zero() => First::Held(error),
+        Some(Err(error)) => return Start::Failed(place.name().clone(), error),
+    };
+    Start::Wait(Waiting {
+        place,
+        turn: Some(turn),
+        first,
+    })
+}
+
+/// Waits for the lock where [`start`] left off, at most the wait budget.
 pub(crate) async fn acquire<D: DistSync>(
     shared: Arc<Shared<D>>,
-    name: String,
+    waiting: Waiting<D>,
     grpc: bool,
 ) -> Result<Holding, Rejection> {
-    let start = Instant::now();
-    let deadline = start.checked_add(shared.wait).unwrap_or_else(far_future);
+    let Waiting { place, turn, first } = waiting;
+    let name = &**place.name();
     let fail_fast = shared.wait.is_zero();
-    let place = shared.queues.join(Arc::from(name.as_str()));
-
-    let turn = if fail_fast {
-        // A release takes at most one node timeout.
-        place.turn_unless_busy(shared.options.node_timeout()).await
-    } else {
-        timeout_at(deadline, place.wait()).await.ok()
+    let mut budget = Budget::new(shared.wait);
+    let turn = match turn {
+        Some(turn) => Some(turn),
+        None => wait_turn(&shared, &place, budget.deadline(), fail_fast).await,
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
@@ -53,56 +121,121 @@ pub(crate) async fn acquire<D: DistSync>(
 
     // One try first: a free key is taken at once, and a backend that is
     // down answers 503 at once instead of after the whole budget.
-    let first = lock_once(&shared, &name).await;
+    let first = match first {
+        First::NotYet => lock_once(&shared, name).await,
+        First::Lock(mut mutex) => mutex.lock().await.map(|()| mutex),
+        First::Held(error) => Err(error),
+    };
     // Counts retries for the `acquired` event, when anyone listens.
     let retries = tracing::enabled!(tracing::Level::DEBUG).then(Arc::default);
     let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
     let locked = match first {
         Err(Error::Held { .. }) if !fail_fast => {
-            match new_mutex(&shared, &name, u32::MAX, retries.as_ref()) {
-                Ok(mut mutex) => match timeout_at(deadline, mutex.lock()).await {
-                    Ok(Ok(())) => Ok(mutex),
-                    Ok(Err(error)) => Err(error),
-                    // The budget is spent: one last try, which also learns
-                    // how long the holder keeps the key.
-                    Err(_) => lock_once(&shared, &name).await,
-                },
-                Err(error) => Err(error),
-            }
+            lock_until(&shared, name, budget.deadline(), retries.as_ref()).await
         }
         first => first,
     };
-    let mutex = locked.map_err(|error| rejection(&name, error, grpc, &shared))?;
-
-    let until = mutex.until();
-    place.set_holder_until(until);
-    let (held, state) = HeldLock::new(name, mutex.value().to_owned(), mutex.fencing_token(), until);
-    let (on_lost, lost) = if shared.abort_on_lost {
-        let (tx, rx) = oneshot::channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
+    let mutex = locked.map_err(|error| rejection(name, error, grpc, &shared))?;
     tracing::debug!(
-        name = held.name(),
-        waited_ms = start.elapsed().as_millis() as u64,
+        name,
+        waited_ms = budget.waited().as_millis() as u64,
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
-    let guard = Keeper {
+    Ok(hold(&shared, place, turn, mutex))
+}
+
+/// Holds the lock just acquired: the handler's view of it, and a lease
+/// whose keeper extends it if the request is still served when the first
+/// extension falls due.
+fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
+    let until = mutex.until();
+    place.set_holder_until(until);
+    let view = LockView::new(
+        place.name().clone(),
+        mutex.value(),
+        mutex.fencing_token(),
+        until,
+    );
+    // The keeper's clock starts at acquisition, which `until` tells
+    // without a clock read: `until - validity` is the acquisition for the
+    // in-process backend, and the start of the attempt (sooner) for Redis,
+    // whose validity also subtracts the attempt's duration. Sooner only
+    // brings the first extension and the end of `max_hold` forward.
+    let now = until
+        .and_then(|until| until.checked_sub(shared.validity))
+        .unwrap_or_else(Instant::now);
+    let keeper = Keeper {
         mutex,
         turn,
         place,
-        state,
         interval: shared.extend_every,
         release_timeout: shared.options.expiry(),
-        on_lost,
-        hold_until: shared
-            .max_hold
-            .and_then(|limit| Instant::now().checked_add(limit)),
+        first_extend: now
+            .checked_add(shared.extend_every)
+            .unwrap_or_else(far_future),
+        hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
+    };
+    let (guard, held) = Lease::hold(view, keeper);
+    Holding { guard, held }
+}
+
+/// The wait budget of a request. It runs from the first moment the request
+/// has to wait (for its turn, or for a held key), so that an uncontended
+/// request reads no clock for it.
+struct Budget {
+    wait: Duration,
+    since: Option<Instant>,
+}
+
+impl Budget {
+    fn new(wait: Duration) -> Self {
+        Budget { wait, since: None }
     }
-    .spawn();
-    Ok(Holding { guard, held, lost })
+
+    /// When the budget is spent; starts it if it has not started.
+    fn deadline(&mut self) -> Instant {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        since.checked_add(self.wait).unwrap_or_else(far_future)
+    }
+
+    /// How long the request has waited.
+    fn waited(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+}
+
+/// Waits for this request's turn in the local queue: within the wait
+/// budget, or, failing fast, only for a holder whose release is under way.
+async fn wait_turn<D: DistSync>(
+    shared: &Shared<D>,
+    place: &Place,
+    deadline: Instant,
+    fail_fast: bool,
+) -> Option<Turn> {
+    if fail_fast {
+        // A release takes at most one node timeout.
+        place.turn_unless_busy(shared.options.node_timeout()).await
+    } else {
+        timeout_at(deadline, place.wait()).await.ok()
+    }
+}
+
+/// Waits for the lock on a held name until `deadline`.
+async fn lock_until<D: DistSync>(
+    shared: &Shared<D>,
+    name: &str,
+    deadline: Instant,
+    retries: Option<&Arc<AtomicU32>>,
+) -> Result<D::Mutex, Error> {
+    let mut mutex = new_mutex(shared, name, u32::MAX, retries)?;
+    match timeout_at(deadline, mutex.lock()).await {
+        Ok(Ok(())) => Ok(mutex),
+        Ok(Err(error)) => Err(error),
+        // The budget is spent: one last try, which also learns how long
+        // the holder keeps the key.
+        Err(_) => lock_once(shared, name).await,
+    }
 }
 
 fn new_mutex<D: DistSync>(
@@ -128,7 +261,13 @@ async fn lock_once<D: DistSync>(shared: &Shared<D>, name: &str) -> Result<D::Mut
     Ok(mutex)
 }
 
-fn rejection<D: DistSync>(name: &str, error: Error, grpc: bool, shared: &Shared<D>) -> Rejection {
+/// The rejection of a request whose lock on `name` failed with `error`.
+pub(crate) fn rejection<D: DistSync>(
+    name: &str,
+    error: Error,
+    grpc: bool,
+    shared: &Shared<D>,
+) -> Rejection {
     match error {
         Error::Held { remaining } => {
             tracing::debug!(name, "lock busy");
@@ -161,5 +300,5 @@ fn rejection<D: DistSync>(name: &str, error: Error, grpc: bool, shared: &Shared<
 
 /// About 30 years from now, as tokio does for "never".
 fn far_future() -> Instant {
-    Instant::now() + std::time::Duration::from_secs(86400 * 365 * 30)
+    Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }

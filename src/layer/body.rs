@@ -2,7 +2,6 @@
 //! its end, or a rejection's short body.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -10,9 +9,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
 
-use super::keeper::ReleaseGuard;
+use super::lease::ReleaseGuard;
 use crate::error::BoxError;
 
 pin_project! {
@@ -42,8 +40,8 @@ pin_project! {
             #[pin]
             body: B,
             guard: Option<ReleaseGuard>,
-            // With the abort option: fires when the lock is lost.
-            lost: Option<oneshot::Receiver<()>>,
+            // With the abort option: a lost lock ends the body.
+            abort_on_lost: bool,
             // A gRPC response ends with `UNAVAILABLE` trailers on abort.
             grpc: bool,
             // Set once the body was cut short: nothing follows.
@@ -60,14 +58,14 @@ impl<B> LockBody<B> {
     pub(crate) fn inner(
         body: B,
         guard: Option<ReleaseGuard>,
-        lost: Option<oneshot::Receiver<()>>,
+        abort_on_lost: bool,
         grpc: bool,
     ) -> Self {
         LockBody {
             kind: Kind::Inner {
                 body,
                 guard,
-                lost,
+                abort_on_lost,
                 grpc,
                 aborted: false,
             },
@@ -136,25 +134,23 @@ where
             KindProj::Inner {
                 body,
                 guard,
-                lost,
+                abort_on_lost,
                 grpc,
                 aborted,
             } => {
                 if *aborted {
                     return Poll::Ready(None);
                 }
-                if let Some(rx) = lost
-                    && let Poll::Ready(result) = Pin::new(rx).poll(cx)
+                if *abort_on_lost
+                    && let Some(held) = guard
+                    && held.poll_lost(cx).is_ready()
                 {
-                    *lost = None;
-                    if result.is_ok() {
-                        guard.take();
-                        *aborted = true;
-                        if *grpc {
-                            return Poll::Ready(Some(Ok(Frame::trailers(unavailable_trailers()))));
-                        }
-                        return Poll::Ready(Some(Err(LockLost.into())));
+                    guard.take();
+                    *aborted = true;
+                    if *grpc {
+                        return Poll::Ready(Some(Ok(Frame::trailers(unavailable_trailers()))));
                     }
+                    return Poll::Ready(Some(Err(LockLost.into())));
                 }
                 let frame = std::task::ready!(body.poll_frame(cx));
                 match frame {

@@ -1,5 +1,7 @@
 //! Turning a request into the key of the resource it works on.
 
+use std::any::Any;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -131,7 +133,7 @@ impl HeaderKey {
 
 impl<B> KeyExtractor<B> for HeaderKey {
     fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        header_value(request.headers(), &self.name, "header")
+        Ok(header_value(request.headers(), &self.name, "header")?.map(str::to_owned))
     }
 }
 
@@ -166,20 +168,39 @@ impl GrpcMetadataKey {
 
 impl<B> KeyExtractor<B> for GrpcMetadataKey {
     fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        header_value(request.headers(), &self.name, "metadata")
+        Ok(header_value(request.headers(), &self.name, "metadata")?.map(str::to_owned))
     }
 }
 
-fn header_value(
-    headers: &HeaderMap,
+/// The key that `extractor` finds in `request`, borrowed from the request
+/// when the extractor is a built-in one that reads it as it is (a header, a
+/// gRPC metadata entry): the layer then makes no copy of it. The check is
+/// on the extractor's type, decided at compile time.
+pub(crate) fn key_of<'r, B, K: KeyExtractor<B>>(
+    extractor: &K,
+    request: &'r Request<B>,
+) -> Result<Option<Cow<'r, str>>, KeyError> {
+    let any: &dyn Any = extractor;
+    let borrowed = if let Some(header) = any.downcast_ref::<HeaderKey>() {
+        header_value(request.headers(), &header.name, "header")?
+    } else if let Some(metadata) = any.downcast_ref::<GrpcMetadataKey>() {
+        header_value(request.headers(), &metadata.name, "metadata")?
+    } else {
+        return Ok(extractor.extract(request)?.map(Cow::Owned));
+    };
+    Ok(borrowed.map(Cow::Borrowed))
+}
+
+fn header_value<'r>(
+    headers: &'r HeaderMap,
     name: &HeaderName,
     what: &str,
-) -> Result<Option<String>, KeyError> {
+) -> Result<Option<&'r str>, KeyError> {
     let Some(value) = headers.get(name) else {
         return Ok(None);
     };
     match value.to_str() {
-        Ok(text) => Ok(Some(text.to_owned())),
+        Ok(text) => Ok(Some(text)),
         Err(_) => Err(KeyError::NotText {
             source: format!("{what} {name}"),
         }),
@@ -324,6 +345,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn built_in_keys_are_borrowed_others_owned() {
+        let request = Request::builder()
+            .header("x-id", "a1")
+            .header("x-bad", &b"\xff"[..])
+            .body(())
+            .unwrap();
+        let header = key_of(&HeaderKey::new("x-id"), &request).unwrap();
+        assert!(matches!(header, Some(Cow::Borrowed("a1"))));
+        let metadata = key_of(&GrpcMetadataKey::new("x-id"), &request).unwrap();
+        assert!(matches!(metadata, Some(Cow::Borrowed("a1"))));
+        let closure = |_: &Request<()>| Some("c".to_owned());
+        assert!(matches!(
+            key_of(&closure, &request).unwrap(),
+            Some(Cow::Owned(_))
+        ));
+        assert_eq!(key_of(&HeaderKey::new("x-none"), &request).unwrap(), None);
+        assert_eq!(
+            key_of(&HeaderKey::new("x-bad"), &request).unwrap_err(),
+            KeyExtractor::<()>::extract(&HeaderKey::new("x-bad"), &request).unwrap_err()
+        );
+    }
 
     #[test]
     fn percent_decoding() {

@@ -1,5 +1,6 @@
-//! The response future of [`DistLock`](super::DistLock): acquire, then
-//! serve, then hand the release guard to the body.
+//! The response future of [`DistLock`](super::DistLock): acquire (unless
+//! the lock was had at once, in `call`), then serve, then hand the release
+//! guard to the body.
 
 use std::fmt;
 use std::future::Future;
@@ -8,13 +9,14 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
 use tower_service::Service;
 
+use super::Shared;
 use super::acquire::Holding;
 use super::body::LockBody;
-use super::keeper::ReleaseGuard;
+use super::lease::ReleaseGuard;
 use super::rejection::{Rejection, RejectionKind, RejectionMapper};
+use crate::sync::DistSync;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Holding, Rejection>> + Send>>;
 
@@ -28,6 +30,8 @@ pin_project! {
         state: State<S, ReqB>,
         mapper: Option<RejectionMapper>,
         release_on_head: bool,
+        // With the abort option: a lost lock cuts the response short.
+        abort_on_lost: bool,
         grpc: bool,
     }
 }
@@ -47,7 +51,6 @@ pin_project! {
             #[pin]
             future: S::Future,
             guard: Option<ReleaseGuard>,
-            lost: Option<oneshot::Receiver<()>>,
         },
         Rejected {
             rejection: Option<Rejection>,
@@ -65,6 +68,7 @@ where
         request: Request<ReqB>,
         mapper: Option<RejectionMapper>,
         release_on_head: bool,
+        abort_on_lost: bool,
         grpc: bool,
     ) -> Self {
         ResponseFuture {
@@ -75,6 +79,26 @@ where
             },
             mapper,
             release_on_head,
+            abort_on_lost,
+            grpc,
+        }
+    }
+
+    /// A request that got its lock at once, and is served.
+    pub(crate) fn serving<D: DistSync>(
+        future: S::Future,
+        guard: ReleaseGuard,
+        shared: &Shared<D>,
+        grpc: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Serving {
+                future,
+                guard: Some(guard),
+            },
+            mapper: shared.mapper.clone(),
+            release_on_head: shared.release_on_head,
+            abort_on_lost: shared.abort_on_lost,
             grpc,
         }
     }
@@ -85,10 +109,10 @@ where
             state: State::Serving {
                 future,
                 guard: None,
-                lost: None,
             },
             mapper: None,
             release_on_head: true,
+            abort_on_lost: false,
             grpc: false,
         }
     }
@@ -101,6 +125,7 @@ where
             },
             mapper,
             release_on_head: true,
+            abort_on_lost: false,
         }
     }
 }
@@ -142,45 +167,39 @@ where
                     self.as_mut().project().state.set(State::Serving {
                         future,
                         guard: Some(holding.guard),
-                        lost: holding.lost,
                     });
                 }
-                StateProj::Serving {
-                    future,
-                    guard,
-                    lost,
-                } => {
-                    if let Some(rx) = lost
-                        && let Poll::Ready(result) = Pin::new(rx).poll(cx)
+                StateProj::Serving { future, guard } => {
+                    if *this.abort_on_lost
+                        && let Some(held) = guard
+                        && held.poll_lost(cx).is_ready()
                     {
-                        *lost = None;
-                        if result.is_ok() {
-                            // Abort: dropping the state drops the handler.
-                            let rejection = Rejection::new(
-                                RejectionKind::Lost,
-                                "the lock was lost while the request was served",
-                                *this.grpc,
-                            );
-                            let mapper = this.mapper.clone();
-                            self.as_mut()
-                                .project()
-                                .state
-                                .set(State::Rejected { rejection: None });
-                            return Poll::Ready(Ok(respond(&mapper, rejection)));
-                        }
+                        // Abort: dropping the state drops the handler, then
+                        // lets go of the lock.
+                        let rejection = Rejection::new(
+                            RejectionKind::Lost,
+                            "the lock was lost while the request was served",
+                            *this.grpc,
+                        );
+                        let mapper = this.mapper.clone();
+                        self.as_mut()
+                            .project()
+                            .state
+                            .set(State::Rejected { rejection: None });
+                        return Poll::Ready(Ok(respond(&mapper, rejection)));
                     }
                     let response = ready!(future.poll(cx))?;
-                    let (guard, lost) = (guard.take(), lost.take());
-                    let (guard, lost) = if *this.release_on_head {
+                    let guard = guard.take();
+                    let guard = if *this.release_on_head {
                         // Released now that the head is ready.
                         drop(guard);
-                        (None, None)
+                        None
                     } else {
-                        (guard, lost)
+                        guard
                     };
-                    let grpc = *this.grpc;
+                    let (abort, grpc) = (*this.abort_on_lost, *this.grpc);
                     return Poll::Ready(Ok(
-                        response.map(|body| LockBody::inner(body, guard, lost, grpc))
+                        response.map(|body| LockBody::inner(body, guard, abort, grpc))
                     ));
                 }
                 StateProj::Rejected { rejection } => {

@@ -1,10 +1,15 @@
-//! `HeldLock`, what the inner service sees of the lock its request holds.
+//! `HeldLock`, what the inner service sees of the lock its request holds,
+//! and [`LockView`], the part of a lease it reads.
 
 use std::fmt;
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::lease::DynLease;
 
 /// The lock a request holds, found in the request's extensions by the inner
 /// service.
@@ -29,89 +34,218 @@ use tokio::time::Instant;
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    info: Arc<Info>,
-    state: watch::Receiver<State>,
+    lease: Arc<dyn DynLease>,
 }
 
-struct Info {
-    name: String,
-    value: String,
+/// What can be seen of a held lock: fixed facts, and a status that the
+/// keeper and the release change.
+pub(crate) struct LockView {
+    name: Arc<str>,
+    value: Value,
     token: Option<u64>,
+    status: Mutex<Status>,
+    /// Told of every change of `lost` or `released`.
+    changed: Notify,
+}
+
+/// The lock's value, kept inline when short (the default is 32 hex
+/// digits), so that a request's view of it costs no allocation.
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+const INLINE: usize = 48;
+
+impl Value {
+    fn new(value: &str) -> Self {
+        match u8::try_from(value.len()) {
+            Ok(len) if value.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..value.len()].copy_from_slice(value.as_bytes());
+                Value::Inline { len, bytes }
+            }
+            _ => Value::Heap(value.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Value::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            Value::Heap(value) => value,
+        }
+    }
 }
 
 /// What changes while the lock is held.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct State {
-    pub(crate) until: Option<Instant>,
-    pub(crate) lost: bool,
-    pub(crate) released: bool,
+#[derive(Debug)]
+struct Status {
+    until: Option<Instant>,
+    lost: bool,
+    released: bool,
+    /// Set once [`HeldLock::lost`] waits: changes are then announced.
+    watched: bool,
+    /// With the abort option: the response future or body to wake when the
+    /// lock is lost.
+    on_lost: Option<Waker>,
+}
+
+impl LockView {
+    pub(crate) fn new(
+        name: Arc<str>,
+        value: &str,
+        token: Option<u64>,
+        until: Option<Instant>,
+    ) -> Self {
+        LockView {
+            name,
+            value: Value::new(value),
+            token,
+            status: Mutex::new(Status {
+                until,
+                lost: false,
+                released: false,
+                watched: false,
+                on_lost: None,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a successful extension.
+    pub(crate) fn set_until(&self, until: Option<Instant>) {
+        self.status().until = until;
+    }
+
+    /// Records that the lock can no longer be trusted, and tells whoever
+    /// waits for that.
+    pub(crate) fn set_lost(&self) {
+        let (waker, watched) = {
+            let mut status = self.status();
+            status.lost = true;
+            (status.on_lost.take(), status.watched)
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        if watched {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Records that the request no longer holds the lock.
+    pub(crate) fn set_released(&self) {
+        let watched = {
+            let mut status = self.status();
+            status.released = true;
+            status.watched
+        };
+        if watched {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Ready once the lock is lost; until then, `cx` is woken when it is.
+    /// One listener at a time (the response future, then its body).
+    pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut status = self.status();
+        if status.lost {
+            return Poll::Ready(());
+        }
+        match &mut status.on_lost {
+            Some(waker) => waker.clone_from(cx.waker()),
+            slot @ None => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
 }
 
 impl fmt::Debug for HeldLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let view = self.lease.view();
+        let status = view.status();
         f.debug_struct("HeldLock")
-            .field("name", &self.info.name)
-            .field("fencing_token", &self.info.token)
-            .field("state", &*self.state.borrow())
+            .field("name", &view.name)
+            .field("fencing_token", &view.token)
+            .field("until", &status.until)
+            .field("lost", &status.lost)
+            .field("released", &status.released)
             .finish_non_exhaustive()
     }
 }
 
 impl HeldLock {
-    /// A new lock view and the sender through which the keeper updates it.
-    pub(crate) fn new(
-        name: String,
-        value: String,
-        token: Option<u64>,
-        until: Option<Instant>,
-    ) -> (HeldLock, watch::Sender<State>) {
-        let (tx, rx) = watch::channel(State {
-            until,
-            lost: false,
-            released: false,
-        });
-        let info = Arc::new(Info { name, value, token });
-        (HeldLock { info, state: rx }, tx)
+    /// The view of `lease`.
+    pub(crate) fn new(lease: Arc<dyn DynLease>) -> Self {
+        HeldLock { lease }
+    }
+
+    fn view(&self) -> &LockView {
+        self.lease.view()
     }
 
     /// The lock's full name: `namespace + separator + key`.
     pub fn name(&self) -> &str {
-        &self.info.name
+        &self.view().name
     }
 
     /// The random value that owns the lock.
     pub fn value(&self) -> &str {
-        &self.info.value
+        self.view().value.as_str()
     }
 
     /// The fencing token of this acquisition, when the backend gives one.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.info.token
+        self.view().token
     }
 
     /// The end of the lock's validity; moves forward with every extension.
     pub fn until(&self) -> Option<Instant> {
-        self.state.borrow().until
+        self.view().status().until
     }
 
     /// True once an extension failed: the lock may have expired or been
     /// taken over, and the protected work should stop.
     pub fn is_lost(&self) -> bool {
-        self.state.borrow().lost
+        self.view().status().lost
     }
 
     /// True once the lock is no longer held by this request: lost, or
     /// released after the response.
     pub fn is_released(&self) -> bool {
-        let state = self.state.borrow();
-        state.lost || state.released
+        let status = self.view().status();
+        status.lost || status.released
     }
 
     /// Resolves as soon as the lock is no longer held by this request: an
     /// extension failed ([`is_lost`](Self::is_lost)), or the request ended
     /// and the lock was released.
     pub async fn lost(&self) {
-        let mut state = self.state.clone();
-        let _ = state.wait_for(|s| s.lost || s.released).await;
+        let view = self.view();
+        loop {
+            // Registered before the check, so that no change slips between.
+            let mut changed = pin!(view.changed.notified());
+            changed.as_mut().enable();
+            {
+                let mut status = view.status();
+                if status.lost || status.released {
+                    return;
+                }
+                // Under the same lock as the change: either the change is
+                // seen above, or it is announced to `changed`.
+                status.watched = true;
+            }
+            changed.await;
+        }
     }
 }

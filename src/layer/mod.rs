@@ -20,12 +20,17 @@
 //! 5. **Serve.** The inner service finds a [`HeldLock`] in the request
 //!    extensions.
 //! 6. **Keep.** A background task extends the lock every `expiry / 3` while
-//!    the request is in flight; a shorter request causes no extension.
+//!    the request is in flight. It starts, from the runtime's timer, when
+//!    the first extension falls due, whether or not anything polls the
+//!    request meanwhile; a shorter request starts no task and causes no
+//!    extension.
 //! 7. **Release** when the response body has been sent to its end or is
 //!    dropped (or, with [`ReleaseOn::Head`], when the response head is
 //!    ready); also when the request is dropped (client gone, timeout) or
-//!    its handler panics. The release runs in the background task, never
-//!    on the response path.
+//!    its handler panics. The release never waits on the response path: it
+//!    is done at once when the backend can answer at once (the in-process
+//!    one, see [`DistMutex::try_unlock_now`](crate::DistMutex::try_unlock_now)),
+//!    else in the background.
 //! 8. **Lost lock.** When an extension fails, [`HeldLock`] reports it; with
 //!    [`OnLost::Abort`], the handler is dropped and the client gets 503.
 //!
@@ -60,11 +65,13 @@
 //! ```
 
 mod acquire;
+mod alarm;
 mod body;
 pub(crate) mod extract;
 mod future;
 mod held;
 mod keeper;
+mod lease;
 mod name;
 mod queue;
 mod rejection;
@@ -401,6 +408,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             release_on_head: self.release == ReleaseOn::Head,
             abort_on_lost: self.lost == OnLost::Abort,
             extend_every,
+            validity,
             max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
@@ -431,6 +439,8 @@ pub(crate) struct Shared<D> {
     release_on_head: bool,
     abort_on_lost: bool,
     extend_every: Duration,
+    /// The longest validity of an acquisition: `options.validity()`.
+    validity: Duration,
     max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,

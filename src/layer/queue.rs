@@ -6,7 +6,6 @@ use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
 /// A request's place in its key's queue.
@@ -14,6 +13,12 @@ pub(crate) type Place = crate::queue::Place<Holder>;
 
 /// The registry of the layer's queues.
 pub(crate) type LocalQueues = crate::queue::LocalQueues<Holder>;
+
+/// A request's turn for its key.
+pub(crate) type Turn = crate::queue::Turn<Holder>;
+
+/// The holder hints of a key, kept by a held lock's lease.
+pub(crate) type HolderRef = crate::queue::Shared<Holder>;
 
 /// What the requests of one key know about the request that holds it.
 #[derive(Debug, Default)]
@@ -36,7 +41,7 @@ impl Place {
     /// This request's turn without waiting for a holder that is still
     /// serving: `None` if one is. A holder whose request has ended is
     /// waited for, at most `bound`, since its release is under way.
-    pub(crate) async fn turn_unless_busy(&self, bound: Duration) -> Option<OwnedMutexGuard<()>> {
+    pub(crate) async fn turn_unless_busy(&self, bound: Duration) -> Option<Turn> {
         if let Some(turn) = self.try_turn() {
             return Some(turn);
         }

@@ -10,9 +10,9 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::Shared;
-use super::acquire::acquire;
+use super::acquire::{Start, acquire, rejection, start};
 use super::body::LockBody;
-use super::extract::KeyExtractor;
+use super::extract::{KeyExtractor, key_of};
 use super::future::ResponseFuture;
 use super::rejection::{Rejection, RejectionKind};
 use crate::sync::DistSync;
@@ -72,38 +72,59 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = &self.shared;
-        let grpc = is_grpc(&request);
-        let reject = |kind, message: String| {
-            ResponseFuture::rejected(Rejection::new(kind, message, grpc), shared.mapper.clone())
+        // Read when needed: for a rejection, the abort option or a wait.
+        let reject = |kind, message: String, request: &Request<ReqB>| {
+            let rejection = Rejection::new(kind, message, is_grpc(request));
+            ResponseFuture::rejected(rejection, shared.mapper.clone())
         };
-        let key = match self.extractor.extract(&request) {
+        let key = match key_of(&self.extractor, &request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.reject_missing => {
                 return reject(
                     RejectionKind::MissingKey,
                     "the request has no lock key".into(),
+                    &request,
                 );
             }
             Ok(None) => return ResponseFuture::unlocked(inner.call(request)),
-            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
+            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
         };
         // Before naming: a namespace that leaves no room for a key is the
         // server's fault, not the client's.
         if let Some(reason) = &shared.misconfigured {
-            return reject(RejectionKind::Misconfigured, reason.clone());
+            return reject(RejectionKind::Misconfigured, reason.clone(), &request);
         }
         let name = match shared.namer.name(&key) {
             Ok(name) => name,
-            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string()),
+            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
         };
-        ResponseFuture::acquiring(
-            Box::pin(acquire(shared.clone(), name, grpc)),
-            inner,
-            request,
-            shared.mapper.clone(),
-            shared.release_on_head,
-            grpc,
-        )
+        // A free key on a backend that answers at once is locked here, and
+        // the inner service called at once; otherwise the response future
+        // waits for the lock.
+        match start(shared, name) {
+            Start::Held(holding) => {
+                let grpc = shared.abort_on_lost && is_grpc(&request);
+                let mut request = request;
+                request.extensions_mut().insert(holding.held);
+                ResponseFuture::serving(inner.call(request), holding.guard, shared, grpc)
+            }
+            Start::Failed(name, error) => {
+                let rejection = rejection(&name, error, is_grpc(&request), shared);
+                ResponseFuture::rejected(rejection, shared.mapper.clone())
+            }
+            Start::Wait(waiting) => {
+                let grpc = is_grpc(&request);
+                ResponseFuture::acquiring(
+                    Box::pin(acquire(shared.clone(), waiting, grpc)),
+                    inner,
+                    request,
+                    shared.mapper.clone(),
+                    shared.release_on_head,
+                    shared.abort_on_lost,
+                    grpc,
+                )
+            }
+        }
     }
 }
 

@@ -176,7 +176,7 @@ impl DistMutex for RedisMutex {
             }
             made += u32::from(!retry_now);
             retry_now = false;
-            let value: Arc<str> = self.options.gen_value()?.into();
+            let value = self.options.gen_shared_value()?;
             wait_for_cleanup(&mut self.cleanup, &value).await;
             let subscribed = self.shared.wakeups.subscribed();
             let lineup = waiter.as_ref().map(|waiter| waiter.lineup(lease));
@@ -225,7 +225,9 @@ impl DistMutex for RedisMutex {
                     if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
                         waiter.acquired(lineup);
                     }
-                    settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
+                    let stragglers =
+                        settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
+                    self.cleanup = Cleanup::of(stragglers, &value);
                     self.value = value;
                     self.until = Some(until);
                     self.token = Some(token);
@@ -284,12 +286,13 @@ impl DistMutex for RedisMutex {
                 timeout,
             )
         }));
-        let deleted = round
+        let (deleted, stragglers) = round
             .decide(quorum, self.shared.fail_fast, timeout, |deleted| {
                 *deleted == 1
             })
-            .await?;
-        if !deleted {
+            .await;
+        self.cleanup = Cleanup::of(stragglers, &self.value);
+        if !deleted? {
             return Err(Error::NotAcquired);
         }
         self.until = None;
@@ -315,12 +318,13 @@ impl DistMutex for RedisMutex {
                 timeout,
             )
         }));
-        let extended = round
+        let (extended, stragglers) = round
             .decide(quorum, self.shared.fail_fast, timeout, |extended| {
                 *extended == 1
             })
-            .await?;
-        if !extended {
+            .await;
+        self.cleanup = Cleanup::of(stragglers, &self.value);
+        if !extended? {
             return Err(Error::NotAcquired);
         }
         let until = validity_end(&self.options, start).ok_or_else(|| Error::Timeout {
@@ -349,6 +353,7 @@ impl DistMutex for RedisMutex {
                 current.as_deref() == Some(value)
             })
             .await
+            .0
     }
 }
 
@@ -405,9 +410,11 @@ async fn fence(
             .iter()
             .map(|node| node.fence(counter.clone(), token, timeout)),
     );
+    // A late FENCE only raises a counter further: nothing to wait for.
     match round
         .decide(shared.quorum, true, timeout, |done| *done == 1)
-        .await?
+        .await
+        .0?
     {
         true => Ok(Some(token)),
         false => Err(Error::Unavailable {
@@ -438,23 +445,20 @@ fn settle_acquired(
     keys: &Arc<Keys>,
     lineup: Option<Lineup>,
     timeout: Duration,
-) {
+) -> Option<JoinHandle<()>> {
     let refused = |claim: &Claim| matches!(claim, Claim::Held { .. });
     let Some(lineup) = lineup.filter(|l| l.next.is_none()) else {
-        round.finish_in_background();
-        return;
+        return round.finish_in_background();
     };
     if round.unanswered() == 0
         && round.failures.is_empty()
         && !round.replies.iter().any(|(_, c)| refused(c))
     {
-        return;
+        return None;
     }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
     let (shared, keys) = (shared.clone(), keys.clone());
-    runtime.spawn(async move {
+    Some(runtime.spawn(async move {
         let mut queued = Vec::new();
         round
             .drain(|node, answer| {
@@ -479,13 +483,25 @@ fn settle_acquired(
             )
         }))
         .await;
-    });
+    }))
 }
 
-/// A background release of keys set with `value`.
+/// Commands sent with `value` that finish in the background: a failed or
+/// abandoned attempt's release, or the stragglers of an operation that
+/// returned once a quorum said yes. The next command with the same value
+/// waits for them, so that it reaches each node after them.
 struct Cleanup {
     value: Arc<str>,
     task: JoinHandle<()>,
+}
+
+impl Cleanup {
+    fn of(task: Option<JoinHandle<()>>, value: &Arc<str>) -> Option<Cleanup> {
+        task.map(|task| Cleanup {
+            value: value.clone(),
+            task,
+        })
+    }
 }
 
 /// Waits for a background release that could remove keys set with `value`

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use tokio::task::JoinHandle;
 
 use super::node::{Failure, Reply};
 use crate::error::Error;
@@ -94,30 +95,33 @@ impl<T: Send + 'static> Round<T> {
     }
 
     /// Runs the round to its quorum decision ([`verdict`](Self::verdict)),
-    /// then lets the commands still in flight finish in the background.
+    /// then lets the commands still in flight finish in the background;
+    /// the task that finishes them, if any, comes back with the verdict.
     pub(crate) async fn decide(
         mut self,
         quorum: usize,
         fail_fast: bool,
         timeout: Duration,
         is_yes: impl Fn(&T) -> bool,
-    ) -> Result<bool, Error> {
+    ) -> (Result<bool, Error>, Option<JoinHandle<()>>) {
         self.settle(quorum, fail_fast, is_yes).await;
         let verdict = self.verdict(quorum, timeout);
-        self.finish_in_background();
-        verdict
+        (verdict, self.finish_in_background())
     }
 
     /// Lets the commands still in flight finish in the background, so that
-    /// every node gets them even though the caller has decided.
-    pub(crate) fn finish_in_background(self) {
+    /// every node gets them even though the caller has decided. Returns the
+    /// task that finishes them, if any: a later command of the same owner
+    /// to the same nodes waits for it, since a straggler that had to be
+    /// resent (a script loaded anew, a connection made anew) could
+    /// otherwise reach its node after that command.
+    pub(crate) fn finish_in_background(self) -> Option<JoinHandle<()>> {
         let mut pending = self.pending;
         if pending.is_empty() {
-            return;
+            return None;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { while pending.next().await.is_some() {} });
-        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(runtime.spawn(async move { while pending.next().await.is_some() {} }))
     }
 
     /// Waits for the commands still in flight, then hands every answer and

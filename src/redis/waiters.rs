@@ -24,12 +24,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::Notify;
 
 use super::Shared;
 use super::keys::Keys;
 use super::node::Lineup;
-use crate::queue::Place;
+use crate::queue::{Place, Turn};
 
 /// What the waiters of one process share for one name.
 #[derive(Default)]
@@ -137,10 +137,7 @@ impl Waiter {
     }
 
     /// Waits for this waiter's turn (FIFO), at most `budget()`.
-    pub(crate) async fn turn(
-        &self,
-        budget: impl FnOnce() -> Duration,
-    ) -> Option<OwnedMutexGuard<()>> {
+    pub(crate) async fn turn(&self, budget: impl FnOnce() -> Duration) -> Option<Turn<NameState>> {
         match self.place.try_turn() {
             Some(turn) => Some(turn),
             None => tokio::time::timeout(budget(), self.place.wait()).await.ok(),

@@ -10,6 +10,7 @@
 
 pub mod counting;
 pub mod http;
+pub mod remote;
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
