@@ -100,6 +100,7 @@ pub(crate) async fn acquire<D: DistSync>(
         hold_until: shared
             .max_hold
             .and_then(|limit| Instant::now().checked_add(limit)),
+        live: shared.keepers.clone(),
     }
     .spawn();
     Ok(Holding { guard, held, lost })

@@ -3,6 +3,7 @@
 //! and releases the lock when the request lets go of its guard.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, oneshot, watch};
@@ -43,6 +44,25 @@ pub(crate) struct Keeper<M> {
     pub(crate) on_lost: Option<oneshot::Sender<()>>,
     /// No extension past this instant: the lock is then given up as lost.
     pub(crate) hold_until: Option<Instant>,
+    /// The layer's count of live keepers, this one included once spawned.
+    pub(crate) live: Arc<AtomicUsize>,
+}
+
+/// Counts a keeper task as live until the task ends (also when the runtime
+/// drops it unfinished).
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Live(count)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<M: DistMutex> Keeper<M> {
@@ -50,7 +70,11 @@ impl<M: DistMutex> Keeper<M> {
     pub(crate) fn spawn(self) -> ReleaseGuard {
         let (release_tx, release_rx) = oneshot::channel();
         let holder = self.place.shared().clone();
-        tokio::spawn(self.run(release_rx));
+        let live = Live::new(self.live.clone());
+        tokio::spawn(async move {
+            let _live = live;
+            self.run(release_rx).await;
+        });
         ReleaseGuard {
             _release: release_tx,
             holder,
