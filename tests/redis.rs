@@ -479,23 +479,23 @@ async fn preset_value_cleanup_never_undoes_a_later_lock() {
         .with_timeout_factor(0.1)
         .with_tries(1);
     let value = "the-owners-value";
-    nodes.servers[2].pause();
-    // With fail_fast, the two live nodes can answer within the first poll;
-    // the case under test needs an attempt abandoned before that.
-    let (name, mut b) = loop {
-        let name = unique("preset");
-        let mut b = sync
-            .new_mutex(&name, options.clone().with_value(value))
-            .unwrap();
-        let pending = {
-            let mut fut = pin!(b.lock());
-            poll_once(fut.as_mut()).await.is_none()
-        };
-        if pending {
-            break (name, b);
-        }
-        b.unlock().await.unwrap();
-    };
+    // The case under test needs an attempt abandoned before any node
+    // answered (the nodes that had said yes by then are released at once):
+    // every node is paused during its first poll, and two of them resume
+    // to apply it.
+    for server in &mut nodes.servers {
+        server.pause();
+    }
+    let name = unique("preset");
+    let mut b = sync
+        .new_mutex(&name, options.clone().with_value(value))
+        .unwrap();
+    {
+        let mut fut = pin!(b.lock());
+        assert!(poll_once(fut.as_mut()).await.is_none());
+    }
+    nodes.servers[0].resume();
+    nodes.servers[1].resume();
     let key = format!("dsync:{name}");
     eventually(
         Duration::from_secs(5),
