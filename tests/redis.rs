@@ -1097,3 +1097,40 @@ async fn waiters_hand_over_with_a_minority_down() {
     }
     no_key_left(&nodes, &format!("dsync:{name}")).await;
 }
+
+/// With `appendfsync always`, fencing tokens keep growing through restarts
+/// that the counters would not survive otherwise: after acquisitions up to
+/// token `t` on three nodes, two of them are killed and restarted, one
+/// after the other (never more than one down), and the third is paused, so
+/// that the next quorum is the two restarted nodes. Their counters were
+/// reloaded from the append-only file: the token is greater than `t`.
+/// Without persistence they would have restarted at zero, and delaying the
+/// restarts would not help (the counters are not leases): the next token
+/// would be 1. The README says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
+    let mut nodes = RedisNodes::start_persistent(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = base_options().with_tries(10);
+    let name = unique("persistent-fence");
+    let mut last = 0;
+    for _ in 0..5 {
+        let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+        m.lock().await.unwrap();
+        let token = m.fencing_token().unwrap();
+        assert!(token > last);
+        last = token;
+        m.unlock().await.unwrap();
+    }
+    // Every node has seen every acquisition once its key is gone.
+    no_key_left(&nodes, &format!("dsync:{name}")).await;
+    nodes.servers[0].restart();
+    nodes.servers[1].restart();
+    nodes.servers[2].pause();
+    let mut m = sync.new_mutex(&name, options).unwrap();
+    m.lock().await.unwrap();
+    let token = m.fencing_token().unwrap();
+    nodes.servers[2].resume();
+    m.unlock().await.unwrap();
+    assert!(token > last, "token {token} after {last}");
+}

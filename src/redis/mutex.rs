@@ -373,9 +373,12 @@ fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
 /// empty restarts its counter at zero, and the overlap may then fall on it:
 /// for example, a partitioned node misses acquisitions while the others
 /// reach 10, then one of those restarts empty, and a quorum of those two
-/// returns 1. Run nodes with `appendfsync always`, or keep a restarted node
-/// out until every lock it held has expired and it has been fenced anew, to
-/// keep the guarantee through restarts.
+/// returns 1. The same happens when two of three nodes restart empty one
+/// after the other, however long after the last lock expired: a restarted
+/// node's counter is raised again only when an acquisition's quorum
+/// disagrees on the highest token. Run nodes with `appendfsync always` to
+/// keep the guarantee through restarts (or keep a restarted node out until
+/// its counters have been raised to the others').
 ///
 /// An `extend` that re-creates a lost key (`set_nx_on_extend`) keeps the
 /// acquisition's token; if another owner took the name meanwhile, that
