@@ -479,23 +479,23 @@ async fn preset_value_cleanup_never_undoes_a_later_lock() {
         .with_timeout_factor(0.1)
         .with_tries(1);
     let value = "the-owners-value";
-    nodes.servers[2].pause();
-    // With fail_fast, the two live nodes can answer within the first poll;
-    // the case under test needs an attempt abandoned before that.
-    let (name, mut b) = loop {
-        let name = unique("preset");
-        let mut b = sync
-            .new_mutex(&name, options.clone().with_value(value))
-            .unwrap();
-        let pending = {
-            let mut fut = pin!(b.lock());
-            poll_once(fut.as_mut()).await.is_none()
-        };
-        if pending {
-            break (name, b);
-        }
-        b.unlock().await.unwrap();
-    };
+    // The case under test needs an attempt abandoned before any node
+    // answered (the nodes that had said yes by then are released at once):
+    // every node is paused during its first poll, and two of them resume
+    // to apply it.
+    for server in &mut nodes.servers {
+        server.pause();
+    }
+    let name = unique("preset");
+    let mut b = sync
+        .new_mutex(&name, options.clone().with_value(value))
+        .unwrap();
+    {
+        let mut fut = pin!(b.lock());
+        assert!(poll_once(fut.as_mut()).await.is_none());
+    }
+    nodes.servers[0].resume();
+    nodes.servers[1].resume();
     let key = format!("dsync:{name}");
     eventually(
         Duration::from_secs(5),
@@ -1128,4 +1128,153 @@ async fn stragglers_never_overtake_the_next_operation() {
         .await;
         assert_eq!(nodes.count_key(&key), 0, "round {round}");
     }
+}
+
+/// Calls of the scripts (`EVALSHA`) a node has served.
+fn script_calls(server: &support::RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.connection())
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// With a node down, a waiter's tries are still counted: `lock()` with 3
+/// tries on a name held for a minute gives up with `Held` after its tries
+/// (3 attempts, one more right after it subscribed to wake-ups, and its
+/// departure from the wait queue), instead of retrying without a pause
+/// until the holder lets go. Regression: the subscriptions are never all in
+/// place while a node is down, and every refused attempt used to subscribe
+/// again and retry at once, uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_are_counted_with_a_node_down() {
+    let mut nodes = RedisNodes::start(3);
+    let (first, second) = (
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    );
+    // Connected to every node, and done: `unlock` returns on a quorum, so
+    // the last node's commands may still be on their way; they are done
+    // once its key is gone.
+    let warm = unique("counted-warm");
+    for sync in [&first, &second] {
+        let mut m = sync.new_mutex(&warm, DistMutexOptions::default()).unwrap();
+        m.lock().await.unwrap();
+        m.unlock().await.unwrap();
+        no_key_left(&nodes, &format!("dsync:{warm}")).await;
+    }
+    nodes.servers[2].kill();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_timeout_factor(0.01)
+        .with_retry_delay(Duration::from_millis(20));
+    let name = unique("counted");
+    let mut holder = first.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let before = script_calls(&nodes.servers[0]);
+    let mut waiter = second.new_mutex(&name, options.with_tries(3)).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), waiter.lock()).await;
+    let calls = script_calls(&nodes.servers[0]) - before;
+    assert!(
+        matches!(result, Ok(Err(Error::Held { .. }))),
+        "{result:?} after {calls} script calls on a live node"
+    );
+    assert!(calls <= 5, "{calls} script calls for 3 tries");
+    holder.unlock().await.unwrap();
+}
+
+/// Waiters of two processes keep handing a name over while a minority of
+/// the nodes is down: on five nodes with two killed (every live node is
+/// needed), 2 x 2 waiters take the name 200 times, and every `lock()`
+/// succeeds within its tries. Regressions: (1) a failed attempt released
+/// the nodes it got only once the dead nodes had timed out, so the next
+/// attempt of the same process found its own keys in its way, got the other
+/// nodes, and so on; (2) an attempt that got some nodes left the process
+/// out of their wait queues, so two processes, each first in line on some
+/// nodes, split the nodes between them again and again. Either way the
+/// name went to nobody until the waiters gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_hand_over_with_a_minority_down() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const TAKES: usize = 400;
+    let mut nodes = RedisNodes::start(5);
+    let processes = [
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    ];
+    for process in &processes {
+        warm(process).await;
+    }
+    nodes.servers[0].kill();
+    nodes.servers[1].kill();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(1))
+        .with_timeout_factor(0.1);
+    let name: Arc<str> = unique("minority-down").into();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let waiters: Vec<_> = [0, 0, 1, 1]
+        .into_iter()
+        .map(|p| {
+            let (process, options) = (processes[p].clone(), options.clone());
+            let (name, taken) = (name.clone(), taken.clone());
+            tokio::spawn(async move {
+                while taken.load(Ordering::Relaxed) < TAKES {
+                    let mut mutex = process.new_mutex(&name, options.clone()).unwrap();
+                    tokio::time::timeout(Duration::from_secs(30), mutex.lock())
+                        .await
+                        .expect("taken within 30 s")
+                        .expect("taken within its tries");
+                    taken.fetch_add(1, Ordering::Relaxed);
+                    // The work: the other waiters line up meanwhile.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    mutex.unlock().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for waiter in waiters {
+        waiter.await.expect("the name keeps being handed over");
+    }
+    no_key_left(&nodes, &format!("dsync:{name}")).await;
+}
+
+/// With `appendfsync always`, fencing tokens keep growing through restarts
+/// that the counters would not survive otherwise: after acquisitions up to
+/// token `t` on three nodes, two of them are killed and restarted, one
+/// after the other (never more than one down), and the third is paused, so
+/// that the next quorum is the two restarted nodes. Their counters were
+/// reloaded from the append-only file: the token is greater than `t`.
+/// Without persistence they would have restarted at zero, and delaying the
+/// restarts would not help (the counters are not leases): the next token
+/// would be 1. The README says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
+    let mut nodes = RedisNodes::start_persistent(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = base_options().with_tries(10);
+    let name = unique("persistent-fence");
+    let mut last = 0;
+    for _ in 0..5 {
+        let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+        m.lock().await.unwrap();
+        let token = m.fencing_token().unwrap();
+        assert!(token > last);
+        last = token;
+        m.unlock().await.unwrap();
+    }
+    // Every node has seen every acquisition once its key is gone.
+    no_key_left(&nodes, &format!("dsync:{name}")).await;
+    nodes.servers[0].restart();
+    nodes.servers[1].restart();
+    nodes.servers[2].pause();
+    let mut m = sync.new_mutex(&name, options).unwrap();
+    m.lock().await.unwrap();
+    let token = m.fencing_token().unwrap();
+    nodes.servers[2].resume();
+    m.unlock().await.unwrap();
+    assert!(token > last, "token {token} after {last}");
 }

@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::Shared;
 use super::held::{HeldLock, LockView};
-use super::keeper::Keeper;
+use super::keeper::{Keeper, Live};
 use super::lease::{Lease, ReleaseGuard};
 use super::queue::{Place, Turn};
 use super::rejection::{Rejection, RejectionKind};
@@ -175,6 +175,7 @@ fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mut
             .checked_add(shared.extend_every)
             .unwrap_or_else(far_future),
         hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
+        live: Live::new(shared.keepers.clone()),
     };
     let (guard, held) = Lease::hold(view, keeper);
     Holding { guard, held }

@@ -5,6 +5,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until, timeout};
@@ -28,6 +29,27 @@ pub(crate) struct Keeper<M> {
     pub(crate) first_extend: Instant,
     /// No extension past this instant: the lock is then given up as lost.
     pub(crate) hold_until: Option<Instant>,
+    /// Counts this lock in the layer's held locks until the keeper is
+    /// dropped: once the release is done (inline, or at the end of the
+    /// keeper task, also when the runtime drops the task unfinished).
+    pub(crate) live: Live,
+}
+
+/// Counts a held lock as live until dropped.
+pub(crate) struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    /// Counts one more held lock in `count`.
+    pub(crate) fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Live(count)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How an unlock ended.
@@ -114,6 +136,7 @@ impl<M: DistMutex> Keeper<M> {
             turn,
             place,
             release_timeout,
+            live,
             ..
         } = self;
         let lease = lease.clone();
@@ -123,6 +146,7 @@ impl<M: DistMutex> Keeper<M> {
                 Err(_) => Unlocked::TimedOut,
             };
             finish(lease.view(), unlocked, false, turn, place);
+            drop(live);
         });
     }
 }

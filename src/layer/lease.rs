@@ -281,6 +281,7 @@ mod tests {
             release_timeout: Duration::from_secs(3),
             first_extend: now + Duration::from_secs(1),
             hold_until: None,
+            live: crate::layer::keeper::Live::new(Arc::default()),
         };
         Lease::new(view, keeper)
     }
@@ -343,6 +344,7 @@ mod tests {
             release_timeout: Duration::from_secs(3),
             first_extend: Instant::now() - Duration::from_millis(1),
             hold_until: None,
+            live: crate::layer::keeper::Live::new(Arc::default()),
         };
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);

@@ -79,6 +79,7 @@ mod service;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -178,6 +179,7 @@ pub struct DistLockLayer<D: DistSync, K> {
     max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,
+    keepers: Arc<AtomicUsize>,
 }
 
 impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
@@ -195,6 +197,7 @@ impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
             max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
+            keepers: self.keepers.clone(),
         }
     }
 }
@@ -235,6 +238,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             max_hold: None,
             mapper: None,
             queues: Arc::default(),
+            keepers: Arc::default(),
         }
     }
 
@@ -334,6 +338,36 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
         self.queues.len()
     }
 
+    /// The number of locks this layer's requests hold now, over every
+    /// service it made: one per keeper task, the background task that
+    /// extends a held lock and releases it. A keeper ends once its release
+    /// is done (or has failed or timed out), so this is zero when idle; a
+    /// diagnostic for tests and metrics, like [`local_keys`](Self::local_keys).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::convert::Infallible;
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLockLayer, HeaderKey};
+    ///
+    /// let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new("x-id"));
+    /// let service = ServiceBuilder::new().layer(layer.clone()).service_fn(|_| async {
+    ///     Ok::<_, Infallible>(http::Response::new(String::new()))
+    /// });
+    /// let request = http::Request::builder().header("x-id", "7").body(()).unwrap();
+    /// let response = service.oneshot(request).await.unwrap();
+    /// assert_eq!(layer.held_locks(), 1, "held until the body is done");
+    /// drop(response);
+    /// while layer.held_locks() > 0 {
+    ///     tokio::task::yield_now().await; // the keeper releases the lock
+    /// }
+    /// # }
+    /// ```
+    pub fn held_locks(&self) -> usize {
+        self.keepers.load(Ordering::Acquire)
+    }
+
     /// Checks the configuration; a layer that fails this check rejects every
     /// keyed request with 500 (`INTERNAL`). Call it at start-up to fail
     /// early.
@@ -412,6 +446,7 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
             max_hold: self.max_hold,
             mapper: self.mapper.clone(),
             queues: self.queues.clone(),
+            keepers: self.keepers.clone(),
             misconfigured: self.validate().err().map(|e| e.to_string()),
         }
     }
@@ -444,6 +479,8 @@ pub(crate) struct Shared<D> {
     max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
     queues: Arc<LocalQueues>,
+    /// Live keeper tasks (held locks).
+    keepers: Arc<AtomicUsize>,
     /// Why the configuration is invalid, if it is.
     misconfigured: Option<String>,
 }

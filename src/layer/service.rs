@@ -50,6 +50,14 @@ impl<S, D: DistSync, K> DistLock<S, D, K> {
     pub fn local_keys(&self) -> usize {
         self.shared.queues.len()
     }
+
+    /// The number of locks held now by the requests of this service's
+    /// layer (see [`DistLockLayer::held_locks`](super::DistLockLayer::held_locks)).
+    pub fn held_locks(&self) -> usize {
+        self.shared
+            .keepers
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl<S, D, K, ReqB, ResB> Service<Request<ReqB>> for DistLock<S, D, K>

@@ -38,10 +38,11 @@
 //!   and across a Redlock quorum the highest token of the quorum, written
 //!   back to a quorum when fewer nodes had it (see [`RedisMutex`] for why
 //!   tokens only grow). The counters are kept forever (one small key per
-//!   name). A node that restarts empty forgets its counters: with
-//!   `appendfsync always`, or a restart delayed past the longest expiry,
-//!   tokens keep growing through restarts; without, one empty node among
-//!   three is covered, two are not.
+//!   name). A node that restarts empty forgets its counters, and delaying
+//!   the restart does not bring them back (they are not leases): with
+//!   `appendfsync always`, tokens keep growing through restarts; without,
+//!   one empty node among three is covered if the other two saw every
+//!   acquisition, two are not, even restarted one after the other.
 
 mod keys;
 mod mutex;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -147,6 +148,9 @@ impl DistMutex for RedisMutex {
         let mut holder_left = Duration::MAX;
         // Attempts made, and whether the next one goes at once (uncounted):
         // a release while the subscription was being set up is not missed.
+        // That happens once per call: with a node down, the subscriptions
+        // are never all in place, and an uncounted retry after every
+        // attempt would poll the nodes without waiting and without end.
         // A waiter whose place an earlier acquisition of this process
         // queued waits for its wake-up first.
         let mut made = 0;
@@ -242,6 +246,9 @@ impl DistMutex for RedisMutex {
                 } => *left,
                 _ => Duration::MAX,
             };
+            // A waiter that tries again is put back in line where this
+            // attempt took it out.
+            let requeue = lineup.as_ref().filter(|_| made < tries);
             self.cleanup = release_leftovers(
                 round,
                 &self.shared,
@@ -250,6 +257,7 @@ impl DistMutex for RedisMutex {
                 preset,
                 timeout,
                 lineup.as_ref(),
+                requeue,
             );
             if waiter.is_some()
                 && matches!(error, Error::Held { .. })
@@ -386,9 +394,12 @@ fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
 /// empty restarts its counter at zero, and the overlap may then fall on it:
 /// for example, a partitioned node misses acquisitions while the others
 /// reach 10, then one of those restarts empty, and a quorum of those two
-/// returns 1. Run nodes with `appendfsync always`, or keep a restarted node
-/// out until every lock it held has expired and it has been fenced anew, to
-/// keep the guarantee through restarts.
+/// returns 1. The same happens when two of three nodes restart empty one
+/// after the other, however long after the last lock expired: a restarted
+/// node's counter is raised again only when an acquisition's quorum
+/// disagrees on the highest token. Run nodes with `appendfsync always` to
+/// keep the guarantee through restarts (or keep a restarted node out until
+/// its counters have been raised to the others').
 ///
 /// An `extend` that re-creates a lost key (`set_nx_on_extend`) keeps the
 /// acquisition's token; if another owner took the name meanwhile, that
@@ -492,6 +503,9 @@ fn settle_acquired(
 /// waits for them, so that it reaches each node after them.
 struct Cleanup {
     value: Arc<str>,
+    /// Resolves once the nodes that had said yes when the attempt ended
+    /// have been released (each within the node timeout).
+    prompt: Option<oneshot::Receiver<()>>,
     task: JoinHandle<()>,
 }
 
@@ -499,17 +513,25 @@ impl Cleanup {
     fn of(task: Option<JoinHandle<()>>, value: &Arc<str>) -> Option<Cleanup> {
         task.map(|task| Cleanup {
             value: value.clone(),
+            prompt: None,
             task,
         })
     }
 }
 
-/// Waits for a background release that could remove keys set with `value`
-/// (the same value is about to be used again: a preset value, or a
-/// generator that repeats); forgets one that is done or cannot collide.
-/// Cancel-safe: the release stays recorded until it has finished.
+/// Waits until a background release has released the nodes that had said
+/// yes, so that the next command does not find this mutex's own leftover
+/// keys in its way; and, when it could remove keys set with `value` (the
+/// same value is about to be used again: a preset value, or a generator that
+/// repeats), for the whole release. Then forgets the release unless it must
+/// still be waited for. Cancel-safe: the release stays recorded until it
+/// has done what is waited for.
 async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
     if let Some(pending) = cleanup {
+        if let Some(prompt) = &mut pending.prompt {
+            let _ = prompt.await;
+            pending.prompt = None;
+        }
         if pending.value == *value {
             let _ = (&mut pending.task).await;
         }
@@ -541,6 +563,7 @@ impl Drop for Attempt<'_> {
                 self.preset,
                 self.timeout,
                 self.lineup,
+                None,
             );
         }
     }
@@ -595,6 +618,16 @@ fn acquire_error(
 /// attempt queued this process (`lineup`) and no waiter of it is left once
 /// the attempt's commands are done, the process leaves the queues: the
 /// waiter's own departure may have reached a node before the attempt did.
+/// When the waiter tries again (`requeue`), each release puts the process
+/// back in line with the waiter's start, since the acquisition took it out
+/// on the nodes that said yes (see [`RELEASE`](super::scripts::RELEASE)).
+///
+/// The nodes that had said yes when the attempt ended are released at
+/// once, not after the slowest node has answered: with a node down or
+/// paused, that takes the node timeout, and the next attempt (which waits
+/// for this prompt part, see [`wait_for_cleanup`]) would find the keys of
+/// this one in its way on those nodes, get another minority, and leave
+/// that in the way of the one after: a livelock while the node stays down.
 #[allow(clippy::too_many_arguments)]
 fn release_leftovers(
     round: Round<Claim>,
@@ -604,6 +637,7 @@ fn release_leftovers(
     preset: bool,
     timeout: Duration,
     lineup: Option<&Lineup>,
+    requeue: Option<&Lineup>,
 ) -> Option<Cleanup> {
     let unsure = !preset && !round.failures.is_empty();
     if round.yes == 0 && round.unanswered() == 0 && !unsure {
@@ -612,26 +646,45 @@ fn release_leftovers(
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let (shared, keys, released) = (shared.clone(), keys.clone(), value.clone());
     let queued = lineup.map(|lineup| lineup.start);
+    let requeue = requeue.cloned();
+    let said_yes: Vec<usize> = round
+        .replies
+        .iter()
+        .filter(|(_, claim)| matches!(claim, Claim::Acquired { .. }))
+        .map(|(node, _)| *node)
+        .collect();
+    let (prompt_done, prompt) = oneshot::channel();
     let task = runtime.spawn(async move {
         let value = released;
-        let mut suspects = Vec::new();
-        round
-            .drain(|node, answer| match answer {
-                Some(Claim::Acquired { .. }) => suspects.push(node),
-                Some(_) => {}
-                None if !preset => suspects.push(node),
-                None => {}
-            })
-            .await;
         // Announced: contenders refused because of these keys may retry.
+        // One nonce for both parts: they are one release.
         let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
-        join_all(suspects.into_iter().map(|i| {
-            let announce = Some(announce.clone());
-            // Not to this process: its waiter just got refused by a quorum.
-            let except = Some(shared.client_id.clone());
-            shared.nodes[i].release(keys.clone(), value.clone(), announce, except, timeout)
-        }))
-        .await;
+        let release = |nodes: Vec<usize>| {
+            join_all(nodes.into_iter().map(|i| {
+                let announce = Some(announce.clone());
+                let requeue = requeue.clone();
+                shared.nodes[i].release(keys.clone(), value.clone(), announce, requeue, timeout)
+            }))
+        };
+        let prompt_part = async {
+            release(said_yes.clone()).await;
+            let _ = prompt_done.send(());
+        };
+        let late_part = async {
+            let mut suspects = Vec::new();
+            round
+                .drain(|node, answer| match answer {
+                    Some(Claim::Acquired { .. }) if !said_yes.contains(&node) => {
+                        suspects.push(node);
+                    }
+                    Some(_) => {}
+                    None if !preset => suspects.push(node),
+                    None => {}
+                })
+                .await;
+            release(suspects).await;
+        };
+        futures_util::future::join(prompt_part, late_part).await;
         if let Some(start) = queued
             && shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle())
         {
@@ -640,6 +693,7 @@ fn release_leftovers(
     });
     Some(Cleanup {
         value: value.clone(),
+        prompt: Some(prompt),
         task,
     })
 }

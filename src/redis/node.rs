@@ -179,17 +179,21 @@ impl Node {
 
     /// `RELEASE`: 1 if our key was deleted, and then the process first in
     /// the name's wait queue woken, with `announce` (its nonce is the same
-    /// on every node, unique per release).
+    /// on every node, unique per release). With `requeue`, the waiter of a
+    /// failed attempt that keeps waiting, the process is put back in line
+    /// with that waiter's start.
     pub(crate) fn release(
         &self,
         keys: Arc<Keys>,
         value: Arc<str>,
         announce: Option<Announce>,
-        except: Option<Arc<str>>,
+        requeue: Option<Lineup>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        let requeue = requeue.map_or_else(String::new, |l| {
+            format!("{} {} {}", l.client, l.start, l.lease)
+        });
         self.bounded(timeout, move |mut conn, _| {
-            let except = except.as_deref().unwrap_or("");
             let (channel, nonce) = match &announce {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
@@ -202,7 +206,7 @@ impl Node {
                 .arg(&*value)
                 .arg(channel)
                 .arg(nonce)
-                .arg(except);
+                .arg(&requeue);
             async move { invocation.invoke_async(&mut conn).await }
         })
     }

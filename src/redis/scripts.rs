@@ -177,29 +177,47 @@ return 1
 /// nonce chosen per release, the same on every node, so that the process
 /// counts one release once, however many nodes announce it.
 ///
+/// The release of a failed attempt by a process that keeps waiting also
+/// puts that process back in line with its waiter's start (`ARGV[4]`):
+/// the attempt's acquisition on this node took it out of the queue (or
+/// moved it back to its next waiter's start), and the queues of the nodes
+/// must agree on who is first, or two processes, each first on some of the
+/// nodes, keep splitting them between them and neither gets a quorum.
+///
 /// `KEYS`: 1 lock, 2 wait queue, 3 leases. `ARGV`: 1 value, 2 the wake-up
 /// channel prefix (the process id completes it; empty: tell nobody), 3 the
-/// nonce, 4 a process not to wake (the releaser of a failed attempt's
-/// leftovers, whose waiter was just refused; empty: none). Returns 1 if
-/// deleted, else 0.
+/// nonce, 4 (optional) `who since lease`: the waiting process's id, its
+/// waiter's start and its entry's lease (ms), for the release of a failed
+/// attempt whose waiter tries again; that process is not woken (its waiter
+/// was just refused, and wakes on its own terms). Returns 1 if deleted,
+/// else 0.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{}{QUEUE_HELPERS}{}",
         r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return 0
+local requeue = ARGV[4] and ARGV[4] ~= ''
+local mine = redis.call('GET', KEYS[1]) == ARGV[1]
+if mine then
+    redis.call('DEL', KEYS[1])
 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == '' or redis.call('EXISTS', KEYS[2]) == 0 then
-    return 1
+if not requeue and (not mine or ARGV[2] == '' or redis.call('EXISTS', KEYS[2]) == 0) then
+    return mine and 1 or 0
 end
 ",
         r"
-local first = first_waiter(KEYS[2], KEYS[3], now_ms())
-if first and first ~= ARGV[4] then
-    redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
+local who = false
+if requeue then
+    local since, lease
+    who, since, lease = string.match(ARGV[4], '^(%S+) (%d+) (%d+)$')
+    line_up(KEYS[2], KEYS[3], who, since, lease, now_ms())
 end
-return 1
+if mine and ARGV[2] ~= '' then
+    local first = first_waiter(KEYS[2], KEYS[3], now_ms())
+    if first and first ~= who then
+        redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
+    end
+end
+return mine and 1 or 0
 "
     ))
 });

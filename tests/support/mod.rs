@@ -1,9 +1,11 @@
 //! Test harness: real `redis-server` processes on free loopback ports.
 //!
-//! Each [`RedisServer`] is started with no persistence, waits until it
-//! answers `PING`, and is killed when dropped, also when the test panics. A
-//! test can kill a node, pause it (`SIGSTOP`) and resume it (`SIGCONT`), or
-//! restart it empty on the same port. A server can require a password
+//! Each [`RedisServer`] is started with no persistence (or, with
+//! [`RedisServer::start_persistent`], an append-only file fsynced at every
+//! write), waits until it answers `PING`, and is killed when dropped, also
+//! when the test panics. A test can kill a node, pause it (`SIGSTOP`) and
+//! resume it (`SIGCONT`), or restart it on the same port: empty, or from
+//! its append-only file. A server can require a password
 //! (`requirepass`). The machine's shared instance on 6379 is never used.
 
 #![allow(dead_code)]
@@ -26,6 +28,9 @@ pub struct RedisServer {
     dir: PathBuf,
     /// The `requirepass` password, if the server asks for one.
     password: Option<String>,
+    /// `appendonly yes`, `appendfsync always`: a restart keeps every write
+    /// the server acknowledged.
+    persistent: bool,
 }
 
 impl RedisServer {
@@ -40,26 +45,42 @@ impl RedisServer {
         Self::start_with(Some(password.to_owned()))
     }
 
+    /// Starts a server on a free port that writes an append-only file and
+    /// fsyncs it at every write (`appendfsync always`), so that a restart,
+    /// even after a kill, keeps every write it acknowledged.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_as(None, true)
+    }
+
     fn start_with(password: Option<String>) -> RedisServer {
+        Self::start_as(password, false)
+    }
+
+    fn start_as(password: Option<String>, persistent: bool) -> RedisServer {
         for _ in 0..20 {
             let port = free_port();
-            if let Some(server) = Self::try_start_on(port, password.clone()) {
+            if let Some(server) = Self::try_start_on(port, password.clone(), persistent) {
                 return server;
             }
         }
         panic!("could not start redis-server on a free port after 20 tries");
     }
 
-    fn try_start_on(port: u16, password: Option<String>) -> Option<RedisServer> {
+    fn try_start_on(port: u16, password: Option<String>, persistent: bool) -> Option<RedisServer> {
         let dir = std::env::temp_dir().join(format!("tower-dsync-redis-{port}"));
+        if persistent {
+            // Nothing from an earlier server on this port is loaded.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let child = spawn_redis(port, &dir, password.as_deref());
+        let child = spawn_redis(port, &dir, password.as_deref(), persistent);
         let mut server = RedisServer {
             port,
             child: Some(child),
             paused: false,
             dir,
             password,
+            persistent,
         };
         server.wait_ready().then_some(server)
     }
@@ -102,13 +123,19 @@ impl RedisServer {
         self.paused = false;
     }
 
-    /// Kills the process if it runs, and starts an empty one on the same
-    /// port.
+    /// Kills the process if it runs, and starts a new one on the same port:
+    /// empty, or, for a persistent server, with every write the old one
+    /// acknowledged.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            self.child = Some(spawn_redis(self.port, &self.dir, self.password.as_deref()));
+            self.child = Some(spawn_redis(
+                self.port,
+                &self.dir,
+                self.password.as_deref(),
+                self.persistent,
+            ));
             if self.wait_ready() {
                 return;
             }
@@ -204,6 +231,13 @@ impl RedisNodes {
         }
     }
 
+    /// Starts `n` persistent servers (see [`RedisServer::start_persistent`]).
+    pub fn start_persistent(n: usize) -> RedisNodes {
+        RedisNodes {
+            servers: (0..n).map(|_| RedisServer::start_persistent()).collect(),
+        }
+    }
+
     /// Their URLs.
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(RedisServer::url).collect()
@@ -249,22 +283,26 @@ impl RedisNodes {
     }
 }
 
-fn spawn_redis(port: u16, dir: &std::path::Path, password: Option<&str>) -> Child {
+fn spawn_redis(
+    port: u16,
+    dir: &std::path::Path,
+    password: Option<&str>,
+    persistent: bool,
+) -> Child {
     let port_arg = port.to_string();
     let mut command = Command::new("redis-server");
     if let Some(password) = password {
         command.args(["--requirepass", password]);
     }
+    let appendonly: &[&str] = if persistent {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
     let result = command
+        .args(["--port", &port_arg, "--bind", "127.0.0.1", "--save", ""])
+        .args(appendonly)
         .args([
-            "--port",
-            &port_arg,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
             "--protected-mode",
             "no",
             "--daemonize",
