@@ -7,7 +7,8 @@
 //! the request in flight for its key on entry (and record an overlap if
 //! another request is marked), accept a write only with a fencing token
 //! greater than the last one accepted for the key, and clear the mark on
-//! exit, recording whether the request's lock was reported lost. The test
+//! exit, recording whether the request's lock was reported lost (or its
+//! validity had passed, as the README tells handlers to check). The test
 //! drives thousands of requests to both workers at once while a schedule,
 //! paced by the number of completed requests, kills, pauses (`SIGSTOP`),
 //! resumes and restarts at most two of the five nodes at a time.
@@ -50,10 +51,11 @@ const KEYS: usize = 10;
 const WORKERS: usize = 2;
 /// Requests in flight at once, over both workers.
 const CLIENTS: usize = 16;
-/// One request in `LONG_EVERY` holds its key for `LONG_HOLD`, long enough
-/// for the keeper to extend its lock while faults happen.
-const LONG_EVERY: usize = 100;
-const LONG_HOLD: Duration = Duration::from_millis(700);
+/// One request in `LONG_EVERY` holds its key for `LONG_HOLD`, longer than
+/// the expiry: it keeps its lock only through the keeper's extensions,
+/// made while faults happen.
+const LONG_EVERY: usize = 200;
+const LONG_HOLD: Duration = Duration::from_millis(1200);
 /// The lock expiry; each node gets `expiry * TIMEOUT_FACTOR` to answer.
 const EXPIRY: Duration = Duration::from_secs(1);
 const TIMEOUT_FACTOR: f64 = 0.1;
@@ -108,14 +110,22 @@ return 1
     )
 });
 
-/// On exit. `KEYS`: 1 the key's in-flight set, 2 the lost-lock log. `ARGV`:
-/// 1 key, 2 request id, 3 `1` if the request's lock was reported lost.
+/// On exit. `KEYS`: 1 the key's in-flight set, 2 the lost-lock log, 3 the
+/// long-hold log. `ARGV`: 1 key, 2 request id, 3 why the request's lock can
+/// no longer be trusted: `lost` (reported by `HeldLock::is_lost`), `expired`
+/// (its validity, `HeldLock::until`, has passed: the holder stalled longer
+/// than the lease, which no lock library can prevent), or empty; 4 for a
+/// long hold, how its lock was kept: `extended` (its validity moved
+/// forward), `lost`, or `unkept` (neither: a keeper that failed silently).
 static EXIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('SREM', KEYS[1], ARGV[2])
-if ARGV[3] == '1' then
-    redis.call('RPUSH', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('RPUSH', KEYS[2], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+end
+if ARGV[4] ~= '' then
+    redis.call('RPUSH', KEYS[3], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[4])
 end
 return 1
 ",
@@ -132,6 +142,7 @@ const OVERLAPS: &str = "w:overlaps";
 const STALE: &str = "w:stale";
 const ACCEPTED: &str = "w:accepted";
 const LOST: &str = "w:lost";
+const LONG: &str = "w:long";
 
 // ---------------------------------------------------------------------------
 // Worker mode.
@@ -249,6 +260,7 @@ async fn work(
         .await
         .map_err(|e| fail("enter", &e))?;
     // The work itself: a long hold for some requests, a short one for most.
+    let until_at_entry = lock.until();
     tokio::time::sleep(Duration::from_millis(hold.max(1))).await;
     let accepted: i64 = WRITE
         .key(record_key(&key))
@@ -261,13 +273,32 @@ async fn work(
         .invoke_async(&mut conn)
         .await
         .map_err(|e| fail("write", &e))?;
-    let lost = lock.is_lost();
+    // As the README tells handlers: a lock is a lease; past its validity
+    // it may be another owner's.
+    let lost = if lock.is_lost() {
+        "lost"
+    } else if lock
+        .until()
+        .is_none_or(|until| tokio::time::Instant::now() >= until)
+    {
+        "expired"
+    } else {
+        ""
+    };
+    let kept = match () {
+        () if hold == 0 => "",
+        () if lock.until() > until_at_entry => "extended",
+        () if lock.is_lost() => "lost",
+        () => "unkept",
+    };
     let _: i64 = EXIT
         .key(inflight_key(&key))
         .key(LOST)
+        .key(LONG)
         .arg(&key)
         .arg(&request)
-        .arg(if lost { "1" } else { "0" })
+        .arg(lost)
+        .arg(kept)
         .invoke_async(&mut conn)
         .await
         .map_err(|e| fail("exit", &e))?;
@@ -602,14 +633,17 @@ fn leftover_keys(nodes: &RedisNodes) -> Vec<String> {
 /// Exclusion holds across processes while a minority of the Redlock nodes
 /// fail: two worker processes, each with its own `RedisSync` over five nodes
 /// and `DistLockLayer` in front of a handler, serve 5,000 requests over 10
-/// keys (one in 100 holds its key long enough to be extended) while a
+/// keys (one in 200 holds its key past the expiry, kept by extensions) while a
 /// schedule paced by completed requests kills, pauses, resumes and restarts
 /// (empty, after `RESTART_AFTER`) at most two nodes at a time. The witness
 /// store proves: no two requests for a key were ever inside the handler at
-/// once unless one's lock was reported lost; no write with a stale fencing
-/// token came from a request whose lock was not reported lost, and none was
+/// once unless one's lock was reported lost (or had outlived its validity
+/// by the time the handler ended: a stalled holder); no write with a stale
+/// fencing token came from a request whose lock was not reported lost
+/// (nor expired), and none was
 /// accepted (accepted tokens strictly grow per key, and no update was lost
-/// on a key whose locks were all kept);
+/// on a key whose locks were all kept); every hold past the expiry was
+/// extended or told its lock was lost (no keeper failed silently);
 /// every request got 200, or 409 or 503 as the README documents; and no lock
 /// key, wait queue or lease is left on any node afterwards, nor a held lock
 /// or local queue entry in either worker.
@@ -731,6 +765,14 @@ async fn exclusion_under_faults_across_processes() {
 
     // What the witness saw.
     let lost = lrange(&witness, LOST);
+    let expired = lost.iter().filter(|l| l[2] == "expired").count();
+    let long = lrange(&witness, LONG);
+    let long_kept = |how: &str| long.iter().filter(|l| l[2] == how).count();
+    let unkept: Vec<String> = long
+        .iter()
+        .filter(|l| l[2] == "unkept")
+        .map(|l| l.join(" "))
+        .collect();
     let lost_keys: BTreeSet<&str> = lost.iter().map(|l| l[0].as_str()).collect();
     let lost_requests: BTreeSet<&str> = lost.iter().map(|l| l[1].as_str()).collect();
     let overlaps = lrange(&witness, OVERLAPS);
@@ -815,10 +857,10 @@ async fn exclusion_under_faults_across_processes() {
         outcomes.other.len()
     );
     println!(
-        "witness: {} writes accepted, {} stale writes refused, {} locks reported lost (on {} keys), {} overlaps",
+        "witness: {} writes accepted, {} stale writes refused, {} locks reported lost and {expired} past their validity at the end of the handler (on {} keys), {} overlaps",
         accepted.len(),
         stale.len(),
-        lost.len(),
+        lost.len() - expired,
         lost_keys.len(),
         overlaps.len()
     );
@@ -826,11 +868,18 @@ async fn exclusion_under_faults_across_processes() {
         println!("worker: {line}");
     }
     println!(
-        "violations: {} overlaps without a lost lock, {} stale writes from locks not reported lost, {} stale writes accepted, {} lost updates on keys never reported lost, {} requests still inside, {} other outcomes, {} keys left",
+        "long holds: {} extended, {} reported lost, {} neither",
+        long_kept("extended"),
+        long_kept("lost"),
+        unkept.len()
+    );
+    println!(
+        "violations: {} overlaps without a lost lock, {} stale writes from locks not reported lost, {} stale writes accepted, {} lost updates on keys never reported lost, {} long holds neither extended nor reported lost, {} requests still inside, {} other outcomes, {} keys left",
         overlap_violations.len(),
         stale_violations.len(),
         accepted_stale.len(),
         lost_updates,
+        unkept.len(),
         still_inside,
         outcomes.other.len(),
         left.len()
@@ -851,6 +900,8 @@ async fn exclusion_under_faults_across_processes() {
         "stale writes accepted: {accepted_stale:?}"
     );
     assert_eq!(lost_updates, 0, "lost updates");
+    assert!(unkept.is_empty(), "long holds not kept: {unkept:?}");
+    assert_eq!(long.len(), REQUESTS / LONG_EVERY, "every long hold logged");
     assert_eq!(still_inside, 0, "requests still marked inside");
     assert!(
         outcomes.other.is_empty(),
