@@ -33,12 +33,12 @@
 //! inside the critical section counts an overlap, and the bench fails if
 //! there is any.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -223,23 +223,8 @@ async fn run_rslock(urls: Vec<String>, retry: Option<Duration>, run: Duration) -
 fn command_calls(nodes: &RedisNodes) -> HashMap<String, u64> {
     let mut calls = HashMap::new();
     for server in &nodes.servers {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut server.connection())
-            .expect("INFO commandstats");
-        for line in info.lines() {
-            let Some((name, stats)) = line
-                .strip_prefix("cmdstat_")
-                .and_then(|rest| rest.split_once(':'))
-            else {
-                continue;
-            };
-            let count = stats
-                .split(',')
-                .find_map(|field| field.strip_prefix("calls="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-            *calls.entry(name.to_owned()).or_default() += count;
+        for (name, count) in server.command_calls() {
+            *calls.entry(name).or_default() += count;
         }
     }
     calls
@@ -248,12 +233,10 @@ fn command_calls(nodes: &RedisNodes) -> HashMap<String, u64> {
 /// Empties every node and zeroes its command counts.
 fn reset(nodes: &RedisNodes) {
     for server in &nodes.servers {
-        let mut connection = server.connection();
-        let _: () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query(&mut connection)
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut server.connection())
             .unwrap();
+        server.reset_stats();
     }
 }
 
@@ -312,10 +295,7 @@ fn run_case(
     let skipped = library.script_only_commands();
     let commands: u64 = calls
         .iter()
-        .filter(|(name, _)| {
-            !skipped.contains(&name.as_str())
-                && !["info", "config", "flushall"].contains(&name.as_str())
-        })
+        .filter(|(name, _)| !skipped.contains(&name.as_str()))
         .map(|(_, n)| n)
         .sum();
     let acquisitions = record.holders.len();
@@ -337,10 +317,7 @@ fn run_case(
 }
 
 fn main() {
-    let seconds: u64 = std::env::var("DSYNC_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let seconds = common::seconds(5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -400,14 +377,5 @@ fn main() {
             );
         }
     }
-    if let Ok(path) = std::env::var("DSYNC_BENCH_CSV") {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("open the CSV file");
-        for row in rows {
-            writeln!(file, "{row}").expect("write the CSV file");
-        }
-    }
+    common::append_csv(&rows);
 }

@@ -20,11 +20,11 @@
 //! 1 is faster than the floor). With `DSYNC_BENCH_CSV=path` it also
 //! appends the figures to a CSV file (see `scripts/bench-report.py`).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::future::Future;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -262,11 +262,7 @@ const LIBRARIES: [Library; 3] = [Library::Floor, Library::TowerDsync, Library::R
 /// Rounds per case: the libraries take turns, one second each, so that
 /// drift over the run (caches, CPU frequency, other load) hits all alike.
 fn main() {
-    let rounds: u32 = std::env::var("DSYNC_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let csv = std::env::var("DSYNC_BENCH_CSV").ok();
+    let rounds = common::seconds(3) as u32;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -304,16 +300,9 @@ fn main() {
                     });
                     if std::env::var_os("DSYNC_BENCH_VERBOSE").is_some() {
                         for server in &nodes.servers {
-                            let mut conn = server.connection();
-                            let info: String = redis::cmd("INFO")
-                                .arg("commandstats")
-                                .query(&mut conn)
-                                .unwrap();
-                            let _: () = redis::cmd("CONFIG")
-                                .arg("RESETSTAT")
-                                .query(&mut conn)
-                                .unwrap();
-                            eprintln!("{} ({} cycles): {info}", library.label(), round.cycles);
+                            let calls = server.command_calls();
+                            server.reset_stats();
+                            eprintln!("{} ({} cycles): {calls:?}", library.label(), round.cycles);
                         }
                     }
                     server[i] += server_cpu(&nodes) - before;
@@ -359,14 +348,5 @@ fn main() {
             }
         }
     }
-    if let Some(path) = csv {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .expect("open the CSV file");
-        for row in rows {
-            writeln!(file, "{row}").expect("write the CSV file");
-        }
-    }
+    common::append_csv(&rows);
 }

@@ -12,10 +12,10 @@
 //! both servers, and the ratio layer / bare. With `DSYNC_BENCH_CSV=path` it
 //! appends the ratios to a CSV file (see `scripts/bench-report.py`).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -89,10 +89,7 @@ fn figures(latencies: &mut [u64], ran: Duration) -> (f64, f64, f64) {
 }
 
 fn main() {
-    let seconds: u64 = std::env::var("DSYNC_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seconds = common::seconds(3);
     let turns = 3;
     let run = Duration::from_secs(seconds);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -139,17 +136,8 @@ fn main() {
         "\nlayer / bare: requests/s {:.2}, p50 {:.2}, p99 {:.2} (latency ratios: bare / layer)",
         ratio.0, ratio.1, ratio.2
     );
-    if let Ok(path) = std::env::var("DSYNC_BENCH_CSV") {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("open the CSV file");
-        writeln!(
-            file,
-            "http,axum 32 connections,layer over RedisSync,{:.3},{:.3},{:.3}",
-            ratio.0, ratio.1, ratio.2
-        )
-        .expect("write the CSV file");
-    }
+    common::append_csv(&[format!(
+        "http,axum 32 connections,layer over RedisSync,{:.3},{:.3},{:.3}",
+        ratio.0, ratio.1, ratio.2
+    )]);
 }

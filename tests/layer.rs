@@ -942,22 +942,6 @@ async fn max_hold_bounds_a_request() {
     assert_eq!(body, "lost");
 }
 
-/// Calls per command on `server` since its statistics were last reset.
-fn command_calls(server: &support::RedisServer) -> std::collections::BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut server.connection())
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.split(',').find_map(|f| f.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
-        .collect()
-}
-
 /// An uncontended request costs each node exactly one acquire and one
 /// release (two `EVALSHA`), nothing else: no extension, no subscription,
 /// no extra round trip, on one node and on three (`INFO commandstats`).
@@ -980,19 +964,13 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
         // Connections made and scripts loaded.
         let (response, _) = client.get(&server.url("/quick"), &[(KEY, "warm")]).await;
         assert_eq!(response.status(), StatusCode::OK);
-        let calls = |node: &support::RedisServer, command: &str| {
-            command_calls(node).get(command).copied().unwrap_or(0)
-        };
         // Released everywhere (its DEL ran on every node).
         support::wait_until(Duration::from_secs(10), "warm-up done", || {
-            nodes.servers.iter().all(|s| calls(s, "del") == 1)
+            nodes.servers.iter().all(|s| s.calls("del") == 1)
         })
         .await;
         for server in &nodes.servers {
-            let _: () = redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query(&mut server.connection())
-                .unwrap();
+            server.reset_stats();
         }
         let requests = 100;
         for i in 0..requests {
@@ -1008,12 +986,12 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
                 nodes
                     .servers
                     .iter()
-                    .all(|s| calls(s, "evalsha") == 2 * requests)
+                    .all(|s| s.calls("evalsha") == 2 * requests)
             },
         )
         .await;
         for server in &nodes.servers {
-            let calls = command_calls(server);
+            let calls = server.command_calls();
             assert_eq!(
                 calls.keys().map(String::as_str).collect::<Vec<_>>(),
                 ["del", "evalsha", "exists", "get", "incr", "set"],

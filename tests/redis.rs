@@ -24,6 +24,14 @@ fn base_options() -> DistMutexOptions {
         .with_retry_delay(Duration::from_millis(5))
 }
 
+/// Two `RedisSync`s over the same nodes, as two processes would have.
+fn two_processes(nodes: &RedisNodes) -> (RedisSync, RedisSync) {
+    (
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    )
+}
+
 fn suite(nodes: usize) -> Suite<RedisSync> {
     let servers = RedisNodes::start(nodes);
     Suite {
@@ -798,10 +806,7 @@ async fn release_during_subscription_is_not_missed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preset_value_resend_does_not_take_another_owners_key() {
     let nodes = RedisNodes::start(1);
-    let (one, two) = (
-        RedisSync::new(nodes.urls()).unwrap(),
-        RedisSync::new(nodes.urls()).unwrap(),
-    );
+    let (one, two) = two_processes(&nodes);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_timeout_factor(0.5)
@@ -906,10 +911,7 @@ async fn waiters_are_served_fifo_across_processes_three_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_does_not_jump_the_line() {
     let nodes = RedisNodes::start(1);
-    let (first, second) = (
-        RedisSync::new(nodes.urls()).unwrap(),
-        RedisSync::new(nodes.urls()).unwrap(),
-    );
+    let (first, second) = two_processes(&nodes);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_secs(3600))
@@ -987,24 +989,6 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
     assert_eq!(nodes.count_key(&leases), 0);
 }
 
-/// Calls of `command` on `node` since its statistics were last reset.
-fn calls(node: &support::RedisServer, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut node.connection())
-        .unwrap();
-    info.lines()
-        .find_map(|line| {
-            let stats = line.strip_prefix(&format!("cmdstat_{command}:"))?;
-            stats
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// With one node of three down (its subscription can never be set up), a
 /// waiter on a held name still gives up after its tries (it used to retry
 /// at once, forever, waiting for a subscription).
@@ -1012,10 +996,7 @@ fn calls(node: &support::RedisServer, command: &str) -> u64 {
 async fn waiter_gives_up_with_a_node_down() {
     let mut nodes = RedisNodes::start(3);
     nodes.servers[2].kill();
-    let (one, two) = (
-        RedisSync::new(nodes.urls()).unwrap(),
-        RedisSync::new(nodes.urls()).unwrap(),
-    );
+    let (one, two) = two_processes(&nodes);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_millis(5))
@@ -1038,10 +1019,7 @@ async fn waiter_gives_up_with_a_node_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftover_release_does_not_wake_its_own_process() {
     let nodes = RedisNodes::start(3);
-    let (one, two) = (
-        RedisSync::new(nodes.urls()).unwrap(),
-        RedisSync::new(nodes.urls()).unwrap(),
-    );
+    let (one, two) = two_processes(&nodes);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_secs(3600))
@@ -1068,10 +1046,7 @@ async fn leftover_release_does_not_wake_its_own_process() {
     // The third node lost the holder's key (restarted, say).
     nodes.servers[2].del(&key);
     for server in &nodes.servers {
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query(&mut server.connection())
-            .unwrap();
+        server.reset_stats();
     }
     // Wake the first waiter as a release would: it gets the third node
     // only, and releases it.
@@ -1088,11 +1063,11 @@ async fn leftover_release_does_not_wake_its_own_process() {
     eventually(
         Duration::from_secs(10),
         "the leftover released",
-        async || calls(&nodes.servers[2], "del") >= 1,
+        async || nodes.servers[2].calls("del") >= 1,
     )
     .await;
     // PUBLISH runs inside the release script: counted by now if it ran.
-    assert_eq!(calls(&nodes.servers[2], "publish"), 0, "woke itself");
+    assert_eq!(nodes.servers[2].calls("publish"), 0, "woke itself");
     first.abort();
     second.abort();
     holder.unlock().await.unwrap();
@@ -1103,7 +1078,9 @@ async fn leftover_release_does_not_wake_its_own_process() {
 /// owner waits for them. Here every node has forgotten the scripts, so
 /// each command is sent twice (`NOSCRIPT`, then loaded): without the wait,
 /// the slowest node's acquire could land after the release and leave the
-/// key behind.
+/// key behind. The race shows mostly on a loaded machine (the commandstats
+/// test in tests/layer.rs found it there); on an idle one this test seldom
+/// catches it, and guards the path against outright breakage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stragglers_never_overtake_the_next_operation() {
     let nodes = RedisNodes::start(3);
@@ -1122,24 +1099,12 @@ async fn stragglers_never_overtake_the_next_operation() {
         m.extend().await.unwrap();
         m.unlock().await.unwrap();
         let key = format!("dsync:{name}");
-        eventually(Duration::from_secs(10), "no key left", async || {
+        let what = format!("no key left in round {round}");
+        eventually(Duration::from_secs(10), &what, async || {
             nodes.count_key(&key) == 0
         })
         .await;
-        assert_eq!(nodes.count_key(&key), 0, "round {round}");
     }
-}
-
-/// Calls of the scripts (`EVALSHA`) a node has served.
-fn script_calls(server: &support::RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut server.connection())
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
 }
 
 /// With a node down, a waiter's tries are still counted: `lock()` with 3
@@ -1152,10 +1117,7 @@ fn script_calls(server: &support::RedisServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_are_counted_with_a_node_down() {
     let mut nodes = RedisNodes::start(3);
-    let (first, second) = (
-        RedisSync::new(nodes.urls()).unwrap(),
-        RedisSync::new(nodes.urls()).unwrap(),
-    );
+    let (first, second) = two_processes(&nodes);
     // Connected to every node, and done: `unlock` returns on a quorum, so
     // the last node's commands may still be on their way; they are done
     // once its key is gone.
@@ -1174,10 +1136,10 @@ async fn tries_are_counted_with_a_node_down() {
     let name = unique("counted");
     let mut holder = first.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
-    let before = script_calls(&nodes.servers[0]);
+    let before = nodes.servers[0].calls("evalsha");
     let mut waiter = second.new_mutex(&name, options.with_tries(3)).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(30), waiter.lock()).await;
-    let calls = script_calls(&nodes.servers[0]) - before;
+    let calls = nodes.servers[0].calls("evalsha") - before;
     assert!(
         matches!(result, Ok(Err(Error::Held { .. }))),
         "{result:?} after {calls} script calls on a live node"

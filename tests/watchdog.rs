@@ -181,20 +181,10 @@ async fn short_expiries_are_extended_in_time() {
 /// node has served, from `INFO commandstats`: every lock, extend and
 /// unlock is one.
 fn script_calls(node: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut node.connection())
-        .unwrap();
-    info.lines()
-        .filter(|line| line.starts_with("cmdstat_eval"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
+    node.command_calls()
+        .iter()
+        .filter(|(name, _)| name.starts_with("eval"))
+        .map(|(_, calls)| calls)
         .sum()
 }
 

@@ -262,16 +262,19 @@ mod tests {
     use crate::layer::queue::LocalQueues;
     use crate::{DistMutexOptions, DistSync, MemorySync};
 
-    /// A lease of a freshly taken lock on `name`: expiry 3 s, so the first
-    /// extension is due 1 s after acquisition. Not armed.
-    fn lease(sync: &MemorySync, name: &str) -> Arc<Lease<crate::memory::MemoryMutex>> {
+    /// A freshly taken lock on `name` (expiry 3 s, extended every 1 s)
+    /// and its keeper, whose first extension falls due at `first_extend`.
+    fn taken(
+        sync: &MemorySync,
+        name: &str,
+        first_extend: Instant,
+    ) -> (LockView, Keeper<crate::memory::MemoryMutex>) {
         let queues: Arc<LocalQueues> = Arc::default();
         let place = queues.join(name.into());
         let turn = place.try_turn().unwrap();
         let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
         let mut mutex = sync.new_mutex(name, options).unwrap();
         assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
-        let now = Instant::now();
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
         let keeper = Keeper {
             mutex,
@@ -279,10 +282,17 @@ mod tests {
             place,
             interval: Duration::from_secs(1),
             release_timeout: Duration::from_secs(3),
-            first_extend: now + Duration::from_secs(1),
+            first_extend,
             hold_until: None,
             live: crate::layer::keeper::Live::new(Arc::default()),
         };
+        (view, keeper)
+    }
+
+    /// A lease of a freshly taken lock on `name`: the first extension is
+    /// due 1 s after acquisition. Not armed.
+    fn lease(sync: &MemorySync, name: &str) -> Arc<Lease<crate::memory::MemoryMutex>> {
+        let (view, keeper) = taken(sync, name, Instant::now() + Duration::from_secs(1));
         Lease::new(view, keeper)
     }
 
@@ -329,23 +339,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_deadline_already_passed_starts_the_keeper_at_once() {
         let sync = MemorySync::new();
-        let queues: Arc<LocalQueues> = Arc::default();
-        let place = queues.join("late".into());
-        let turn = place.try_turn().unwrap();
-        let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
-        let mut mutex = sync.new_mutex("late", options).unwrap();
-        assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
-        let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
-        let keeper = Keeper {
-            mutex,
-            turn,
-            place,
-            interval: Duration::from_secs(1),
-            release_timeout: Duration::from_secs(3),
-            first_extend: Instant::now() - Duration::from_millis(1),
-            hold_until: None,
-            live: crate::layer::keeper::Live::new(Arc::default()),
-        };
+        let (view, keeper) = taken(&sync, "late", Instant::now() - Duration::from_millis(1));
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);
         let (guard, held) = Lease::hold(view, keeper);

@@ -13,7 +13,7 @@ use super::Shared;
 use super::keys::Keys;
 use super::node::{Claim, Lineup};
 use super::quorum::Round;
-use super::waiters::{Waiter, leave_queues};
+use super::waiters::{Waiter, leave_nodes, leave_queues};
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
@@ -483,17 +483,7 @@ fn settle_acquired(
         if queued.is_empty() || shared.queues.get(&keys.lock).is_some_and(|s| !s.is_idle()) {
             return;
         }
-        let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
-        join_all(queued.into_iter().map(|i| {
-            shared.nodes[i].leave(
-                keys.clone(),
-                shared.client_id.clone(),
-                lineup.start,
-                announce.clone(),
-                timeout,
-            )
-        }))
-        .await;
+        leave_nodes(&shared, &keys, lineup.start, timeout, queued).await;
     }))
 }
 

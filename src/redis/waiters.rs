@@ -234,16 +234,28 @@ pub(crate) fn leave_queues(shared: &Arc<Shared>, keys: &Arc<Keys>, start: u64, t
     };
     let (shared, keys) = (shared.clone(), keys.clone());
     runtime.spawn(async move {
-        let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
-        join_all(shared.nodes.iter().map(|node| {
-            node.leave(
-                keys.clone(),
-                shared.client_id.clone(),
-                start,
-                announce.clone(),
-                timeout,
-            )
-        }))
-        .await;
+        leave_nodes(&shared, &keys, start, timeout, 0..shared.nodes.len()).await;
     });
+}
+
+/// Takes this process out of the name's queue on `nodes` (indices), unless
+/// a later waiter of it renewed the entry there.
+pub(crate) async fn leave_nodes(
+    shared: &Shared,
+    keys: &Arc<Keys>,
+    start: u64,
+    timeout: Duration,
+    nodes: impl IntoIterator<Item = usize>,
+) {
+    let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
+    join_all(nodes.into_iter().map(|i| {
+        shared.nodes[i].leave(
+            keys.clone(),
+            shared.client_id.clone(),
+            start,
+            announce.clone(),
+            timeout,
+        )
+    }))
+    .await;
 }

@@ -182,6 +182,39 @@ impl RedisServer {
             .expect("DEL");
     }
 
+    /// Calls per command since the statistics were last reset (`INFO
+    /// commandstats`; Redis counts the commands Lua scripts run too),
+    /// leaving out the harness's own (`INFO`, `CONFIG`, `FLUSHALL`).
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.connection())
+            .expect("INFO commandstats");
+        info.lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.split(',').find_map(|f| f.strip_prefix("calls="))?;
+                Some((name.to_owned(), calls.parse().ok()?))
+            })
+            .filter(|(name, _)| {
+                !(name == "info" || name.starts_with("config") || name == "flushall")
+            })
+            .collect()
+    }
+
+    /// Calls of `command` since the statistics were last reset.
+    pub fn calls(&self, command: &str) -> u64 {
+        self.command_calls().get(command).copied().unwrap_or(0)
+    }
+
+    /// Zeroes the command statistics.
+    pub fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut self.connection())
+            .expect("CONFIG RESETSTAT");
+    }
+
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("the server is running").id();
         let status = Command::new("kill")
