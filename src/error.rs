@@ -107,6 +107,22 @@ impl Error {
         matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
     }
 
+    /// The replication shortfall behind an [`Error::Unavailable`], when a
+    /// node failed because its replicas did not acknowledge the write in
+    /// time (see [`NotReplicated`]).
+    ///
+    /// ```
+    /// assert!(tower_dsync::Error::NotAcquired.not_replicated().is_none());
+    /// ```
+    pub fn not_replicated(&self) -> Option<&NotReplicated> {
+        match self {
+            Error::Unavailable { failures, .. } => failures
+                .iter()
+                .find_map(|failure| failure.source.downcast_ref::<NotReplicated>()),
+            _ => None,
+        }
+    }
+
     /// The time after which trying again makes sense, when known: the
     /// holder's remaining time for [`Error::Held`].
     ///
@@ -227,3 +243,44 @@ impl StdError for NodeError {
         Some(self.source.as_ref())
     }
 }
+
+/// A node applied an acquisition or an extension, but fewer of its
+/// replicas than asked for acknowledged it in time (the `WAIT` after the
+/// command; see `RedisSyncBuilder::wait_replicas`). The failed node's
+/// [`NodeError`] carries it: an acquisition releases the key on that node,
+/// and counts the node as failed.
+///
+/// ```
+/// use std::error::Error as _;
+/// use std::time::Duration;
+/// use tower_dsync::{Error, NodeError, NotReplicated};
+///
+/// let shortfall = NotReplicated { wanted: 1, acknowledged: 0, timeout: Duration::from_millis(100) };
+/// let e = Error::Unavailable { quorum: 1, failures: vec![NodeError::new("a:1", shortfall)] };
+/// let cause = e.source().and_then(|node| node.source()).and_then(|c| c.downcast_ref::<NotReplicated>());
+/// assert_eq!(cause.map(|c| c.acknowledged), Some(0));
+/// assert_eq!(e.not_replicated().map(|c| c.wanted), Some(1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotReplicated {
+    /// Replicas asked for.
+    pub wanted: usize,
+    /// Replicas that acknowledged within the timeout.
+    pub acknowledged: usize,
+    /// How long the node waited for them.
+    pub timeout: Duration,
+}
+
+impl fmt::Display for NotReplicated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "only {} of {} replicas acknowledged the write within {} ms",
+            self.acknowledged,
+            self.wanted,
+            self.timeout.as_millis()
+        )
+    }
+}
+
+impl StdError for NotReplicated {}

@@ -1,10 +1,15 @@
-//! The Redis keys of one lock name.
+//! The Redis keys of one lock name, and the wake-up channel its releases
+//! are announced on.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Every key a lock name uses on a node. All but the lock key end in a
 /// control character and a suffix; names cannot hold control characters,
 /// so no lock key ends this way.
+///
+/// On a Redis Cluster the lock key is a hash tag, `{<prefix><name>}`, so
+/// every key of the name (and the channel its releases are announced on)
+/// lives in the name's slot, on one master, as a script needs.
 #[derive(Debug)]
 pub(crate) struct Keys {
     /// The key prefix followed by the name; holds the owner's value.
@@ -15,16 +20,142 @@ pub(crate) struct Keys {
     pub(crate) queue: Arc<str>,
     /// The leases of the wait queue's entries.
     pub(crate) leases: Arc<str>,
+    /// How releases of this name are announced: a mode byte (`P`: `PUBLISH`,
+    /// `S`: `SPUBLISH` where the server has it, else `PUBLISH`) and the
+    /// wake-up channel's prefix; a process's id completes the channel.
+    pub(crate) wake: Arc<str>,
 }
 
 impl Keys {
-    /// The keys of the lock stored at `lock`.
-    pub(crate) fn new(lock: String) -> Self {
+    /// The keys of `name` on independent nodes: the lock at
+    /// `<prefix><name>`, announced with `PUBLISH` on one channel per
+    /// process.
+    pub(crate) fn plain(prefix: &str, name: &str) -> Self {
+        Self::with(
+            format!("{prefix}{name}"),
+            format!("P{prefix}\u{1f}wake\u{1f}"),
+        )
+    }
+
+    /// The keys of `name` on a Redis Cluster: the lock at
+    /// `{<prefix><name>}`, announced with `SPUBLISH` on the process's
+    /// channel for the slot (a short tag of the slot's own makes the
+    /// channel hash there). `prefix` is not empty and holds no brace, so
+    /// the hash tag is never empty and all keys share it.
+    pub(crate) fn tagged(prefix: &str, name: &str) -> Self {
+        let lock = format!("{{{prefix}{name}}}");
+        let tag = slot_tag(slot(lock.as_bytes()));
+        Self::with(lock, format!("S{{{tag}}}{prefix}\u{1f}wake\u{1f}"))
+    }
+
+    fn with(lock: String, wake: String) -> Self {
         Keys {
             counter: format!("{lock}\u{1f}fence").into(),
             queue: format!("{lock}\u{1f}queue").into(),
             leases: format!("{lock}\u{1f}leases").into(),
             lock: lock.into(),
+            wake: wake.into(),
+        }
+    }
+
+    /// The wake-up channel of the process `client` for this name.
+    pub(crate) fn channel(&self, client: &str) -> String {
+        format!("{}{client}", &self.wake[1..])
+    }
+}
+
+/// The number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// part between the first `{` and the next `}`, when not empty), or of the
+/// whole key, modulo 16384.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16(hashed) % SLOTS
+}
+
+/// CRC-16/XMODEM: polynomial 0x1021, initial value 0, no reflection.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// A number whose decimal digits hash to `slot`: the smallest one, found
+/// once per process for every slot (about 170,000 CRCs of a few bytes).
+fn slot_tag(slot: u16) -> u32 {
+    static TAGS: OnceLock<Vec<u32>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![u32::MAX; usize::from(SLOTS)];
+        let mut missing = tags.len();
+        let mut n = 0u32;
+        while missing > 0 {
+            let at = usize::from(crc16(n.to_string().as_bytes()) % SLOTS);
+            if tags[at] == u32::MAX {
+                tags[at] = n;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    tags[usize::from(slot)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_the_cluster_specification() {
+        // Examples from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"bar"), 5061);
+        assert_eq!(slot(b"{a}x"), slot(b"a"));
+        // An empty tag hashes the whole key.
+        assert_eq!(slot(b"{}a"), crc16(b"{}a") % SLOTS);
+        assert_eq!(slot(b"a{b"), crc16(b"a{b") % SLOTS);
+    }
+
+    #[test]
+    fn every_key_and_the_channel_of_a_name_share_its_slot() {
+        for name in ["orders:17", "}x", "{", "a}b{c}", "é", "{}"] {
+            let keys = Keys::tagged("dsync:", name);
+            let at = slot(keys.lock.as_bytes());
+            for key in [&keys.counter, &keys.queue, &keys.leases] {
+                assert_eq!(slot(key.as_bytes()), at, "{key:?}");
+            }
+            assert_eq!(slot(keys.channel("c0ffee").as_bytes()), at, "{name:?}");
+            assert!(keys.wake.starts_with('S'));
+        }
+        let plain = Keys::plain("dsync:", "a");
+        assert_eq!(&*plain.lock, "dsync:a");
+        assert_eq!(plain.channel("c"), "dsync:\u{1f}wake\u{1f}c");
+    }
+
+    #[test]
+    fn every_slot_has_a_tag() {
+        for s in [0, 1, 5461, 12182, SLOTS - 1] {
+            assert_eq!(crc16(slot_tag(s).to_string().as_bytes()) % SLOTS, s);
         }
     }
 }

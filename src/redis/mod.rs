@@ -1,5 +1,5 @@
-//! `RedisSync`: locks on one Redis node, or Redlock over several
-//! independent masters.
+//! `RedisSync`: locks on one Redis node, Redlock over several independent
+//! masters, or a Redis Cluster.
 //!
 //! # How many nodes
 //!
@@ -11,6 +11,9 @@
 //! - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
 //!   operation, so more nodes add latency (the slowest node of the quorum)
 //!   and do not add throughput.
+//! - **A Redis Cluster** (feature `cluster`) spreads names over its
+//!   masters: more throughput, one master per lock. See
+//!   [Cluster mode](RedisSync#cluster-mode) for what a failover can lose.
 //!
 //! # Safety caveats
 //!
@@ -44,6 +47,9 @@
 //!   one empty node among three is covered if the other two saw every
 //!   acquisition, two are not, even restarted one after the other.
 
+#[cfg(feature = "cluster")]
+mod cluster;
+mod conn;
 mod keys;
 mod mutex;
 mod node;
@@ -58,6 +64,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use conn::Conn;
+use keys::Keys;
 pub use mutex::RedisMutex;
 use node::Node;
 
@@ -109,6 +117,41 @@ use crate::sync::{DistSync, validate_name};
 /// The scripts read the node's clock (`TIME`), so Redis 5 or later is
 /// needed.
 ///
+/// # Cluster mode
+///
+/// With the `cluster` feature, [`RedisSync::cluster`] (or
+/// [`RedisSyncBuilder::cluster`]) puts the locks on a Redis Cluster, found
+/// from any of its nodes:
+///
+/// - **Where a lock lives.** Each name's lock lives on the one master that
+///   owns its hash slot: the lock key is `{<prefix><name>}`, a hash tag, and
+///   the fencing counter, wait queue and leases append a suffix after the
+///   tag, so all of them share the slot and each script runs on one master.
+///   Names spread over the masters as their slots do. Commands follow
+///   `MOVED` and `ASK` redirections, so a lock survives its slot moving to
+///   another master (the keys move with their expiry).
+/// - **Wake-ups** use sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), on one
+///   channel per process and slot that hashes to the slot, so a release's
+///   message stays on its shard. A server without it (before Redis 7) gets
+///   plain `PUBLISH` and `SUBSCRIBE` instead, automatically.
+/// - **The guarantee.** To the lock algorithm the cluster is one node (a
+///   quorum of 1): exclusion holds as long as the master of a name's slot
+///   keeps its keys. Replication is asynchronous, so if a master fails and
+///   a replica that had not yet received an acquisition is promoted, that
+///   lock is forgotten and a second owner can take it; a master restarted
+///   empty (no persistence) forgets its locks the same way.
+///   [`RedisSyncBuilder::wait_replicas`] narrows this: each acquisition and
+///   extension waits until that many replicas acknowledged it, and fails
+///   (releasing what it took) when they do not, so a failover to one of
+///   them keeps the lock. `WAIT` does not make Redis strongly consistent
+///   (a replica that acknowledged may still lose the failover election to
+///   one that did not, in rare orders of failure), so for the strongest
+///   guarantee use Redlock over independent masters, and fencing tokens
+///   either way.
+/// - **Requirements:** Redis 6 or later (the connection speaks RESP3, so
+///   that wake-ups share it), a key prefix that is not empty and holds no
+///   brace.
+///
 /// Must be built inside a Tokio runtime.
 ///
 /// ```no_run
@@ -141,8 +184,8 @@ pub(crate) struct Shared {
     queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
     /// This process's id in the nodes' wait queues (random per `RedisSync`).
     client_id: Arc<str>,
-    /// The wake-up channels' prefix; a process's id completes its channel.
-    wake_prefix: Arc<str>,
+    /// A Redis Cluster: keys carry their name as a hash tag.
+    cluster: bool,
     /// The start (ms since the epoch) of this process's latest waiter.
     last_start: std::sync::atomic::AtomicU64,
     quorum: usize,
@@ -164,6 +207,7 @@ impl fmt::Debug for RedisSync {
                     .map(Node::label)
                     .collect::<Vec<_>>(),
             )
+            .field("cluster", &self.shared.cluster)
             .field("quorum", &self.shared.quorum)
             .field("key_prefix", &self.shared.key_prefix)
             .field("separator", &self.shared.separator)
@@ -190,6 +234,25 @@ impl RedisSync {
         Self::builder().urls(urls).build()
     }
 
+    /// A backend on a Redis Cluster, found from its seed nodes' URLs (any
+    /// of its nodes; the others are discovered), with default settings.
+    /// See [Cluster mode](RedisSync#cluster-mode).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// let sync = tower_dsync::RedisSync::cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])?;
+    /// assert!(sync.is_cluster());
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I>(seeds: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        Self::builder().cluster(seeds).build()
+    }
+
     /// A builder, for key prefix, separator and the Redlock options.
     ///
     /// ```no_run
@@ -202,9 +265,21 @@ impl RedisSync {
         RedisSyncBuilder::default()
     }
 
-    /// The number of nodes.
+    /// The number of nodes (1 for a Redis Cluster: it is one node to the
+    /// lock algorithm).
     pub fn nodes(&self) -> usize {
         self.shared.nodes.len()
+    }
+
+    /// Whether this backend is on a Redis Cluster.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// assert!(!tower_dsync::RedisSync::new(["redis://127.0.0.1:6379"])?.is_cluster());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_cluster(&self) -> bool {
+        self.shared.cluster
     }
 
     /// How many nodes must agree: `n / 2 + 1`.
@@ -251,6 +326,10 @@ impl DistSync for RedisSync {
 pub struct RedisSyncBuilder {
     /// Each node's client, or why its URL was refused.
     nodes: Vec<Result<redis::Client>>,
+    /// A Redis Cluster's seed URLs, in cluster mode.
+    #[cfg(feature = "cluster")]
+    seeds: Option<Vec<String>>,
+    wait_replicas: Option<(usize, Duration)>,
     key_prefix: Option<String>,
     separator: Option<String>,
     set_nx_on_extend: bool,
@@ -301,6 +380,47 @@ impl RedisSyncBuilder {
         self
     }
 
+    /// Cluster mode: the locks live on the Redis Cluster these seed nodes
+    /// belong to (`redis://` or `rediss://` URLs of any of its nodes).
+    /// Cannot be combined with [`url`](Self::url) or
+    /// [`client`](Self::client). See [Cluster mode](RedisSync#cluster-mode).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// let sync = tower_dsync::RedisSync::builder()
+    ///     .cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"])
+    ///     .wait_replicas(1, std::time::Duration::from_millis(50))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.seeds
+            .get_or_insert_with(Vec::new)
+            .extend(seeds.into_iter().map(|seed| seed.as_ref().to_owned()));
+        self
+    }
+
+    /// After each acquisition and extension, wait until `replicas` replicas
+    /// of the master (of each master, with Redlock) acknowledged it
+    /// (`WAIT replicas timeout`), so that a failover to one of them does
+    /// not lose the lock. A node whose replicas fall short counts as
+    /// failed: an acquisition releases the key there and, without a quorum
+    /// of other nodes, fails with [`Error::Unavailable`] whose
+    /// [`not_replicated`](Error::not_replicated) tells how many
+    /// acknowledged; an extension fails the same way (the lock may still be
+    /// held, but not as durably as asked). Off by default; `0` turns it
+    /// off. The wait adds to each operation's time, and so comes off the
+    /// lock's validity.
+    pub fn wait_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.wait_replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
     /// The prefix of every key (default `dsync:`).
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = Some(prefix.into());
@@ -346,12 +466,28 @@ impl RedisSyncBuilder {
     /// not parse, a `rediss://` URL is used without the `tls` feature, the
     /// connect timeout is zero, or no Tokio runtime is running.
     pub fn build(self) -> Result<RedisSync> {
-        if self.nodes.is_empty() {
+        #[cfg(feature = "cluster")]
+        let cluster = self.seeds.is_some();
+        #[cfg(not(feature = "cluster"))]
+        let cluster = false;
+        if self.nodes.is_empty() && !cluster {
             return Err(invalid("no Redis node was given", None));
+        }
+        if !self.nodes.is_empty() && cluster {
+            return Err(invalid(
+                "give either independent nodes (url, client) or a cluster's seeds, not both",
+                None,
+            ));
         }
         if self.connect_timeout == Some(Duration::ZERO) {
             return Err(invalid(
                 "connect_timeout must be greater than zero: no connection could be made",
+                None,
+            ));
+        }
+        if self.wait_replicas.is_some_and(|(_, wait)| wait.is_zero()) {
+            return Err(invalid(
+                "the wait_replicas timeout must be greater than zero (WAIT 0 waits forever)",
                 None,
             ));
         }
@@ -361,30 +497,40 @@ impl RedisSyncBuilder {
                 None,
             ));
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout.unwrap_or(Duration::from_secs(1))))
-            .set_number_of_retries(1)
-            // Commands are bounded by the per-node timeout instead.
-            .set_response_timeout(None)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
-        let clients = self.nodes.into_iter().collect::<Result<Vec<_>>>()?;
+        let connect_timeout = self.connect_timeout.unwrap_or(Duration::from_secs(1));
         let key_prefix = self.key_prefix.unwrap_or_else(|| "dsync:".to_owned());
         let client_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
-        let wake_prefix: Arc<str> = format!("{key_prefix}\u{1f}wake\u{1f}").into();
         let queues = Arc::default();
-        let wakeups = wakeups::Wakeups::start(
-            &clients,
-            format!("{wake_prefix}{client_id}").into(),
-            Arc::downgrade(&queues),
-        );
-        let mut nodes = Vec::with_capacity(clients.len());
-        for client in clients {
-            let label = client.get_connection_info().addr().to_string();
-            let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
-                .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;
-            nodes.push(Node::new(label, conn));
-        }
+        let (nodes, wakeups) = {
+            #[cfg(feature = "cluster")]
+            match self.seeds {
+                Some(seeds) => cluster_node(
+                    seeds,
+                    &key_prefix,
+                    connect_timeout,
+                    self.wait_replicas,
+                    &client_id,
+                    &queues,
+                )?,
+                None => independent_nodes(
+                    self.nodes,
+                    &key_prefix,
+                    connect_timeout,
+                    self.wait_replicas,
+                    &client_id,
+                    &queues,
+                )?,
+            }
+            #[cfg(not(feature = "cluster"))]
+            independent_nodes(
+                self.nodes,
+                &key_prefix,
+                connect_timeout,
+                self.wait_replicas,
+                &client_id,
+                &queues,
+            )?
+        };
         Ok(RedisSync {
             shared: Arc::new(Shared {
                 quorum: quorum::quorum(nodes.len()),
@@ -392,7 +538,7 @@ impl RedisSyncBuilder {
                 wakeups,
                 queues,
                 client_id,
-                wake_prefix,
+                cluster,
                 last_start: Default::default(),
                 key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
@@ -400,6 +546,98 @@ impl RedisSyncBuilder {
                 fail_fast: self.fail_fast,
             }),
         })
+    }
+}
+
+type Queues = Arc<crate::queue::LocalQueues<waiters::NameState>>;
+
+/// Independent masters: a lazy connection manager each, and one wake-up
+/// subscriber each.
+fn independent_nodes(
+    clients: Vec<Result<redis::Client>>,
+    key_prefix: &str,
+    connect_timeout: Duration,
+    replicas: Option<(usize, Duration)>,
+    client_id: &str,
+    queues: &Queues,
+) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_number_of_retries(1)
+        // Commands are bounded by the per-node timeout instead.
+        .set_response_timeout(None)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100));
+    let clients = clients.into_iter().collect::<Result<Vec<_>>>()?;
+    let wakeups = wakeups::NodeWakeups::start(
+        &clients,
+        Keys::plain(key_prefix, "").channel(client_id).into(),
+        Arc::downgrade(queues),
+    );
+    let mut nodes = Vec::with_capacity(clients.len());
+    for client in clients {
+        let label = client.get_connection_info().addr().to_string();
+        let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
+            .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;
+        nodes.push(Node::new(label, Conn::Single(conn), replicas));
+    }
+    Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
+}
+
+/// A Redis Cluster: one node to the lock algorithm, whose connection routes
+/// each command to the master of its slot.
+#[cfg(feature = "cluster")]
+fn cluster_node(
+    seeds: Vec<String>,
+    key_prefix: &str,
+    connect_timeout: Duration,
+    replicas: Option<(usize, Duration)>,
+    client_id: &Arc<str>,
+    queues: &Queues,
+) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+    if seeds.is_empty() {
+        return Err(invalid("no Redis Cluster seed node was given", None));
+    }
+    if key_prefix.is_empty() || key_prefix.contains(['{', '}']) {
+        return Err(invalid(
+            "on a Redis Cluster the key prefix must be non-empty and hold no brace: \
+             the lock key `{<prefix><name>}` is the name's hash tag",
+            None,
+        ));
+    }
+    let mut labels = Vec::with_capacity(seeds.len());
+    for (i, seed) in seeds.iter().enumerate() {
+        let client = redis::Client::open(seed.as_str()).map_err(|e| {
+            invalid(
+                format!("cluster seed #{} has an invalid URL", i + 1),
+                Some(Box::new(e)),
+            )
+        })?;
+        labels.push(client.get_connection_info().addr().to_string());
+    }
+    let (conn, pushes) = cluster::connect(&seeds, connect_timeout)
+        .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
+    let wakeups = cluster::SlotWakeups::start(
+        conn.clone(),
+        pushes,
+        client_id.clone(),
+        Arc::downgrade(queues),
+    );
+    let label = format!("cluster({})", labels.join(","));
+    Ok((
+        vec![Node::new(label, Conn::Cluster(conn), replicas)],
+        wakeups::Wakeups::Cluster(wakeups),
+    ))
+}
+
+impl Shared {
+    /// The keys of the lock `name`.
+    pub(crate) fn keys(&self, name: &str) -> Keys {
+        if self.cluster {
+            Keys::tagged(&self.key_prefix, name)
+        } else {
+            Keys::plain(&self.key_prefix, name)
+        }
     }
 }
 

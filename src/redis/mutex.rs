@@ -74,7 +74,7 @@ impl fmt::Debug for RedisMutex {
 
 impl RedisMutex {
     pub(super) fn new(shared: Arc<Shared>, name: &str, options: DistMutexOptions) -> Self {
-        let keys = Arc::new(Keys::new(format!("{}{}", shared.key_prefix, name)));
+        let keys = Arc::new(shared.keys(name));
         RedisMutex {
             shared,
             name: name.to_owned(),
@@ -87,7 +87,8 @@ impl RedisMutex {
         }
     }
 
-    /// The Redis key of this lock: the key prefix followed by the name.
+    /// The Redis key of this lock: the key prefix followed by the name; on
+    /// a Redis Cluster, in braces (`{dsync:a}`), a hash tag.
     ///
     /// ```no_run
     /// # use tower_dsync::{DistMutexOptions, DistSync, RedisSync};
@@ -158,11 +159,11 @@ impl DistMutex for RedisMutex {
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut last_error = None;
         let mut subscribe_tried = false;
-        if wait_first && !self.shared.wakeups.subscribed() {
+        if wait_first && !self.shared.wakeups.subscribed(&self.keys) {
             // No wake-up could reach this waiter: subscribe, then try at
             // once instead.
             subscribe_tried = true;
-            self.shared.wakeups.subscribe(timeout).await;
+            self.shared.wakeups.subscribe(&self.keys, timeout).await;
             wait_first = false;
         }
         while made < tries || retry_now {
@@ -182,7 +183,7 @@ impl DistMutex for RedisMutex {
             retry_now = false;
             let value = self.options.gen_shared_value()?;
             wait_for_cleanup(&mut self.cleanup, &value).await;
-            let subscribed = self.shared.wakeups.subscribed();
+            let subscribed = self.shared.wakeups.subscribed(&self.keys);
             let lineup = waiter.as_ref().map(|waiter| waiter.lineup(lease));
             let start = Instant::now();
             let mut attempt = Attempt {
@@ -267,7 +268,7 @@ impl DistMutex for RedisMutex {
             {
                 subscribe_tried = true;
                 last_error = Some(error);
-                self.shared.wakeups.subscribe(timeout).await;
+                self.shared.wakeups.subscribe(&self.keys, timeout).await;
                 retry_now = true;
                 continue;
             }
@@ -284,7 +285,7 @@ impl DistMutex for RedisMutex {
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let nonce = rand::random::<u64>();
-        let announce = (self.shared.wake_prefix.clone(), nonce);
+        let announce = (self.keys.wake.clone(), nonce);
         let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.release(
                 self.keys.clone(),
@@ -648,7 +649,7 @@ fn release_leftovers(
         let value = released;
         // Announced: contenders refused because of these keys may retry.
         // One nonce for both parts: they are one release.
-        let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
+        let announce = (keys.wake.clone(), rand::random::<u64>());
         let release = |nodes: Vec<usize>| {
             join_all(nodes.into_iter().map(|i| {
                 let announce = Some(announce.clone());

@@ -7,19 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisError;
-use redis::aio::ConnectionManager;
 
+use super::conn::Conn;
 use super::keys::Keys;
 use super::scripts::{ACQUIRE, EXTEND, FENCE, LEAVE, RELEASE};
-use crate::error::NodeError;
+use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
-/// mutex of a `RedisSync`.
+/// mutex of a `RedisSync`. On a Redis Cluster, the node is the cluster: its
+/// connection routes each command to the master of the name's slot.
 #[derive(Clone)]
 pub(crate) struct Node {
-    /// `host:port`, never the credentials.
+    /// `host:port` (for a cluster, its seeds), never the credentials.
     label: Arc<str>,
-    conn: ConnectionManager,
+    conn: Conn,
+    /// After an acquisition or an extension: `WAIT` for this many replicas,
+    /// at most this long.
+    replicas: Option<(usize, Duration)>,
 }
 
 /// Why one node did not answer a command.
@@ -31,6 +35,7 @@ pub(crate) struct Failure {
 pub(crate) enum Fault {
     Timeout(Duration),
     Redis(RedisError),
+    NotReplicated(NotReplicated),
 }
 
 impl Failure {
@@ -42,6 +47,7 @@ impl Failure {
         match self.fault {
             Fault::Timeout(after) => NodeError::new(&*self.node, TimedOut(after)),
             Fault::Redis(e) => NodeError::new(&*self.node, e),
+            Fault::NotReplicated(e) => NodeError::new(&*self.node, e),
         }
     }
 }
@@ -90,10 +96,11 @@ pub(crate) struct Lineup {
 pub(crate) type Announce = (Arc<str>, u64);
 
 impl Node {
-    pub(crate) fn new(label: String, conn: ConnectionManager) -> Self {
+    pub(crate) fn new(label: String, conn: Conn, replicas: Option<(usize, Duration)>) -> Self {
         Node {
             label: label.into(),
             conn,
+            replicas,
         }
     }
 
@@ -116,7 +123,8 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
         let px = millis(expiry);
-        self.bounded(timeout, move |mut conn, resent| {
+        let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
+        let claim = self.bounded(timeout, move |mut conn, resent| {
             let mut invocation = ACQUIRE.prepare_invoke();
             invocation
                 .key(&*keys.lock)
@@ -136,7 +144,22 @@ impl Node {
                     Claim::Held { pttl: number }
                 })
             }
-        })
+        });
+        async move {
+            let claim = claim.await?;
+            if let Claim::Acquired { .. } = claim
+                && let Err(failure) = node.replicated(&lock.lock, timeout).await
+            {
+                // Not as durable as asked: the key goes, and the node
+                // counts as failed.
+                let announce = (lock.wake.clone(), rand::random());
+                let _ = node
+                    .release(lock, owner, Some(announce), None, timeout)
+                    .await;
+                return Err(failure);
+            }
+            Ok(claim)
+        }
     }
 
     /// `LEAVE`: takes the process `client` out of the name's wait queue,
@@ -221,7 +244,9 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         let px = millis(expiry);
-        self.bounded(timeout, move |mut conn, _| {
+        let node = self.clone();
+        let lock = key.clone();
+        let extended = self.bounded(timeout, move |mut conn, _| {
             let mut invocation = EXTEND.prepare_invoke();
             invocation
                 .key(&*key)
@@ -229,6 +254,50 @@ impl Node {
                 .arg(px)
                 .arg(if set_nx { "1" } else { "0" });
             async move { invocation.invoke_async(&mut conn).await }
+        });
+        async move {
+            let extended: i64 = extended.await?;
+            if extended == 1 {
+                node.replicated(&lock, timeout).await?;
+            }
+            Ok(extended)
+        }
+    }
+
+    /// With [`replicas`](Self::replicas) set: `WAIT` until that many
+    /// replicas of the master that holds `key` acknowledged our writes to
+    /// it, or the wait's timeout passes; a shortfall is a failure.
+    async fn replicated(&self, key: &Arc<str>, timeout: Duration) -> Reply<()> {
+        let Some((wanted, wait)) = self.replicas else {
+            return Ok(());
+        };
+        let key = key.clone();
+        let acknowledged = self
+            .bounded(timeout + wait, move |mut conn, resent| {
+                let key = key.clone();
+                async move {
+                    if resent {
+                        // A new connection has written nothing: its WAIT
+                        // would vouch for nothing.
+                        return Err(RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "connection lost before WAIT",
+                        )));
+                    }
+                    conn.wait(&key, wanted, wait).await
+                }
+            })
+            .await?;
+        if acknowledged >= wanted {
+            return Ok(());
+        }
+        Err(Failure {
+            node: self.label.clone(),
+            fault: Fault::NotReplicated(NotReplicated {
+                wanted,
+                acknowledged,
+                timeout: wait,
+            }),
         })
     }
 
@@ -255,7 +324,7 @@ impl Node {
         command: F,
     ) -> impl Future<Output = Reply<T>> + Send + 'static
     where
-        F: Fn(ConnectionManager, bool) -> Fut + Send + 'static,
+        F: Fn(Conn, bool) -> Fut + Send + 'static,
         Fut: Future<Output = redis::RedisResult<T>> + Send,
         T: Send,
     {

@@ -15,6 +15,11 @@ use redis::Script;
 /// renews its lease with each attempt; an entry whose lease ran out (its
 /// process died or lost the nodes) is dropped by the next script that
 /// looks at the queue. Both keys vanish when the queue empties.
+///
+/// `announce` publishes a wake-up: the channel prefix (after a mode byte)
+/// and the process's id make the channel; mode `S` (a Redis Cluster, whose
+/// channel hashes to the script's slot) uses sharded pub/sub, or plain
+/// `PUBLISH` where the server does not have it.
 const QUEUE_HELPERS: &str = r"
 local function now_ms()
     local t = redis.call('TIME')
@@ -47,6 +52,16 @@ end
 local function leave(queue, leases, who)
     redis.call('ZREM', queue, who)
     redis.call('HDEL', leases, who)
+end
+local function announce(wake, who, message)
+    local channel = string.sub(wake, 2) .. who
+    if string.byte(wake, 1) == 83 then
+        local sent = redis.pcall('SPUBLISH', channel, message)
+        if type(sent) ~= 'table' or not sent.err then
+            return
+        end
+    end
+    redis.call('PUBLISH', channel, message)
 end
 ";
 
@@ -149,7 +164,7 @@ leave(KEYS[1], KEYS[2], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
     local first = first_waiter(KEYS[1], KEYS[2], now_ms())
     if first then
-        redis.call('PUBLISH', ARGV[3] .. first, ARGV[4] .. ' ' .. KEYS[3])
+        announce(ARGV[3], first, ARGV[4] .. ' ' .. KEYS[3])
     end
 end
 return 1
@@ -214,7 +229,7 @@ end
 if mine and ARGV[2] ~= '' then
     local first = first_waiter(KEYS[2], KEYS[3], now_ms())
     if first and first ~= who then
-        redis.call('PUBLISH', ARGV[2] .. first, ARGV[3] .. ' ' .. KEYS[1])
+        announce(ARGV[2], first, ARGV[3] .. ' ' .. KEYS[1])
     end
 end
 return mine and 1 or 0

@@ -247,7 +247,7 @@ pub(crate) async fn leave_nodes(
     timeout: Duration,
     nodes: impl IntoIterator<Item = usize>,
 ) {
-    let announce = (shared.wake_prefix.clone(), rand::random::<u64>());
+    let announce = (keys.wake.clone(), rand::random::<u64>());
     join_all(nodes.into_iter().map(|i| {
         shared.nodes[i].leave(
             keys.clone(),

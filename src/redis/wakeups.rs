@@ -3,11 +3,12 @@
 //! name's wait queue, naming the lock key; that process wakes its first
 //! waiter for the name.
 //!
-//! Each node has one subscriber connection per process, owned by a
-//! background task that connects the first time a waiter needs it, then
-//! stays subscribed, and reconnects and subscribes again after a
-//! connection loss. Correctness never depends on a message: a lost one only
-//! costs the waiter's fallback wait.
+//! On independent nodes, each node has one subscriber connection per
+//! process, owned by a background task that connects the first time a
+//! waiter needs it, then stays subscribed, and reconnects and subscribes
+//! again after a connection loss. On a Redis Cluster, see
+//! [`super::cluster`]. Correctness never depends on a message: a lost one
+//! only costs the waiter's fallback wait.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -17,6 +18,7 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
+use super::keys::Keys;
 use super::waiters::NameState;
 use crate::queue::LocalQueues;
 
@@ -24,8 +26,52 @@ use crate::queue::LocalQueues;
 /// subscriber starts over.
 const SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How the releases addressed to one process reach it.
+pub(crate) enum Wakeups {
+    /// Independent nodes: one subscriber per node, on one channel.
+    Nodes(NodeWakeups),
+    /// A Redis Cluster: one channel per slot, over the cluster connection.
+    #[cfg(feature = "cluster")]
+    Cluster(super::cluster::SlotWakeups),
+}
+
+impl Wakeups {
+    /// Whether a release of the name of `keys` announced from now on
+    /// reaches this process.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub(crate) fn subscribed(&self, keys: &Keys) -> bool {
+        match self {
+            Wakeups::Nodes(nodes) => nodes.subscribed(),
+            #[cfg(feature = "cluster")]
+            Wakeups::Cluster(slots) => slots.subscribed(keys),
+        }
+    }
+
+    /// Subscribes where needed for the name of `keys`, and returns once the
+    /// subscriptions are confirmed, or failed, or `timeout` passed.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub(crate) async fn subscribe(&self, keys: &Keys, timeout: Duration) {
+        match self {
+            Wakeups::Nodes(nodes) => nodes.subscribe(timeout).await,
+            #[cfg(feature = "cluster")]
+            Wakeups::Cluster(slots) => slots.subscribe(keys, timeout).await,
+        }
+    }
+}
+
+/// Wakes the waiter of this process for the lock key named in a release
+/// message (`nonce key`).
+pub(crate) fn deliver(queues: &LocalQueues<NameState>, payload: &str) {
+    if let Some((nonce, key)) = payload.split_once(' ')
+        && let Ok(nonce) = nonce.parse::<u64>()
+        && let Some(state) = queues.get(key)
+    {
+        state.announced(nonce);
+    }
+}
+
 /// The subscribers of one process, one per node.
-pub(crate) struct Wakeups {
+pub(crate) struct NodeWakeups {
     nodes: Vec<Subscriber>,
 }
 
@@ -36,7 +82,7 @@ struct Subscriber {
     subscribed: Arc<AtomicBool>,
 }
 
-impl Wakeups {
+impl NodeWakeups {
     /// Starts one subscriber task per node, for `channel`; each connects on
     /// first use. Messages wake the waiters found in `queues`.
     pub(crate) fn start(
@@ -62,7 +108,7 @@ impl Wakeups {
                 }
             })
             .collect();
-        Wakeups { nodes }
+        NodeWakeups { nodes }
     }
 
     /// Whether every node's subscription is in place now: a release
@@ -144,12 +190,7 @@ async fn subscriber(
                     let Some(message) = message else { break };
                     let Some(queues) = queues.upgrade() else { return };
                     let payload: String = message.get_payload().unwrap_or_default();
-                    if let Some((nonce, key)) = payload.split_once(' ')
-                        && let Ok(nonce) = nonce.parse::<u64>()
-                        && let Some(state) = queues.get(key)
-                    {
-                        state.announced(nonce);
-                    }
+                    deliver(&queues, &payload);
                 }
             }
         }

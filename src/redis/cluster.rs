@@ -1,0 +1,171 @@
+//! Redis Cluster mode: one connection that routes each command to the
+//! master of its keys' slot, and wake-ups over sharded pub/sub.
+//!
+//! Every key of a name shares the name's hash tag (see `Keys::tagged`), so
+//! each script runs on the one master that owns the name. A release is
+//! announced with `SPUBLISH` on the channel of the waiting process for the
+//! name's slot, which hashes to that slot too; the process subscribes
+//! (`SSUBSCRIBE`) to its channel of a slot the first time one of its
+//! waiters waits for a name there, and stays subscribed. redis-rs moves the
+//! subscriptions when slots move and renews them after a reconnection. A
+//! server without sharded pub/sub (before Redis 7) gets `PUBLISH` and
+//! `SUBSCRIBE` instead: the scripts fall back when `SPUBLISH` is refused,
+//! and so does the subscriber.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::keys::Keys;
+use super::waiters::NameState;
+use super::wakeups::deliver;
+use crate::queue::LocalQueues;
+
+/// A cluster connection, made lazily, whose push messages (subscription
+/// confirmations and wake-ups) go to the returned receiver.
+pub(crate) fn connect(
+    seeds: &[String],
+    connect_timeout: Duration,
+) -> redis::RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<PushInfo>)> {
+    let (pushes, received) = mpsc::unbounded_channel();
+    let client = ClusterClientBuilder::new(seeds.to_vec())
+        // Push messages share the command connections: RESP3.
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(pushes)
+        .connection_timeout(connect_timeout)
+        .build()?;
+    let config = redis::cluster::ClusterConfig::new().set_connection_timeout(connect_timeout);
+    Ok((
+        client.get_pending_async_connection_with_config(config),
+        received,
+    ))
+}
+
+/// The wake-up subscriptions of one process on a cluster: one channel per
+/// slot it has waited in.
+pub(crate) struct SlotWakeups {
+    conn: ClusterConnection,
+    client_id: Arc<str>,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The channels whose subscription the cluster confirmed.
+    subscribed: Mutex<HashSet<String>>,
+    /// Set once a server refused `SSUBSCRIBE`: subscribe with `SUBSCRIBE`.
+    unsharded: AtomicBool,
+}
+
+impl State {
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl SlotWakeups {
+    /// Starts the task that reads the connection's push messages and wakes
+    /// the waiters found in `queues`.
+    pub(crate) fn start(
+        conn: ClusterConnection,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        client_id: Arc<str>,
+        queues: Weak<LocalQueues<NameState>>,
+    ) -> Self {
+        let state = Arc::<State>::default();
+        tokio::spawn(read_pushes(pushes, Arc::downgrade(&state), queues));
+        SlotWakeups {
+            conn,
+            client_id,
+            state,
+        }
+    }
+
+    pub(crate) fn subscribed(&self, keys: &Keys) -> bool {
+        self.state
+            .channels()
+            .contains(&keys.channel(&self.client_id))
+    }
+
+    /// Subscribes to this process's channel for the slot of `keys`.
+    pub(crate) async fn subscribe(&self, keys: &Keys, timeout: Duration) {
+        let channel = keys.channel(&self.client_id);
+        let mut conn = self.conn.clone();
+        let subscribed = tokio::time::timeout(timeout, async {
+            if !self.state.unsharded.load(Ordering::Relaxed) {
+                match conn.ssubscribe(&channel).await {
+                    Err(e) if refused(&e) => self.state.unsharded.store(true, Ordering::Relaxed),
+                    other => return other,
+                }
+            }
+            conn.subscribe(&channel).await
+        })
+        .await;
+        if let Ok(Ok(())) = subscribed {
+            self.state.channels().insert(channel);
+        }
+    }
+}
+
+/// Whether the server does not know the command (sharded pub/sub came with
+/// Redis 7), or an ACL forbids it.
+fn refused(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("unknown command") || text.contains("noperm")
+}
+
+/// Reads the cluster connection's push messages until the connection or
+/// its `RedisSync` is gone: wake-ups wake waiters, confirmations and
+/// removals of subscriptions keep the subscribed set true.
+async fn read_pushes(
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    state: Weak<State>,
+    queues: Weak<LocalQueues<NameState>>,
+) {
+    while let Some(push) = pushes.recv().await {
+        let Some(state) = state.upgrade() else { return };
+        let mut data = push.data.into_iter();
+        let channel = data.next().and_then(|v| text(&v));
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let Some(queues) = queues.upgrade() else {
+                    return;
+                };
+                if let Some(payload) = data.next().and_then(|v| text(&v)) {
+                    deliver(&queues, &payload);
+                }
+            }
+            PushKind::SSubscribe | PushKind::Subscribe => {
+                if let Some(channel) = channel {
+                    state.channels().insert(channel);
+                }
+            }
+            PushKind::SUnsubscribe | PushKind::Unsubscribe => {
+                // The server dropped it (its slot moved away): redis-rs
+                // subscribes again where the slot went; until it confirms,
+                // waiters subscribe on their own.
+                if let Some(channel) = channel {
+                    state.channels().remove(&channel);
+                }
+            }
+            PushKind::Disconnection => state.channels().clear(),
+            _ => {}
+        }
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
