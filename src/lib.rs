@@ -44,8 +44,9 @@
 //!
 //! Backends:
 //! - [`MemorySync`]: in-process, the embedded default, no setup;
-//! - `RedisSync` (feature `redis`, on by default): one Redis node, or
-//!   Redlock over several independent masters;
+//! - `RedisSync` (feature `redis`, on by default): one Redis node,
+//!   Redlock over several independent masters, or (feature `cluster`) a
+//!   Redis Cluster;
 //! - [`AnySync`]: a handle over any backend, picked at run time.
 //!
 //! ```
@@ -65,7 +66,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `redis` (default) for `RedisSync`; `tls` for `rediss://`;
+//! Features: `redis` (default) for `RedisSync`; `cluster` for Redis
+//! Cluster mode; `tls` for `rediss://`;
 //! `axum` for [`HeldLock`](layer::HeldLock) as an axum extractor and
 //! `axum::PathParam` keys.
 #![deny(missing_docs)]

@@ -1,5 +1,6 @@
 //! `DistLockLayer` through a real HTTP server and client on loopback, on
-//! `MemorySync` and on `RedisSync` over three spawned nodes.
+//! `MemorySync`, on `RedisSync` over three spawned nodes, and (feature
+//! `cluster`) on a three-master Redis Cluster.
 
 mod support;
 
@@ -48,6 +49,18 @@ fn redis() -> Backend<RedisSync> {
         sync: Counting::new(sync),
         _guard: Box::new(nodes.clone()),
         nodes: Some(nodes),
+    }
+}
+
+/// `RedisSync` on a three-master Redis Cluster.
+#[cfg(feature = "cluster")]
+fn cluster() -> Backend<RedisSync> {
+    let cluster = support::cluster::RedisCluster::start(3, 0);
+    let sync = RedisSync::cluster(cluster.seeds()).unwrap();
+    Backend {
+        sync: Counting::new(sync),
+        _guard: Box::new(cluster),
+        nodes: None,
     }
 }
 
@@ -600,6 +613,11 @@ mod on_memory {
 
 mod on_redis {
     all_layer_tests!(crate::redis);
+}
+
+#[cfg(feature = "cluster")]
+mod on_cluster {
+    all_layer_tests!(crate::cluster);
 }
 
 /// Redis down: 503 within the configured timeouts; when Redis is back,

@@ -50,13 +50,12 @@ pub(crate) fn connect(
 /// The wake-up subscriptions of one process on a cluster: one channel per
 /// slot it has waited in.
 pub(crate) struct SlotWakeups {
-    conn: ClusterConnection,
     client_id: Arc<str>,
     state: Arc<State>,
 }
 
-#[derive(Default)]
 struct State {
+    conn: ClusterConnection,
     /// The channels whose subscription the cluster confirmed.
     subscribed: Mutex<HashSet<String>>,
     /// Set once a server refused `SSUBSCRIBE`: subscribe with `SUBSCRIBE`.
@@ -80,13 +79,13 @@ impl SlotWakeups {
         client_id: Arc<str>,
         queues: Weak<LocalQueues<NameState>>,
     ) -> Self {
-        let state = Arc::<State>::default();
-        tokio::spawn(read_pushes(pushes, Arc::downgrade(&state), queues));
-        SlotWakeups {
+        let state = Arc::new(State {
             conn,
-            client_id,
-            state,
-        }
+            subscribed: Mutex::default(),
+            unsharded: AtomicBool::new(false),
+        });
+        tokio::spawn(read_pushes(pushes, Arc::downgrade(&state), queues));
+        SlotWakeups { client_id, state }
     }
 
     pub(crate) fn subscribed(&self, keys: &Keys) -> bool {
@@ -97,12 +96,19 @@ impl SlotWakeups {
 
     /// Subscribes to this process's channel for the slot of `keys`.
     pub(crate) async fn subscribe(&self, keys: &Keys, timeout: Duration) {
-        let channel = keys.channel(&self.client_id);
+        self.state
+            .subscribe(keys.channel(&self.client_id), timeout)
+            .await;
+    }
+}
+
+impl State {
+    async fn subscribe(&self, channel: String, timeout: Duration) {
         let mut conn = self.conn.clone();
         let subscribed = tokio::time::timeout(timeout, async {
-            if !self.state.unsharded.load(Ordering::Relaxed) {
+            if !self.unsharded.load(Ordering::Relaxed) {
                 match conn.ssubscribe(&channel).await {
-                    Err(e) if refused(&e) => self.state.unsharded.store(true, Ordering::Relaxed),
+                    Err(e) if refused(&e) => self.unsharded.store(true, Ordering::Relaxed),
                     other => return other,
                 }
             }
@@ -110,10 +116,13 @@ impl SlotWakeups {
         })
         .await;
         if let Ok(Ok(())) = subscribed {
-            self.state.channels().insert(channel);
+            self.channels().insert(channel);
         }
     }
 }
+
+/// How long a subscription renewed after its slot moved may take.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether the server does not know the command (sharded pub/sub came with
 /// Redis 7), or an ACL forbids it.
@@ -149,11 +158,15 @@ async fn read_pushes(
                 }
             }
             PushKind::SUnsubscribe | PushKind::Unsubscribe => {
-                // The server dropped it (its slot moved away): redis-rs
-                // subscribes again where the slot went; until it confirms,
-                // waiters subscribe on their own.
-                if let Some(channel) = channel {
-                    state.channels().remove(&channel);
+                // This process never unsubscribes: the server dropped the
+                // channel because its slot moved away. Subscribe again,
+                // where the slot went (the connection follows `MOVED`).
+                if let Some(channel) = channel
+                    && state.channels().remove(&channel)
+                {
+                    tokio::spawn(async move {
+                        state.subscribe(channel, RESUBSCRIBE_TIMEOUT).await;
+                    });
                 }
             }
             PushKind::Disconnection => state.channels().clear(),

@@ -1,0 +1,453 @@
+//! `RedisSync` on a real Redis Cluster (three `redis-server
+//! --cluster-enabled yes` masters joined by `redis-cli --cluster create`):
+//! the conformance suite, where each name's keys live, sharded wake-ups and
+//! fair hand-off across processes, a slot moving under a held lock, a
+//! master failing over with and without `wait_replicas`.
+
+#![cfg(feature = "cluster")]
+
+mod conformance;
+mod support;
+
+use std::time::Duration;
+
+use conformance::{Suite, eventually, poll_once, unique};
+use support::cluster::RedisCluster;
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisSync};
+
+/// Short expiries (real time passes), a generous per-node timeout.
+fn base_options() -> DistMutexOptions {
+    DistMutexOptions::default()
+        .with_expiry(Duration::from_millis(500))
+        .with_timeout_factor(0.5)
+        .with_retry_delay(Duration::from_millis(5))
+}
+
+fn suite() -> Suite<RedisSync> {
+    let cluster = RedisCluster::start(3, 0);
+    Suite {
+        sync: RedisSync::cluster(cluster.seeds()).unwrap(),
+        other: RedisSync::cluster(cluster.seeds()).unwrap(),
+        base: base_options(),
+        guard: Box::new(cluster),
+    }
+}
+
+mod conformance_on_a_cluster {
+    use super::*;
+    conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        suite()
+    );
+}
+
+/// The lock key of `name` with the default prefix: the name's hash tag.
+fn lock_key(name: &str) -> String {
+    format!("{{dsync:{name}}}")
+}
+
+/// Every key of a name (lock, fencing counter, wait queue, leases) lives on
+/// the master of the name's slot, and names spread over the masters. After
+/// the release only the fencing counters are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_name_live_on_the_master_of_its_slot() {
+    let cluster = RedisCluster::start(3, 0);
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    assert!(a.is_cluster());
+    assert_eq!((a.nodes(), a.quorum()), (1, 1));
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(hour)
+        .with_tries(10);
+    let names: Vec<String> = (0..12).map(|i| unique(&format!("spread-{i}"))).collect();
+    let mut masters = std::collections::HashSet::new();
+    for name in &names {
+        let key = lock_key(name);
+        let mut holder = a.new_mutex(name, options.clone()).unwrap();
+        holder.lock().await.unwrap();
+        assert_eq!(holder.key(), key);
+        // A waiter of another process queues on the same master.
+        let mut waiter = b.new_mutex(name, options.clone()).unwrap();
+        let mut waiting = Box::pin(async move {
+            waiter.lock().await.unwrap();
+            waiter.unlock().await.unwrap();
+        });
+        assert!(poll_once(waiting.as_mut()).await.is_none());
+        let master = cluster.master_of(cluster.slot_of(&key));
+        masters.insert(master);
+        let suffixes = ["", "\u{1f}fence", "\u{1f}queue", "\u{1f}leases"];
+        eventually(Duration::from_secs(10), "the waiter queued", async || {
+            cluster.has_key(master, &format!("{key}\u{1f}queue"))
+        })
+        .await;
+        for suffix in suffixes {
+            let k = format!("{key}{suffix}");
+            assert_eq!(cluster.slot_of(&k), cluster.slot_of(&key), "{k:?}");
+            assert!(cluster.has_key(master, &k), "{k:?} on the slot's master");
+        }
+        holder.unlock().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("the waiter was woken by the release");
+    }
+    assert!(masters.len() >= 2, "12 names all on one master");
+    let fences: Vec<String> = names
+        .iter()
+        .map(|n| format!("{}\u{1f}fence", lock_key(n)))
+        .collect();
+    eventually(Duration::from_secs(10), "only fencing counters left", async || {
+        let mut left = cluster.keys();
+        left.retain(|k| !k.contains("warm"));
+        let mut expected = fences.clone();
+        expected.sort();
+        left == expected
+    })
+    .await;
+}
+
+/// The number of subscribers of each shard channel of this crate's
+/// wake-ups on node `i`.
+fn shard_channels(cluster: &RedisCluster, i: usize) -> usize {
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .arg("*dsync:\u{1f}wake\u{1f}*")
+        .query(&mut cluster.node(i).connection())
+        .unwrap();
+    channels.len()
+}
+
+/// A waiter is woken by its release over sharded pub/sub (the retry delay
+/// is an hour): `SPUBLISH` on the master of the name's slot, to a channel
+/// of that slot, and never a cluster-wide `PUBLISH`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_sharded_messages() {
+    let cluster = RedisCluster::start(3, 0);
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(hour)
+        .with_retry_delay(hour)
+        .with_tries(3);
+    let name = unique("sharded");
+    let master = cluster.master_of(cluster.slot_of(&lock_key(&name)));
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    for i in cluster.masters() {
+        cluster.node(i).reset_stats();
+    }
+    let mut waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = tokio::spawn(async move {
+        waiter.lock().await.unwrap();
+        waiter
+    });
+    eventually(Duration::from_secs(10), "b subscribed on the slot's master", async || {
+        shard_channels(&cluster, master) == 1
+    })
+    .await;
+    holder.unlock().await.unwrap();
+    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release, not by the hour-long retry delay")
+        .unwrap();
+    waiter.unlock().await.unwrap();
+    assert!(cluster.node(master).calls("spublish") >= 1);
+    for i in cluster.masters() {
+        assert_eq!(cluster.node(i).calls("publish"), 0, "node {i}");
+        if i != master {
+            assert_eq!(cluster.node(i).calls("spublish"), 0, "node {i}");
+            assert_eq!(shard_channels(&cluster, i), 0, "node {i}");
+        }
+    }
+}
+
+/// Waiters of two processes are served in the order they started waiting,
+/// woken only by releases (the retry delay is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_fifo_across_processes() {
+    let cluster = RedisCluster::start(3, 0);
+    let processes = [
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+    ];
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(Duration::from_secs(3600))
+        .with_tries(1000);
+    let name = unique("fifo");
+    let mut holder = processes[0].new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let order = std::sync::Mutex::new(Vec::new());
+    let mut waiters = Vec::new();
+    for id in 0..8usize {
+        let mut mutex = processes[(id + 1) % 2]
+            .new_mutex(&name, options.clone())
+            .unwrap();
+        let order = &order;
+        waiters.push(Box::pin(async move {
+            mutex.lock().await.unwrap();
+            order.lock().unwrap().push(id);
+            mutex.unlock().await.unwrap();
+        }));
+    }
+    for waiter in &mut waiters {
+        next_millisecond();
+        assert!(poll_once(waiter.as_mut()).await.is_none(), "must wait");
+    }
+    holder.unlock().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(waiters),
+    )
+    .await
+    .expect("every waiter woken by a release");
+    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+}
+
+/// Busy-waits into the next millisecond, so that waiters' starts differ.
+fn next_millisecond() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let start = now();
+    while now() == start {
+        std::hint::spin_loop();
+    }
+}
+
+/// A held lock survives its slot moving to another master, in the middle of
+/// the migration and after it: the other process stays out, the holder
+/// extends and releases, a waiter subscribed before the move is woken
+/// after it, and fencing tokens keep growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_survives_its_slot_moving() {
+    let cluster = RedisCluster::start(3, 0);
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(Duration::from_secs(3600))
+        .with_tries(3);
+    let name = unique("moving");
+    let key = lock_key(&name);
+    let slot = cluster.slot_of(&key);
+    let from = cluster.master_of(slot);
+    let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let first = holder.fencing_token().unwrap();
+    let try_once = options.clone().with_tries(1);
+    let mut other = b.new_mutex(&name, try_once.clone()).unwrap();
+
+    // Mid-migration: the slot is importing on `to`, migrating on `from`,
+    // and the keys have not moved yet.
+    let migration = cluster.begin_move(slot, to);
+    assert!(matches!(other.lock().await, Err(Error::Held { .. })));
+    holder.extend().await.unwrap();
+    migration.finish();
+    assert_eq!(cluster.master_of(slot), to);
+    assert!(cluster.has_key(to, &key), "the lock moved with its slot");
+
+    // After: a waiter of b subscribes (on the new master), a refusal from b,
+    // the holder extends, then releases and wakes the waiter.
+    assert!(matches!(other.lock().await, Err(Error::Held { .. })));
+    holder.extend().await.unwrap();
+    assert!(holder.valid().await.unwrap());
+    let mut waiter = b.new_mutex(&name, options.clone()).unwrap();
+    let waiting = tokio::spawn(async move {
+        waiter.lock().await.unwrap();
+        waiter
+    });
+    eventually(Duration::from_secs(10), "b subscribed on the new master", async || {
+        shard_channels(&cluster, to) == 1
+    })
+    .await;
+    holder.unlock().await.unwrap();
+    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release")
+        .unwrap();
+    assert!(waiter.fencing_token().unwrap() > first);
+    waiter.unlock().await.unwrap();
+}
+
+/// A waiter subscribed to its slot's channel before the slot moves is still
+/// woken by a release after the move: the old master drops the shard
+/// channel, and the process subscribes again where the slot went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_woken_after_its_slot_moved() {
+    let cluster = RedisCluster::start(3, 0);
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(Duration::from_secs(3600))
+        .with_tries(3);
+    let name = unique("moved-waiter");
+    let key = lock_key(&name);
+    let slot = cluster.slot_of(&key);
+    let from = cluster.master_of(slot);
+    let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let mut waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = tokio::spawn(async move {
+        waiter.lock().await.unwrap();
+        waiter
+    });
+    eventually(Duration::from_secs(10), "b subscribed on the old master", async || {
+        shard_channels(&cluster, from) == 1 && cluster.has_key(from, &format!("{key}\u{1f}queue"))
+    })
+    .await;
+    cluster.move_slot(slot, to);
+    eventually(Duration::from_secs(10), "b subscribed on the new master", async || {
+        shard_channels(&cluster, to) == 1
+    })
+    .await;
+    holder.unlock().await.unwrap();
+    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release after the move")
+        .unwrap();
+    waiter.unlock().await.unwrap();
+}
+
+/// With `wait_replicas(1, …)`, an acquisition returns only once a replica
+/// has the lock, so killing the master fails over to a replica that still
+/// holds it: the other process stays out, and the holder can extend and
+/// release on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_a_lock_survives_a_failover() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let build = || {
+        RedisSync::builder()
+            .cluster(cluster.seeds())
+            .wait_replicas(1, Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_timeout_factor(0.1);
+    let name = unique("durable");
+    let key = lock_key(&name);
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let first = holder.fencing_token().unwrap();
+    holder.extend().await.unwrap();
+    let master = cluster.master_of(cluster.slot_of(&key));
+    let promoted = cluster.kill_master_and_wait_failover(master);
+    assert!(cluster.has_key(promoted, &key), "the replica had the lock");
+    let mut other = b.new_mutex(&name, options.clone().with_tries(1)).unwrap();
+    eventually(Duration::from_secs(20), "the other process reaches the new master", async || {
+        match other.lock().await {
+            Err(Error::Held { .. }) => true,
+            Err(e) if e.is_unavailable() => false,
+            outcome => panic!("the lock was lost in the failover: {outcome:?}"),
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the holder extends on the new master", async || {
+        holder.extend().await.is_ok()
+    })
+    .await;
+    holder.unlock().await.unwrap();
+    other.lock().await.unwrap();
+    assert!(other.fencing_token().unwrap() > first);
+    other.unlock().await.unwrap();
+}
+
+/// `wait_replicas` asks for more replicas than the masters have: the
+/// acquisition fails with a typed shortfall, and leaves no lock behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_replicas_fail_the_acquisition_and_leave_nothing() {
+    let cluster = RedisCluster::start(3, 0);
+    let sync = RedisSync::builder()
+        .cluster(cluster.seeds())
+        .wait_replicas(1, Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let name = unique("shortfall");
+    let mut m = sync.new_mutex(&name, base_options()).unwrap();
+    let error = m.lock().await.unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    let shortfall = error.not_replicated().expect("a replication shortfall");
+    assert_eq!((shortfall.wanted, shortfall.acknowledged), (1, 0));
+    assert!(error.to_string().contains("replicas"), "{error}");
+    assert!(m.value().is_empty() && m.until().is_none());
+    let key = lock_key(&name);
+    eventually(Duration::from_secs(10), "no lock left", async || {
+        !cluster.keys().contains(&key)
+    })
+    .await;
+    // Without the option the same cluster serves the lock.
+    let plain = RedisSync::cluster(cluster.seeds()).unwrap();
+    let mut m = plain.new_mutex(&name, base_options()).unwrap();
+    m.lock().await.unwrap();
+    m.unlock().await.unwrap();
+}
+
+/// Without replicas, killing the master of a held lock's slot makes the
+/// name unavailable (an error, never a hang or a second owner); the
+/// master restarted empty has forgotten the lock, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_is_unavailable_then_forgets_its_locks() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let options = base_options().with_expiry(Duration::from_secs(60));
+    let name = unique("dead-master");
+    let key = lock_key(&name);
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let master = cluster.master_of(cluster.slot_of(&key));
+    cluster.node_mut(master).kill();
+    let mut other = b.new_mutex(&name, options.clone().with_tries(1)).unwrap();
+    let error = other.lock().await.unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    assert!(holder.extend().await.unwrap_err().is_unavailable());
+    cluster.restart_node(master);
+    eventually(Duration::from_secs(20), "the restarted master serves the slot", async || {
+        other.lock().await.is_ok()
+    })
+    .await;
+    assert!(matches!(holder.extend().await, Err(Error::NotAcquired)));
+    other.unlock().await.unwrap();
+}
+
+/// Cluster mode refuses what cannot work: no seed, a key prefix whose
+/// braces would break the hash tag, seeds mixed with independent nodes.
+#[tokio::test]
+async fn cluster_configuration_errors() {
+    let invalid = |r: tower_dsync::Result<RedisSync>| {
+        matches!(r, Err(Error::InvalidConfig { .. }))
+    };
+    assert!(invalid(RedisSync::cluster(Vec::<String>::new())));
+    assert!(invalid(RedisSync::cluster(["not a url"])));
+    for prefix in ["", "{app}:", "a}"] {
+        assert!(invalid(
+            RedisSync::builder()
+                .cluster(["redis://127.0.0.1:1"])
+                .key_prefix(prefix)
+                .build()
+        ));
+    }
+    assert!(invalid(
+        RedisSync::builder()
+            .cluster(["redis://127.0.0.1:1"])
+            .url("redis://127.0.0.1:2")
+            .build()
+    ));
+    assert!(invalid(
+        RedisSync::builder()
+            .cluster(["redis://127.0.0.1:1"])
+            .wait_replicas(1, Duration::ZERO)
+            .build()
+    ));
+}
