@@ -7,9 +7,11 @@
 //! resume it (`SIGCONT`), or restart it on the same port: empty, or from
 //! its append-only file. A server can require a password
 //! (`requirepass`). The machine's shared instance on 6379 is never used.
+//! [`cluster::RedisCluster`] starts a Redis Cluster of such servers.
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod counting;
 pub mod http;
 pub mod remote;
@@ -18,6 +20,7 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// One `redis-server` process on 127.0.0.1.
@@ -31,6 +34,9 @@ pub struct RedisServer {
     /// `appendonly yes`, `appendfsync always`: a restart keeps every write
     /// the server acknowledged.
     persistent: bool,
+    /// Configuration arguments after the usual ones (`--cluster-enabled
+    /// yes`, say); a restart passes them again.
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -57,23 +63,53 @@ impl RedisServer {
     }
 
     fn start_as(password: Option<String>, persistent: bool) -> RedisServer {
+        Self::start_configured(free_port, password, persistent, &[])
+    }
+
+    /// Starts a server without persistence on a port from `port` (called
+    /// again when the server cannot bind it), with `extra_args` after the
+    /// usual configuration. The server runs in a fresh directory of its
+    /// own, which a restart keeps (a cluster node's `nodes.conf`, say) and
+    /// the drop removes.
+    pub(crate) fn start_with_args(port: impl FnMut() -> u16, extra_args: &[String]) -> RedisServer {
+        Self::start_configured(port, None, false, extra_args)
+    }
+
+    fn start_configured(
+        mut port: impl FnMut() -> u16,
+        password: Option<String>,
+        persistent: bool,
+        extra_args: &[String],
+    ) -> RedisServer {
         for _ in 0..20 {
-            let port = free_port();
-            if let Some(server) = Self::try_start_on(port, password.clone(), persistent) {
+            let port = port();
+            if let Some(server) =
+                Self::try_start_on(port, password.clone(), persistent, extra_args.to_vec())
+            {
                 return server;
             }
         }
         panic!("could not start redis-server on a free port after 20 tries");
     }
 
-    fn try_start_on(port: u16, password: Option<String>, persistent: bool) -> Option<RedisServer> {
-        let dir = std::env::temp_dir().join(format!("tower-dsync-redis-{port}"));
-        if persistent {
-            // Nothing from an earlier server on this port is loaded.
-            let _ = std::fs::remove_dir_all(&dir);
-        }
+    fn try_start_on(
+        port: u16,
+        password: Option<String>,
+        persistent: bool,
+        extra_args: Vec<String>,
+    ) -> Option<RedisServer> {
+        // One directory per server, never shared: nothing from an earlier
+        // server on this port is loaded, and a server being dropped cannot
+        // remove a newer one's files.
+        static SERVERS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tower-dsync-redis-{port}-{}-{}",
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let child = spawn_redis(port, &dir, password.as_deref(), persistent);
+        let child = spawn_redis(port, &dir, password.as_deref(), persistent, &extra_args);
         let mut server = RedisServer {
             port,
             child: Some(child),
@@ -81,8 +117,14 @@ impl RedisServer {
             dir,
             password,
             persistent,
+            extra_args,
         };
-        server.wait_ready().then_some(server)
+        if server.wait_ready() {
+            Some(server)
+        } else {
+            let _ = std::fs::remove_dir_all(&server.dir);
+            None
+        }
     }
 
     /// `redis://127.0.0.1:PORT`, without credentials.
@@ -99,6 +141,21 @@ impl RedisServer {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the process runs (it was not killed), paused or not.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whether the process is paused (`SIGSTOP`).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Whether the process runs and is not paused, so that it answers.
+    pub fn is_live(&self) -> bool {
+        self.is_running() && !self.paused
     }
 
     /// Kills the process (`SIGKILL`); the port stays reserved for a restart.
@@ -123,9 +180,9 @@ impl RedisServer {
         self.paused = false;
     }
 
-    /// Kills the process if it runs, and starts a new one on the same port:
-    /// empty, or, for a persistent server, with every write the old one
-    /// acknowledged.
+    /// Kills the process if it runs, and starts a new one on the same port
+    /// and in the same directory, with the same configuration: empty, or,
+    /// for a persistent server, with every write the old one acknowledged.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -135,6 +192,7 @@ impl RedisServer {
                 &self.dir,
                 self.password.as_deref(),
                 self.persistent,
+                &self.extra_args,
             ));
             if self.wait_ready() {
                 return;
@@ -321,6 +379,7 @@ fn spawn_redis(
     dir: &std::path::Path,
     password: Option<&str>,
     persistent: bool,
+    extra_args: &[String],
 ) -> Child {
     let port_arg = port.to_string();
     let mut command = Command::new("redis-server");
@@ -345,6 +404,7 @@ fn spawn_redis(
         ])
         .arg("--dir")
         .arg(dir)
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
