@@ -129,7 +129,11 @@ use crate::sync::{DistSync, validate_name};
 ///   tag, so all of them share the slot and each script runs on one master.
 ///   Names spread over the masters as their slots do. Commands follow
 ///   `MOVED` and `ASK` redirections, so a lock survives its slot moving to
-///   another master (the keys move with their expiry).
+///   another master (the keys move with their expiry). While the slot is
+///   migrating, a script whose keys are split between the two masters gets
+///   `TRYAGAIN`: those operations fail as unavailable (and are retried
+///   within the per-node timeout) until the migration ends, never with a
+///   second owner.
 /// - **Wake-ups** use sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), on one
 ///   channel per process and slot that hashes to the slot, so a release's
 ///   message stays on its shard. A server without it (before Redis 7) gets
