@@ -169,6 +169,65 @@ async fn waiters_wake_on_sharded_messages() {
     }
 }
 
+/// On a server without sharded pub/sub (here `SPUBLISH` and `SSUBSCRIBE`
+/// are renamed away, as before Redis 7), wake-ups fall back to `PUBLISH`
+/// and `SUBSCRIBE`: a waiter is still woken by the release (the retry delay
+/// is an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sharded_pubsub_wake_ups_fall_back_to_plain_pubsub() {
+    let cluster = RedisCluster::start_with(
+        3,
+        0,
+        &[
+            "--rename-command",
+            "SPUBLISH",
+            "",
+            "--rename-command",
+            "SSUBSCRIBE",
+            "",
+        ],
+    );
+    let a = RedisSync::cluster(cluster.seeds()).unwrap();
+    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let hour = Duration::from_secs(3600);
+    let options = DistMutexOptions::default()
+        .with_expiry(hour)
+        .with_retry_delay(hour)
+        .with_tries(3);
+    let name = unique("unsharded");
+    let master = cluster.master_of(cluster.slot_of(&lock_key(&name)));
+    let mut holder = a.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let mut waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = tokio::spawn(async move {
+        waiter.lock().await.unwrap();
+        waiter
+    });
+    eventually(
+        Duration::from_secs(10),
+        "b subscribed and queued",
+        async || {
+            let subscribed = cluster.masters().iter().any(|&i| {
+                let channels: Vec<String> = redis::cmd("PUBSUB")
+                    .arg("CHANNELS")
+                    .arg("*dsync:\u{1f}wake\u{1f}*")
+                    .query(&mut cluster.node(i).connection())
+                    .unwrap();
+                !channels.is_empty()
+            });
+            subscribed && cluster.has_key(master, &format!("{}\u{1f}queue", lock_key(&name)))
+        },
+    )
+    .await;
+    holder.unlock().await.unwrap();
+    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release, not by the hour-long retry delay")
+        .unwrap();
+    waiter.unlock().await.unwrap();
+    assert!(cluster.node(master).calls("publish") >= 1);
+}
+
 /// Waiters of two processes are served in the order they started waiting,
 /// woken only by releases (the retry delay is an hour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

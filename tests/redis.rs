@@ -1240,3 +1240,56 @@ async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
     m.unlock().await.unwrap();
     assert!(token > last, "token {token} after {last}");
 }
+
+/// `wait_replicas` on an independent master with one replica: an
+/// acquisition returns only once the replica has the lock; while the
+/// replica is stopped, extensions and acquisitions fail with a typed
+/// shortfall, and the failed acquisition leaves no key; once it runs again,
+/// they succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_on_a_master_with_a_replica() {
+    let master = support::RedisServer::start();
+    let mut replica = support::RedisServer::start_replica_of(&master);
+    let sync = RedisSync::builder()
+        .url(master.url())
+        .wait_replicas(1, Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
+    let name = unique("replicated");
+    let key = format!("dsync:{name}");
+    let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+    m.lock().await.unwrap();
+    let on_replica: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query(&mut replica.connection())
+        .unwrap();
+    assert_eq!(
+        on_replica.as_deref(),
+        Some(m.value()),
+        "acknowledged by the replica"
+    );
+    m.extend().await.unwrap();
+
+    replica.pause();
+    let error = m.extend().await.unwrap_err();
+    let shortfall = error.not_replicated().expect("a replication shortfall");
+    assert_eq!((shortfall.wanted, shortfall.acknowledged), (1, 0));
+    let other = unique("unreplicated");
+    let mut n = sync.new_mutex(&other, options.with_tries(1)).unwrap();
+    let error = n.lock().await.unwrap_err();
+    assert!(error.not_replicated().is_some(), "{error}");
+    assert!(
+        !master.exists(&format!("dsync:{other}")),
+        "the key was released"
+    );
+    replica.resume();
+
+    eventually(
+        Duration::from_secs(10),
+        "extensions acknowledged again",
+        async || m.extend().await.is_ok(),
+    )
+    .await;
+    m.unlock().await.unwrap();
+}

@@ -88,6 +88,12 @@ impl RedisCluster {
     /// Panics if `redis-cli` is missing or fails (with its output), or if
     /// the cluster is not ready within [`BOUND`].
     pub fn start(masters: usize, replicas_per_master: usize) -> RedisCluster {
+        Self::start_with(masters, replicas_per_master, &[])
+    }
+
+    /// [`start`](Self::start), with `extra` configuration arguments for
+    /// every node (`["--rename-command", "SPUBLISH", ""]`, say).
+    pub fn start_with(masters: usize, replicas_per_master: usize, extra: &[&str]) -> RedisCluster {
         assert!(
             masters >= 3,
             "redis-cli --cluster create needs at least 3 masters, not {masters}"
@@ -109,7 +115,9 @@ impl RedisCluster {
             "0",
         ]
         .map(String::from)
-        .to_vec();
+        .into_iter()
+        .chain(extra.iter().map(|arg| arg.to_string()))
+        .collect();
         let mut ports = Ports(Vec::new());
         let count = masters * (1 + replicas_per_master);
         let nodes: Vec<RedisServer> = (0..count)

@@ -75,6 +75,27 @@ impl RedisServer {
         Self::start_configured(port, None, false, extra_args)
     }
 
+    /// Starts a replica of `master` (`replicaof`), and waits until its link
+    /// to the master is up.
+    pub fn start_replica_of(master: &RedisServer) -> RedisServer {
+        let args = ["--replicaof", "127.0.0.1", &master.port().to_string()]
+            .map(String::from)
+            .to_vec();
+        let replica = Self::start_with_args(free_port, &args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut replica.connection())
+                .expect("INFO replication");
+            if info.contains("master_link_status:up") {
+                return replica;
+            }
+            assert!(Instant::now() < deadline, "the replica never synced");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn start_configured(
         mut port: impl FnMut() -> u16,
         password: Option<String>,
