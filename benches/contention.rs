@@ -3,6 +3,8 @@
 //! be), on 1 and on 3 spawned `redis-server` nodes. This crate side by side
 //! with rslock (defaults: 3 tries, random 0-200 ms retry delay, looping in
 //! `acquire`) and rslock with a 2 ms retry delay, same servers, same run.
+//! Then this crate on a 3-master Redis Cluster (rslock has no cluster
+//! mode): its figures read against this crate's on one node.
 //!
 //! ```text
 //! cargo bench --bench contention                 # 5 s per case
@@ -19,8 +21,8 @@
 //! Commands are what the clients sent, counted from `INFO commandstats` on
 //! every node: Redis also counts the commands a Lua script runs, so the
 //! commands only a library's scripts call are left out of its count
-//! (`SET`, `INCR`, `PTTL`, `GET`, `PEXPIRE`, `DEL`, `PUBLISH` for this
-//! crate, whose every lock command is a script; `GET`, `DEL` for rslock,
+//! (`SET`, `INCR`, `PTTL`, `GET`, `PEXPIRE`, `DEL`, `PUBLISH`, `SPUBLISH`
+//! and the wait queue's commands for this crate, whose every lock command is a script; `GET`, `DEL` for rslock,
 //! which sends `SET NX PX` itself and releases with a script).
 //!
 //! With `DSYNC_BENCH_CSV=path` it appends, per node count and rslock mode,
@@ -47,7 +49,8 @@ use tokio::sync::Barrier;
 use tokio::time::Instant;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 
-use support::RedisNodes;
+use support::cluster::RedisCluster;
+use support::{RedisNodes, RedisServer};
 
 const CONTENDERS: usize = 8;
 const CLIENTS: usize = 2;
@@ -60,6 +63,51 @@ const NAME: &str = "orders:17";
 enum Library {
     TowerDsync,
     Rslock { retry: Option<Duration> },
+}
+
+/// Where the locks live.
+enum Servers {
+    /// Independent nodes: one, or Redlock over several.
+    Nodes(RedisNodes),
+    /// A Redis Cluster.
+    Cluster(RedisCluster),
+}
+
+impl Servers {
+    fn label(&self) -> String {
+        match self {
+            Servers::Nodes(nodes) => nodes.servers.len().to_string(),
+            Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
+        }
+    }
+
+    /// The servers that take commands.
+    fn servers(&self) -> Vec<&RedisServer> {
+        match self {
+            Servers::Nodes(nodes) => nodes.servers.iter().collect(),
+            Servers::Cluster(cluster) => cluster
+                .masters()
+                .into_iter()
+                .map(|i| cluster.node(i))
+                .collect(),
+        }
+    }
+
+    /// A `RedisSync` on these servers (inside a Tokio runtime).
+    fn sync(&self) -> RedisSync {
+        match self {
+            Servers::Nodes(nodes) => RedisSync::new(nodes.urls()),
+            Servers::Cluster(cluster) => RedisSync::cluster(cluster.seeds()),
+        }
+        .expect("RedisSync")
+    }
+
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Servers::Nodes(nodes) => nodes.urls(),
+            Servers::Cluster(_) => unreachable!("rslock has no cluster mode"),
+        }
+    }
 }
 
 impl Library {
@@ -75,8 +123,8 @@ impl Library {
     fn script_only_commands(self) -> &'static [&'static str] {
         match self {
             Library::TowerDsync => &[
-                "set", "incr", "pttl", "get", "pexpire", "del", "publish", "time", "exists",
-                "zrange", "zadd", "zrem", "zscore", "hget", "hset", "hdel",
+                "set", "incr", "pttl", "get", "pexpire", "del", "publish", "spublish", "time",
+                "exists", "zrange", "zadd", "zrem", "zscore", "hget", "hset", "hdel",
             ],
             Library::Rslock { .. } => &["get", "del"],
         }
@@ -158,10 +206,8 @@ where
     std::mem::take(&mut *shared.record.lock().unwrap())
 }
 
-async fn run_tower_dsync(urls: Vec<String>, run: Duration) -> Record {
-    let clients: Vec<RedisSync> = (0..CLIENTS)
-        .map(|_| RedisSync::new(&urls).expect("RedisSync"))
-        .collect();
+async fn run_tower_dsync(servers: &Servers, run: Duration) -> Record {
+    let clients: Vec<RedisSync> = (0..CLIENTS).map(|_| servers.sync()).collect();
     // Waiters never give up: the retry delay is only a fallback, the
     // release message wakes them.
     let options = DistMutexOptions::default().with_tries(u32::MAX);
@@ -220,9 +266,9 @@ async fn run_rslock(urls: Vec<String>, retry: Option<Duration>, run: Duration) -
 }
 
 /// `INFO commandstats` of every node, summed: calls per command.
-fn command_calls(nodes: &RedisNodes) -> HashMap<String, u64> {
+fn command_calls(servers: &Servers) -> HashMap<String, u64> {
     let mut calls = HashMap::new();
-    for server in &nodes.servers {
+    for server in servers.servers() {
         for (name, count) in server.command_calls() {
             *calls.entry(name).or_default() += count;
         }
@@ -231,8 +277,8 @@ fn command_calls(nodes: &RedisNodes) -> HashMap<String, u64> {
 }
 
 /// Empties every node and zeroes its command counts.
-fn reset(nodes: &RedisNodes) {
-    for server in &nodes.servers {
+fn reset(servers: &Servers) {
+    for server in servers.servers() {
         let _: () = redis::cmd("FLUSHALL")
             .query(&mut server.connection())
             .unwrap();
@@ -264,16 +310,15 @@ struct Figures {
 
 fn run_case(
     runtime: &tokio::runtime::Runtime,
-    nodes: &RedisNodes,
+    servers: &Servers,
     library: Library,
     run: Duration,
 ) -> Figures {
-    reset(nodes);
-    let urls = nodes.urls();
+    reset(servers);
     let mut record = runtime.block_on(async move {
         match library {
-            Library::TowerDsync => run_tower_dsync(urls, run).await,
-            Library::Rslock { retry } => run_rslock(urls, retry, run).await,
+            Library::TowerDsync => run_tower_dsync(servers, run).await,
+            Library::Rslock { retry } => run_rslock(servers.urls(), retry, run).await,
         }
     });
     assert_eq!(
@@ -282,7 +327,7 @@ fn run_case(
         "{}: two contenders held the lock at once",
         library.label()
     );
-    let calls = command_calls(nodes);
+    let calls = command_calls(servers);
     if std::env::var_os("DSYNC_BENCH_VERBOSE").is_some() {
         let mut sorted: Vec<_> = calls.iter().collect();
         sorted.sort();
@@ -341,19 +386,29 @@ fn main() {
     // DSYNC_BENCH_FILTER=tower runs only the cases whose label contains it.
     let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     let mut rows = Vec::new();
-    for n in [1, 3] {
-        let nodes = RedisNodes::start(n);
+    // tower-dsync on one node: the reference of the cluster's row.
+    let mut single: Option<Figures> = None;
+    for servers in [
+        || Servers::Nodes(RedisNodes::start(1)),
+        || Servers::Nodes(RedisNodes::start(3)),
+        || Servers::Cluster(RedisCluster::start(3, 0)),
+    ] {
+        let servers = servers();
+        let label = servers.label();
         let mut ours: Option<(f64, f64, f64)> = None;
         for library in libraries {
-            if !library.label().contains(&filter) {
+            if !library.label().contains(&filter)
+                || (matches!(servers, Servers::Cluster(_))
+                    && !matches!(library, Library::TowerDsync))
+            {
                 continue;
             }
-            let f = run_case(&runtime, &nodes, library, Duration::from_secs(seconds));
+            let f = run_case(&runtime, &servers, library, Duration::from_secs(seconds));
             match (library, ours) {
                 (Library::TowerDsync, _) => ours = Some((f.per_second, f.p99_ms, f.commands)),
                 (Library::Rslock { .. }, Some((per_second, p99, commands))) => rows.push(format!(
-                    "contention,{n} node{},tower-dsync vs {},{:.3},{:.3},{:.3}",
-                    if n == 1 { "" } else { "s" },
+                    "contention,{label} node{},tower-dsync vs {},{:.3},{:.3},{:.3}",
+                    if label == "1" { "" } else { "s" },
                     library.label(),
                     per_second / f.per_second,
                     f.p99_ms / p99,
@@ -362,7 +417,7 @@ fn main() {
                 _ => {}
             }
             println!(
-                "| {n} | {} | {:.0} | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} | {:.2} / {:.2} ms | {:.1} |",
+                "| {label} | {} | {:.0} | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} | {:.2} / {:.2} ms | {:.1} |",
                 library.label(),
                 f.per_second,
                 f.handoff * 100.0,
@@ -375,6 +430,26 @@ fn main() {
                 f.gap_p99_ms,
                 f.commands,
             );
+            match (&servers, &single, library) {
+                (Servers::Nodes(nodes), None, Library::TowerDsync) if nodes.servers.len() == 1 => {
+                    single = Some(f);
+                }
+                (Servers::Cluster(_), Some(one), Library::TowerDsync) => {
+                    println!(
+                        "\ncluster vs one node (tower-dsync): acquisitions/s {:.2}, wait p99 {:.2} (one node's / the cluster's), release to next hold p50 {:.2}",
+                        f.per_second / one.per_second,
+                        one.p99_ms / f.p99_ms,
+                        one.gap_p50_ms / f.gap_p50_ms,
+                    );
+                    rows.push(format!(
+                        "contention,cluster of 3,tower-dsync on a cluster vs on one node,{:.3},{:.3},{:.3}",
+                        f.per_second / one.per_second,
+                        one.p99_ms / f.p99_ms,
+                        one.commands / f.commands,
+                    ));
+                }
+                _ => {}
+            }
         }
     }
     common::append_csv(&rows);

@@ -9,6 +9,11 @@
 //! - **tower-dsync**: `RedisMutex::lock` + `unlock` with default options;
 //! - **rslock**: `LockManager::lock` + `unlock`.
 //!
+//! Then the same on a 3-master Redis Cluster: the floor sends the same two
+//! commands over a redis-rs cluster connection (each to the master of the
+//! key's slot), tower-dsync runs `RedisSync::cluster`; rslock has no
+//! cluster mode.
+//!
 //! ```text
 //! cargo bench --bench cycle                  # 3 s per case
 //! DSYNC_BENCH_SECS=10 cargo bench --bench cycle
@@ -32,7 +37,34 @@ use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 
-use support::RedisNodes;
+use support::cluster::RedisCluster;
+use support::{RedisNodes, RedisServer};
+
+/// Where the locks live.
+enum Servers {
+    Nodes(RedisNodes),
+    Cluster(RedisCluster),
+}
+
+impl Servers {
+    fn label(&self) -> String {
+        match self {
+            Servers::Nodes(nodes) => nodes.servers.len().to_string(),
+            Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
+        }
+    }
+
+    fn servers(&self) -> Vec<&RedisServer> {
+        match self {
+            Servers::Nodes(nodes) => nodes.servers.iter().collect(),
+            Servers::Cluster(cluster) => cluster
+                .masters()
+                .into_iter()
+                .map(|i| cluster.node(i))
+                .collect(),
+        }
+    }
+}
 
 /// One lock client under test.
 #[derive(Clone, Copy, PartialEq)]
@@ -111,10 +143,10 @@ fn client_cpu() -> f64 {
 }
 
 /// Redis CPU seconds (user + system) used so far, summed over the nodes.
-fn server_cpu(nodes: &RedisNodes) -> f64 {
-    nodes
-        .servers
-        .iter()
+fn server_cpu(servers: &Servers) -> f64 {
+    servers
+        .servers()
+        .into_iter()
         .map(|server| {
             let info: String = redis::cmd("INFO")
                 .arg("cpu")
@@ -222,8 +254,40 @@ async fn floor(urls: &[String], tasks: usize, run: Duration) -> Samples {
     .await
 }
 
-async fn tower_dsync(urls: &[String], tasks: usize, run: Duration) -> Samples {
-    let sync = RedisSync::new(urls).unwrap();
+/// The floor on a cluster: the same two commands per cycle, each routed to
+/// the master of the key's slot.
+async fn cluster_floor(seeds: &[String], tasks: usize, run: Duration) -> Samples {
+    let client = redis::cluster::ClusterClient::new(seeds.to_vec()).unwrap();
+    let conn = client.get_async_connection().await.unwrap();
+    let script = Arc::new(redis::Script::new(RELEASE_SCRIPT));
+    measure(tasks, run, move |task, i| {
+        let (mut conn, script) = (conn.clone(), script.clone());
+        async move {
+            let key = format!("floor:{task}");
+            let value = format!("{task}-{i}");
+            let reply: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&value)
+                .arg("NX")
+                .arg("PX")
+                .arg(8000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(reply.is_some(), "uncontended SET refused");
+            let mut invocation = script.key(&key);
+            invocation.arg(&value);
+            let _: i64 = invocation.invoke_async(&mut conn).await.unwrap();
+        }
+    })
+    .await
+}
+
+async fn tower_dsync(servers: &Servers, tasks: usize, run: Duration) -> Samples {
+    let sync = match servers {
+        Servers::Nodes(nodes) => RedisSync::new(nodes.urls()).unwrap(),
+        Servers::Cluster(cluster) => RedisSync::cluster(cluster.seeds()).unwrap(),
+    };
     let mutexes: Arc<Vec<tokio::sync::Mutex<_>>> = Arc::new(
         (0..tasks)
             .map(|task| {
@@ -277,35 +341,50 @@ fn main() {
     // contains it (for profiling; the ratios then mean nothing).
     let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     let mut rows = Vec::new();
-    for n in [1, 3] {
-        let nodes = RedisNodes::start(n);
-        let urls = nodes.urls();
+    let deployments: [fn() -> Servers; 3] = [
+        || Servers::Nodes(RedisNodes::start(1)),
+        || Servers::Nodes(RedisNodes::start(3)),
+        || Servers::Cluster(RedisCluster::start(3, 0)),
+    ];
+    for servers in deployments {
+        let servers = servers();
+        let n = servers.label();
+        let cluster = matches!(servers, Servers::Cluster(_));
         for tasks in [1, 16] {
             let mut samples: Vec<Samples> = LIBRARIES.iter().map(|_| Samples::default()).collect();
             let mut server = [0.0; 3];
             let mut client = [0.0; 3];
             for _ in 0..rounds {
                 for (i, library) in LIBRARIES.into_iter().enumerate() {
-                    if !library.label().contains(&filter) {
+                    if !library.label().contains(&filter) || (cluster && library == Library::Rslock)
+                    {
                         continue;
                     }
-                    let (before, before_client) = (server_cpu(&nodes), client_cpu());
+                    let (before, before_client) = (server_cpu(&servers), client_cpu());
                     let round = runtime.block_on(async {
                         let turn = Duration::from_secs(1);
-                        match library {
-                            Library::Floor => floor(&urls, tasks, turn).await,
-                            Library::TowerDsync => tower_dsync(&urls, tasks, turn).await,
-                            Library::Rslock => rslock(&urls, tasks, turn).await,
+                        match (&servers, library) {
+                            (Servers::Cluster(c), Library::Floor) => {
+                                cluster_floor(&c.seeds(), tasks, turn).await
+                            }
+                            (Servers::Nodes(nodes), Library::Floor) => {
+                                floor(&nodes.urls(), tasks, turn).await
+                            }
+                            (_, Library::TowerDsync) => tower_dsync(&servers, tasks, turn).await,
+                            (Servers::Nodes(nodes), Library::Rslock) => {
+                                rslock(&nodes.urls(), tasks, turn).await
+                            }
+                            (Servers::Cluster(_), Library::Rslock) => unreachable!(),
                         }
                     });
                     if std::env::var_os("DSYNC_BENCH_VERBOSE").is_some() {
-                        for server in &nodes.servers {
+                        for server in servers.servers() {
                             let calls = server.command_calls();
                             server.reset_stats();
                             eprintln!("{} ({} cycles): {calls:?}", library.label(), round.cycles);
                         }
                     }
-                    server[i] += server_cpu(&nodes) - before;
+                    server[i] += server_cpu(&servers) - before;
                     client[i] += client_cpu() - before_client;
                     samples[i].latencies.extend(round.latencies);
                     samples[i].cycles += round.cycles;
@@ -319,6 +398,9 @@ fn main() {
                 .collect();
             let base = figures[0];
             for (library, figures) in LIBRARIES.into_iter().zip(figures) {
+                if !figures.per_second.is_finite() || figures.per_second == 0.0 {
+                    continue;
+                }
                 let ratio = (
                     figures.per_second / base.per_second,
                     base.p50_us / figures.p50_us,
@@ -338,7 +420,7 @@ fn main() {
                 );
                 rows.push(format!(
                     "cycle,{n} node{} {tasks} task{},{},{:.3},{:.3},{:.3}",
-                    if n == 1 { "" } else { "s" },
+                    if n == "1" { "" } else { "s" },
                     if tasks == 1 { "" } else { "s" },
                     library.label().split(' ').next().unwrap_or_default(),
                     ratio.0,
