@@ -2,10 +2,8 @@
 //! multiplexed connection to an independent master, or a Redis Cluster
 //! connection that routes each command to the master of its keys' slot.
 
-use std::time::Duration;
-
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// A node's connection, cheap to clone (clones share it).
 #[derive(Clone)]
@@ -18,34 +16,11 @@ pub(crate) enum Conn {
 }
 
 impl Conn {
-    /// `WAIT replicas timeout` on the connection that wrote `key`: how many
-    /// replicas of that master acknowledged every write sent on it so far.
-    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
-    pub(crate) async fn wait(
-        &mut self,
-        key: &str,
-        replicas: usize,
-        timeout: Duration,
-    ) -> RedisResult<usize> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(
-            u64::try_from(timeout.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
-        match self {
-            Conn::Single(conn) => cmd.query_async(conn).await,
-            #[cfg(feature = "cluster")]
-            Conn::Cluster(conn) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                // Not to every master, as redis-rs routes a bare WAIT: to
-                // the one that took the write.
-                let route = Route::with_key(key, SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let reply = conn.route_command(cmd, routing).await?;
-                Ok(redis::from_redis_value(reply)?)
-            }
-        }
+    /// Whether the connection resends a command on its own after the
+    /// connection it went out on dropped (redis-rs's cluster connection
+    /// does), so that a script may run twice without the caller knowing.
+    pub(crate) fn resends_on_its_own(&self) -> bool {
+        !matches!(self, Conn::Single(_))
     }
 }
 

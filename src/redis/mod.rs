@@ -418,8 +418,14 @@ impl RedisSyncBuilder {
     /// [`not_replicated`](Error::not_replicated) tells how many
     /// acknowledged; an extension fails the same way (the lock may still be
     /// held, but not as durably as asked). Off by default; `0` turns it
-    /// off. The wait adds to each operation's time, and so comes off the
-    /// lock's validity.
+    /// off.
+    ///
+    /// The `WAIT` goes in one pipeline with the command, on the same
+    /// connection (no extra round trip), and is resent with it if the
+    /// connection drops, so it never vouches for a connection that wrote
+    /// nothing. It adds to each acquisition's and extension's time (refused
+    /// attempts too), so it comes off the lock's validity, and the per-node
+    /// timeout of those commands grows by `timeout`.
     pub fn wait_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
         self.wait_replicas = (replicas > 0).then_some((replicas, timeout));
         self

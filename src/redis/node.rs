@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::RedisError;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, ServerErrorKind};
 
 use super::conn::Conn;
 use super::keys::Keys;
@@ -111,7 +111,12 @@ impl Node {
     /// `ACQUIRE` on the name's keys; `lineup` when the caller waits. A
     /// resend after a dropped connection may claim a key that already
     /// holds `value` only when the value is not `preset`: a generated value
-    /// is this attempt's alone, a preset one may be another owner's.
+    /// is this attempt's alone, a preset one may be another owner's. (A
+    /// cluster connection resends on its own, unseen: there every attempt
+    /// with a generated value claims a key that holds it.)
+    ///
+    /// With [`replicas`](Self::new) set, an acquisition whose replicas fall
+    /// short is undone on this node, which then counts as failed.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
@@ -124,31 +129,32 @@ impl Node {
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
         let px = millis(expiry);
         let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
-        let claim = self.bounded(timeout, move |mut conn, resent| {
-            let mut invocation = ACQUIRE.prepare_invoke();
-            invocation
-                .key(&*keys.lock)
-                .key(&*keys.counter)
-                .key(&*keys.queue)
-                .key(&*keys.leases)
-                .arg(&*value)
-                .arg(px)
-                .arg(acquire_settings(resent && !preset, lineup.as_ref()));
+        let replicas = self.replicas;
+        let unseen_resends = self.conn.resends_on_its_own();
+        let claim = self.bounded(self.with_wait(timeout), move |mut conn, resent| {
+            let settings = acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
+            let cmd = evalsha(
+                &ACQUIRE,
+                &[&keys.lock, &keys.counter, &keys.queue, &keys.leases],
+                &[&value, &px.to_string(), &settings],
+            );
             async move {
-                let (set, number): (i64, i64) = invocation.invoke_async(&mut conn).await?;
-                Ok(if set == 1 {
+                let ((set, number), acknowledged): ((i64, i64), _) =
+                    eval_then_wait(&mut conn, &ACQUIRE, cmd, replicas).await?;
+                let claim = if set == 1 {
                     Claim::Acquired {
                         token: number.max(0) as u64,
                     }
                 } else {
                     Claim::Held { pttl: number }
-                })
+                };
+                Ok((claim, acknowledged))
             }
         });
         async move {
-            let claim = claim.await?;
+            let (claim, acknowledged) = claim.await?;
             if let Claim::Acquired { .. } = claim
-                && let Err(failure) = node.replicated(&lock.lock, timeout).await
+                && let Err(failure) = node.replicated(acknowledged)
             {
                 // Not as durable as asked: the key goes, and the node
                 // counts as failed.
@@ -234,7 +240,9 @@ impl Node {
         })
     }
 
-    /// `EXTEND`: 1 if our key now has the new expiry.
+    /// `EXTEND`: 1 if our key now has the new expiry. With
+    /// [`replicas`](Self::new) set, an extension whose replicas fall short
+    /// is a failure of this node.
     pub(crate) fn extend(
         &self,
         key: Arc<str>,
@@ -245,49 +253,32 @@ impl Node {
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         let px = millis(expiry);
         let node = self.clone();
-        let lock = key.clone();
-        let extended = self.bounded(timeout, move |mut conn, _| {
-            let mut invocation = EXTEND.prepare_invoke();
-            invocation
-                .key(&*key)
-                .arg(&*value)
-                .arg(px)
-                .arg(if set_nx { "1" } else { "0" });
-            async move { invocation.invoke_async(&mut conn).await }
+        let replicas = self.replicas;
+        let extended = self.bounded(self.with_wait(timeout), move |mut conn, _| {
+            let flag = if set_nx { "1" } else { "0" };
+            let cmd = evalsha(&EXTEND, &[&key], &[&value, &px.to_string(), flag]);
+            async move { eval_then_wait(&mut conn, &EXTEND, cmd, replicas).await }
         });
         async move {
-            let extended: i64 = extended.await?;
+            let (extended, acknowledged): (i64, _) = extended.await?;
             if extended == 1 {
-                node.replicated(&lock, timeout).await?;
+                node.replicated(acknowledged)?;
             }
             Ok(extended)
         }
     }
 
-    /// With [`replicas`](Self::replicas) set: `WAIT` until that many
-    /// replicas of the master that holds `key` acknowledged our writes to
-    /// it, or the wait's timeout passes; a shortfall is a failure.
-    async fn replicated(&self, key: &Arc<str>, timeout: Duration) -> Reply<()> {
-        let Some((wanted, wait)) = self.replicas else {
+    /// The per-node timeout, plus the `WAIT` when one follows the command.
+    fn with_wait(&self, timeout: Duration) -> Duration {
+        timeout + self.replicas.map_or(Duration::ZERO, |(_, wait)| wait)
+    }
+
+    /// Whether the replicas that acknowledged a write (`WAIT`'s answer, when
+    /// it was asked) are as many as [`replicas`](Self::new) asks.
+    fn replicated(&self, acknowledged: Option<usize>) -> Reply<()> {
+        let (Some((wanted, wait)), Some(acknowledged)) = (self.replicas, acknowledged) else {
             return Ok(());
         };
-        let key = key.clone();
-        let acknowledged = self
-            .bounded(timeout + wait, move |mut conn, resent| {
-                let key = key.clone();
-                async move {
-                    if resent {
-                        // A new connection has written nothing: its WAIT
-                        // would vouch for nothing.
-                        return Err(RedisError::from(std::io::Error::new(
-                            std::io::ErrorKind::BrokenPipe,
-                            "connection lost before WAIT",
-                        )));
-                    }
-                    conn.wait(&key, wanted, wait).await
-                }
-            })
-            .await?;
         if acknowledged >= wanted {
             return Ok(());
         }
@@ -350,6 +341,54 @@ impl Node {
                 }),
             }
         }
+    }
+}
+
+/// `EVALSHA` of `script` with `keys` and `args`.
+fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+    cmd
+}
+
+/// Runs `cmd`, an `EVALSHA` of `script` (loading the script once if the
+/// node does not have it), and with `replicas` asked, `WAIT` right after it
+/// in one pipeline: on the same connection, so that the wait covers the
+/// script's writes, and resent with it when the connection drops, so that
+/// a wait is never asked of a connection that did not write.
+async fn eval_then_wait<T: FromRedisValue>(
+    conn: &mut Conn,
+    script: &Script,
+    cmd: Cmd,
+    replicas: Option<(usize, Duration)>,
+) -> RedisResult<(T, Option<usize>)> {
+    let run = |conn: &mut Conn| {
+        let mut conn = conn.clone();
+        let cmd = cmd.clone();
+        async move {
+            match replicas {
+                None => Ok::<_, RedisError>((cmd.query_async(&mut conn).await?, None)),
+                Some((wanted, wait)) => {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd)
+                        .cmd("WAIT")
+                        .arg(wanted)
+                        .arg(millis(wait));
+                    let (reply, acknowledged): (T, usize) = pipe.query_async(&mut conn).await?;
+                    Ok((reply, Some(acknowledged)))
+                }
+            }
+        }
+    };
+    match run(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            run(conn).await
+        }
+        other => other,
     }
 }
 
