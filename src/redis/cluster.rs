@@ -39,6 +39,14 @@ pub(crate) fn connect(
         .use_protocol(redis::ProtocolVersion::RESP3)
         .push_sender(pushes)
         .connection_timeout(connect_timeout)
+        // `TRYAGAIN` (a slot migrating) and `CLUSTERDOWN` (a failover) are
+        // retried after 5 to 100 ms, not redis-rs's default of seconds: a
+        // command is bounded by the per-node timeout (a fraction of the
+        // expiry), and should get its chances within it. A retry after the
+        // caller gave up is never sent.
+        .min_retry_wait(5)
+        .max_retry_wait(100)
+        .retry_wait_formula(5, 2)
         .build()?;
     let config = redis::cluster::ClusterConfig::new().set_connection_timeout(connect_timeout);
     Ok((
