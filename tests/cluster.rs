@@ -555,3 +555,152 @@ async fn cluster_configuration_errors() {
             .build()
     ));
 }
+
+/// Exclusion while slots move: 8 tasks over two processes lock and unlock 4
+/// names, with a try-again on every refusal and unavailability, while their
+/// slots move round the masters (24 moves, one after every 10
+/// acquisitions). No two holders of a name overlap, each name's fencing
+/// tokens only grow, every release finds its lock, and afterwards no lock
+/// key is left.
+///
+/// This test found that a RESP3 connection carrying both the commands and
+/// the shard subscriptions gets its replies shifted when a moving slot's
+/// channels are dropped by the server (see `src/redis/cluster.rs`):
+/// acquisitions with another's token, releases that found no lock, and
+/// locks left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusion_holds_while_slots_move() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Tally {
+        acquired: AtomicUsize,
+        failed: AtomicUsize,
+        overlaps: AtomicUsize,
+        stale_tokens: AtomicUsize,
+        releases_not_found: AtomicUsize,
+        releases_tried_again: AtomicUsize,
+    }
+    let count = |counter: &AtomicUsize| counter.load(Ordering::SeqCst);
+
+    let cluster = Arc::new(RedisCluster::start(3, 0));
+    let processes = [
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+    ];
+    let names: Vec<String> = (0..4).map(|i| unique(&format!("moving-{i}"))).collect();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(10))
+        .with_retry_delay(Duration::from_millis(5))
+        .with_tries(u32::MAX);
+    let inside: Arc<HashMap<String, AtomicUsize>> = Arc::new(
+        names
+            .iter()
+            .map(|n| (n.clone(), AtomicUsize::new(0)))
+            .collect(),
+    );
+    let last_token: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    let tally = Arc::new(Tally::default());
+    let done = Arc::new(AtomicBool::new(false));
+
+    let mover = {
+        let (cluster, names, done, tally) =
+            (cluster.clone(), names.clone(), done.clone(), tally.clone());
+        tokio::task::spawn_blocking(move || {
+            for round in 0..24 {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while tally.acquired.load(Ordering::SeqCst) < 10 * (round + 1) {
+                    assert!(std::time::Instant::now() < deadline, "no progress");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let slot = cluster.slot_of(&lock_key(&names[round % names.len()]));
+                let from = cluster.master_of(slot);
+                let masters = cluster.masters();
+                let next = masters.iter().position(|&m| m == from).unwrap() + 1;
+                cluster.move_slot(slot, masters[next % masters.len()]);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|task| {
+            let sync = processes[task % 2].clone();
+            let (names, options) = (names.clone(), options.clone());
+            let (inside, last_token) = (inside.clone(), last_token.clone());
+            let (tally, done) = (tally.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = task;
+                while !done.load(Ordering::SeqCst) {
+                    i += 1;
+                    let name = &names[i % names.len()];
+                    let mut m = sync.new_mutex(name, options.clone()).unwrap();
+                    if m.lock().await.is_err() {
+                        tally.failed.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    if inside[name].fetch_add(1, Ordering::SeqCst) != 0 {
+                        tally.overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let token = m.fencing_token().unwrap();
+                    let previous = last_token
+                        .lock()
+                        .unwrap()
+                        .insert(name.clone(), token)
+                        .unwrap_or(0);
+                    if token <= previous {
+                        tally.stale_tokens.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tally.acquired.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    inside[name].fetch_sub(1, Ordering::SeqCst);
+                    match m.unlock().await {
+                        Ok(()) => {}
+                        Err(Error::NotAcquired) => {
+                            tally.releases_not_found.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            // Unavailable (a migration outlasted the node
+                            // timeout): tried again, where the first try may
+                            // have gone through after all.
+                            assert!(e.is_unavailable(), "unlock: {e}");
+                            tally.releases_tried_again.fetch_add(1, Ordering::SeqCst);
+                            loop {
+                                match m.unlock().await {
+                                    Ok(()) | Err(Error::NotAcquired) => break,
+                                    Err(e) => assert!(e.is_unavailable(), "unlock: {e}"),
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    mover.await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    eprintln!(
+        "acquired {}, failed attempts {}, releases tried again {}",
+        count(&tally.acquired),
+        count(&tally.failed),
+        count(&tally.releases_tried_again),
+    );
+    assert_eq!(count(&tally.overlaps), 0, "two holders at once");
+    assert_eq!(count(&tally.stale_tokens), 0, "a token that did not grow");
+    assert_eq!(
+        count(&tally.releases_not_found),
+        0,
+        "a release found no lock"
+    );
+    assert!(count(&tally.acquired) >= 240);
+    eventually(Duration::from_secs(10), "no lock key left", async || {
+        cluster
+            .keys()
+            .iter()
+            .all(|k| !names.iter().any(|n| *k == lock_key(n)))
+    })
+    .await;
+}

@@ -27,32 +27,51 @@ use super::waiters::NameState;
 use super::wakeups::deliver;
 use crate::queue::LocalQueues;
 
-/// A cluster connection, made lazily, whose push messages (subscription
-/// confirmations and wake-ups) go to the returned receiver.
+/// The connections to a cluster, made lazily: one for the locks'
+/// commands, one for the wake-up subscriptions, whose push messages
+/// (confirmations and wake-ups) go to the returned receiver.
+///
+/// Two, because a server drops the shard channels of a slot that moves
+/// away with an unsolicited `sunsubscribe` push, and redis-rs (1.8) takes
+/// such a push on a RESP3 connection for the reply to the request it is
+/// waiting on: every later reply on that connection would go to the wrong
+/// request, a lock command's among them. The commands' connection speaks
+/// RESP2, where the server pushes nothing; only the subscriptions' can be
+/// confused, which at worst costs a wake-up.
+pub(crate) struct Connections {
+    pub(crate) commands: ClusterConnection,
+    pub(crate) subscriptions: ClusterConnection,
+    pub(crate) pushes: mpsc::UnboundedReceiver<PushInfo>,
+}
+
 pub(crate) fn connect(
     seeds: &[String],
     connect_timeout: Duration,
-) -> redis::RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<PushInfo>)> {
-    let (pushes, received) = mpsc::unbounded_channel();
-    let client = ClusterClientBuilder::new(seeds.to_vec())
-        // Push messages share the command connections: RESP3.
+) -> redis::RedisResult<Connections> {
+    let builder = || {
+        ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(connect_timeout)
+            // `TRYAGAIN` (a slot migrating) and `CLUSTERDOWN` (a failover)
+            // are retried after 5 to 100 ms, not redis-rs's default of
+            // seconds: a command is bounded by the per-node timeout (a
+            // fraction of the expiry), and should get its chances within
+            // it. A retry after the caller gave up is never sent.
+            .min_retry_wait(5)
+            .max_retry_wait(100)
+            .retry_wait_formula(5, 2)
+    };
+    let (push_sender, pushes) = mpsc::unbounded_channel();
+    let config = || redis::cluster::ClusterConfig::new().set_connection_timeout(connect_timeout);
+    let commands = builder().build()?;
+    let subscriptions = builder()
         .use_protocol(redis::ProtocolVersion::RESP3)
-        .push_sender(pushes)
-        .connection_timeout(connect_timeout)
-        // `TRYAGAIN` (a slot migrating) and `CLUSTERDOWN` (a failover) are
-        // retried after 5 to 100 ms, not redis-rs's default of seconds: a
-        // command is bounded by the per-node timeout (a fraction of the
-        // expiry), and should get its chances within it. A retry after the
-        // caller gave up is never sent.
-        .min_retry_wait(5)
-        .max_retry_wait(100)
-        .retry_wait_formula(5, 2)
+        .push_sender(push_sender)
         .build()?;
-    let config = redis::cluster::ClusterConfig::new().set_connection_timeout(connect_timeout);
-    Ok((
-        client.get_pending_async_connection_with_config(config),
-        received,
-    ))
+    Ok(Connections {
+        commands: commands.get_pending_async_connection_with_config(config()),
+        subscriptions: subscriptions.get_pending_async_connection_with_config(config()),
+        pushes,
+    })
 }
 
 /// The wake-up subscriptions of one process on a cluster: one channel per

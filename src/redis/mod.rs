@@ -152,9 +152,11 @@ use crate::sync::{DistSync, validate_name};
 ///   one that did not, in rare orders of failure), so for the strongest
 ///   guarantee use Redlock over independent masters, and fencing tokens
 ///   either way.
-/// - **Requirements:** Redis 6 or later (the connection speaks RESP3, so
-///   that wake-ups share it), a key prefix that is not empty and holds no
-///   brace.
+/// - **Connections:** one cluster connection for the locks' commands
+///   (RESP2), and one for the wake-up subscriptions (RESP3, whose push
+///   messages carry them), each with one multiplexed connection per node.
+/// - **Requirements:** Redis 6 or later (for RESP3), a key prefix that is
+///   not empty and holds no brace.
 ///
 /// Must be built inside a Tokio runtime.
 ///
@@ -625,17 +627,21 @@ fn cluster_node(
         })?;
         labels.push(client.get_connection_info().addr().to_string());
     }
-    let (conn, pushes) = cluster::connect(&seeds, connect_timeout)
+    let connections = cluster::connect(&seeds, connect_timeout)
         .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
     let wakeups = cluster::SlotWakeups::start(
-        conn.clone(),
-        pushes,
+        connections.subscriptions,
+        connections.pushes,
         client_id.clone(),
         Arc::downgrade(queues),
     );
     let label = format!("cluster({})", labels.join(","));
     Ok((
-        vec![Node::new(label, Conn::Cluster(conn), replicas)],
+        vec![Node::new(
+            label,
+            Conn::Cluster(connections.commands),
+            replicas,
+        )],
         wakeups::Wakeups::Cluster(wakeups),
     ))
 }
