@@ -140,7 +140,7 @@ impl Node {
             );
             async move {
                 let ((set, number), acknowledged): ((i64, i64), _) =
-                    eval_then_wait(&mut conn, &ACQUIRE, cmd, replicas).await?;
+                    eval_then_wait(&mut conn, &ACQUIRE, &cmd, replicas).await?;
                 let claim = if set == 1 {
                     Claim::Acquired {
                         token: number.max(0) as u64,
@@ -257,7 +257,7 @@ impl Node {
         let extended = self.bounded(self.with_wait(timeout), move |mut conn, _| {
             let flag = if set_nx { "1" } else { "0" };
             let cmd = evalsha(&EXTEND, &[&key], &[&value, &px.to_string(), flag]);
-            async move { eval_then_wait(&mut conn, &EXTEND, cmd, replicas).await }
+            async move { eval_then_wait(&mut conn, &EXTEND, &cmd, replicas).await }
         });
         async move {
             let (extended, acknowledged): (i64, _) = extended.await?;
@@ -362,34 +362,33 @@ fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> Cmd {
 async fn eval_then_wait<T: FromRedisValue>(
     conn: &mut Conn,
     script: &Script,
-    cmd: Cmd,
+    cmd: &Cmd,
     replicas: Option<(usize, Duration)>,
 ) -> RedisResult<(T, Option<usize>)> {
-    let run = |conn: &mut Conn| {
-        let mut conn = conn.clone();
-        let cmd = cmd.clone();
-        async move {
-            match replicas {
-                None => Ok::<_, RedisError>((cmd.query_async(&mut conn).await?, None)),
-                Some((wanted, wait)) => {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(cmd)
-                        .cmd("WAIT")
-                        .arg(wanted)
-                        .arg(millis(wait));
-                    let (reply, acknowledged): (T, usize) = pipe.query_async(&mut conn).await?;
-                    Ok((reply, Some(acknowledged)))
-                }
-            }
-        }
-    };
-    match run(conn).await {
+    match eval_once(conn, cmd, replicas).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
-            run(conn).await
+            eval_once(conn, cmd, replicas).await
         }
         other => other,
     }
+}
+
+async fn eval_once<T: FromRedisValue>(
+    conn: &mut Conn,
+    cmd: &Cmd,
+    replicas: Option<(usize, Duration)>,
+) -> RedisResult<(T, Option<usize>)> {
+    let Some((wanted, wait)) = replicas else {
+        return Ok((cmd.query_async(conn).await?, None));
+    };
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd.clone())
+        .cmd("WAIT")
+        .arg(wanted)
+        .arg(millis(wait));
+    let (reply, acknowledged): (T, usize) = pipe.query_async(conn).await?;
+    Ok((reply, Some(acknowledged)))
 }
 
 /// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
