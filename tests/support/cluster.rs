@@ -556,9 +556,20 @@ impl Migration<'_> {
         for node in [to, from].into_iter().chain(others) {
             let _: () = cluster.run(node, &setslot(slot, "NODE", &cluster.ids[to]));
         }
+        // Moves in quick succession can leave the slot with nobody: the
+        // source's claim, gossiped with a config epoch the target had not
+        // heard of yet, can win over the target's on the target itself,
+        // after which neither claims it. The target then claims it again,
+        // with an epoch above every one it knows by now.
+        let mut polls = 0;
         wait_for(
             &format!("every live node says node {to} serves slot {slot}"),
             || {
+                polls += 1;
+                if polls % 25 == 0 {
+                    let _: String = cluster.run(to, redis::cmd("CLUSTER").arg("BUMPEPOCH"));
+                    let _: () = cluster.run(to, &setslot(slot, "NODE", &cluster.ids[to]));
+                }
                 for i in cluster.live_nodes() {
                     let owner = cluster.view(i)?.slots[usize::from(slot)];
                     if owner != Some(to) {
