@@ -7,8 +7,8 @@
 //! mode): its figures read against this crate's on one node.
 //!
 //! ```text
-//! cargo bench --bench contention                 # 5 s per case
-//! DSYNC_BENCH_SECS=10 cargo bench --bench contention
+//! cargo bench --features cluster --bench contention                 # 5 s per case
+//! DSYNC_BENCH_SECS=10 cargo bench --features cluster --bench contention
 //! ```
 //!
 //! For each case it prints acquisitions per second, the hand-off share (the

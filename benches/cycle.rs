@@ -15,8 +15,8 @@
 //! cluster mode.
 //!
 //! ```text
-//! cargo bench --bench cycle                  # 3 s per case
-//! DSYNC_BENCH_SECS=10 cargo bench --bench cycle
+//! cargo bench --features cluster --bench cycle                  # 3 s per case
+//! DSYNC_BENCH_SECS=10 cargo bench --features cluster --bench cycle
 //! ```
 //!
 //! Each task locks and unlocks its own name in a loop; the bench prints

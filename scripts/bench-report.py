@@ -39,7 +39,7 @@ def run_benches(csv_path: Path) -> None:
     env = dict(os.environ, DSYNC_BENCH_CSV=str(csv_path))
     for bench in ["cycle", "contention", "http", "layer"]:
         print(f"== cargo bench --bench {bench}", file=sys.stderr, flush=True)
-        subprocess.run(["cargo", "bench", "--bench", bench], cwd=ROOT, env=env, check=True)
+        subprocess.run(["cargo", "bench", "--all-features", "--bench", bench], cwd=ROOT, env=env, check=True)
 
 
 def layer_overhead_ns() -> float | None:
