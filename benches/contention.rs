@@ -7,7 +7,7 @@
 //! mode): its figures read against this crate's on one node.
 //!
 //! ```text
-//! cargo bench --features cluster --bench contention                 # 5 s per case
+//! cargo bench --features cluster --bench contention  # 5 s per case
 //! DSYNC_BENCH_SECS=10 cargo bench --features cluster --bench contention
 //! ```
 //!

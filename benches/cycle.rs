@@ -15,7 +15,7 @@
 //! cluster mode.
 //!
 //! ```text
-//! cargo bench --features cluster --bench cycle                  # 3 s per case
+//! cargo bench --features cluster --bench cycle       # 3 s per case
 //! DSYNC_BENCH_SECS=10 cargo bench --features cluster --bench cycle
 //! ```
 //!

@@ -38,7 +38,7 @@ def run_benches(csv_path: Path) -> None:
         csv_path.unlink()
     env = dict(os.environ, DSYNC_BENCH_CSV=str(csv_path))
     for bench in ["cycle", "contention", "http", "layer"]:
-        print(f"== cargo bench --bench {bench}", file=sys.stderr, flush=True)
+        print(f"== cargo bench --all-features --bench {bench}", file=sys.stderr, flush=True)
         subprocess.run(["cargo", "bench", "--all-features", "--bench", bench], cwd=ROOT, env=env, check=True)
 
 
