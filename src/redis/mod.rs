@@ -251,6 +251,7 @@ impl RedisSync {
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
     pub fn cluster<I>(seeds: I) -> Result<Self>
     where
         I: IntoIterator,
@@ -400,6 +401,7 @@ impl RedisSyncBuilder {
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
     pub fn cluster<I>(mut self, seeds: I) -> Self
     where
         I: IntoIterator,
