@@ -612,7 +612,13 @@ async fn exclusion_holds_while_slots_move() {
             for round in 0..24 {
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 while tally.acquired.load(Ordering::SeqCst) < 10 * (round + 1) {
-                    assert!(std::time::Instant::now() < deadline, "no progress");
+                    if std::time::Instant::now() >= deadline {
+                        panic!(
+                            "no progress after {} acquisitions; {}",
+                            tally.acquired.load(Ordering::SeqCst),
+                            describe(&cluster, &names)
+                        );
+                    }
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let slot = cluster.slot_of(&lock_key(&names[round % names.len()]));
@@ -703,4 +709,29 @@ async fn exclusion_holds_while_slots_move() {
             .all(|k| !names.iter().any(|n| *k == lock_key(n)))
     })
     .await;
+}
+
+/// What the cluster holds for `names`: each lock key's value and `PTTL`,
+/// and each wait queue, on the master of the name's slot.
+fn describe(cluster: &RedisCluster, names: &[String]) -> String {
+    let mut out = Vec::new();
+    for name in names {
+        let key = lock_key(name);
+        let slot = cluster.slot_of(&key);
+        let master = cluster.master_of(slot);
+        let mut conn = cluster.node(master).connection();
+        let value: Option<String> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap_or(None);
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap_or(-9);
+        let queue: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{key}\u{1f}queue"))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut conn)
+            .unwrap_or_default();
+        out.push(format!(
+            "{name} (slot {slot} on node {master}): value {value:?} pttl {pttl} queue {queue:?}"
+        ));
+    }
+    out.join("; ")
 }
