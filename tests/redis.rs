@@ -1371,3 +1371,47 @@ async fn wait_replicas_on_a_master_with_a_replica() {
     .await;
     m.unlock().await.unwrap();
 }
+
+/// With `wait_replicas`, a release does not queue behind another lock's
+/// `WAIT`: while the replica is stopped, one acquisition waits for it, and
+/// a release of another lock of the same process completes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_do_not_queue_behind_a_wait() {
+    let master = support::RedisServer::start();
+    let mut replica = support::RedisServer::start_replica_of(&master);
+    let sync = RedisSync::builder()
+        .url(master.url())
+        .wait_replicas(1, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(120))
+        .with_tries(1);
+    let mut held = sync.new_mutex(&unique("held"), options.clone()).unwrap();
+    held.lock().await.unwrap();
+    replica.pause();
+    let mut waiting = sync.new_mutex(&unique("waiting"), options).unwrap();
+    let acquisition = tokio::spawn(async move {
+        let outcome = waiting.lock().await;
+        (waiting, outcome)
+    });
+    // The acquisition's script has run and its WAIT is pending.
+    eventually(
+        Duration::from_secs(10),
+        "the acquisition is waiting",
+        async || {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut master.connection())
+                .unwrap();
+            clients.contains("cmd=wait")
+        },
+    )
+    .await;
+    held.unlock().await.unwrap();
+    assert!(!acquisition.is_finished(), "the release went first");
+    replica.resume();
+    let (mut waiting, outcome) = acquisition.await.unwrap();
+    outcome.unwrap();
+    waiting.unlock().await.unwrap();
+}

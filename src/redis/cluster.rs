@@ -40,6 +40,10 @@ use crate::queue::LocalQueues;
 /// confused, which at worst costs a wake-up.
 pub(crate) struct Connections {
     pub(crate) commands: ClusterConnection,
+    /// With `wait_replicas`: the acquisitions' and extensions' own
+    /// connection (Redis holds a connection's commands back while it
+    /// `WAIT`s).
+    pub(crate) durable: Option<ClusterConnection>,
     pub(crate) subscriptions: ClusterConnection,
     pub(crate) pushes: mpsc::UnboundedReceiver<PushInfo>,
 }
@@ -47,6 +51,7 @@ pub(crate) struct Connections {
 pub(crate) fn connect(
     seeds: &[String],
     connect_timeout: Duration,
+    durable: bool,
 ) -> redis::RedisResult<Connections> {
     let builder = || {
         ClusterClientBuilder::new(seeds.to_vec())
@@ -68,6 +73,7 @@ pub(crate) fn connect(
         .push_sender(push_sender)
         .build()?;
     Ok(Connections {
+        durable: durable.then(|| commands.get_pending_async_connection_with_config(config())),
         commands: commands.get_pending_async_connection_with_config(config()),
         subscriptions: subscriptions.get_pending_async_connection_with_config(config()),
         pushes,

@@ -427,9 +427,13 @@ impl RedisSyncBuilder {
     /// The `WAIT` goes in one pipeline with the command, on the same
     /// connection (no extra round trip), and is resent with it if the
     /// connection drops, so it never vouches for a connection that wrote
-    /// nothing. It adds to each acquisition's and extension's time (refused
-    /// attempts too), so it comes off the lock's validity, and the per-node
-    /// timeout of those commands grows by `timeout`.
+    /// nothing. Redis holds back a connection's other commands while it
+    /// waits, so acquisitions and extensions get a connection of their own
+    /// per node (one more per node): releases never queue behind a wait,
+    /// while concurrent acquisitions of one process do, one wait after the
+    /// other. The wait adds to each acquisition's and extension's time
+    /// (refused attempts too), so it comes off the lock's validity, and the
+    /// per-node timeout of those commands grows by `timeout`.
     pub fn wait_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
         self.wait_replicas = (replicas > 0).then_some((replicas, timeout));
         self
@@ -591,9 +595,21 @@ fn independent_nodes(
     let mut nodes = Vec::with_capacity(clients.len());
     for client in clients {
         let label = client.get_connection_info().addr().to_string();
-        let conn = ConnectionManager::new_lazy_with_config(client, config.clone())
-            .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))?;
-        nodes.push(Node::new(label, Conn::Single(conn), replicas));
+        let connect = |client: redis::Client| {
+            ConnectionManager::new_lazy_with_config(client, config.clone())
+                .map(Conn::Single)
+                .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))
+        };
+        let durable = match replicas {
+            Some(_) => Some(connect(client.clone())?),
+            None => None,
+        };
+        nodes.push(Node::new(
+            label.clone(),
+            connect(client)?,
+            replicas,
+            durable,
+        ));
     }
     Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
 }
@@ -629,7 +645,7 @@ fn cluster_node(
         })?;
         labels.push(client.get_connection_info().addr().to_string());
     }
-    let connections = cluster::connect(&seeds, connect_timeout)
+    let connections = cluster::connect(&seeds, connect_timeout, replicas.is_some())
         .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
     let wakeups = cluster::SlotWakeups::start(
         connections.subscriptions,
@@ -643,6 +659,7 @@ fn cluster_node(
             label,
             Conn::Cluster(connections.commands),
             replicas,
+            connections.durable.map(Conn::Cluster),
         )],
         wakeups::Wakeups::Cluster(wakeups),
     ))

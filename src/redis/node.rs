@@ -22,8 +22,11 @@ pub(crate) struct Node {
     label: Arc<str>,
     conn: Conn,
     /// After an acquisition or an extension: `WAIT` for this many replicas,
-    /// at most this long.
+    /// at most this long, on `durable`: a connection of their own, since
+    /// Redis holds back every command of a connection while it waits, and
+    /// releases must not queue behind it.
     replicas: Option<(usize, Duration)>,
+    durable: Conn,
 }
 
 /// Why one node did not answer a command.
@@ -96,9 +99,17 @@ pub(crate) struct Lineup {
 pub(crate) type Announce = (Arc<str>, u64);
 
 impl Node {
-    pub(crate) fn new(label: String, conn: Conn, replicas: Option<(usize, Duration)>) -> Self {
+    /// A node; with `replicas`, acquisitions and extensions go over
+    /// `durable` (else over `conn`).
+    pub(crate) fn new(
+        label: String,
+        conn: Conn,
+        replicas: Option<(usize, Duration)>,
+        durable: Option<Conn>,
+    ) -> Self {
         Node {
             label: label.into(),
+            durable: durable.unwrap_or_else(|| conn.clone()),
             conn,
             replicas,
         }
@@ -131,26 +142,31 @@ impl Node {
         let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
         let replicas = self.replicas;
         let unseen_resends = self.conn.resends_on_its_own();
-        let claim = self.bounded(self.with_wait(timeout), move |mut conn, resent| {
-            let settings = acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
-            let cmd = evalsha(
-                &ACQUIRE,
-                &[&keys.lock, &keys.counter, &keys.queue, &keys.leases],
-                &[&value, &px.to_string(), &settings],
-            );
-            async move {
-                let ((set, number), acknowledged): ((i64, i64), _) =
-                    eval_then_wait(&mut conn, &ACQUIRE, &cmd, replicas).await?;
-                let claim = if set == 1 {
-                    Claim::Acquired {
-                        token: number.max(0) as u64,
-                    }
-                } else {
-                    Claim::Held { pttl: number }
-                };
-                Ok((claim, acknowledged))
-            }
-        });
+        let claim = self.bounded_on(
+            &self.durable,
+            self.with_wait(timeout),
+            move |mut conn, resent| {
+                let settings =
+                    acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
+                let cmd = evalsha(
+                    &ACQUIRE,
+                    &[&keys.lock, &keys.counter, &keys.queue, &keys.leases],
+                    &[&value, &px.to_string(), &settings],
+                );
+                async move {
+                    let ((set, number), acknowledged): ((i64, i64), _) =
+                        eval_then_wait(&mut conn, &ACQUIRE, &cmd, replicas).await?;
+                    let claim = if set == 1 {
+                        Claim::Acquired {
+                            token: number.max(0) as u64,
+                        }
+                    } else {
+                        Claim::Held { pttl: number }
+                    };
+                    Ok((claim, acknowledged))
+                }
+            },
+        );
         async move {
             let (claim, acknowledged) = claim.await?;
             if let Claim::Acquired { .. } = claim
@@ -254,11 +270,15 @@ impl Node {
         let px = millis(expiry);
         let node = self.clone();
         let replicas = self.replicas;
-        let extended = self.bounded(self.with_wait(timeout), move |mut conn, _| {
-            let flag = if set_nx { "1" } else { "0" };
-            let cmd = evalsha(&EXTEND, &[&key], &[&value, &px.to_string(), flag]);
-            async move { eval_then_wait(&mut conn, &EXTEND, &cmd, replicas).await }
-        });
+        let extended = self.bounded_on(
+            &self.durable,
+            self.with_wait(timeout),
+            move |mut conn, _| {
+                let flag = if set_nx { "1" } else { "0" };
+                let cmd = evalsha(&EXTEND, &[&key], &[&value, &px.to_string(), flag]);
+                async move { eval_then_wait(&mut conn, &EXTEND, &cmd, replicas).await }
+            },
+        );
         async move {
             let (extended, acknowledged): (i64, _) = extended.await?;
             if extended == 1 {
@@ -319,7 +339,22 @@ impl Node {
         Fut: Future<Output = redis::RedisResult<T>> + Send,
         T: Send,
     {
-        let conn = self.conn.clone();
+        self.bounded_on(&self.conn, timeout, command)
+    }
+
+    /// [`bounded`](Self::bounded), on `conn`.
+    fn bounded_on<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        timeout: Duration,
+        command: F,
+    ) -> impl Future<Output = Reply<T>> + Send + 'static
+    where
+        F: Fn(Conn, bool) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send,
+        T: Send,
+    {
+        let conn = conn.clone();
         let node = self.label.clone();
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
