@@ -100,10 +100,21 @@ fn crc16(bytes: &[u8]) -> u16 {
 }
 
 /// A number whose decimal digits hash to `slot`: the smallest one, found
-/// once per process for every slot (about 170,000 CRCs of a few bytes).
+/// once per process for every slot (about 170,000 CRCs of a few bytes, a
+/// few milliseconds: [`prepare_slot_tags`] does it when a cluster backend
+/// is built, not on a runtime thread's first lock).
 fn slot_tag(slot: u16) -> u32 {
+    slot_tags()[usize::from(slot)]
+}
+
+/// Builds the table of [`slot_tag`] now, if not yet built.
+pub(crate) fn prepare_slot_tags() {
+    slot_tags();
+}
+
+fn slot_tags() -> &'static [u32] {
     static TAGS: OnceLock<Vec<u32>> = OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
+    TAGS.get_or_init(|| {
         let mut tags = vec![u32::MAX; usize::from(SLOTS)];
         let mut missing = tags.len();
         let mut n = 0u32;
@@ -116,8 +127,7 @@ fn slot_tag(slot: u16) -> u32 {
             n += 1;
         }
         tags
-    });
-    tags[usize::from(slot)]
+    })
 }
 
 #[cfg(test)]

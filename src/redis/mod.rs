@@ -130,14 +130,20 @@ use crate::sync::{DistSync, validate_name};
 ///   Names spread over the masters as their slots do. Commands follow
 ///   `MOVED` and `ASK` redirections, so a lock survives its slot moving to
 ///   another master (the keys move with their expiry). While the slot is
-///   migrating, a script whose keys are split between the two masters gets
-///   `TRYAGAIN`: those operations fail as unavailable (and are retried
-///   within the per-node timeout) until the migration ends, never with a
-///   second owner.
+///   migrating, Redis answers `TRYAGAIN` to a script some of whose keys the
+///   source lacks, and a name's wait queue usually does not exist: so
+///   acquisitions and releases of the slot's names are retried (every 5 to
+///   100 ms, within the per-node timeout) until the migration ends, and
+///   fail as unavailable if it outlasts that timeout (a release that fails
+///   so leaves the lock to expire). Extensions touch one key and go on.
+///   Never a second owner.
 /// - **Wake-ups** use sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), on one
 ///   channel per process and slot that hashes to the slot, so a release's
 ///   message stays on its shard. A server without it (before Redis 7) gets
-///   plain `PUBLISH` and `SUBSCRIBE` instead, automatically.
+///   plain `PUBLISH` and `SUBSCRIBE` instead, automatically (the whole
+///   cluster: not a cluster whose masters run both Redis 6 and 7, where
+///   some wake-ups would be lost, and waiters fall back to their retry
+///   delay).
 /// - **The guarantee.** To the lock algorithm the cluster is one node (a
 ///   quorum of 1): exclusion holds as long as the master of a name's slot
 ///   keeps its keys. Replication is asynchronous, so if a master fails and
@@ -417,12 +423,14 @@ impl RedisSyncBuilder {
     /// of the master (of each master, with Redlock) acknowledged it
     /// (`WAIT replicas timeout`), so that a failover to one of them does
     /// not lose the lock. A node whose replicas fall short counts as
-    /// failed: an acquisition releases the key there and, without a quorum
-    /// of other nodes, fails with [`Error::Unavailable`] whose
+    /// failed: an acquisition releases the key there and fails without a
+    /// quorum of other nodes (on one node or a cluster, with
+    /// [`Error::Unavailable`], whose
     /// [`not_replicated`](Error::not_replicated) tells how many
-    /// acknowledged; an extension fails the same way (the lock may still be
-    /// held, but not as durably as asked). Off by default; `0` turns it
-    /// off.
+    /// acknowledged; with Redlock, the other nodes' answers may make it
+    /// [`Error::Held`]); an extension fails the same way (the lock may
+    /// still be held, but not as durably as asked). Off by default; `0`
+    /// turns it off.
     ///
     /// The `WAIT` goes in one pipeline with the command, on the same
     /// connection (no extra round trip), and is resent with it if the
@@ -645,6 +653,7 @@ fn cluster_node(
         })?;
         labels.push(client.get_connection_info().addr().to_string());
     }
+    keys::prepare_slot_tags();
     let connections = cluster::connect(&seeds, connect_timeout, replicas.is_some())
         .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
     let wakeups = cluster::SlotWakeups::start(
