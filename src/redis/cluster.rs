@@ -37,7 +37,8 @@ use crate::queue::LocalQueues;
 /// waiting on: every later reply on that connection would go to the wrong
 /// request, a lock command's among them. The commands' connection speaks
 /// RESP2, where the server pushes nothing; only the subscriptions' can be
-/// confused, which at worst costs a wake-up.
+/// confused, which at worst costs wake-ups (waiters fall back to their
+/// retry delay).
 pub(crate) struct Connections {
     pub(crate) commands: ClusterConnection,
     /// With `wait_replicas`: the acquisitions' and extensions' own
@@ -90,13 +91,22 @@ pub(crate) struct SlotWakeups {
 struct State {
     conn: ClusterConnection,
     /// The channels whose subscription the cluster confirmed.
-    subscribed: Mutex<HashSet<String>>,
+    subscribed: Mutex<Channels>,
     /// Set once a server refused `SSUBSCRIBE`: subscribe with `SUBSCRIBE`.
     unsharded: AtomicBool,
 }
 
+/// The confirmed channels, and how many disconnections cleared them: a
+/// subscription confirmed across a disconnection may be gone, and is not
+/// recorded.
+#[derive(Default)]
+struct Channels {
+    set: HashSet<String>,
+    cleared: u64,
+}
+
 impl State {
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn channels(&self) -> std::sync::MutexGuard<'_, Channels> {
         self.subscribed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -124,6 +134,7 @@ impl SlotWakeups {
     pub(crate) fn subscribed(&self, keys: &Keys) -> bool {
         self.state
             .channels()
+            .set
             .contains(&keys.channel(&self.client_id))
     }
 
@@ -137,6 +148,7 @@ impl SlotWakeups {
 
 impl State {
     async fn subscribe(&self, channel: String, timeout: Duration) {
+        let cleared = self.channels().cleared;
         let mut conn = self.conn.clone();
         let subscribed = tokio::time::timeout(timeout, async {
             if !self.unsharded.load(Ordering::Relaxed) {
@@ -148,8 +160,11 @@ impl State {
             conn.subscribe(&channel).await
         })
         .await;
-        if let Ok(Ok(())) = subscribed {
-            self.channels().insert(channel);
+        let mut channels = self.channels();
+        if let Ok(Ok(())) = subscribed
+            && channels.cleared == cleared
+        {
+            channels.set.insert(channel);
         }
     }
 }
@@ -187,7 +202,7 @@ async fn read_pushes(
             }
             PushKind::SSubscribe | PushKind::Subscribe => {
                 if let Some(channel) = channel {
-                    state.channels().insert(channel);
+                    state.channels().set.insert(channel);
                 }
             }
             PushKind::SUnsubscribe | PushKind::Unsubscribe => {
@@ -195,14 +210,18 @@ async fn read_pushes(
                 // channel because its slot moved away. Subscribe again,
                 // where the slot went (the connection follows `MOVED`).
                 if let Some(channel) = channel
-                    && state.channels().remove(&channel)
+                    && state.channels().set.remove(&channel)
                 {
                     tokio::spawn(async move {
                         state.subscribe(channel, RESUBSCRIBE_TIMEOUT).await;
                     });
                 }
             }
-            PushKind::Disconnection => state.channels().clear(),
+            PushKind::Disconnection => {
+                let mut channels = state.channels();
+                channels.set.clear();
+                channels.cleared += 1;
+            }
             _ => {}
         }
     }
