@@ -527,6 +527,40 @@ async fn a_dead_master_is_unavailable_then_forgets_its_locks() {
     other.unlock().await.unwrap();
 }
 
+/// A master that lost its script cache (restarted, promoted, `SCRIPT
+/// FLUSH`) gets each script whole on its first call, and it alone: locks
+/// on its slots work while another master is down (`SCRIPT LOAD` would go
+/// to every master, the dead one too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_without_the_scripts_gets_them_while_another_is_down() {
+    let mut cluster = RedisCluster::start_with(3, 0, &["--cluster-require-full-coverage", "no"]);
+    let sync = RedisSync::cluster(cluster.seeds()).unwrap();
+    let names: Vec<String> = (0..64).map(|i| unique(&format!("scripts-{i}"))).collect();
+    let master_of = |name: &str| cluster.master_of(cluster.slot_of(&lock_key(name)));
+    let down = master_of(&names[0]);
+    let name = names
+        .iter()
+        .find(|name| master_of(name) != down)
+        .unwrap()
+        .clone();
+    let up = master_of(&name);
+    let mut m = sync.new_mutex(&name, base_options()).unwrap();
+    m.lock().await.unwrap();
+    m.unlock().await.unwrap();
+    cluster.node_mut(down).kill();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut cluster.node(up).connection())
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "a lock on the live master",
+        async || m.lock().await.is_ok(),
+    )
+    .await;
+    m.unlock().await.unwrap();
+}
+
 /// Cluster mode refuses what cannot work: no seed, a key prefix whose
 /// braces would break the hash tag, seeds mixed with independent nodes.
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, ServerErrorKind};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerErrorKind};
 
 use super::conn::Conn;
 use super::keys::Keys;
@@ -148,14 +148,13 @@ impl Node {
             move |mut conn, resent| {
                 let settings =
                     acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
-                let cmd = evalsha(
-                    &ACQUIRE,
-                    &[&keys.lock, &keys.counter, &keys.queue, &keys.leases],
-                    &[&value, &px.to_string(), &settings],
-                );
+                let keys = [&*keys.lock, &*keys.counter, &*keys.queue, &*keys.leases];
+                let px = px.to_string();
+                let args = [&*value, &px, &settings];
+                let calls = (ACQUIRE.evalsha(&keys, &args), ACQUIRE.eval(&keys, &args));
                 async move {
                     let ((set, number), acknowledged): ((i64, i64), _) =
-                        eval_then_wait(&mut conn, &ACQUIRE, &cmd, replicas).await?;
+                        script_then_wait(&mut conn, calls, replicas).await?;
                     let claim = if set == 1 {
                         Claim::Acquired {
                             token: number.max(0) as u64,
@@ -195,16 +194,11 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
-            let mut invocation = LEAVE.prepare_invoke();
-            invocation
-                .key(&*keys.queue)
-                .key(&*keys.leases)
-                .key(&*keys.lock)
-                .arg(&*client)
-                .arg(start)
-                .arg(&*announce.0)
-                .arg(announce.1);
-            async move { invocation.invoke_async(&mut conn).await }
+            let (start, nonce) = (start.to_string(), announce.1.to_string());
+            let keys = [&*keys.queue, &*keys.leases, &*keys.lock];
+            let args = [&*client, &start, &*announce.0, &nonce];
+            let calls = (LEAVE.evalsha(&keys, &args), LEAVE.eval(&keys, &args));
+            async move { script(&mut conn, calls).await }
         })
     }
 
@@ -216,9 +210,10 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(timeout, move |mut conn, _| {
-            let mut invocation = FENCE.prepare_invoke();
-            invocation.key(&*counter).arg(token);
-            async move { invocation.invoke_async(&mut conn).await }
+            let token = token.to_string();
+            let (keys, args) = ([&*counter], [token.as_str()]);
+            let calls = (FENCE.evalsha(&keys, &args), FENCE.eval(&keys, &args));
+            async move { script(&mut conn, calls).await }
         })
     }
 
@@ -243,16 +238,11 @@ impl Node {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
             };
-            let mut invocation = RELEASE.prepare_invoke();
-            invocation
-                .key(&*keys.lock)
-                .key(&*keys.queue)
-                .key(&*keys.leases)
-                .arg(&*value)
-                .arg(channel)
-                .arg(nonce)
-                .arg(&requeue);
-            async move { invocation.invoke_async(&mut conn).await }
+            let nonce = nonce.to_string();
+            let keys = [&*keys.lock, &*keys.queue, &*keys.leases];
+            let args = [&*value, channel, &nonce, &requeue];
+            let calls = (RELEASE.evalsha(&keys, &args), RELEASE.eval(&keys, &args));
+            async move { script(&mut conn, calls).await }
         })
     }
 
@@ -275,8 +265,10 @@ impl Node {
             self.with_wait(timeout),
             move |mut conn, _| {
                 let flag = if set_nx { "1" } else { "0" };
-                let cmd = evalsha(&EXTEND, &[&key], &[&value, &px.to_string(), flag]);
-                async move { eval_then_wait(&mut conn, &EXTEND, &cmd, replicas).await }
+                let px = px.to_string();
+                let (keys, args) = ([&*key], [&*value, &px, flag]);
+                let calls = (EXTEND.evalsha(&keys, &args), EXTEND.eval(&keys, &args));
+                async move { script_then_wait(&mut conn, calls, replicas).await }
             },
         );
         async move {
@@ -379,31 +371,30 @@ impl Node {
     }
 }
 
-/// `EVALSHA` of `script` with `keys` and `args`.
-fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys)
-        .arg(args);
-    cmd
+/// A script call: its `EVALSHA`, and its `EVAL` for a node that does not
+/// have the script yet.
+type Calls = (Cmd, Cmd);
+
+/// Runs a script call.
+async fn script<T: FromRedisValue>(conn: &mut Conn, calls: Calls) -> RedisResult<T> {
+    Ok(script_then_wait(conn, calls, None).await?.0)
 }
 
-/// Runs `cmd`, an `EVALSHA` of `script` (loading the script once if the
-/// node does not have it), and with `replicas` asked, `WAIT` right after it
-/// in one pipeline: on the same connection, so that the wait covers the
-/// script's writes, and resent with it when the connection drops, so that
-/// a wait is never asked of a connection that did not write.
-async fn eval_then_wait<T: FromRedisValue>(
+/// Runs a script call (`EVALSHA`, or `EVAL` where the node does not have
+/// the script: that also caches it there, on the node that runs the call,
+/// where `SCRIPT LOAD` would go to every master of a cluster), and, with
+/// `replicas` asked, `WAIT` right after it in one pipeline: on the same
+/// connection, so that the wait covers the script's writes, and resent with
+/// it when the connection drops, so that a wait is never asked of a
+/// connection that did not write.
+async fn script_then_wait<T: FromRedisValue>(
     conn: &mut Conn,
-    script: &Script,
-    cmd: &Cmd,
+    (evalsha, eval): Calls,
     replicas: Option<(usize, Duration)>,
 ) -> RedisResult<(T, Option<usize>)> {
-    match eval_once(conn, cmd, replicas).await {
+    match eval_once(conn, &evalsha, replicas).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            eval_once(conn, cmd, replicas).await
+            eval_once(conn, &eval, replicas).await
         }
         other => other,
     }

@@ -1,9 +1,40 @@
-//! The Lua scripts of the Redis backend. Each runs atomically on one node;
-//! `redis::Script` sends it by SHA (`EVALSHA`) and loads it on `NOSCRIPT`.
+//! The Lua scripts of the Redis backend. Each runs atomically on one node,
+//! sent by SHA (`EVALSHA`); a node that does not have it yet (`NOSCRIPT`)
+//! gets it whole (`EVAL`, which also caches it there), on the same
+//! connection: on a cluster, on the master of the keys' slot alone.
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::Cmd;
+
+/// A Lua script: its source and its SHA1.
+pub(crate) struct Lua {
+    code: String,
+    hash: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Self {
+        let hash = redis::Script::new(&code).get_hash().to_owned();
+        Lua { code, hash }
+    }
+
+    /// `EVALSHA` of this script with `keys` and `args`.
+    pub(crate) fn evalsha(&self, keys: &[&str], args: &[&str]) -> Cmd {
+        Self::call("EVALSHA", &self.hash, keys, args)
+    }
+
+    /// `EVAL` of this script's source with `keys` and `args`.
+    pub(crate) fn eval(&self, keys: &[&str], args: &[&str]) -> Cmd {
+        Self::call("EVAL", &self.code, keys, args)
+    }
+
+    fn call(command: &str, script: &str, keys: &[&str], args: &[&str]) -> Cmd {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+        cmd
+    }
+}
 
 /// Lua helpers of the wait queue, shared by the scripts that read it.
 ///
@@ -91,8 +122,8 @@ end
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
 /// `-2`: gone meanwhile), or `{0, -3}` when the lock is free but another
 /// process waits first.
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
         "{}{QUEUE_HELPERS}{}",
         r"
 local set = redis.call('EXISTS', KEYS[3]) == 0
@@ -152,8 +183,8 @@ return refused(redis.call('PTTL', KEYS[1]))
 /// `KEYS`: 1 wait queue, 2 leases, 3 lock. `ARGV`: 1 the process's id,
 /// 2 the start of the waiter that leaves (ms), 3 the wake-up channel
 /// prefix, 4 a nonce. Returns 1 if the entry was removed.
-pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static LEAVE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
         "{QUEUE_HELPERS}{}",
         r"
 local since = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -175,14 +206,15 @@ return 1
 /// Raise a fencing counter to at least a token (never lower it).
 ///
 /// `KEYS[1]` counter key, `ARGV[1]` token. Returns 1.
-pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
     redis.call('SET', KEYS[1], ARGV[1])
 end
 return 1
-",
+"
+        .to_owned(),
     )
 });
 
@@ -206,8 +238,8 @@ return 1
 /// attempt whose waiter tries again; that process is not woken (its waiter
 /// was just refused, and wakes on its own terms). Returns 1 if deleted,
 /// else 0.
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
         "{}{QUEUE_HELPERS}{}",
         r"
 local requeue = ARGV[4] and ARGV[4] ~= ''
@@ -242,8 +274,8 @@ return mine and 1 or 0
 ///
 /// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms, `ARGV[3]` flag.
 /// Returns 1 if the key now holds our value with the new expiry, else 0.
-pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r"
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
@@ -254,6 +286,7 @@ if current == false and ARGV[3] == '1' then
     return 1
 end
 return 0
-",
+"
+        .to_owned(),
     )
 });
