@@ -10,7 +10,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, EXTEND, FENCE, LEAVE, RELEASE};
+use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -142,7 +142,7 @@ impl Node {
         let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
         let replicas = self.replicas;
         let unseen_resends = self.conn.resends_on_its_own();
-        let claim = self.bounded_on(
+        let claim = self.bounded(
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, resent| {
@@ -151,10 +151,10 @@ impl Node {
                 let keys = [&*keys.lock, &*keys.counter, &*keys.queue, &*keys.leases];
                 let px = px.to_string();
                 let args = [&*value, &px, &settings];
-                let calls = (ACQUIRE.evalsha(&keys, &args), ACQUIRE.eval(&keys, &args));
+                let call = ACQUIRE.call(&keys, &args);
                 async move {
                     let ((set, number), acknowledged): ((i64, i64), _) =
-                        script_then_wait(&mut conn, calls, replicas).await?;
+                        script_then_wait(&mut conn, call, replicas).await?;
                     let claim = if set == 1 {
                         Claim::Acquired {
                             token: number.max(0) as u64,
@@ -193,12 +193,12 @@ impl Node {
         announce: Announce,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        self.bounded(timeout, move |mut conn, _| {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
             let (start, nonce) = (start.to_string(), announce.1.to_string());
             let keys = [&*keys.queue, &*keys.leases, &*keys.lock];
             let args = [&*client, &start, &*announce.0, &nonce];
-            let calls = (LEAVE.evalsha(&keys, &args), LEAVE.eval(&keys, &args));
-            async move { script(&mut conn, calls).await }
+            let call = LEAVE.call(&keys, &args);
+            async move { script(&mut conn, call).await }
         })
     }
 
@@ -209,11 +209,11 @@ impl Node {
         token: u64,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        self.bounded(timeout, move |mut conn, _| {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
             let token = token.to_string();
             let (keys, args) = ([&*counter], [token.as_str()]);
-            let calls = (FENCE.evalsha(&keys, &args), FENCE.eval(&keys, &args));
-            async move { script(&mut conn, calls).await }
+            let call = FENCE.call(&keys, &args);
+            async move { script(&mut conn, call).await }
         })
     }
 
@@ -233,7 +233,7 @@ impl Node {
         let requeue = requeue.map_or_else(String::new, |l| {
             format!("{} {} {}", l.client, l.start, l.lease)
         });
-        self.bounded(timeout, move |mut conn, _| {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
             let (channel, nonce) = match &announce {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
@@ -241,8 +241,8 @@ impl Node {
             let nonce = nonce.to_string();
             let keys = [&*keys.lock, &*keys.queue, &*keys.leases];
             let args = [&*value, channel, &nonce, &requeue];
-            let calls = (RELEASE.evalsha(&keys, &args), RELEASE.eval(&keys, &args));
-            async move { script(&mut conn, calls).await }
+            let call = RELEASE.call(&keys, &args);
+            async move { script(&mut conn, call).await }
         })
     }
 
@@ -260,15 +260,15 @@ impl Node {
         let px = millis(expiry);
         let node = self.clone();
         let replicas = self.replicas;
-        let extended = self.bounded_on(
+        let extended = self.bounded(
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, _| {
                 let flag = if set_nx { "1" } else { "0" };
                 let px = px.to_string();
                 let (keys, args) = ([&*key], [&*value, &px, flag]);
-                let calls = (EXTEND.evalsha(&keys, &args), EXTEND.eval(&keys, &args));
-                async move { script_then_wait(&mut conn, calls, replicas).await }
+                let call = EXTEND.call(&keys, &args);
+                async move { script_then_wait(&mut conn, call, replicas).await }
             },
         );
         async move {
@@ -310,32 +310,18 @@ impl Node {
         key: Arc<str>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<Option<String>>> + Send + 'static {
-        self.bounded(timeout, move |mut conn, _| {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
             let cmd = redis::cmd("GET").arg(&*key).to_owned();
             async move { cmd.query_async(&mut conn).await }
         })
     }
 
-    /// Runs `command` within `timeout`. A command that failed because the
-    /// connection was found dead (the node restarted, say) is sent once
-    /// more, within the same deadline, on the connection the manager makes
-    /// anew; `command` learns it is a resend (its first copy may have been
-    /// applied before the connection died).
+    /// Runs `command` on `conn` within `timeout`. A command that failed
+    /// because the connection was found dead (the node restarted, say) is
+    /// sent once more, within the same deadline, on the connection the
+    /// manager makes anew; `command` learns it is a resend (its first copy
+    /// may have been applied before the connection died).
     fn bounded<T, F, Fut>(
-        &self,
-        timeout: Duration,
-        command: F,
-    ) -> impl Future<Output = Reply<T>> + Send + 'static
-    where
-        F: Fn(Conn, bool) -> Fut + Send + 'static,
-        Fut: Future<Output = redis::RedisResult<T>> + Send,
-        T: Send,
-    {
-        self.bounded_on(&self.conn, timeout, command)
-    }
-
-    /// [`bounded`](Self::bounded), on `conn`.
-    fn bounded_on<T, F, Fut>(
         &self,
         conn: &Conn,
         timeout: Duration,
@@ -371,13 +357,9 @@ impl Node {
     }
 }
 
-/// A script call: its `EVALSHA`, and its `EVAL` for a node that does not
-/// have the script yet.
-type Calls = (Cmd, Cmd);
-
 /// Runs a script call.
-async fn script<T: FromRedisValue>(conn: &mut Conn, calls: Calls) -> RedisResult<T> {
-    Ok(script_then_wait(conn, calls, None).await?.0)
+async fn script<T: FromRedisValue>(conn: &mut Conn, call: Call) -> RedisResult<T> {
+    Ok(script_then_wait(conn, call, None).await?.0)
 }
 
 /// Runs a script call (`EVALSHA`, or `EVAL` where the node does not have
@@ -389,12 +371,12 @@ async fn script<T: FromRedisValue>(conn: &mut Conn, calls: Calls) -> RedisResult
 /// connection that did not write.
 async fn script_then_wait<T: FromRedisValue>(
     conn: &mut Conn,
-    (evalsha, eval): Calls,
+    call: Call,
     replicas: Option<(usize, Duration)>,
 ) -> RedisResult<(T, Option<usize>)> {
-    match eval_once(conn, &evalsha, replicas).await {
+    match eval_once(conn, call.evalsha(), replicas).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            eval_once(conn, &eval, replicas).await
+            eval_once(conn, &call.eval(), replicas).await
         }
         other => other,
     }

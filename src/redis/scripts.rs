@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use redis::Cmd;
+use redis::{Arg, Cmd};
 
 /// A Lua script: its source and its SHA1.
 pub(crate) struct Lua {
@@ -19,20 +19,37 @@ impl Lua {
         Lua { code, hash }
     }
 
-    /// `EVALSHA` of this script with `keys` and `args`.
-    pub(crate) fn evalsha(&self, keys: &[&str], args: &[&str]) -> Cmd {
-        Self::call("EVALSHA", &self.hash, keys, args)
+    /// A call of this script with `keys` and `args`.
+    pub(crate) fn call(&'static self, keys: &[&str], args: &[&str]) -> Call {
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(&self.hash).arg(keys.len()).arg(keys).arg(args);
+        Call { lua: self, evalsha }
+    }
+}
+
+/// A call of a script: its `EVALSHA`, and, built only for a node that does
+/// not have the script yet, the same call with the source (`EVAL`).
+pub(crate) struct Call {
+    lua: &'static Lua,
+    evalsha: Cmd,
+}
+
+impl Call {
+    /// `EVALSHA sha numkeys keys... args...`.
+    pub(crate) fn evalsha(&self) -> &Cmd {
+        &self.evalsha
     }
 
-    /// `EVAL` of this script's source with `keys` and `args`.
-    pub(crate) fn eval(&self, keys: &[&str], args: &[&str]) -> Cmd {
-        Self::call("EVAL", &self.code, keys, args)
-    }
-
-    fn call(command: &str, script: &str, keys: &[&str], args: &[&str]) -> Cmd {
-        let mut cmd = redis::cmd(command);
-        cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
-        cmd
+    /// `EVAL source numkeys keys... args...`.
+    pub(crate) fn eval(&self) -> Cmd {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(&self.lua.code);
+        for arg in self.evalsha.args_iter().skip(2) {
+            if let Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        eval
     }
 }
 
