@@ -527,36 +527,21 @@ impl RedisSyncBuilder {
         let key_prefix = self.key_prefix.unwrap_or_else(|| "dsync:".to_owned());
         let client_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         let queues = Arc::default();
-        let (nodes, wakeups) = {
-            #[cfg(feature = "cluster")]
-            match self.seeds {
-                Some(seeds) => cluster_node(
-                    seeds,
-                    &key_prefix,
-                    connect_timeout,
-                    self.wait_replicas,
-                    &client_id,
-                    &queues,
-                )?,
-                None => independent_nodes(
-                    self.nodes,
-                    &key_prefix,
-                    connect_timeout,
-                    self.wait_replicas,
-                    &client_id,
-                    &queues,
-                )?,
-            }
-            #[cfg(not(feature = "cluster"))]
-            independent_nodes(
-                self.nodes,
-                &key_prefix,
-                connect_timeout,
-                self.wait_replicas,
-                &client_id,
-                &queues,
-            )?
+        let setup = Setup {
+            key_prefix: &key_prefix,
+            connect_timeout,
+            replicas: self.wait_replicas,
+            client_id: &client_id,
+            queues: &queues,
         };
+        #[cfg(feature = "cluster")]
+        let connected = match self.seeds {
+            Some(seeds) => cluster_node(seeds, &setup),
+            None => independent_nodes(self.nodes, &setup),
+        };
+        #[cfg(not(feature = "cluster"))]
+        let connected = independent_nodes(self.nodes, &setup);
+        let (nodes, wakeups) = connected?;
         Ok(RedisSync {
             shared: Arc::new(Shared {
                 quorum: quorum::quorum(nodes.len()),
@@ -577,16 +562,28 @@ impl RedisSyncBuilder {
 
 type Queues = Arc<crate::queue::LocalQueues<waiters::NameState>>;
 
+/// What every mode's connections are set up with.
+struct Setup<'a> {
+    key_prefix: &'a str,
+    connect_timeout: Duration,
+    replicas: Option<(usize, Duration)>,
+    client_id: &'a Arc<str>,
+    queues: &'a Queues,
+}
+
 /// Independent masters: a lazy connection manager each, and one wake-up
 /// subscriber each.
 fn independent_nodes(
     clients: Vec<Result<redis::Client>>,
-    key_prefix: &str,
-    connect_timeout: Duration,
-    replicas: Option<(usize, Duration)>,
-    client_id: &str,
-    queues: &Queues,
+    setup: &Setup<'_>,
 ) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+    let Setup {
+        key_prefix,
+        connect_timeout,
+        replicas,
+        client_id,
+        queues,
+    } = *setup;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(connect_timeout))
         .set_number_of_retries(1)
@@ -625,14 +622,14 @@ fn independent_nodes(
 /// A Redis Cluster: one node to the lock algorithm, whose connection routes
 /// each command to the master of its slot.
 #[cfg(feature = "cluster")]
-fn cluster_node(
-    seeds: Vec<String>,
-    key_prefix: &str,
-    connect_timeout: Duration,
-    replicas: Option<(usize, Duration)>,
-    client_id: &Arc<str>,
-    queues: &Queues,
-) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+fn cluster_node(seeds: Vec<String>, setup: &Setup<'_>) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+    let Setup {
+        key_prefix,
+        connect_timeout,
+        replicas,
+        client_id,
+        queues,
+    } = *setup;
     if seeds.is_empty() {
         return Err(invalid("no Redis Cluster seed node was given", None));
     }
