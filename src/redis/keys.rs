@@ -108,6 +108,7 @@ fn slot_tag(slot: u16) -> u32 {
 }
 
 /// Builds the table of [`slot_tag`] now, if not yet built.
+#[cfg(feature = "cluster")]
 pub(crate) fn prepare_slot_tags() {
     slot_tags();
 }
