@@ -49,8 +49,9 @@ use tokio::sync::Barrier;
 use tokio::time::Instant;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 
+use common::Servers;
+use support::RedisNodes;
 use support::cluster::RedisCluster;
-use support::{RedisNodes, RedisServer};
 
 const CONTENDERS: usize = 8;
 const CLIENTS: usize = 2;
@@ -63,51 +64,6 @@ const NAME: &str = "orders:17";
 enum Library {
     TowerDsync,
     Rslock { retry: Option<Duration> },
-}
-
-/// Where the locks live.
-enum Servers {
-    /// Independent nodes: one, or Redlock over several.
-    Nodes(RedisNodes),
-    /// A Redis Cluster.
-    Cluster(RedisCluster),
-}
-
-impl Servers {
-    fn label(&self) -> String {
-        match self {
-            Servers::Nodes(nodes) => nodes.servers.len().to_string(),
-            Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
-        }
-    }
-
-    /// The servers that take commands.
-    fn servers(&self) -> Vec<&RedisServer> {
-        match self {
-            Servers::Nodes(nodes) => nodes.servers.iter().collect(),
-            Servers::Cluster(cluster) => cluster
-                .masters()
-                .into_iter()
-                .map(|i| cluster.node(i))
-                .collect(),
-        }
-    }
-
-    /// A `RedisSync` on these servers (inside a Tokio runtime).
-    fn sync(&self) -> RedisSync {
-        match self {
-            Servers::Nodes(nodes) => RedisSync::new(nodes.urls()),
-            Servers::Cluster(cluster) => RedisSync::cluster(cluster.seeds()),
-        }
-        .expect("RedisSync")
-    }
-
-    fn urls(&self) -> Vec<String> {
-        match self {
-            Servers::Nodes(nodes) => nodes.urls(),
-            Servers::Cluster(_) => unreachable!("rslock has no cluster mode"),
-        }
-    }
 }
 
 impl Library {

@@ -35,36 +35,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
-use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync};
 
+use common::Servers;
+use support::RedisNodes;
 use support::cluster::RedisCluster;
-use support::{RedisNodes, RedisServer};
-
-/// Where the locks live.
-enum Servers {
-    Nodes(RedisNodes),
-    Cluster(RedisCluster),
-}
-
-impl Servers {
-    fn label(&self) -> String {
-        match self {
-            Servers::Nodes(nodes) => nodes.servers.len().to_string(),
-            Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
-        }
-    }
-
-    fn servers(&self) -> Vec<&RedisServer> {
-        match self {
-            Servers::Nodes(nodes) => nodes.servers.iter().collect(),
-            Servers::Cluster(cluster) => cluster
-                .masters()
-                .into_iter()
-                .map(|i| cluster.node(i))
-                .collect(),
-        }
-    }
-}
 
 /// One lock client under test.
 #[derive(Clone, Copy, PartialEq)]
@@ -209,12 +184,33 @@ end
 return 0
 ";
 
-async fn floor(urls: &[String], tasks: usize, run: Duration) -> Samples {
-    let mut conns: Vec<MultiplexedConnection> = Vec::new();
-    for url in urls {
-        let client = redis::Client::open(url.as_str()).unwrap();
-        conns.push(client.get_multiplexed_async_connection().await.unwrap());
+/// The floor's connections: one multiplexed connection per node, or one
+/// redis-rs cluster connection that sends each command to the master of
+/// the key's slot.
+async fn floor(servers: &Servers, tasks: usize, run: Duration) -> Samples {
+    match servers {
+        Servers::Nodes(nodes) => {
+            let mut conns: Vec<MultiplexedConnection> = Vec::new();
+            for url in nodes.urls() {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                conns.push(client.get_multiplexed_async_connection().await.unwrap());
+            }
+            floor_on(conns, tasks, run).await
+        }
+        Servers::Cluster(cluster) => {
+            let client = redis::cluster::ClusterClient::new(cluster.seeds()).unwrap();
+            let conn = client.get_async_connection().await.unwrap();
+            floor_on(vec![conn], tasks, run).await
+        }
     }
+}
+
+/// `SET NX PX` over every connection, then the compare-and-delete script
+/// over every connection.
+async fn floor_on<C>(conns: Vec<C>, tasks: usize, run: Duration) -> Samples
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     let conns = Arc::new(conns);
     let script = Arc::new(redis::Script::new(RELEASE_SCRIPT));
     measure(tasks, run, move |task, i| {
@@ -254,40 +250,8 @@ async fn floor(urls: &[String], tasks: usize, run: Duration) -> Samples {
     .await
 }
 
-/// The floor on a cluster: the same two commands per cycle, each routed to
-/// the master of the key's slot.
-async fn cluster_floor(seeds: &[String], tasks: usize, run: Duration) -> Samples {
-    let client = redis::cluster::ClusterClient::new(seeds.to_vec()).unwrap();
-    let conn = client.get_async_connection().await.unwrap();
-    let script = Arc::new(redis::Script::new(RELEASE_SCRIPT));
-    measure(tasks, run, move |task, i| {
-        let (mut conn, script) = (conn.clone(), script.clone());
-        async move {
-            let key = format!("floor:{task}");
-            let value = format!("{task}-{i}");
-            let reply: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&value)
-                .arg("NX")
-                .arg("PX")
-                .arg(8000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            assert!(reply.is_some(), "uncontended SET refused");
-            let mut invocation = script.key(&key);
-            invocation.arg(&value);
-            let _: i64 = invocation.invoke_async(&mut conn).await.unwrap();
-        }
-    })
-    .await
-}
-
 async fn tower_dsync(servers: &Servers, tasks: usize, run: Duration) -> Samples {
-    let sync = match servers {
-        Servers::Nodes(nodes) => RedisSync::new(nodes.urls()).unwrap(),
-        Servers::Cluster(cluster) => RedisSync::cluster(cluster.seeds()).unwrap(),
-    };
+    let sync = servers.sync();
     let mutexes: Arc<Vec<tokio::sync::Mutex<_>>> = Arc::new(
         (0..tasks)
             .map(|task| {
@@ -364,12 +328,7 @@ fn main() {
                     let round = runtime.block_on(async {
                         let turn = Duration::from_secs(1);
                         match (&servers, library) {
-                            (Servers::Cluster(c), Library::Floor) => {
-                                cluster_floor(&c.seeds(), tasks, turn).await
-                            }
-                            (Servers::Nodes(nodes), Library::Floor) => {
-                                floor(&nodes.urls(), tasks, turn).await
-                            }
+                            (_, Library::Floor) => floor(&servers, tasks, turn).await,
                             (_, Library::TowerDsync) => tower_dsync(&servers, tasks, turn).await,
                             (Servers::Nodes(nodes), Library::Rslock) => {
                                 rslock(&nodes.urls(), tasks, turn).await

@@ -1,7 +1,14 @@
-//! What the bench binaries share: their run length and their CSV output
-//! (read by `scripts/bench-report.py`).
+//! What the bench binaries share: their run length, their CSV output
+//! (read by `scripts/bench-report.py`), and the Redis deployments they
+//! run on. Each bench uses part of it.
+
+#![allow(dead_code)]
 
 use std::io::Write;
+
+#[cfg(feature = "cluster")]
+#[allow(unused_imports)]
+pub use deployments::Servers;
 
 /// `DSYNC_BENCH_SECS`, or `default`.
 pub fn seconds(default: u64) -> u64 {
@@ -23,5 +30,60 @@ pub fn append_csv(rows: &[String]) {
         .expect("open the CSV file");
     for row in rows {
         writeln!(file, "{row}").expect("write the CSV file");
+    }
+}
+
+/// The deployments the lock benches compare (they need the `cluster`
+/// feature).
+#[cfg(feature = "cluster")]
+mod deployments {
+    use tower_dsync::RedisSync;
+
+    use crate::support::cluster::RedisCluster;
+    use crate::support::{RedisNodes, RedisServer};
+
+    /// Where the locks live.
+    pub enum Servers {
+        /// Independent nodes: one, or Redlock over several.
+        Nodes(RedisNodes),
+        /// A Redis Cluster.
+        Cluster(RedisCluster),
+    }
+
+    impl Servers {
+        pub fn label(&self) -> String {
+            match self {
+                Servers::Nodes(nodes) => nodes.servers.len().to_string(),
+                Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
+            }
+        }
+
+        /// The servers that take commands.
+        pub fn servers(&self) -> Vec<&RedisServer> {
+            match self {
+                Servers::Nodes(nodes) => nodes.servers.iter().collect(),
+                Servers::Cluster(cluster) => cluster
+                    .masters()
+                    .into_iter()
+                    .map(|i| cluster.node(i))
+                    .collect(),
+            }
+        }
+
+        /// A `RedisSync` on these servers (inside a Tokio runtime).
+        pub fn sync(&self) -> RedisSync {
+            match self {
+                Servers::Nodes(nodes) => RedisSync::new(nodes.urls()),
+                Servers::Cluster(cluster) => RedisSync::cluster(cluster.seeds()),
+            }
+            .expect("RedisSync")
+        }
+
+        pub fn urls(&self) -> Vec<String> {
+            match self {
+                Servers::Nodes(nodes) => nodes.urls(),
+                Servers::Cluster(_) => unreachable!("rslock has no cluster mode"),
+            }
+        }
     }
 }
