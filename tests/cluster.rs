@@ -11,24 +11,16 @@ mod support;
 
 use std::time::Duration;
 
-use conformance::{Suite, eventually, poll_once, unique};
+use conformance::{Suite, eventually, poll_once, real_time_options, unique};
 use support::cluster::RedisCluster;
-use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisSync};
-
-/// Short expiries (real time passes), a generous per-node timeout.
-fn base_options() -> DistMutexOptions {
-    DistMutexOptions::default()
-        .with_expiry(Duration::from_millis(500))
-        .with_timeout_factor(0.5)
-        .with_retry_delay(Duration::from_millis(5))
-}
+use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisMutex, RedisSync};
 
 fn suite() -> Suite<RedisSync> {
     let cluster = RedisCluster::start(3, 0);
     Suite {
         sync: RedisSync::cluster(cluster.seeds()).unwrap(),
         other: RedisSync::cluster(cluster.seeds()).unwrap(),
-        base: base_options(),
+        base: real_time_options(),
         guard: Box::new(cluster),
     }
 }
@@ -46,14 +38,40 @@ fn lock_key(name: &str) -> String {
     format!("{{dsync:{name}}}")
 }
 
+/// Two `RedisSync`s on the cluster, as two processes would have.
+fn two_processes(cluster: &RedisCluster) -> (RedisSync, RedisSync) {
+    (
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+        RedisSync::cluster(cluster.seeds()).unwrap(),
+    )
+}
+
+/// `mutex.lock()` in a task of its own; the task gives the mutex back once
+/// it holds the lock.
+fn lock_in_background(mut mutex: RedisMutex) -> tokio::task::JoinHandle<RedisMutex> {
+    tokio::spawn(async move {
+        mutex.lock().await.unwrap();
+        mutex
+    })
+}
+
+/// The mutex of [`lock_in_background`] once it holds the lock; panics with
+/// `what` if that takes 20 s (the waiters here have an hour-long retry
+/// delay: only a wake-up serves them).
+async fn woken(waiting: tokio::task::JoinHandle<RedisMutex>, what: &str) -> RedisMutex {
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect(what)
+        .unwrap()
+}
+
 /// Every key of a name (lock, fencing counter, wait queue, leases) lives on
 /// the master of the name's slot, and names spread over the masters. After
 /// the release only the fencing counters are left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_a_name_live_on_the_master_of_its_slot() {
     let cluster = RedisCluster::start(3, 0);
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     assert!(a.is_cluster());
     assert_eq!((a.nodes(), a.quorum()), (1, 1));
     let hour = Duration::from_secs(3600);
@@ -128,8 +146,7 @@ fn shard_channels(cluster: &RedisCluster, i: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_on_sharded_messages() {
     let cluster = RedisCluster::start(3, 0);
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     let hour = Duration::from_secs(3600);
     let options = DistMutexOptions::default()
         .with_expiry(hour)
@@ -142,11 +159,8 @@ async fn waiters_wake_on_sharded_messages() {
     for i in cluster.masters() {
         cluster.node(i).reset_stats();
     }
-    let mut waiter = b.new_mutex(&name, options).unwrap();
-    let waiting = tokio::spawn(async move {
-        waiter.lock().await.unwrap();
-        waiter
-    });
+    let waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = lock_in_background(waiter);
     eventually(
         Duration::from_secs(10),
         "b subscribed on the slot's master",
@@ -154,10 +168,11 @@ async fn waiters_wake_on_sharded_messages() {
     )
     .await;
     holder.unlock().await.unwrap();
-    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("woken by the release, not by the hour-long retry delay")
-        .unwrap();
+    let mut waiter = woken(
+        waiting,
+        "woken by the release, not by the hour-long retry delay",
+    )
+    .await;
     waiter.unlock().await.unwrap();
     assert!(cluster.node(master).calls("spublish") >= 1);
     for i in cluster.masters() {
@@ -187,8 +202,7 @@ async fn without_sharded_pubsub_wake_ups_fall_back_to_plain_pubsub() {
             "",
         ],
     );
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     let hour = Duration::from_secs(3600);
     let options = DistMutexOptions::default()
         .with_expiry(hour)
@@ -198,11 +212,8 @@ async fn without_sharded_pubsub_wake_ups_fall_back_to_plain_pubsub() {
     let master = cluster.master_of(cluster.slot_of(&lock_key(&name)));
     let mut holder = a.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
-    let mut waiter = b.new_mutex(&name, options).unwrap();
-    let waiting = tokio::spawn(async move {
-        waiter.lock().await.unwrap();
-        waiter
-    });
+    let waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = lock_in_background(waiter);
     eventually(
         Duration::from_secs(10),
         "b subscribed and queued",
@@ -220,10 +231,11 @@ async fn without_sharded_pubsub_wake_ups_fall_back_to_plain_pubsub() {
     )
     .await;
     holder.unlock().await.unwrap();
-    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("woken by the release, not by the hour-long retry delay")
-        .unwrap();
+    let mut waiter = woken(
+        waiting,
+        "woken by the release, not by the hour-long retry delay",
+    )
+    .await;
     waiter.unlock().await.unwrap();
     assert!(cluster.node(master).calls("publish") >= 1);
 }
@@ -233,10 +245,8 @@ async fn without_sharded_pubsub_wake_ups_fall_back_to_plain_pubsub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_are_served_fifo_across_processes() {
     let cluster = RedisCluster::start(3, 0);
-    let processes = [
-        RedisSync::cluster(cluster.seeds()).unwrap(),
-        RedisSync::cluster(cluster.seeds()).unwrap(),
-    ];
+    let (a, b) = two_processes(&cluster);
+    let processes = [a, b];
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_secs(3600))
@@ -292,8 +302,7 @@ fn next_millisecond() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lock_survives_its_slot_moving() {
     let cluster = RedisCluster::start(3, 0);
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_secs(3600))
@@ -329,11 +338,8 @@ async fn a_held_lock_survives_its_slot_moving() {
     assert!(matches!(other.lock().await, Err(Error::Held { .. })));
     holder.extend().await.unwrap();
     assert!(holder.valid().await.unwrap());
-    let mut waiter = b.new_mutex(&name, options.clone()).unwrap();
-    let waiting = tokio::spawn(async move {
-        waiter.lock().await.unwrap();
-        waiter
-    });
+    let waiter = b.new_mutex(&name, options.clone()).unwrap();
+    let waiting = lock_in_background(waiter);
     eventually(
         Duration::from_secs(10),
         "b subscribed on the new master",
@@ -341,10 +347,7 @@ async fn a_held_lock_survives_its_slot_moving() {
     )
     .await;
     holder.unlock().await.unwrap();
-    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("woken by the release")
-        .unwrap();
+    let mut waiter = woken(waiting, "woken by the release").await;
     assert!(waiter.fencing_token().unwrap() > first);
     waiter.unlock().await.unwrap();
 }
@@ -355,8 +358,7 @@ async fn a_held_lock_survives_its_slot_moving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_woken_after_its_slot_moved() {
     let cluster = RedisCluster::start(3, 0);
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_secs(3600))
@@ -368,11 +370,8 @@ async fn a_waiter_is_woken_after_its_slot_moved() {
     let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
     let mut holder = a.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
-    let mut waiter = b.new_mutex(&name, options).unwrap();
-    let waiting = tokio::spawn(async move {
-        waiter.lock().await.unwrap();
-        waiter
-    });
+    let waiter = b.new_mutex(&name, options).unwrap();
+    let waiting = lock_in_background(waiter);
     eventually(
         Duration::from_secs(10),
         "b subscribed on the old master",
@@ -390,10 +389,7 @@ async fn a_waiter_is_woken_after_its_slot_moved() {
     )
     .await;
     holder.unlock().await.unwrap();
-    let mut waiter = tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("woken by the release after the move")
-        .unwrap();
+    let mut waiter = woken(waiting, "woken by the release after the move").await;
     waiter.unlock().await.unwrap();
 }
 
@@ -475,7 +471,7 @@ async fn too_few_replicas_fail_the_acquisition_and_leave_nothing() {
         .build()
         .unwrap();
     let name = unique("shortfall");
-    let mut m = sync.new_mutex(&name, base_options()).unwrap();
+    let mut m = sync.new_mutex(&name, real_time_options()).unwrap();
     let error = m.lock().await.unwrap_err();
     assert!(error.is_unavailable(), "{error}");
     let shortfall = error.not_replicated().expect("a replication shortfall");
@@ -489,7 +485,7 @@ async fn too_few_replicas_fail_the_acquisition_and_leave_nothing() {
     .await;
     // Without the option the same cluster serves the lock.
     let plain = RedisSync::cluster(cluster.seeds()).unwrap();
-    let mut m = plain.new_mutex(&name, base_options()).unwrap();
+    let mut m = plain.new_mutex(&name, real_time_options()).unwrap();
     m.lock().await.unwrap();
     m.unlock().await.unwrap();
 }
@@ -500,10 +496,9 @@ async fn too_few_replicas_fail_the_acquisition_and_leave_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_master_is_unavailable_then_forgets_its_locks() {
     let mut cluster = RedisCluster::start(3, 0);
-    let a = RedisSync::cluster(cluster.seeds()).unwrap();
-    let b = RedisSync::cluster(cluster.seeds()).unwrap();
+    let (a, b) = two_processes(&cluster);
     // Node timeout: 1.2 s.
-    let options = base_options()
+    let options = real_time_options()
         .with_expiry(Duration::from_secs(60))
         .with_timeout_factor(0.02);
     let name = unique("dead-master");
@@ -544,7 +539,7 @@ async fn a_master_without_the_scripts_gets_them_while_another_is_down() {
         .unwrap()
         .clone();
     let up = master_of(&name);
-    let mut m = sync.new_mutex(&name, base_options()).unwrap();
+    let mut m = sync.new_mutex(&name, real_time_options()).unwrap();
     m.lock().await.unwrap();
     m.unlock().await.unwrap();
     cluster.node_mut(down).kill();
@@ -620,10 +615,8 @@ async fn exclusion_holds_while_slots_move() {
     let count = |counter: &AtomicUsize| counter.load(Ordering::SeqCst);
 
     let cluster = Arc::new(RedisCluster::start(3, 0));
-    let processes = [
-        RedisSync::cluster(cluster.seeds()).unwrap(),
-        RedisSync::cluster(cluster.seeds()).unwrap(),
-    ];
+    let (a, b) = two_processes(&cluster);
+    let processes = [a, b];
     let names: Vec<String> = (0..4).map(|i| unique(&format!("moving-{i}"))).collect();
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(10))

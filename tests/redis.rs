@@ -11,18 +11,10 @@ use std::collections::HashSet;
 use std::pin::pin;
 use std::time::Duration;
 
-use conformance::{Suite, eventually, poll_once, unique};
+use conformance::{Suite, eventually, poll_once, real_time_options, unique};
 use support::RedisNodes;
 use tokio::time::Instant;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisSync};
-
-/// Short expiries (real time passes), a generous per-node timeout.
-fn base_options() -> DistMutexOptions {
-    DistMutexOptions::default()
-        .with_expiry(Duration::from_millis(500))
-        .with_timeout_factor(0.5)
-        .with_retry_delay(Duration::from_millis(5))
-}
 
 /// Two `RedisSync`s over the same nodes, as two processes would have.
 fn two_processes(nodes: &RedisNodes) -> (RedisSync, RedisSync) {
@@ -37,7 +29,7 @@ fn suite(nodes: usize) -> Suite<RedisSync> {
     Suite {
         sync: RedisSync::new(servers.urls()).unwrap(),
         other: RedisSync::new(servers.urls()).unwrap(),
-        base: base_options(),
+        base: real_time_options(),
         guard: Box::new(servers),
     }
 }
@@ -75,7 +67,7 @@ mod three_nodes_fail_fast {
         Suite {
             sync: build(),
             other: build(),
-            base: base_options(),
+            base: real_time_options(),
             guard: Box::new(servers),
         }
     }
@@ -1038,10 +1030,12 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
         .ignore()
         .query(&mut conn)
         .unwrap();
-    let mut once = sync.new_mutex(&name, base_options().with_tries(1)).unwrap();
+    let mut once = sync
+        .new_mutex(&name, real_time_options().with_tries(1))
+        .unwrap();
     assert!(matches!(once.lock().await, Err(Error::Held { .. })));
     let mut patient = sync
-        .new_mutex(&name, base_options().with_tries(10_000))
+        .new_mutex(&name, real_time_options().with_tries(10_000))
         .unwrap();
     patient.lock().await.expect("taken once the lease ran out");
     patient.unlock().await.unwrap();
@@ -1165,7 +1159,7 @@ async fn stragglers_never_overtake_the_next_operation() {
                 .unwrap();
         }
         let name = unique("straggler");
-        let long = base_options().with_expiry(Duration::from_secs(60));
+        let long = real_time_options().with_expiry(Duration::from_secs(60));
         let mut m = sync.new_mutex(&name, long).unwrap();
         m.lock().await.unwrap();
         m.extend().await.unwrap();
@@ -1295,7 +1289,7 @@ async fn waiters_hand_over_with_a_minority_down() {
 async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
     let mut nodes = RedisNodes::start_persistent(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
-    let options = base_options().with_tries(10);
+    let options = real_time_options().with_tries(10);
     let name = unique("persistent-fence");
     let mut last = 0;
     for _ in 0..5 {

@@ -31,6 +31,15 @@ pub struct Suite<S: DistSync> {
     pub guard: Box<dyn std::any::Any + Send>,
 }
 
+/// Options for a backend on a real clock: short expiries (real time
+/// passes), a generous per-node timeout, a short retry delay.
+pub fn real_time_options() -> DistMutexOptions {
+    DistMutexOptions::default()
+        .with_expiry(Duration::from_millis(500))
+        .with_timeout_factor(0.5)
+        .with_retry_delay(Duration::from_millis(5))
+}
+
 /// Polls `check` until it yields true; panics after `bound`.
 pub async fn eventually(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + bound;
