@@ -611,6 +611,7 @@ async fn exclusion_holds_while_slots_move() {
         stale_tokens: AtomicUsize,
         releases_not_found: AtomicUsize,
         releases_tried_again: AtomicUsize,
+        last_failure: std::sync::Mutex<String>,
     }
     let count = |counter: &AtomicUsize| counter.load(Ordering::SeqCst);
 
@@ -641,8 +642,10 @@ async fn exclusion_holds_while_slots_move() {
                 while tally.acquired.load(Ordering::SeqCst) < 10 * (round + 1) {
                     if std::time::Instant::now() >= deadline {
                         panic!(
-                            "no progress after {} acquisitions; {}",
+                            "no progress after {} acquisitions ({} failed attempts, the last: {}); {}",
                             tally.acquired.load(Ordering::SeqCst),
+                            tally.failed.load(Ordering::SeqCst),
+                            tally.last_failure.lock().unwrap(),
                             describe(&cluster, &names)
                         );
                     }
@@ -669,8 +672,9 @@ async fn exclusion_holds_while_slots_move() {
                     i += 1;
                     let name = &names[i % names.len()];
                     let mut m = sync.new_mutex(name, options.clone()).unwrap();
-                    if m.lock().await.is_err() {
+                    if let Err(e) = m.lock().await {
                         tally.failed.fetch_add(1, Ordering::SeqCst);
+                        *tally.last_failure.lock().unwrap() = e.to_string();
                         continue;
                     }
                     if inside[name].fetch_add(1, Ordering::SeqCst) != 0 {
@@ -747,17 +751,17 @@ fn describe(cluster: &RedisCluster, names: &[String]) -> String {
         let slot = cluster.slot_of(&key);
         let master = cluster.master_of(slot);
         let mut conn = cluster.node(master).connection();
-        let value: Option<String> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap_or(None);
-        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap_or(-9);
-        let queue: Vec<String> = redis::cmd("ZRANGE")
+        let value: redis::RedisResult<Option<String>> =
+            redis::cmd("GET").arg(&key).query(&mut conn);
+        let pttl: redis::RedisResult<i64> = redis::cmd("PTTL").arg(&key).query(&mut conn);
+        let queue: redis::RedisResult<Vec<String>> = redis::cmd("ZRANGE")
             .arg(format!("{key}\u{1f}queue"))
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES")
-            .query(&mut conn)
-            .unwrap_or_default();
+            .query(&mut conn);
         out.push(format!(
-            "{name} (slot {slot} on node {master}): value {value:?} pttl {pttl} queue {queue:?}"
+            "{name} (slot {slot} on node {master}): value {value:?} pttl {pttl:?} queue {queue:?}"
         ));
     }
     out.join("; ")

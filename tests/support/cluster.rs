@@ -232,6 +232,7 @@ impl RedisCluster {
             view.masters().contains(&to),
             "node {to} is not a master, it cannot take slot {slot}"
         );
+        self.raise_epoch(to);
         let _: () = self.run(to, &setslot(slot, "IMPORTING", &self.ids[from]));
         let _: () = self.run(from, &setslot(slot, "MIGRATING", &self.ids[to]));
         Migration {
@@ -240,6 +241,35 @@ impl RedisCluster {
             from,
             to,
         }
+    }
+
+    /// Makes `node`'s config epoch the highest in the cluster, in every
+    /// live node's view, with `CLUSTER BUMPEPOCH` (refused while `node`
+    /// ties for the highest: the cluster then separates the two by
+    /// itself).
+    ///
+    /// A node's claim to a slot wins only over an owner with a lower
+    /// epoch. Without this, a target whose epoch is below the source's
+    /// can lose its new slot again to gossip from before the move, after
+    /// every node agreed on it; it is then told (an `UPDATE` message) that
+    /// the source owns it and gives it back, deleting the keys it imported,
+    /// while the source says the target has it: each redirects to the
+    /// other for good.
+    fn raise_epoch(&self, node: usize) {
+        wait_for(
+            &format!("node {node}'s config epoch is the highest everywhere"),
+            || {
+                if !self.view(node)?.has_highest_epoch(node) {
+                    let _: String = self.run(node, redis::cmd("CLUSTER").arg("BUMPEPOCH"));
+                }
+                for i in self.live_nodes() {
+                    if !self.view(i)?.has_highest_epoch(node) {
+                        return Err(format!("node {i} knows an epoch at least as high"));
+                    }
+                }
+                Ok(())
+            },
+        );
     }
 
     /// Kills master `master` (`SIGKILL`) and waits until one of its
@@ -556,11 +586,12 @@ impl Migration<'_> {
         for node in [to, from].into_iter().chain(others) {
             let _: () = cluster.run(node, &setslot(slot, "NODE", &cluster.ids[to]));
         }
-        // Moves in quick succession can leave the slot with nobody: the
-        // source's claim, gossiped with a config epoch the target had not
-        // heard of yet, can win over the target's on the target itself,
-        // after which neither claims it. The target then claims it again,
-        // with an epoch above every one it knows by now.
+        // A safety net behind `raise_epoch` (before it, moves in quick
+        // succession could leave the slot with nobody: the source's claim,
+        // gossiped with a config epoch the target had not heard of yet,
+        // won over the target's on the target itself). If the slot is
+        // still not agreed on, the target claims it again, with an epoch
+        // above every one it knows by now.
         let mut polls = 0;
         wait_for(
             &format!("every live node says node {to} serves slot {slot}"),
@@ -590,6 +621,8 @@ struct View {
     master: Vec<Option<usize>>,
     /// Each node's flags (`master`, `slave`, `fail?`, `fail`, ...).
     flags: Vec<Vec<String>>,
+    /// Each node's config epoch.
+    epochs: Vec<u64>,
 }
 
 impl View {
@@ -606,6 +639,7 @@ impl View {
             slots: vec![None; SLOTS],
             master: vec![None; ids.len()],
             flags: vec![Vec::new(); ids.len()],
+            epochs: vec![0; ids.len()],
         };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -617,6 +651,9 @@ impl View {
             if fields[3] != "-" {
                 view.master[node] = Some(index(fields[3])?);
             }
+            view.epochs[node] = fields[6]
+                .parse()
+                .map_err(|e| format!("config epoch in {line:?}: {e}"))?;
             for range in fields[8..].iter().filter(|r| !r.starts_with('[')) {
                 let (start, end) = range.split_once('-').unwrap_or((range, range));
                 let parse = |n: &str| {
@@ -629,6 +666,15 @@ impl View {
             }
         }
         Ok(view)
+    }
+
+    /// Whether `node`'s config epoch is above every other master's (a
+    /// replica shows its master's).
+    fn has_highest_epoch(&self, node: usize) -> bool {
+        let own = self.epochs[node];
+        self.masters()
+            .into_iter()
+            .all(|other| other == node || self.epochs[other] < own)
     }
 
     fn is_master(&self, node: usize) -> bool {
