@@ -622,7 +622,9 @@ async fn exclusion_holds_while_slots_move() {
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(10))
         .with_retry_delay(Duration::from_millis(5))
-        .with_tries(u32::MAX);
+        // Seconds of tries: a lock() that keeps failing returns, and the
+        // stall report below says with what.
+        .with_tries(1_000);
     let inside: Arc<HashMap<String, AtomicUsize>> = Arc::new(
         names
             .iter()
