@@ -22,7 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::keys::Keys;
+use super::keys::{Keys, slot};
 use super::waiters::NameState;
 use super::wakeups::deliver;
 use crate::queue::LocalQueues;
@@ -90,18 +90,18 @@ pub(crate) struct SlotWakeups {
 
 struct State {
     conn: ClusterConnection,
-    /// The channels whose subscription the cluster confirmed.
+    /// The slots whose channel's subscription the cluster confirmed.
     subscribed: Mutex<Channels>,
     /// Set once a server refused `SSUBSCRIBE`: subscribe with `SUBSCRIBE`.
     unsharded: AtomicBool,
 }
 
-/// The confirmed channels, and how many disconnections cleared them: a
-/// subscription confirmed across a disconnection may be gone, and is not
-/// recorded.
+/// The slots of the confirmed channels (one channel per slot), and how
+/// many disconnections cleared them: a subscription confirmed across a
+/// disconnection may be gone, and is not recorded.
 #[derive(Default)]
 struct Channels {
-    set: HashSet<String>,
+    set: HashSet<u16>,
     cleared: u64,
 }
 
@@ -132,10 +132,8 @@ impl SlotWakeups {
     }
 
     pub(crate) fn subscribed(&self, keys: &Keys) -> bool {
-        self.state
-            .channels()
-            .set
-            .contains(&keys.channel(&self.client_id))
+        keys.slot
+            .is_some_and(|at| self.state.channels().set.contains(&at))
     }
 
     /// Subscribes to this process's channel for the slot of `keys`.
@@ -164,7 +162,7 @@ impl State {
         if let Ok(Ok(())) = subscribed
             && channels.cleared == cleared
         {
-            channels.set.insert(channel);
+            channels.set.insert(slot(channel.as_bytes()));
         }
     }
 }
@@ -202,7 +200,7 @@ async fn read_pushes(
             }
             PushKind::SSubscribe | PushKind::Subscribe => {
                 if let Some(channel) = channel {
-                    state.channels().set.insert(channel);
+                    state.channels().set.insert(slot(channel.as_bytes()));
                 }
             }
             PushKind::SUnsubscribe | PushKind::Unsubscribe => {
@@ -210,7 +208,7 @@ async fn read_pushes(
                 // channel because its slot moved away. Subscribe again,
                 // where the slot went (the connection follows `MOVED`).
                 if let Some(channel) = channel
-                    && state.channels().set.remove(&channel)
+                    && state.channels().set.remove(&slot(channel.as_bytes()))
                 {
                     tokio::spawn(async move {
                         state.subscribe(channel, RESUBSCRIBE_TIMEOUT).await;

@@ -24,6 +24,9 @@ pub(crate) struct Keys {
     /// `S`: `SPUBLISH` where the server has it, else `PUBLISH`) and the
     /// wake-up channel's prefix; a process's id completes the channel.
     pub(crate) wake: Arc<str>,
+    /// On a Redis Cluster, the hash slot of every key of the name.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) slot: Option<u16>,
 }
 
 impl Keys {
@@ -44,8 +47,12 @@ impl Keys {
     /// the hash tag is never empty and all keys share it.
     pub(crate) fn tagged(prefix: &str, name: &str) -> Self {
         let lock = format!("{{{prefix}{name}}}");
-        let tag = slot_tag(slot(lock.as_bytes()));
-        Self::with(lock, format!("S{{{tag}}}{prefix}\u{1f}wake\u{1f}"))
+        let at = slot(lock.as_bytes());
+        let wake = format!("S{{{}}}{prefix}\u{1f}wake\u{1f}", slot_tag(at));
+        Keys {
+            slot: Some(at),
+            ..Self::with(lock, wake)
+        }
     }
 
     fn with(lock: String, wake: String) -> Self {
@@ -55,6 +62,7 @@ impl Keys {
             leases: format!("{lock}\u{1f}leases").into(),
             lock: lock.into(),
             wake: wake.into(),
+            slot: None,
         }
     }
 
@@ -152,6 +160,7 @@ mod tests {
         for name in ["orders:17", "}x", "{", "a}b{c}", "é", "{}"] {
             let keys = Keys::tagged("dsync:", name);
             let at = slot(keys.lock.as_bytes());
+            assert_eq!(keys.slot, Some(at));
             for key in [&keys.counter, &keys.queue, &keys.leases] {
                 assert_eq!(slot(key.as_bytes()), at, "{key:?}");
             }

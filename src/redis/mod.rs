@@ -196,8 +196,6 @@ pub(crate) struct Shared {
     queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
     /// This process's id in the nodes' wait queues (random per `RedisSync`).
     client_id: Arc<str>,
-    /// A Redis Cluster: keys carry their name as a hash tag.
-    cluster: bool,
     /// The start (ms since the epoch) of this process's latest waiter.
     last_start: std::sync::atomic::AtomicU64,
     quorum: usize,
@@ -219,7 +217,7 @@ impl fmt::Debug for RedisSync {
                     .map(Node::label)
                     .collect::<Vec<_>>(),
             )
-            .field("cluster", &self.shared.cluster)
+            .field("cluster", &self.is_cluster())
             .field("quorum", &self.shared.quorum)
             .field("key_prefix", &self.shared.key_prefix)
             .field("separator", &self.shared.separator)
@@ -292,7 +290,7 @@ impl RedisSync {
     /// # Ok(()) }
     /// ```
     pub fn is_cluster(&self) -> bool {
-        self.shared.cluster
+        self.shared.wakeups.on_cluster()
     }
 
     /// How many nodes must agree: `n / 2 + 1`.
@@ -536,11 +534,11 @@ impl RedisSyncBuilder {
         };
         #[cfg(feature = "cluster")]
         let connected = match self.seeds {
-            Some(seeds) => cluster_node(seeds, &setup),
-            None => independent_nodes(self.nodes, &setup),
+            Some(seeds) => setup.cluster_node(seeds),
+            None => setup.independent_nodes(self.nodes),
         };
         #[cfg(not(feature = "cluster"))]
-        let connected = independent_nodes(self.nodes, &setup);
+        let connected = setup.independent_nodes(self.nodes);
         let (nodes, wakeups) = connected?;
         Ok(RedisSync {
             shared: Arc::new(Shared {
@@ -549,7 +547,6 @@ impl RedisSyncBuilder {
                 wakeups,
                 queues,
                 client_id,
-                cluster,
                 last_start: Default::default(),
                 key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
@@ -571,110 +568,93 @@ struct Setup<'a> {
     queues: &'a Queues,
 }
 
-/// Independent masters: a lazy connection manager each, and one wake-up
-/// subscriber each.
-fn independent_nodes(
-    clients: Vec<Result<redis::Client>>,
-    setup: &Setup<'_>,
-) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-    let Setup {
-        key_prefix,
-        connect_timeout,
-        replicas,
-        client_id,
-        queues,
-    } = *setup;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        .set_number_of_retries(1)
-        // Commands are bounded by the per-node timeout instead.
-        .set_response_timeout(None)
-        .set_min_delay(Duration::from_millis(10))
-        .set_max_delay(Duration::from_millis(100));
-    let clients = clients.into_iter().collect::<Result<Vec<_>>>()?;
-    let wakeups = wakeups::NodeWakeups::start(
-        &clients,
-        Keys::plain(key_prefix, "").channel(client_id).into(),
-        Arc::downgrade(queues),
-    );
-    let mut nodes = Vec::with_capacity(clients.len());
-    for client in clients {
-        let label = client.get_connection_info().addr().to_string();
-        let connect = |client: redis::Client| {
-            ConnectionManager::new_lazy_with_config(client, config.clone())
-                .map(Conn::Single)
-                .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))
-        };
-        let durable = match replicas {
-            Some(_) => Some(connect(client.clone())?),
-            None => None,
-        };
-        nodes.push(Node::new(
-            label.clone(),
-            connect(client)?,
-            replicas,
-            durable,
-        ));
+impl Setup<'_> {
+    /// Independent masters: a lazy connection manager each, and one wake-up
+    /// subscriber each.
+    fn independent_nodes(
+        &self,
+        clients: Vec<Result<redis::Client>>,
+    ) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_number_of_retries(1)
+            // Commands are bounded by the per-node timeout instead.
+            .set_response_timeout(None)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let clients = clients.into_iter().collect::<Result<Vec<_>>>()?;
+        let wakeups = wakeups::NodeWakeups::start(
+            &clients,
+            Keys::plain(self.key_prefix, "")
+                .channel(self.client_id)
+                .into(),
+            Arc::downgrade(self.queues),
+        );
+        let mut nodes = Vec::with_capacity(clients.len());
+        for client in clients {
+            let label = client.get_connection_info().addr().to_string();
+            let connect = |client: redis::Client| {
+                ConnectionManager::new_lazy_with_config(client, config.clone())
+                    .map(Conn::Single)
+                    .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))
+            };
+            let durable = self.replicas.map(|_| connect(client.clone())).transpose()?;
+            let conn = connect(client)?;
+            nodes.push(Node::new(label, conn, self.replicas, durable));
+        }
+        Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
     }
-    Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
-}
 
-/// A Redis Cluster: one node to the lock algorithm, whose connection routes
-/// each command to the master of its slot.
-#[cfg(feature = "cluster")]
-fn cluster_node(seeds: Vec<String>, setup: &Setup<'_>) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-    let Setup {
-        key_prefix,
-        connect_timeout,
-        replicas,
-        client_id,
-        queues,
-    } = *setup;
-    if seeds.is_empty() {
-        return Err(invalid("no Redis Cluster seed node was given", None));
-    }
-    if key_prefix.is_empty() || key_prefix.contains(['{', '}']) {
-        return Err(invalid(
-            "on a Redis Cluster the key prefix must be non-empty and hold no brace: \
+    /// A Redis Cluster: one node to the lock algorithm, whose connection routes
+    /// each command to the master of its slot.
+    #[cfg(feature = "cluster")]
+    fn cluster_node(&self, seeds: Vec<String>) -> Result<(Vec<Node>, wakeups::Wakeups)> {
+        if seeds.is_empty() {
+            return Err(invalid("no Redis Cluster seed node was given", None));
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "on a Redis Cluster the key prefix must be non-empty and hold no brace: \
              the lock key `{<prefix><name>}` is the name's hash tag",
-            None,
-        ));
+                None,
+            ));
+        }
+        let mut labels = Vec::with_capacity(seeds.len());
+        for (i, seed) in seeds.iter().enumerate() {
+            let client = redis::Client::open(seed.as_str()).map_err(|e| {
+                invalid(
+                    format!("cluster seed #{} has an invalid URL", i + 1),
+                    Some(Box::new(e)),
+                )
+            })?;
+            labels.push(client.get_connection_info().addr().to_string());
+        }
+        keys::prepare_slot_tags();
+        let connections = cluster::connect(&seeds, self.connect_timeout, self.replicas.is_some())
+            .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
+        let wakeups = cluster::SlotWakeups::start(
+            connections.subscriptions,
+            connections.pushes,
+            self.client_id.clone(),
+            Arc::downgrade(self.queues),
+        );
+        let label = format!("cluster({})", labels.join(","));
+        Ok((
+            vec![Node::new(
+                label,
+                Conn::Cluster(connections.commands),
+                self.replicas,
+                connections.durable.map(Conn::Cluster),
+            )],
+            wakeups::Wakeups::Cluster(wakeups),
+        ))
     }
-    let mut labels = Vec::with_capacity(seeds.len());
-    for (i, seed) in seeds.iter().enumerate() {
-        let client = redis::Client::open(seed.as_str()).map_err(|e| {
-            invalid(
-                format!("cluster seed #{} has an invalid URL", i + 1),
-                Some(Box::new(e)),
-            )
-        })?;
-        labels.push(client.get_connection_info().addr().to_string());
-    }
-    keys::prepare_slot_tags();
-    let connections = cluster::connect(&seeds, connect_timeout, replicas.is_some())
-        .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
-    let wakeups = cluster::SlotWakeups::start(
-        connections.subscriptions,
-        connections.pushes,
-        client_id.clone(),
-        Arc::downgrade(queues),
-    );
-    let label = format!("cluster({})", labels.join(","));
-    Ok((
-        vec![Node::new(
-            label,
-            Conn::Cluster(connections.commands),
-            replicas,
-            connections.durable.map(Conn::Cluster),
-        )],
-        wakeups::Wakeups::Cluster(wakeups),
-    ))
 }
 
 impl Shared {
     /// The keys of the lock `name`.
     pub(crate) fn keys(&self, name: &str) -> Keys {
-        if self.cluster {
+        if self.wakeups.on_cluster() {
             Keys::tagged(&self.key_prefix, name)
         } else {
             Keys::plain(&self.key_prefix, name)

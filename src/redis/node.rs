@@ -148,10 +148,11 @@ impl Node {
             move |mut conn, resent| {
                 let settings =
                     acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
-                let keys = [&*keys.lock, &*keys.counter, &*keys.queue, &*keys.leases];
-                let px = px.to_string();
-                let args = [&*value, &px, &settings];
-                let call = ACQUIRE.call(&keys, &args);
+                let call = ACQUIRE
+                    .call(&[&keys.lock, &keys.counter, &keys.queue, &keys.leases])
+                    .arg(&*value)
+                    .arg(px)
+                    .arg(settings);
                 async move {
                     let ((set, number), acknowledged): ((i64, i64), _) =
                         script_then_wait(&mut conn, call, replicas).await?;
@@ -194,10 +195,12 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
-            let (start, nonce) = (start.to_string(), announce.1.to_string());
-            let keys = [&*keys.queue, &*keys.leases, &*keys.lock];
-            let args = [&*client, &start, &*announce.0, &nonce];
-            let call = LEAVE.call(&keys, &args);
+            let call = LEAVE
+                .call(&[&keys.queue, &keys.leases, &keys.lock])
+                .arg(&*client)
+                .arg(start)
+                .arg(&*announce.0)
+                .arg(announce.1);
             async move { script(&mut conn, call).await }
         })
     }
@@ -210,9 +213,7 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
-            let token = token.to_string();
-            let (keys, args) = ([&*counter], [token.as_str()]);
-            let call = FENCE.call(&keys, &args);
+            let call = FENCE.call(&[&counter]).arg(token);
             async move { script(&mut conn, call).await }
         })
     }
@@ -238,10 +239,12 @@ impl Node {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
             };
-            let nonce = nonce.to_string();
-            let keys = [&*keys.lock, &*keys.queue, &*keys.leases];
-            let args = [&*value, channel, &nonce, &requeue];
-            let call = RELEASE.call(&keys, &args);
+            let call = RELEASE
+                .call(&[&keys.lock, &keys.queue, &keys.leases])
+                .arg(&*value)
+                .arg(channel)
+                .arg(nonce)
+                .arg(&requeue);
             async move { script(&mut conn, call).await }
         })
     }
@@ -264,10 +267,12 @@ impl Node {
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, _| {
-                let flag = if set_nx { "1" } else { "0" };
-                let px = px.to_string();
-                let (keys, args) = ([&*key], [&*value, &px, flag]);
-                let call = EXTEND.call(&keys, &args);
+                let call =
+                    EXTEND
+                        .call(&[&key])
+                        .arg(&*value)
+                        .arg(px)
+                        .arg(if set_nx { "1" } else { "0" });
                 async move { script_then_wait(&mut conn, call, replicas).await }
             },
         );

@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use redis::{Arg, Cmd};
+use redis::{Arg, Cmd, ToRedisArgs};
 
 /// A Lua script: its source and its SHA1.
 pub(crate) struct Lua {
@@ -14,15 +14,16 @@ pub(crate) struct Lua {
 }
 
 impl Lua {
-    fn new(code: String) -> Self {
+    fn new(code: impl Into<String>) -> Self {
+        let code = code.into();
         let hash = redis::Script::new(&code).get_hash().to_owned();
         Lua { code, hash }
     }
 
-    /// A call of this script with `keys` and `args`.
-    pub(crate) fn call(&'static self, keys: &[&str], args: &[&str]) -> Call {
+    /// A call of this script with `keys`; [`Call::arg`] adds its `ARGV`.
+    pub(crate) fn call(&'static self, keys: &[&str]) -> Call {
         let mut evalsha = redis::cmd("EVALSHA");
-        evalsha.arg(&self.hash).arg(keys.len()).arg(keys).arg(args);
+        evalsha.arg(&self.hash).arg(keys.len()).arg(keys);
         Call { lua: self, evalsha }
     }
 }
@@ -35,6 +36,12 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    /// Appends an argument (`ARGV`), written straight into the command.
+    pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.evalsha.arg(arg);
+        self
+    }
+
     /// `EVALSHA sha numkeys keys... args...`.
     pub(crate) fn evalsha(&self) -> &Cmd {
         &self.evalsha
@@ -230,8 +237,7 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
     redis.call('SET', KEYS[1], ARGV[1])
 end
 return 1
-"
-        .to_owned(),
+",
     )
 });
 
@@ -303,7 +309,6 @@ if current == false and ARGV[3] == '1' then
     return 1
 end
 return 0
-"
-        .to_owned(),
+",
     )
 });

@@ -36,6 +36,16 @@ pub(crate) enum Wakeups {
 }
 
 impl Wakeups {
+    /// Whether these are a Redis Cluster's (its keys carry their name as a
+    /// hash tag).
+    pub(crate) fn on_cluster(&self) -> bool {
+        match self {
+            Wakeups::Nodes(_) => false,
+            #[cfg(feature = "cluster")]
+            Wakeups::Cluster(_) => true,
+        }
+    }
+
     /// Whether a release of the name of `keys` announced from now on
     /// reaches this process.
     #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
