@@ -50,8 +50,6 @@ use tokio::time::Instant;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 
 use common::Servers;
-use support::RedisNodes;
-use support::cluster::RedisCluster;
 
 const CONTENDERS: usize = 8;
 const CLIENTS: usize = 2;
@@ -344,18 +342,13 @@ fn main() {
     let mut rows = Vec::new();
     // tower-dsync on one node: the reference of the cluster's row.
     let mut single: Option<Figures> = None;
-    for servers in [
-        || Servers::Nodes(RedisNodes::start(1)),
-        || Servers::Nodes(RedisNodes::start(3)),
-        || Servers::Cluster(RedisCluster::start(3, 0)),
-    ] {
+    for servers in Servers::all() {
         let servers = servers();
         let label = servers.label();
         let mut ours: Option<(f64, f64, f64)> = None;
         for library in libraries {
             if !library.label().contains(&filter)
-                || (matches!(servers, Servers::Cluster(_))
-                    && !matches!(library, Library::TowerDsync))
+                || (servers.is_cluster() && !matches!(library, Library::TowerDsync))
             {
                 continue;
             }
@@ -363,8 +356,8 @@ fn main() {
             match (library, ours) {
                 (Library::TowerDsync, _) => ours = Some((f.per_second, f.p99_ms, f.commands)),
                 (Library::Rslock { .. }, Some((per_second, p99, commands))) => rows.push(format!(
-                    "contention,{label} node{},tower-dsync vs {},{:.3},{:.3},{:.3}",
-                    if label == "1" { "" } else { "s" },
+                    "contention,{},tower-dsync vs {},{:.3},{:.3},{:.3}",
+                    servers.nodes(),
                     library.label(),
                     per_second / f.per_second,
                     f.p99_ms / p99,
@@ -398,7 +391,7 @@ fn main() {
                         one.gap_p50_ms / f.gap_p50_ms,
                     );
                     rows.push(format!(
-                        "contention,cluster of 3,tower-dsync on a cluster vs on one node,{:.3},{:.3},{:.3}",
+                        "contention,{label},tower-dsync on a cluster vs on one node,{:.3},{:.3},{:.3}",
                         f.per_second / one.per_second,
                         one.p99_ms / f.p99_ms,
                         one.commands / f.commands,

@@ -38,8 +38,6 @@ use redis::aio::MultiplexedConnection;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync};
 
 use common::Servers;
-use support::RedisNodes;
-use support::cluster::RedisCluster;
 
 /// One lock client under test.
 #[derive(Clone, Copy, PartialEq)]
@@ -305,35 +303,27 @@ fn main() {
     // contains it (for profiling; the ratios then mean nothing).
     let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     let mut rows = Vec::new();
-    let deployments: [fn() -> Servers; 3] = [
-        || Servers::Nodes(RedisNodes::start(1)),
-        || Servers::Nodes(RedisNodes::start(3)),
-        || Servers::Cluster(RedisCluster::start(3, 0)),
-    ];
-    for servers in deployments {
+    for servers in Servers::all() {
         let servers = servers();
         let n = servers.label();
-        let cluster = matches!(servers, Servers::Cluster(_));
         for tasks in [1, 16] {
             let mut samples: Vec<Samples> = LIBRARIES.iter().map(|_| Samples::default()).collect();
             let mut server = [0.0; 3];
             let mut client = [0.0; 3];
             for _ in 0..rounds {
                 for (i, library) in LIBRARIES.into_iter().enumerate() {
-                    if !library.label().contains(&filter) || (cluster && library == Library::Rslock)
+                    if !library.label().contains(&filter)
+                        || (servers.is_cluster() && library == Library::Rslock)
                     {
                         continue;
                     }
                     let (before, before_client) = (server_cpu(&servers), client_cpu());
                     let round = runtime.block_on(async {
                         let turn = Duration::from_secs(1);
-                        match (&servers, library) {
-                            (_, Library::Floor) => floor(&servers, tasks, turn).await,
-                            (_, Library::TowerDsync) => tower_dsync(&servers, tasks, turn).await,
-                            (Servers::Nodes(nodes), Library::Rslock) => {
-                                rslock(&nodes.urls(), tasks, turn).await
-                            }
-                            (Servers::Cluster(_), Library::Rslock) => unreachable!(),
+                        match library {
+                            Library::Floor => floor(&servers, tasks, turn).await,
+                            Library::TowerDsync => tower_dsync(&servers, tasks, turn).await,
+                            Library::Rslock => rslock(&servers.urls(), tasks, turn).await,
                         }
                     });
                     if std::env::var_os("DSYNC_BENCH_VERBOSE").is_some() {
@@ -378,8 +368,8 @@ fn main() {
                     ratio.2,
                 );
                 rows.push(format!(
-                    "cycle,{n} node{} {tasks} task{},{},{:.3},{:.3},{:.3}",
-                    if n == "1" { "" } else { "s" },
+                    "cycle,{} {tasks} task{},{},{:.3},{:.3},{:.3}",
+                    servers.nodes(),
                     if tasks == 1 { "" } else { "s" },
                     library.label().split(' ').next().unwrap_or_default(),
                     ratio.0,

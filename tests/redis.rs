@@ -11,7 +11,9 @@ use std::collections::HashSet;
 use std::pin::pin;
 use std::time::Duration;
 
-use conformance::{Suite, eventually, poll_once, real_time_options, unique};
+use conformance::{
+    Suite, eventually, poll_once, real_time_options, served_in_start_order, unique, wake_only,
+};
 use support::RedisNodes;
 use tokio::time::Instant;
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, RedisSync};
@@ -744,11 +746,7 @@ fn wake_channels(server: &support::RedisServer) -> usize {
 async fn waiters_wake_on_release_messages() {
     let mut nodes = RedisNodes::start(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
-    let hour = Duration::from_secs(3600);
-    let options = DistMutexOptions::default()
-        .with_expiry(hour)
-        .with_retry_delay(hour)
-        .with_tries(3);
+    let options = wake_only(3);
     let name = unique("push");
     let mut a = sync.new_mutex(&name, options.clone()).unwrap();
     a.lock().await.unwrap();
@@ -790,17 +788,13 @@ async fn waiters_wake_on_release_messages() {
 }
 
 /// A release right after a waiter was refused is not missed, whatever the
-/// interleaving with the waiter's subscription (its retry delay and the
-/// expiry are an hour).
+/// interleaving with the waiter's subscription (its retry delay is an
+/// hour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_during_subscription_is_not_missed() {
     let nodes = RedisNodes::start(1);
     let sync = RedisSync::new(nodes.urls()).unwrap();
-    let hour = Duration::from_secs(3600);
-    let options = DistMutexOptions::default()
-        .with_expiry(hour)
-        .with_retry_delay(hour)
-        .with_tries(3);
+    let options = wake_only(3);
     for round in 0..30u32 {
         let name = unique("race");
         let mut a = sync.new_mutex(&name, options.clone()).unwrap();
@@ -853,30 +847,6 @@ async fn preset_value_resend_does_not_take_another_owners_key() {
     first.unlock().await.unwrap();
 }
 
-/// Waits until the wall clock has moved to the next millisecond, so that
-/// the next waiter starts strictly later (the wait queues order processes
-/// by their waiters' starts, in ms).
-fn next_millisecond() {
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    };
-    let start = now();
-    while now() == start {
-        std::hint::spin_loop();
-    }
-}
-
-/// How many processes wait in the queue `queue` on `server`.
-fn queued(server: &support::RedisServer, queue: &str) -> usize {
-    redis::cmd("ZCARD")
-        .arg(queue)
-        .query(&mut server.connection())
-        .unwrap()
-}
-
 /// Waiters of two processes are served in the order they started waiting,
 /// on one node and on three: the wait queue is honoured by the acquire
 /// script, and each release wakes the process first in line (the retry
@@ -891,11 +861,7 @@ async fn fifo_across_processes(nodes: usize) {
         RedisSync::new(nodes.urls()).unwrap(),
         RedisSync::new(nodes.urls()).unwrap(),
     ];
-    let hour = Duration::from_secs(3600);
-    let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(60))
-        .with_retry_delay(hour)
-        .with_tries(1000);
+    let options = wake_only(1000);
     let name = unique("fifo-processes");
     let key = format!("dsync:{name}");
     let queue = format!("dsync:{name}\u{1f}queue");
@@ -909,42 +875,10 @@ async fn fifo_across_processes(nodes: usize) {
         async || nodes.count_value(&key, holder.value()) == count,
     )
     .await;
-    let order = std::sync::Mutex::new(Vec::new());
-    // Waiters 0..8 alternate between the processes: 0 in the second
-    // process, 1 in the first, and so on.
-    let mut waiters = Vec::new();
-    for id in 0..8usize {
-        let mut mutex = processes[(id + 1) % 2]
-            .new_mutex(&name, options.clone())
-            .unwrap();
-        let order = &order;
-        waiters.push(Box::pin(async move {
-            mutex.lock().await.unwrap();
-            order.lock().unwrap().push(id);
-            mutex.unlock().await.unwrap();
-        }));
-    }
-    for waiter in &mut waiters {
-        next_millisecond();
-        assert!(poll_once(waiter.as_mut()).await.is_none(), "must wait");
-    }
-    // One poll may not have sent the first attempt of a process (its
-    // connection is made on first use): keep the waiters going until each
-    // process has its place in line on every node.
-    let mut all = pin!(futures_util::future::join_all(waiters));
-    tokio::select! {
-        _ = all.as_mut() => panic!("a waiter was served while the holder held the name"),
-        () = eventually(
-            Duration::from_secs(10),
-            "both processes in line on every node",
-            async || nodes.servers.iter().all(|s| queued(s, &queue) == 2),
-        ) => {}
-    }
-    holder.unlock().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .expect("every waiter woken by a release");
-    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    served_in_start_order(&processes, &name, holder, &options, async || {
+        nodes.servers.iter().all(|s| s.zcard(&queue) == 2)
+    })
+    .await;
     no_key_left(&nodes, &queue).await;
 }
 
@@ -964,10 +898,7 @@ async fn waiters_are_served_fifo_across_processes_three_nodes() {
 async fn a_try_does_not_jump_the_line() {
     let nodes = RedisNodes::start(1);
     let (first, second) = two_processes(&nodes);
-    let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(60))
-        .with_retry_delay(Duration::from_secs(3600))
-        .with_tries(1000);
+    let options = wake_only(1000);
     let name = unique("no-jump");
     let mut holder = first.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
@@ -1077,10 +1008,7 @@ async fn leftover_release_does_not_wake_its_own_process() {
     // Tries to spare: the attempts below are never the waiter's last (the
     // release of a last try does not put the process back in line, and
     // wakes whoever is first there, its own next waiter included).
-    let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(60))
-        .with_retry_delay(Duration::from_secs(3600))
-        .with_tries(1000);
+    let options = wake_only(1000);
     let name = unique("self-wake");
     let key = format!("dsync:{name}");
     let mut holder = one.new_mutex(&name, options.clone()).unwrap();
@@ -1313,6 +1241,19 @@ async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
     assert!(token > last, "token {token} after {last}");
 }
 
+/// A master, its replica, and a `RedisSync` on the master that waits for
+/// one replica, at most `wait`, after each acquisition and extension.
+fn master_with_replica(wait: Duration) -> (support::RedisServer, support::RedisServer, RedisSync) {
+    let master = support::RedisServer::start();
+    let replica = support::RedisServer::start_replica_of(&master);
+    let sync = RedisSync::builder()
+        .url(master.url())
+        .wait_replicas(1, wait)
+        .build()
+        .unwrap();
+    (master, replica, sync)
+}
+
 /// `wait_replicas` on an independent master with one replica: an
 /// acquisition returns only once the replica has the lock; while the
 /// replica is stopped, extensions and acquisitions fail with a typed
@@ -1320,18 +1261,14 @@ async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
 /// they succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_replicas_on_a_master_with_a_replica() {
-    let master = support::RedisServer::start();
-    let mut replica = support::RedisServer::start_replica_of(&master);
-    let sync = RedisSync::builder()
-        .url(master.url())
-        .wait_replicas(1, Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let (master, mut replica, sync) = master_with_replica(Duration::from_millis(200));
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(60));
     let name = unique("replicated");
     let key = format!("dsync:{name}");
     let mut m = sync.new_mutex(&name, options.clone()).unwrap();
     m.lock().await.unwrap();
+    // A sanity check (loopback replication is quick even without the
+    // WAIT); the shortfalls below are what show the WAIT is there.
     let on_replica: Option<String> = redis::cmd("GET")
         .arg(&key)
         .query(&mut replica.connection())
@@ -1371,13 +1308,7 @@ async fn wait_replicas_on_a_master_with_a_replica() {
 /// a release of another lock of the same process completes meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_do_not_queue_behind_a_wait() {
-    let master = support::RedisServer::start();
-    let mut replica = support::RedisServer::start_replica_of(&master);
-    let sync = RedisSync::builder()
-        .url(master.url())
-        .wait_replicas(1, Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let (master, mut replica, sync) = master_with_replica(Duration::from_secs(60));
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(120))
         .with_tries(1);
@@ -1402,6 +1333,8 @@ async fn releases_do_not_queue_behind_a_wait() {
         },
     )
     .await;
+    // Behind the WAIT, the release would time out (its per-node timeout
+    // is 6 s, the WAIT's 60 s).
     held.unlock().await.unwrap();
     assert!(!acquisition.is_finished(), "the release went first");
     replica.resume();

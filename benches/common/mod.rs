@@ -51,11 +51,35 @@ mod deployments {
     }
 
     impl Servers {
+        /// The deployments every Redis bench measures, in order: one node,
+        /// Redlock over three, a 3-master cluster (started when called).
+        pub fn all() -> [fn() -> Servers; 3] {
+            [
+                || Servers::Nodes(RedisNodes::start(1)),
+                || Servers::Nodes(RedisNodes::start(3)),
+                || Servers::Cluster(RedisCluster::start(3, 0)),
+            ]
+        }
+
+        /// Whether this is a Redis Cluster (which rslock cannot use).
+        pub fn is_cluster(&self) -> bool {
+            matches!(self, Servers::Cluster(_))
+        }
+
+        /// The tables' "nodes" column: `1`, `3`, `cluster of 3`.
         pub fn label(&self) -> String {
             match self {
                 Servers::Nodes(nodes) => nodes.servers.len().to_string(),
                 Servers::Cluster(cluster) => format!("cluster of {}", cluster.masters().len()),
             }
+        }
+
+        /// The label with its noun, for the CSV rows: `1 node`, `3 nodes`,
+        /// `cluster of 3 nodes`.
+        pub fn nodes(&self) -> String {
+            let label = self.label();
+            let plural = if label == "1" { "" } else { "s" };
+            format!("{label} node{plural}")
         }
 
         /// The servers that take commands.

@@ -40,6 +40,79 @@ pub fn real_time_options() -> DistMutexOptions {
         .with_retry_delay(Duration::from_millis(5))
 }
 
+/// Options for waiters that only a release's wake-up can serve: an
+/// hour-long retry delay, a minute-long expiry, and `tries`.
+pub fn wake_only(tries: u32) -> DistMutexOptions {
+    DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_retry_delay(Duration::from_secs(3600))
+        .with_tries(tries)
+}
+
+/// Waits until the wall clock has moved to the next millisecond, so that
+/// the next waiter starts strictly later (wait queues order processes by
+/// their waiters' starts, in ms).
+pub fn next_millisecond() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let start = now();
+    while now() == start {
+        std::hint::spin_loop();
+    }
+}
+
+/// Waiters of two processes are served in the order they started waiting:
+/// while `holder` holds `name`, 8 waiters (made with `options`, served
+/// only by wake-ups) alternate between the processes, 0 in the second, 1 in
+/// the first, and so on, each a millisecond after the previous one. The
+/// holder lets go once `in_line` says both processes have their place in
+/// the wait queue everywhere: one poll may not have sent a process's first
+/// attempt (its connection is made on first use), so the waiters keep going
+/// meanwhile.
+pub async fn served_in_start_order<S: DistSync>(
+    processes: &[S; 2],
+    name: &str,
+    mut holder: S::Mutex,
+    options: &DistMutexOptions,
+    in_line: impl AsyncFnMut() -> bool,
+) {
+    let order = std::sync::Mutex::new(Vec::new());
+    let mut waiters = Vec::new();
+    for id in 0..8usize {
+        let mut mutex = processes[(id + 1) % 2]
+            .new_mutex(name, options.clone())
+            .unwrap();
+        let order = &order;
+        waiters.push(Box::pin(async move {
+            mutex.lock().await.unwrap();
+            order.lock().unwrap().push(id);
+            mutex.unlock().await.unwrap();
+        }));
+    }
+    for waiter in &mut waiters {
+        next_millisecond();
+        assert!(poll_once(waiter.as_mut()).await.is_none(), "must wait");
+    }
+    let mut all = pin!(futures_util::future::join_all(waiters));
+    tokio::select! {
+        _ = all.as_mut() => panic!("a waiter was served while the holder held the name"),
+        () = eventually(
+            Duration::from_secs(10),
+            "both processes in line everywhere",
+            in_line,
+        ) => {}
+    }
+    holder.unlock().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every waiter woken by a release");
+    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+}
+
 /// Polls `check` until it yields true; panics after `bound`.
 pub async fn eventually(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + bound;

@@ -9,7 +9,7 @@
 //! [`Migration::finish`] to act in the middle), kill a master and wait for
 //! a replica to take over ([`RedisCluster::kill_master_and_wait_failover`]),
 //! and bring a killed node back ([`RedisCluster::restart_node`]). Every
-//! wait polls with a bound ([`BOUND`]); none sleeps to order events.
+//! wait polls with a bound ([`BOUND`](super::BOUND)); none sleeps to order events.
 //!
 //! The harness talks to each node directly with a plain connection. A node
 //! answers commands on keys in the slots it serves only: `EXISTS` on a
@@ -22,18 +22,12 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::RedisServer;
+use super::{RedisServer, field, wait_for};
 
 /// The number of hash slots.
 pub const SLOTS: usize = 16384;
-
-/// How long a wait for the cluster may take before the test fails.
-pub const BOUND: Duration = Duration::from_secs(30);
-
-/// How often a wait asks the nodes again.
-const POLL: Duration = Duration::from_millis(20);
 
 /// Keys moved per `MIGRATE`.
 const MIGRATE_BATCH: usize = 100;
@@ -86,7 +80,7 @@ impl RedisCluster {
     /// (`cluster-replica-validity-factor 0`).
     ///
     /// Panics if `redis-cli` is missing or fails (with its output), or if
-    /// the cluster is not ready within [`BOUND`].
+    /// the cluster is not ready within [`BOUND`](super::BOUND).
     pub fn start(masters: usize, replicas_per_master: usize) -> RedisCluster {
         Self::start_with(masters, replicas_per_master, &[])
     }
@@ -152,16 +146,6 @@ impl RedisCluster {
         cluster
     }
 
-    /// The number of nodes, killed ones included.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Always false: a cluster has at least three nodes.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     /// `redis://127.0.0.1:PORT` of every node, masters and replicas, killed
     /// or not, in node order.
     pub fn seeds(&self) -> Vec<String> {
@@ -177,11 +161,6 @@ impl RedisCluster {
     /// Node `i`, mutably: to kill, pause, resume or restart it.
     pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
         &mut self.nodes[i]
-    }
-
-    /// The node id of node `i` (`CLUSTER MYID`), which a restart keeps.
-    pub fn node_id(&self, i: usize) -> &str {
-        &self.ids[i]
     }
 
     /// The hash slot of `key` (`CLUSTER KEYSLOT`, asked of a live node).
@@ -361,16 +340,9 @@ impl RedisCluster {
         keys.iter().any(|k| k == key)
     }
 
-    /// `CONFIG SET param value` on every live node.
-    pub fn config_set_all(&self, param: &str, value: &str) {
-        for i in self.live_nodes() {
-            let _: () = self.run(i, redis::cmd("CONFIG").arg("SET").arg(param).arg(value));
-        }
-    }
-
     /// Waits until the cluster is stable (see [`RedisCluster::restart_node`])
     /// and `extra` holds, and returns what `extra` returned; panics after
-    /// [`BOUND`] with `what` and the last reason it was not.
+    /// [`BOUND`](super::BOUND) with `what` and the last reason it was not.
     pub fn wait_stable<T>(
         &self,
         what: &str,
@@ -526,11 +498,6 @@ impl RedisCluster {
 }
 
 impl Migration<'_> {
-    /// The slot being moved.
-    pub fn slot(&self) -> u16 {
-        self.slot
-    }
-
     /// The node the slot is moving from.
     pub fn source(&self) -> usize {
         self.from
@@ -806,27 +773,4 @@ fn setslot(slot: u16, state: &str, node: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("CLUSTER");
     cmd.arg("SETSLOT").arg(slot).arg(state).arg(node);
     cmd
-}
-
-/// `name:value` in an `INFO` or `CLUSTER INFO` reply.
-fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| {
-        let (key, value) = line.trim_end().split_once(':')?;
-        (key == name).then_some(value)
-    })
-}
-
-/// Polls `check` until it returns a value; panics after [`BOUND`] with
-/// `what` and the last error.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("not within {BOUND:?}: {what} (last: {e})")
-            }
-            Err(_) => std::thread::sleep(POLL),
-        }
-    }
 }

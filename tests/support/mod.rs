@@ -82,18 +82,17 @@ impl RedisServer {
             .map(String::from)
             .to_vec();
         let replica = Self::start_with_args(free_port, &args);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        wait_for("the replica's link to its master is up", || {
             let info: String = redis::cmd("INFO")
                 .arg("replication")
                 .query(&mut replica.connection())
-                .expect("INFO replication");
-            if info.contains("master_link_status:up") {
-                return replica;
+                .map_err(|e| e.to_string())?;
+            match field(&info, "master_link_status") {
+                Some("up") => Ok(()),
+                status => Err(format!("master_link_status {status:?}")),
             }
-            assert!(Instant::now() < deadline, "the replica never synced");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        });
+        replica
     }
 
     fn start_configured(
@@ -167,11 +166,6 @@ impl RedisServer {
     /// Whether the process runs (it was not killed), paused or not.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
-    }
-
-    /// Whether the process is paused (`SIGSTOP`).
-    pub fn is_paused(&self) -> bool {
-        self.paused
     }
 
     /// Whether the process runs and is not paused, so that it answers.
@@ -251,6 +245,15 @@ impl RedisServer {
             .arg(key)
             .query(&mut self.connection())
             .expect("EXISTS")
+    }
+
+    /// How many members the sorted set `key` has (how many processes wait
+    /// in a wait queue).
+    pub fn zcard(&self, key: &str) -> usize {
+        redis::cmd("ZCARD")
+            .arg(key)
+            .query(&mut self.connection())
+            .expect("ZCARD")
     }
 
     /// Deletes `key` behind the lock's back.
@@ -475,5 +478,34 @@ pub async fn wait_until(bound: Duration, what: &str, mut check: impl FnMut() -> 
     while !check() {
         assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long a wait for a server's state may take before the test fails.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+/// How often such a wait asks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// `name:value` in an `INFO` or `CLUSTER INFO` reply.
+pub fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.trim_end().split_once(':')?;
+        (key == name).then_some(value)
+    })
+}
+
+/// Polls `check` until it returns a value; panics after [`BOUND`] with
+/// `what` and the last error.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("not within {BOUND:?}: {what} (last: {e})")
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
     }
 }
