@@ -67,6 +67,25 @@ async fn woken(waiting: tokio::task::JoinHandle<RedisMutex>, what: &str) -> Redi
         .unwrap()
 }
 
+/// Waits until the process of `waiting` has subscribed to its channel on
+/// `master` (the one of the name's slot), releases `holder`, and returns
+/// the waiter once that release woke it.
+async fn release_to_subscribed(
+    cluster: &RedisCluster,
+    master: usize,
+    holder: &mut RedisMutex,
+    waiting: tokio::task::JoinHandle<RedisMutex>,
+) -> RedisMutex {
+    eventually(
+        Duration::from_secs(10),
+        &format!("the waiter's process subscribed on node {master}"),
+        async || shard_channels(cluster, master) == 1,
+    )
+    .await;
+    holder.unlock().await.unwrap();
+    woken(waiting, "woken by the release").await
+}
+
 /// Every key of a name (lock, fencing counter, wait queue, leases) lives on
 /// the master of the name's slot, and names spread over the masters. After
 /// the release only the fencing counters are left.
@@ -155,18 +174,7 @@ async fn waiters_wake_on_sharded_messages() {
     }
     let waiter = b.new_mutex(&name, options).unwrap();
     let waiting = lock_in_background(waiter);
-    eventually(
-        Duration::from_secs(10),
-        "b subscribed on the slot's master",
-        async || shard_channels(&cluster, master) == 1,
-    )
-    .await;
-    holder.unlock().await.unwrap();
-    let mut waiter = woken(
-        waiting,
-        "woken by the release, not by the hour-long retry delay",
-    )
-    .await;
+    let mut waiter = release_to_subscribed(&cluster, master, &mut holder, waiting).await;
     waiter.unlock().await.unwrap();
     assert!(cluster.node(master).calls("spublish") >= 1);
     for i in cluster.masters() {
@@ -296,14 +304,7 @@ async fn a_held_lock_survives_its_slot_moving() {
     assert!(holder.valid().await.unwrap());
     let waiter = b.new_mutex(&name, options.clone()).unwrap();
     let waiting = lock_in_background(waiter);
-    eventually(
-        Duration::from_secs(10),
-        "b subscribed on the new master",
-        async || shard_channels(&cluster, to) == 1,
-    )
-    .await;
-    holder.unlock().await.unwrap();
-    let mut waiter = woken(waiting, "woken by the release").await;
+    let mut waiter = release_to_subscribed(&cluster, to, &mut holder, waiting).await;
     assert!(waiter.fencing_token().unwrap() > first);
     waiter.unlock().await.unwrap();
 }
@@ -333,14 +334,7 @@ async fn a_waiter_is_woken_after_its_slot_moved() {
     )
     .await;
     cluster.move_slot(slot, to);
-    eventually(
-        Duration::from_secs(10),
-        "b subscribed on the new master",
-        async || shard_channels(&cluster, to) == 1,
-    )
-    .await;
-    holder.unlock().await.unwrap();
-    let mut waiter = woken(waiting, "woken by the release after the move").await;
+    let mut waiter = release_to_subscribed(&cluster, to, &mut holder, waiting).await;
     waiter.unlock().await.unwrap();
 }
 
