@@ -130,6 +130,7 @@ impl DistSync for MemorySync {
             options,
             until: None,
             token: None,
+            released: false,
         })
     }
 
@@ -161,6 +162,10 @@ pub struct MemoryMutex {
     value: Option<Arc<str>>,
     until: Option<Instant>,
     token: Option<u64>,
+    /// Set by a successful `unlock`, cleared by the next `lock`: a released
+    /// mutex refuses `extend`, also while another mutex holds the name with
+    /// the same (preset) value.
+    released: bool,
 }
 
 impl fmt::Debug for MemoryMutex {
@@ -207,6 +212,7 @@ impl MemoryMutex {
         let mut names = self.shared.names();
         if names.release(&self.name, self.value()) {
             self.until = None;
+            self.released = true;
             Ok(())
         } else {
             Err(Error::NotAcquired)
@@ -222,6 +228,7 @@ impl MemoryMutex {
                 .unwrap_or(grant.expires_at),
         );
         self.token = Some(grant.token);
+        self.released = false;
     }
 }
 
@@ -285,6 +292,9 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn extend(&mut self) -> Result<()> {
+        if self.released {
+            return Err(Error::NotAcquired);
+        }
         let mut names = self.shared.names();
         let expires_at = names
             .extend(&self.name, self.value(), self.options.expiry())

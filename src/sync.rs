@@ -125,7 +125,8 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
 
     /// Resets the lock's expiry to the full `expiry` from now and moves
     /// [`until`](Self::until) forward. Fails with [`Error::NotAcquired`]
-    /// if this mutex's value does not hold the lock.
+    /// if this mutex's value does not hold the lock, and after a successful
+    /// [`unlock`](Self::unlock) until the next [`lock`](Self::lock).
     fn extend(&mut self) -> impl Future<Output = Result<()>> + Send;
 
     /// Asks the backend whether this mutex's value still holds an unexpired

@@ -162,6 +162,27 @@ async fn paused_node_is_bounded_by_the_node_timeout() {
     no_key_left(&nodes, &key).await;
 }
 
+/// With `set_nx_on_extend`, an `extend` may re-create a key a node lost,
+/// but never the key of a lock its mutex released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_nx_on_extend_never_takes_back_a_released_name() {
+    let servers = RedisNodes::start(3);
+    let build = || {
+        RedisSync::builder()
+            .urls(servers.urls())
+            .set_nx_on_extend(true)
+            .build()
+            .unwrap()
+    };
+    let suite = Suite {
+        sync: build(),
+        other: build(),
+        base: real_time_options(),
+        guard: Box::new(()),
+    };
+    suite.extend_after_unlock_is_refused().await;
+}
+
 /// A node restarted empty gets the key back from `extend` with
 /// `set_nx_on_extend`, and not without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,6 +460,8 @@ impl RedisSyncBuilder {
     /// `extend` re-creates the key on a node that lost it (restarted empty,
     /// say) if the name is free there, instead of only resetting the expiry
     /// where the key still holds our value (default off, as in go-redsync).
+    /// A mutex that released its lock re-creates nothing: its `extend`
+    /// fails with [`Error::NotAcquired`] until its next `lock`.
     pub fn set_nx_on_extend(mut self, on: bool) -> Self {
         self.set_nx_on_extend = on;
         self

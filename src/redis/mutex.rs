@@ -57,6 +57,11 @@ pub struct RedisMutex {
     value: Arc<str>,
     until: Option<Instant>,
     token: Option<u64>,
+    /// Set by a successful `unlock`, cleared by the next `lock`: a released
+    /// mutex refuses `extend`, which could otherwise re-create the key
+    /// (`set_nx_on_extend`) past the wait queue, with the released
+    /// acquisition's token.
+    released: bool,
     /// The release of a failed or abandoned attempt, with its value, while
     /// it may still run.
     cleanup: Option<Cleanup>,
@@ -83,6 +88,7 @@ impl RedisMutex {
             options,
             until: None,
             token: None,
+            released: false,
             cleanup: None,
         }
     }
@@ -236,6 +242,7 @@ impl DistMutex for RedisMutex {
                     self.value = value;
                     self.until = Some(until);
                     self.token = Some(token);
+                    self.released = false;
                     return Ok(());
                 }
                 (Err(error), _) => error,
@@ -305,11 +312,12 @@ impl DistMutex for RedisMutex {
             return Err(Error::NotAcquired);
         }
         self.until = None;
+        self.released = true;
         Ok(())
     }
 
     async fn extend(&mut self) -> Result<()> {
-        if self.value.is_empty() {
+        if self.value.is_empty() || self.released {
             return Err(Error::NotAcquired);
         }
         wait_for_cleanup(&mut self.cleanup, &self.value).await;

@@ -349,6 +349,39 @@ impl<S: DistSync> Suite<S> {
         assert!(matches!(a.extend().await, Err(Error::NotAcquired)));
     }
 
+    /// A released mutex refuses `extend` until its next `lock`, also where
+    /// `extend` may re-create a lost key and while the name is free: an
+    /// extension must never take a name its mutex let go of. A preset value
+    /// changes nothing: the lock another mutex took with it is that
+    /// mutex's to extend.
+    pub async fn extend_after_unlock_is_refused(&self) {
+        let name = unique("extend-released");
+        let mut a = self.mutex(&name, self.once());
+        a.lock().await.unwrap();
+        a.unlock().await.unwrap();
+        assert!(matches!(a.extend().await, Err(Error::NotAcquired)));
+        assert_eq!(a.until(), None);
+        assert!(!a.valid().await.unwrap(), "extend took the name back");
+        self.assert_free(&name).await;
+        // Locked again, it extends again.
+        a.lock().await.unwrap();
+        a.extend().await.unwrap();
+        a.unlock().await.unwrap();
+
+        let mut b = self.mutex(&name, self.once().with_value("shared-value"));
+        b.lock().await.unwrap();
+        b.unlock().await.unwrap();
+        let mut c = self
+            .other
+            .new_mutex(&name, self.once().with_value("shared-value"))
+            .unwrap();
+        c.lock().await.unwrap();
+        assert!(matches!(b.extend().await, Err(Error::NotAcquired)));
+        c.unlock().await.unwrap();
+        assert!(matches!(b.extend().await, Err(Error::NotAcquired)));
+        self.assert_free(&name).await;
+    }
+
     /// The `value` option lets another mutex (another process) act on a lock.
     pub async fn ownership_transfer(&self) {
         let name = unique("transfer");
@@ -567,7 +600,7 @@ macro_rules! conformance_tests {
             basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
             ownership_transfer cancel_while_waiting cancel_while_acquiring
             extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow
-            waiters_are_served_fifo answers_at_once);
+            waiters_are_served_fifo answers_at_once extend_after_unlock_is_refused);
     };
     (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {
         $(
