@@ -62,6 +62,9 @@ pub struct DistMutexOptions {
     expiry: Duration,
     tries: u32,
     delay_fn: DelayFn,
+    /// The longest delay `delay_fn` returns, when it is random and its
+    /// range is known (the default); `None`: its value is its longest.
+    delay_ceiling: Option<Duration>,
     drift_factor: f64,
     timeout_factor: f64,
     /// `None`: the default, [`random_value`].
@@ -75,6 +78,7 @@ impl Default for DistMutexOptions {
             expiry: Duration::from_secs(8),
             tries: 32,
             delay_fn: Arc::new(default_delay),
+            delay_ceiling: Some(DEFAULT_DELAY_CEILING),
             drift_factor: 0.01,
             timeout_factor: 0.05,
             gen_value_fn: None,
@@ -112,6 +116,12 @@ impl DistMutexOptions {
     /// How many times `lock` tries before it gives up with
     /// [`Error::Held`]. Must be at least 1.
     ///
+    /// Between two tries `lock` waits for the retry delay (or less, when
+    /// woken by a release), so its tries take at most
+    /// [`longest_wait`](Self::longest_wait). A caller of the Redis backend
+    /// that lines up behind another caller of its process for the same
+    /// name waits its turn at most that long, then makes its tries.
+    ///
     /// ```
     /// let o = tower_dsync::DistMutexOptions::default().with_tries(1);
     /// assert_eq!(o.tries(), 1);
@@ -137,6 +147,7 @@ impl DistMutexOptions {
         delay: impl Fn(u32) -> Duration + Send + Sync + 'static,
     ) -> Self {
         self.delay_fn = Arc::new(delay);
+        self.delay_ceiling = None;
         self
     }
 
@@ -234,6 +245,61 @@ impl DistMutexOptions {
     /// ```
     pub fn delay(&self, retry: u32) -> Duration {
         (self.delay_fn)(retry)
+    }
+
+    /// The longest [`delay`](Self::delay) before retry number `retry` can
+    /// be: for the default random delay, the top of its range (250 ms);
+    /// for a delay function, what it returns.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use tower_dsync::DistMutexOptions;
+    /// assert_eq!(DistMutexOptions::default().longest_delay(1), Duration::from_millis(250));
+    /// let fixed = DistMutexOptions::default().with_retry_delay(Duration::ZERO);
+    /// assert_eq!(fixed.longest_delay(1), Duration::ZERO);
+    /// ```
+    pub fn longest_delay(&self, retry: u32) -> Duration {
+        self.delay_ceiling.unwrap_or_else(|| self.delay(retry))
+    }
+
+    /// The longest time the tries of one `lock` can take: one
+    /// [`node_timeout`](Self::node_timeout) per try (an attempt waits for
+    /// its nodes at most that long) and the
+    /// [`longest_delay`](Self::longest_delay) before each retry. Never zero
+    /// with more than one try, whatever the delay.
+    ///
+    /// The sum is made lazily, try by try, by callers that wait: with
+    /// `u32::MAX` tries it is effectively unbounded, and computing it here
+    /// walks every try (a delay function is called once per retry).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use tower_dsync::DistMutexOptions;
+    /// let o = DistMutexOptions::default()
+    ///     .with_expiry(Duration::from_secs(1))
+    ///     .with_tries(3)
+    ///     .with_retry_delay(Duration::ZERO);
+    /// // Three node timeouts of 50 ms, no delay.
+    /// assert_eq!(o.longest_wait(), Duration::from_millis(150));
+    /// ```
+    pub fn longest_wait(&self) -> Duration {
+        (1..=self.tries).fold(Duration::ZERO, |sum, try_number| {
+            sum.saturating_add(self.try_slot(try_number))
+        })
+    }
+
+    /// The longest try number `try_number` (from 1) of `lock` can take:
+    /// the attempt, and the delay after it unless it is the last. At least
+    /// a millisecond, so that a wait made of slots always ends.
+    pub(crate) fn try_slot(&self, try_number: u32) -> Duration {
+        let delay = if try_number < self.tries {
+            self.longest_delay(try_number)
+        } else {
+            Duration::ZERO
+        };
+        self.node_timeout()
+            .saturating_add(delay)
+            .max(Duration::from_millis(1))
     }
 
     /// The drift factor.
@@ -403,6 +469,9 @@ fn default_delay(_retry: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(50..250))
 }
 
+/// The top of [`default_delay`]'s range.
+const DEFAULT_DELAY_CEILING: Duration = Duration::from_millis(250);
+
 /// 128 random bits from a CSPRNG (the thread-local ChaCha generator seeded
 /// by the operating system), as 32 lowercase hex digits. The default value
 /// generator.
@@ -433,6 +502,37 @@ fn hex_str(hex: &[u8; 32]) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::DistMutexOptions;
+
+    #[test]
+    fn the_longest_wait_is_fixed_and_never_zero_with_retries() {
+        // The default delay is random; the bound counts the top of its
+        // range, the same on every call.
+        let default = DistMutexOptions::default();
+        let expected = Duration::from_millis(32 * 400 + 31 * 250);
+        for _ in 0..100 {
+            assert_eq!(default.longest_wait(), expected);
+        }
+        let zero = default.clone().with_retry_delay(Duration::ZERO);
+        assert_eq!(zero.longest_wait(), Duration::from_millis(32 * 400));
+        let zero_first = default.with_tries(3).with_delay_fn(|retry| {
+            if retry == 1 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1)
+            }
+        });
+        assert_eq!(
+            zero_first.longest_wait(),
+            Duration::from_millis(3 * 400 + 1000),
+            "the last try has no delay after it"
+        );
+        let one_try = DistMutexOptions::default().with_tries(1);
+        assert_eq!(one_try.longest_wait(), Duration::from_millis(400));
+    }
+
     #[test]
     fn hex128_is_zero_padded_lowercase_hex() {
         for bits in [

@@ -33,10 +33,11 @@ use crate::sync::DistMutex;
 ///
 /// Callers of `lock` with more than one try line up per name within their
 /// `RedisSync`, first come first served, and only the first of them talks
-/// to the nodes; a caller waits in line at most `tries` times its first
-/// retry delay. Across processes, waiters are served in the order they
-/// started, through a wait queue on each node, and woken by the release
-/// (see [`RedisSync`](super::RedisSync#waiting-is-fair)).
+/// to the nodes; a caller waits in line at most as long as its own tries
+/// could take ([`DistMutexOptions::longest_wait`]), then makes its tries.
+/// Across processes, waiters are served in the order they started, through
+/// a wait queue on each node, and woken by the release (see
+/// [`RedisSync`](super::RedisSync#waiting-is-fair)).
 ///
 /// ```no_run
 /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
@@ -135,17 +136,14 @@ impl DistMutex for RedisMutex {
         // Callers that may wait line up per name in this process, first come
         // first served: only the first talks to the nodes, and the process
         // takes its place in the nodes' wait queues. A queued caller waits
-        // at most as long as its own tries would take.
+        // at most as long as its own tries could take.
         let mut waiter = (tries > 1).then(|| Waiter::join(&self.shared, &self.keys, timeout));
         let _turn = match &waiter {
             None => None,
-            Some(waiter) => {
-                let budget = || self.options.delay(1).saturating_mul(tries);
-                match waiter.turn(budget).await {
-                    Some(turn) => Some(turn),
-                    None => return Err(Error::Held { remaining: None }),
-                }
-            }
+            Some(waiter) => match waiter.turn(&self.options).await {
+                Some(turn) => Some(turn),
+                None => return Err(Error::Held { remaining: None }),
+            },
         };
         // An entry in the wait queues is kept for one expiry (at most
         // MAX_LEASE) without a renewal; a waiter renews it at least twice

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use super::Shared;
 use super::keys::Keys;
 use super::node::Lineup;
+use crate::options::DistMutexOptions;
 use crate::queue::{Place, Turn};
 
 /// What the waiters of one process share for one name.
@@ -136,12 +137,23 @@ impl Waiter {
         }
     }
 
-    /// Waits for this waiter's turn (FIFO), at most `budget()`.
-    pub(crate) async fn turn(&self, budget: impl FnOnce() -> Duration) -> Option<Turn<NameState>> {
-        match self.place.try_turn() {
-            Some(turn) => Some(turn),
-            None => tokio::time::timeout(budget(), self.place.wait()).await.ok(),
+    /// Waits for this waiter's turn (FIFO), at most as long as its own
+    /// tries could take ([`DistMutexOptions::longest_wait`]), summed try
+    /// by try while it waits, so that a turn that comes early never pays
+    /// for the sum of many tries.
+    pub(crate) async fn turn(&self, options: &DistMutexOptions) -> Option<Turn<NameState>> {
+        if let Some(turn) = self.place.try_turn() {
+            return Some(turn);
         }
+        let mut wait = std::pin::pin!(self.place.wait());
+        let mut deadline = tokio::time::Instant::now();
+        for try_number in 1..=options.tries() {
+            deadline += options.try_slot(try_number);
+            if let Ok(turn) = tokio::time::timeout_at(deadline, wait.as_mut()).await {
+                return Some(turn);
+            }
+        }
+        None
     }
 
     /// Whether an acquisition of this process put this waiter's start in

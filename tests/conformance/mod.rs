@@ -585,6 +585,57 @@ impl<S: DistSync> Suite<S> {
     }
 }
 
+impl<S: DistSync> Suite<S> {
+    /// A zero first retry delay does not make callers of one process give
+    /// up before their turn: three callers wait behind a holder, each with
+    /// a first retry delay of zero and later ones that only a release can
+    /// cut short, and each gets the name in turn.
+    pub async fn zero_first_delay_callers_are_served(&self) {
+        let name = unique("zero-delay");
+        let long = self.base.clone().with_expiry(Duration::from_secs(60));
+        let mut holder = self.other.new_mutex(&name, long.clone()).unwrap();
+        holder.lock().await.unwrap();
+        let options = long.with_tries(10).with_delay_fn(|retry| {
+            if retry == 1 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(3600)
+            }
+        });
+        let served = AtomicUsize::new(0);
+        let mut callers = Vec::new();
+        for _ in 0..3 {
+            let mut m = self.mutex(&name, options.clone());
+            let served = &served;
+            callers.push(Box::pin(async move {
+                let outcome = m.lock().await;
+                if outcome.is_ok() {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    m.unlock().await.unwrap();
+                }
+                outcome
+            }));
+        }
+        for caller in &mut callers {
+            if let Some(outcome) = poll_once(caller.as_mut()).await {
+                panic!("a caller did not wait for the holder: {outcome:?}");
+            }
+        }
+        holder.unlock().await.unwrap();
+        let outcomes = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::join_all(callers),
+        )
+        .await
+        .expect("every caller served by a release");
+        for outcome in outcomes {
+            outcome.expect("each caller gets the name in turn");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        self.assert_free(&name).await;
+    }
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -600,7 +651,8 @@ macro_rules! conformance_tests {
             basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
             ownership_transfer cancel_while_waiting cancel_while_acquiring
             extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow
-            waiters_are_served_fifo answers_at_once extend_after_unlock_is_refused);
+            waiters_are_served_fifo answers_at_once extend_after_unlock_is_refused
+            zero_first_delay_callers_are_served);
     };
     (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {
         $(
