@@ -793,6 +793,95 @@ async fn fencing_token_is_written_back_to_a_quorum() {
     m.unlock().await.unwrap();
 }
 
+/// Only nodes that granted an acquisition vouch for its fencing token. With
+/// nodes X, Y, Z: B's attempt takes Y while its command to X is held up on
+/// the way (a proxy); A, refused by Y, takes X and Z, whose counter is far
+/// ahead (attempts that got Z alone raised it); A's write-back of Z's token
+/// is lost on X (A may not read the counter there) and acknowledged by Y
+/// and Z; then B's command reaches X. Had Y's acknowledgement counted, A
+/// would hold a token that B, the next holder, gets below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_refused_does_not_vouch_for_the_token() {
+    let nodes = RedisNodes::start(3);
+    let (x, y, z) = (&nodes.servers[0], &nodes.servers[1], &nodes.servers[2]);
+    let name = unique("vouch");
+    let key = format!("dsync:{name}");
+    let counter = format!("{key}\u{1f}fence");
+    let _: () = redis::cmd("SET")
+        .arg(&counter)
+        .arg(10)
+        .query(&mut z.connection())
+        .unwrap();
+    // On X, A's user may run the scripts and read lock keys, not counters
+    // (every counter key ends in `fence`): its FENCE fails there, while its
+    // acquisition (SET, INCR) and release go through.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("fenceless")
+        .arg("on")
+        .arg(">secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-get")
+        .arg("(+get ~dsync:*[^e])")
+        .query(&mut x.connection())
+        .unwrap();
+    let a_sync = RedisSync::new([
+        format!("redis://fenceless:secret@127.0.0.1:{}", x.port()),
+        y.url(),
+        z.url(),
+    ])
+    .unwrap();
+    let proxy = support::proxy::Proxy::start(x.port()).await;
+    let dead = format!("redis://127.0.0.1:{}", support::free_port());
+    let b_sync = RedisSync::new([proxy.url(), y.url(), dead]).unwrap();
+    warm(&b_sync).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(20))
+        .with_timeout_factor(0.5)
+        .with_tries(1);
+    let mut b = b_sync.new_mutex(&name, options.clone()).unwrap();
+    proxy.hold();
+    let b_locks = tokio::spawn(async move {
+        let outcome = b.lock().await;
+        (outcome, b)
+    });
+    eventually(Duration::from_secs(10), "B's attempt took Y", async || {
+        y.exists(&key)
+    })
+    .await;
+    let mut a = a_sync.new_mutex(&name, options).unwrap();
+    let a_token = match a.lock().await {
+        Ok(()) => {
+            let token = a.fencing_token().unwrap();
+            a.unlock().await.unwrap();
+            Some(token)
+        }
+        Err(_) => {
+            // No token issued: what the attempt got is released.
+            eventually(
+                Duration::from_secs(10),
+                "A's attempt released on X",
+                async || !x.exists(&key),
+            )
+            .await;
+            None
+        }
+    };
+    proxy.release();
+    let (outcome, mut b) = b_locks.await.unwrap();
+    outcome.expect("B takes X once its command arrives");
+    let b_token = b.fencing_token().unwrap();
+    if let Some(a_token) = a_token {
+        assert!(
+            b_token > a_token,
+            "B holds the name after A, with token {b_token} below A's {a_token}"
+        );
+    }
+    b.unlock().await.unwrap();
+}
+
 /// The number of subscribers of `channel` on a node.
 fn wake_channels(server: &support::RedisServer) -> usize {
     let channels: Vec<String> = redis::cmd("PUBSUB")

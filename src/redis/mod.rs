@@ -38,9 +38,11 @@
 //!   accepted, so a holder that lost its lock cannot do damage.
 //!   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
 //!   acquisition: an `INCR` of a per-name counter inside the acquire script,
-//!   and across a Redlock quorum the highest token of the quorum, written
-//!   back to a quorum when fewer nodes had it (see [`RedisMutex`] for why
-//!   tokens only grow). The counters are kept forever (one small key per
+//!   and across a Redlock quorum the highest token of the nodes that
+//!   granted the acquisition, written back to a quorum of those nodes when
+//!   fewer of them had it (a node that refused the acquisition never
+//!   counts: its counter is not ordered after the name's previous holder
+//!   there). The counters are kept forever (one small key per
 //!   name). A node that restarts empty forgets its counters, and delaying
 //!   the restart does not bring them back (they are not leases): with
 //!   `appendfsync always`, tokens keep growing through restarts; without,

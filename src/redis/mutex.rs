@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -217,11 +218,9 @@ impl DistMutex for RedisMutex {
                 .await;
             // Still armed: dropped during the fencing round, the attempt
             // releases what it got.
-            let highest = (claims.yes >= quorum).then(|| highest_token(claims));
-            let fenced = match highest {
-                Some((token, at_max)) => {
-                    fence(&self.shared, &self.keys.counter, token, at_max, timeout).await
-                }
+            let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
+            let fenced = match fencing {
+                Some(fencing) => fence(&self.shared, &self.keys.counter, &fencing, timeout).await,
                 None => Ok(None),
             };
             let mut round = attempt.round.take().expect("armed");
@@ -385,71 +384,151 @@ fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
 }
 
 /// The fencing token of an acquisition that reached a quorum: the highest
-/// token the quorum returned, made durable on a quorum.
+/// token the nodes that granted it returned, made durable on a quorum of
+/// those nodes. See [`Fencing`] for why tokens only grow.
+async fn fence(
+    shared: &Shared,
+    counter: &Arc<str>,
+    fencing: &Fencing,
+    timeout: Duration,
+) -> Result<Option<u64>> {
+    let token = fencing.token;
+    let Some(needed) = shared
+        .quorum
+        .checked_sub(fencing.at_token)
+        .filter(|n| *n > 0)
+    else {
+        return Ok(Some(token));
+    };
+    // Every node gets the FENCE (it raises a refusing or restarted node's
+    // counter too), but only the acknowledgements of nodes that granted
+    // the acquisition count.
+    let round = Round::start(shared.nodes.iter().enumerate().map(|(node, command)| {
+        let counts = fencing.counts(node);
+        command
+            .fence(counter.clone(), token, timeout)
+            .map(move |reply| reply.map(|done| done == 1 && counts))
+    }));
+    // A late FENCE only raises a counter further: nothing to wait for.
+    match round
+        .decide(needed, true, timeout, |counts| *counts)
+        .await
+        .0
+    {
+        Ok(true) => Ok(Some(token)),
+        Ok(false) => Err(Error::Unavailable {
+            quorum: shared.quorum,
+            failures: Vec::new(),
+        }),
+        Err(Error::Unavailable { failures, .. }) => Err(Error::Unavailable {
+            quorum: shared.quorum,
+            failures,
+        }),
+        Err(error) => Err(error),
+    }
+}
+
+/// Which nodes vouch for an acquisition's fencing token.
 ///
-/// Why tokens only grow: every node's counter only grows (`INCR`, and
-/// `FENCE`, which never lowers it). Let acquisition A return token `t`.
-/// Before `lock()` returns, a quorum of nodes holds a counter of at least
-/// `t`: the nodes that returned `t`, or, when they are fewer than a quorum,
-/// the nodes that acknowledged `FENCE t`. A later acquisition B needs its
-/// own quorum, which shares at least one node with that one (two majorities
-/// of the same nodes intersect). On that node B's `INCR` returns more than
-/// `t`, and B's token is the highest it saw, so B's token is greater than
-/// `t`.
+/// The token is the highest that the nodes which granted the acquisition
+/// (their `SET NX` succeeded) returned from their counter's `INCR`. It
+/// counts as issued once a quorum of those granting nodes hold a counter
+/// of at least the token: the nodes that returned it, and the others once
+/// they acknowledged `FENCE token`. A node that refused the acquisition
+/// never counts, whatever it acknowledges.
+///
+/// Why tokens only grow: every counter only grows (`INCR`, and `FENCE`,
+/// which never lowers it). Let acquisition A get token `t` from its
+/// quorum `Q` of granting nodes that vouch for it. On each node `N` of `Q`,
+/// the counter reached `t` while A's key was there: after the key of the
+/// name's previous holder left `N` (A's `SET NX` succeeded), and before
+/// A's key can leave `N`, since A holds it until `lock()` returns (a
+/// `lock()` that fails or is dropped releases it, but issues no token),
+/// and `lock()` checks the validity after the `FENCE` round, so an
+/// acknowledged `FENCE` ran before A's key expired on `N` (within the
+/// drift allowance). A later holder B sets its key on `N` only after A's
+/// key left it, so B's `INCR` there runs after the counter reached `t`
+/// and returns more than `t`. B's granting nodes form a majority, which
+/// shares a node with `Q`, and B's token is the highest they returned:
+/// greater than `t`.
+///
+/// Why a refusing node cannot count: it refused because a key was there,
+/// another acquisition's, whose `INCR` on it may have run before A's
+/// `FENCE`, and that acquisition may complete its quorum later on nodes A
+/// has released. With nodes X, Y, Z: B's attempt takes Y (its counter
+/// gives 1) while its command to X is delayed; A is refused by Y, takes X
+/// (1) and Z (11), and gets 11; its `FENCE 11` is lost on X and
+/// acknowledged by Y and Z; A releases; B's command reaches X (2), and B
+/// holds the name with the token 2, below A's. Counted by granting nodes
+/// only, A has Z alone, and its `lock()` fails instead. A node that
+/// granted the acquisition after the quorum was reached is not counted
+/// either (its answer is not known yet), which only makes the rule
+/// stricter.
 ///
 /// The argument assumes nodes keep their counters. A node that restarts
-/// empty restarts its counter at zero, and the overlap may then fall on it:
-/// for example, a partitioned node misses acquisitions while the others
-/// reach 10, then one of those restarts empty, and a quorum of those two
-/// returns 1. The same happens when two of three nodes restart empty one
-/// after the other, however long after the last lock expired: a restarted
-/// node's counter is raised again only when an acquisition's quorum
-/// disagrees on the highest token. Run nodes with `appendfsync always` to
-/// keep the guarantee through restarts (or keep a restarted node out until
-/// its counters have been raised to the others').
+/// empty restarts its counter at zero, and the overlap may then fall on
+/// it: for example, a partitioned node misses acquisitions while the
+/// others reach 10, then one of those restarts empty, and a quorum of
+/// those two returns 1. The same happens when two of three nodes restart
+/// empty one after the other, however long after the last lock expired: a
+/// restarted node's counter is raised again only when an acquisition's
+/// quorum disagrees on the highest token. Run nodes with
+/// `appendfsync always` to keep the guarantee through restarts (or keep a
+/// restarted node out until its counters have been raised to the
+/// others').
 ///
 /// An `extend` that re-creates a lost key (`set_nx_on_extend`) keeps the
 /// acquisition's token; if another owner took the name meanwhile, that
 /// owner's token is higher, and the resource rejects the older one, which
 /// is the safe outcome.
-async fn fence(
-    shared: &Shared,
-    counter: &Arc<str>,
+#[derive(Debug, PartialEq, Eq)]
+struct Fencing {
+    /// The highest token the granting nodes returned.
     token: u64,
-    at_max: usize,
-    timeout: Duration,
-) -> Result<Option<u64>> {
-    if at_max >= shared.quorum {
-        return Ok(Some(token));
-    }
-    let round = Round::start(
-        shared
-            .nodes
-            .iter()
-            .map(|node| node.fence(counter.clone(), token, timeout)),
-    );
-    // A late FENCE only raises a counter further: nothing to wait for.
-    match round
-        .decide(shared.quorum, true, timeout, |done| *done == 1)
-        .await
-        .0?
-    {
-        true => Ok(Some(token)),
-        false => Err(Error::Unavailable {
-            quorum: shared.quorum,
-            failures: Vec::new(),
-        }),
-    }
+    /// How many granting nodes returned it: their counters are at it.
+    at_token: usize,
+    /// The granting nodes whose counter was below it: each vouches once it
+    /// acknowledged `FENCE token`.
+    behind: Vec<usize>,
 }
 
-/// The highest token of the nodes that said yes, and how many returned it.
-fn highest_token(claims: &Round<Claim>) -> (u64, usize) {
-    let tokens = claims.replies.iter().filter_map(|(_, claim)| match claim {
-        Claim::Acquired { token } => Some(*token),
-        Claim::Held { .. } => None,
-    });
-    let highest = tokens.clone().max().unwrap_or(0);
-    (highest, tokens.filter(|t| *t == highest).count())
+impl Fencing {
+    /// The fencing of the acquisition whose nodes gave `replies`.
+    fn of(replies: &[(usize, Claim)]) -> Fencing {
+        let granted = || {
+            replies.iter().filter_map(|(node, claim)| match claim {
+                Claim::Acquired { token } => Some((*node, *token)),
+                Claim::Held { .. } => None,
+            })
+        };
+        let token = granted().map(|(_, t)| t).max().unwrap_or(0);
+        Fencing {
+            token,
+            at_token: granted().filter(|(_, t)| *t == token).count(),
+            behind: granted()
+                .filter(|(_, t)| *t < token)
+                .map(|(node, _)| node)
+                .collect(),
+        }
+    }
+
+    /// Whether `node`'s acknowledgement of `FENCE token` vouches for the
+    /// token: only a granting node below it.
+    fn counts(&self, node: usize) -> bool {
+        self.behind.contains(&node)
+    }
+
+    /// How many nodes vouch for the token once the nodes `acknowledged`
+    /// have acknowledged `FENCE token`.
+    #[cfg(test)]
+    fn vouching(&self, acknowledged: &[usize]) -> usize {
+        self.at_token
+            + self
+                .behind
+                .iter()
+                .filter(|n| acknowledged.contains(n))
+                .count()
+    }
 }
 
 /// Lets an acquisition's remaining commands finish in the background. A
@@ -693,4 +772,58 @@ fn release_leftovers(
         prompt: Some(prompt),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nodes_that_granted_the_acquisition_vouch_for_its_token() {
+        // X granted with 1, Y refused (another acquisition's key was
+        // there), Z granted with 11.
+        let (x, y, z) = (0, 1, 2);
+        let replies = [
+            (x, Claim::Acquired { token: 1 }),
+            (y, Claim::Held { pttl: 5000 }),
+            (z, Claim::Acquired { token: 11 }),
+        ];
+        let fencing = Fencing::of(&replies);
+        assert_eq!(fencing.token, 11);
+        assert_eq!(fencing.at_token, 1, "Z is at the token already");
+        assert!(fencing.counts(x), "X granted it, below the token");
+        assert!(!fencing.counts(y), "Y refused: its FENCE is not ordered");
+        assert!(!fencing.counts(z), "Z is counted once, at the token");
+        assert!(!fencing.counts(3), "a node that did not answer");
+        // The write-back to X is lost; Y and Z acknowledge it: one node
+        // vouches, short of a quorum of two.
+        assert_eq!(fencing.vouching(&[y, z]), 1);
+        assert_eq!(fencing.vouching(&[x]), 2);
+    }
+
+    #[test]
+    fn a_quorum_at_the_highest_token_needs_no_write_back() {
+        let replies = [
+            (0, Claim::Acquired { token: 7 }),
+            (2, Claim::Acquired { token: 7 }),
+            (1, Claim::Held { pttl: -3 }),
+        ];
+        let fencing = Fencing::of(&replies);
+        assert_eq!(
+            fencing,
+            Fencing {
+                token: 7,
+                at_token: 2,
+                behind: Vec::new(),
+            }
+        );
+        // Counters that disagree: the lower ones must acknowledge.
+        let fencing = Fencing::of(&[
+            (0, Claim::Acquired { token: 3 }),
+            (1, Claim::Acquired { token: 9 }),
+            (2, Claim::Acquired { token: 5 }),
+        ]);
+        assert_eq!((fencing.token, fencing.at_token), (9, 1));
+        assert_eq!(fencing.behind, vec![0, 2]);
+    }
 }

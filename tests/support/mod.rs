@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod counting;
 pub mod http;
+pub mod proxy;
 pub mod remote;
 
 use std::io::ErrorKind;
