@@ -882,6 +882,76 @@ async fn a_node_that_refused_does_not_vouch_for_the_token() {
     b.unlock().await.unwrap();
 }
 
+/// A process's entry in a node's wait queue goes with its last waiter: a
+/// waiter that acquires the name while one node refuses it (another
+/// owner's key is there, so the refusal queued the process there) leaves
+/// that node's queue, and so does a waiter that gives up; then a try of
+/// another process that needs that node gets the name at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_entry_goes_with_its_waiter() {
+    let mut nodes = RedisNodes::start(3);
+    let (one, two) = two_processes(&nodes);
+    warm(&one).await;
+    warm(&two).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(30))
+        .with_timeout_factor(0.5)
+        .with_retry_delay(Duration::from_millis(5))
+        .with_tries(3);
+    // Well within the entry's lease (10 s): a leftover entry would still
+    // be there.
+    let bound = Duration::from_secs(5);
+    let mut names = Vec::new();
+    // The entry used to stay when the check for waiters left ran before
+    // the acquiring waiter was gone: many acquisitions, each checked.
+    for _ in 0..50 {
+        let name = unique("entry");
+        let (key, queue) = (format!("dsync:{name}"), format!("dsync:{name}\u{1f}queue"));
+        // Node 1 refuses: another owner's key, there until the test takes
+        // it away.
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("another-owner")
+            .arg("PX")
+            .arg(60_000)
+            .query(&mut nodes.servers[1].connection())
+            .unwrap();
+        let mut waiter = one.new_mutex(&name, options.clone()).unwrap();
+        waiter.lock().await.unwrap();
+        eventually(bound, "the entry left node 1's queue", async || {
+            nodes.servers[1].zcard(&queue) == 0
+        })
+        .await;
+        nodes.servers[1].del(&key);
+        waiter.unlock().await.unwrap();
+        names.push(name);
+    }
+    // A try of another process that needs node 1 (node 0 is down) gets
+    // each name at once: nobody waits ahead of it there.
+    nodes.servers[0].kill();
+    for name in &names {
+        let mut once = two.new_mutex(name, options.clone().with_tries(1)).unwrap();
+        once.lock().await.expect("nobody waits for the name");
+        once.unlock().await.unwrap();
+    }
+
+    // A waiter that gives up leaves every queue it was in.
+    let name = unique("entry-gives-up");
+    let queue = format!("dsync:{name}\u{1f}queue");
+    let mut holder = two.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    let mut waiter = one.new_mutex(&name, options.clone()).unwrap();
+    assert!(matches!(waiter.lock().await, Err(Error::Held { .. })));
+    eventually(bound, "the entry left every queue", async || {
+        nodes.count_key(&queue) == 0
+    })
+    .await;
+    holder.unlock().await.unwrap();
+    let mut once = two.new_mutex(&name, options.with_tries(1)).unwrap();
+    once.lock().await.expect("nobody waits for the name");
+    once.unlock().await.unwrap();
+}
+
 /// The number of subscribers of `channel` on a node.
 fn wake_channels(server: &support::RedisServer) -> usize {
     let channels: Vec<String> = redis::cmd("PUBSUB")

@@ -533,9 +533,12 @@ impl Fencing {
 
 /// Lets an acquisition's remaining commands finish in the background. A
 /// node that refused it (it was late, or another owner's key was still
-/// there) queued this process with the waiter's start; when no waiter of
-/// the process is left, that entry must go, or it would hold the line up on
-/// that node until its lease ran out.
+/// there) queued this process with the waiter's start; with no next waiter
+/// to keep it for, that entry must go, or it would hold the line up on
+/// that node until its lease ran out. It goes whatever waiters of the
+/// process are in line by then (the acquiring one may still be among
+/// them): a later waiter's entry carries its own, later start, which the
+/// departure leaves alone (see [`LEAVE`](super::scripts::LEAVE)).
 fn settle_acquired(
     round: Round<Claim>,
     shared: &Arc<Shared>,
@@ -566,10 +569,9 @@ fn settle_acquired(
                 }
             })
             .await;
-        if queued.is_empty() || shared.queues.get(&keys.lock).is_some_and(|s| !s.is_idle()) {
-            return;
+        if !queued.is_empty() {
+            leave_nodes(&shared, &keys, lineup.start, timeout, queued).await;
         }
-        leave_nodes(&shared, &keys, lineup.start, timeout, queued).await;
     }))
 }
 
@@ -691,9 +693,12 @@ fn acquire_error(
 /// and (with a generated value) on nodes that failed, since a command that
 /// timed out may still have been applied. A preset value is not released on
 /// failed nodes: the key there may be its rightful owner's. When the
-/// attempt queued this process (`lineup`) and no waiter of it is left once
-/// the attempt's commands are done, the process leaves the queues: the
-/// waiter's own departure may have reached a node before the attempt did.
+/// attempt queued this process (`lineup`) and its waiter is done (no
+/// `requeue`: it gave up or was dropped), or no waiter of the process is
+/// left, the process leaves the queues once the attempt's commands are
+/// done: the waiter's own departure may have reached a node before the
+/// attempt did. (A waiter still in line then is a later one, whose own
+/// start the departure leaves alone.)
 /// When the waiter tries again (`requeue`), each release puts the process
 /// back in line with the waiter's start, since the acquisition took it out
 /// on the nodes that said yes (see [`RELEASE`](super::scripts::RELEASE)).
@@ -761,8 +766,9 @@ fn release_leftovers(
             release(suspects).await;
         };
         futures_util::future::join(prompt_part, late_part).await;
+        let waiter_done = requeue.is_none();
         if let Some(start) = queued
-            && shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle())
+            && (waiter_done || shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle()))
         {
             leave_queues(&shared, &keys, start, timeout);
         }
