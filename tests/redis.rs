@@ -1342,3 +1342,49 @@ async fn releases_do_not_queue_behind_a_wait() {
     outcome.unwrap();
     waiting.unlock().await.unwrap();
 }
+
+/// An acquisition that timed out on paused nodes is undone there once they
+/// run again: the release goes after the late acquisition on each node, so
+/// the key goes away long before its expiry, and the name can be locked
+/// again. `paused` of `total` nodes are stopped (enough that the attempt
+/// fails).
+async fn timed_out_attempt_is_undone_on_resume(total: usize, paused: usize) {
+    let mut nodes = RedisNodes::start(total);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(60))
+        .with_tries(1);
+    let name = unique("timed-out");
+    let key = format!("dsync:{name}");
+    // Connect to every node first, so the pause hits open connections.
+    warm(&sync).await;
+    for server in &mut nodes.servers[..paused] {
+        server.pause();
+    }
+    let mut m = sync.new_mutex(&name, options.clone()).unwrap();
+    let error = m.lock().await.unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    for server in &mut nodes.servers[..paused] {
+        server.resume();
+    }
+    // Well within the 60 s expiry: only a release can remove the key.
+    eventually(
+        Duration::from_secs(10),
+        "the late key released",
+        async || nodes.count_key(&key) == 0,
+    )
+    .await;
+    let mut again = sync.new_mutex(&name, options).unwrap();
+    again.lock().await.unwrap();
+    again.unlock().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_attempt_is_undone_on_resume_one_node() {
+    timed_out_attempt_is_undone_on_resume(1, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_attempt_is_undone_on_resume_three_nodes() {
+    timed_out_attempt_is_undone_on_resume(3, 2).await;
+}

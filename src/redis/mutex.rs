@@ -220,7 +220,7 @@ impl DistMutex for RedisMutex {
                 }
                 None => Ok(None),
             };
-            let mut round = attempt.round.take().expect("armed");
+            let round = attempt.round.take().expect("armed");
             drop(attempt);
             if let Some(waiter) = &mut waiter {
                 waiter.settled();
@@ -239,7 +239,7 @@ impl DistMutex for RedisMutex {
                     return Ok(());
                 }
                 (Err(error), _) => error,
-                _ => acquire_error(&mut round, quorum, timeout, start.elapsed()),
+                _ => acquire_error(&round, quorum, timeout, start.elapsed()),
             };
             holder_left = match &error {
                 Error::Held {
@@ -564,7 +564,7 @@ impl Drop for Attempt<'_> {
 /// quorum impossible; otherwise `Held`, with the time until enough of the
 /// held nodes expire for a quorum to be possible.
 fn acquire_error(
-    round: &mut Round<Claim>,
+    round: &Round<Claim>,
     quorum: usize,
     timeout: Duration,
     elapsed: Duration,

@@ -30,11 +30,13 @@ pub(crate) struct Node {
 }
 
 /// Why one node did not answer a command.
+#[derive(Clone)]
 pub(crate) struct Failure {
     pub(crate) node: Arc<str>,
     pub(crate) fault: Fault,
 }
 
+#[derive(Clone)]
 pub(crate) enum Fault {
     Timeout(Duration),
     Redis(RedisError),

@@ -74,7 +74,7 @@ impl<T: Send + 'static> Round<T> {
     /// The quorum's answer: `Ok(true)` when a quorum said yes, `Ok(false)`
     /// when the answers rule it out, and the failed nodes' error when they
     /// could have made the quorum (then the outcome is theirs, not a "no").
-    pub(crate) fn verdict(&mut self, quorum: usize, timeout: Duration) -> Result<bool, Error> {
+    pub(crate) fn verdict(&self, quorum: usize, timeout: Duration) -> Result<bool, Error> {
         if self.yes >= quorum {
             Ok(true)
         } else if self.yes + self.failures.len() + self.pending.len() >= quorum {
@@ -142,9 +142,11 @@ impl<T: Send + 'static> Round<T> {
     }
 
     /// The error for a round that failed because nodes failed: `Timeout`
-    /// when every failure was a timeout, else `Unavailable`.
-    pub(crate) fn failure_error(&mut self, quorum: usize, timeout: Duration) -> Error {
-        let mut failures = std::mem::take(&mut self.failures);
+    /// when every failure was a timeout, else `Unavailable`. The failures
+    /// stay in the round: the nodes that did not answer are the ones whose
+    /// command may still run, and what undoes it needs to know them.
+    pub(crate) fn failure_error(&self, quorum: usize, timeout: Duration) -> Error {
+        let mut failures: Vec<&(usize, Failure)> = self.failures.iter().collect();
         failures.sort_by_key(|(i, _)| *i);
         if failures.iter().all(|(_, f)| f.is_timeout()) {
             Error::Timeout {
@@ -156,7 +158,7 @@ impl<T: Send + 'static> Round<T> {
                 quorum,
                 failures: failures
                     .into_iter()
-                    .map(|(_, f)| f.into_node_error())
+                    .map(|(_, f)| f.clone().into_node_error())
                     .collect(),
             }
         }
