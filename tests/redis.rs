@@ -1388,3 +1388,50 @@ async fn timed_out_attempt_is_undone_on_resume_one_node() {
 async fn timed_out_attempt_is_undone_on_resume_three_nodes() {
     timed_out_attempt_is_undone_on_resume(3, 2).await;
 }
+
+/// With `wait_replicas`, the release of an acquisition that timed out while
+/// queued behind other locks' `WAIT` goes after it: acquisitions wait in
+/// line on the node's `WAIT` connection, and a release sent on the other
+/// connection at the timeout would run first, find nothing, and leave the
+/// late acquisition's key for its whole expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_of_a_timed_out_acquisition_waits_its_turn() {
+    // Node timeout 1 s, WAIT 2 s: the third acquisition in line runs its
+    // script 4 s after the first was sent, after its own 3 s timeout.
+    let (master, mut replica, sync) = master_with_replica(Duration::from_secs(2));
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(20))
+        .with_tries(1);
+    warm(&sync).await;
+    replica.pause();
+    let names: Vec<String> = (0..3).map(|_| unique("in-line")).collect();
+    let lock = |name: &str| {
+        let mut m = sync.new_mutex(name, options.clone()).unwrap();
+        tokio::spawn(async move { m.lock().await })
+    };
+    let first = lock(&names[0]);
+    eventually(Duration::from_secs(10), "the first one waits", async || {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut master.connection())
+            .unwrap();
+        clients.contains("cmd=wait")
+    })
+    .await;
+    let (second, third) = (lock(&names[1]), lock(&names[2]));
+    for attempt in [first, second, third] {
+        let error = attempt.await.unwrap().unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+    }
+    // Once the queued commands have run, every name is free again, well
+    // within the 20 s expiry: only a release can have removed the keys.
+    replica.resume();
+    for name in &names {
+        let mut again = sync.new_mutex(name, options.clone()).unwrap();
+        eventually(Duration::from_secs(10), "the name is free", async || {
+            again.lock().await.is_ok()
+        })
+        .await;
+        again.unlock().await.unwrap();
+    }
+}

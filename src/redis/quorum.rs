@@ -89,6 +89,15 @@ impl<T: Send + 'static> Round<T> {
         self.pending.len()
     }
 
+    /// The nodes that have not answered (yet): failed, timed out or still
+    /// in flight. Their command may still run, so an undo of it must go
+    /// after it (see [`Undoes`](super::node::Undoes)).
+    pub(crate) fn unanswered_nodes(&self) -> Vec<usize> {
+        (0..self.nodes)
+            .filter(|i| !self.replies.iter().any(|(node, _)| node == i))
+            .collect()
+    }
+
     /// The number of nodes in the round.
     pub(crate) fn nodes(&self) -> usize {
         self.nodes
