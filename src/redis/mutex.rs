@@ -288,6 +288,10 @@ impl DistMutex for RedisMutex {
             return Err(Error::NotAcquired);
         }
         wait_for_cleanup(&mut self.cleanup, &self.value).await;
+        // Cleared before the releases go out: a failed, partial or dropped
+        // unlock leaves the lock held by no one, or by a minority that
+        // cannot keep it, so no validity is left to report.
+        self.until = None;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let nonce = rand::random::<u64>();
@@ -316,7 +320,6 @@ impl DistMutex for RedisMutex {
         if !deleted? {
             return Err(Error::NotAcquired);
         }
-        self.until = None;
         Ok(())
     }
 
