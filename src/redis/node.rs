@@ -44,8 +44,12 @@ pub(crate) enum Fault {
 }
 
 impl Failure {
-    pub(crate) fn is_timeout(&self) -> bool {
-        matches!(self.fault, Fault::Timeout(_))
+    /// How long the node was waited for, if it timed out.
+    pub(crate) fn timed_out_after(&self) -> Option<Duration> {
+        match self.fault {
+            Fault::Timeout(after) => Some(after),
+            _ => None,
+        }
     }
 
     pub(crate) fn into_node_error(self) -> NodeError {
@@ -372,7 +376,8 @@ impl Node {
         let conn = conn.clone();
         let node = self.label.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + timeout;
+            let sent = tokio::time::Instant::now();
+            let deadline = sent + timeout;
             let mut result = tokio::time::timeout_at(deadline, command(conn.clone(), false)).await;
             if let Ok(Err(e)) = &result
                 && e.is_connection_dropped()
@@ -385,9 +390,11 @@ impl Node {
                     node,
                     fault: Fault::Redis(e),
                 }),
+                // How long the node was waited for, from sending to
+                // giving up: what the caller's error reports.
                 Err(_) => Err(Failure {
                     node,
-                    fault: Fault::Timeout(timeout),
+                    fault: Fault::Timeout(sent.elapsed()),
                 }),
             }
         }

@@ -151,15 +151,20 @@ impl<T: Send + 'static> Round<T> {
     }
 
     /// The error for a round that failed because nodes failed: `Timeout`
-    /// when every failure was a timeout, else `Unavailable`. The failures
+    /// when every failure was a timeout (with the longest time a node was
+    /// waited for), else `Unavailable`. The failures
     /// stay in the round: the nodes that did not answer are the ones whose
     /// command may still run, and what undoes it needs to know them.
     pub(crate) fn failure_error(&self, quorum: usize, timeout: Duration) -> Error {
         let mut failures: Vec<&(usize, Failure)> = self.failures.iter().collect();
         failures.sort_by_key(|(i, _)| *i);
-        if failures.iter().all(|(_, f)| f.is_timeout()) {
+        let waited: Option<Vec<Duration>> =
+            failures.iter().map(|(_, f)| f.timed_out_after()).collect();
+        if let Some(waited) = waited {
             Error::Timeout {
-                after: timeout,
+                // The longest any node was waited for (the round's timeout
+                // when none failed).
+                after: waited.into_iter().max().unwrap_or(timeout),
                 nodes: failures.iter().map(|(_, f)| f.node.to_string()).collect(),
             }
         } else {
