@@ -64,7 +64,11 @@ pub enum Error {
     /// returned, with no nodes, when a quorum was reached but so late that
     /// no validity was left.
     Timeout {
-        /// The per-node timeout that was exceeded (or the time taken).
+        /// How long the call waited before giving up: for nodes that did
+        /// not answer, the longest time from sending the command to a node
+        /// to giving up on it (the per-node timeout, plus the `WAIT` when
+        /// the Redis backend's `wait_replicas` is set); with no nodes, the
+        /// time the acquisition took.
         after: Duration,
         /// Nodes that did not answer in time.
         nodes: Vec<String>,

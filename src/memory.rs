@@ -209,9 +209,10 @@ impl MemoryMutex {
     }
 
     fn unlock_now(&mut self) -> Result<()> {
+        // Whatever the outcome, this mutex no longer holds the lock.
+        self.until = None;
         let mut names = self.shared.names();
         if names.release(&self.name, self.value()) {
-            self.until = None;
             self.released = true;
             Ok(())
         } else {

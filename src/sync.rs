@@ -99,7 +99,8 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
 
     /// The end of validity of the acquired lock, as computed by the lock
     /// algorithm (`start + expiry - elapsed - drift`). `None` until a lock
-    /// is acquired, and again after a successful [`unlock`](Self::unlock).
+    /// is acquired, and again once [`unlock`](Self::unlock) is called, whether
+    /// or not it succeeds.
     fn until(&self) -> Option<Instant>;
 
     /// A fencing token of the current acquisition, when the backend gives

@@ -225,7 +225,7 @@ async fn redis_not_there_at_start() {
     assert!(err.to_string().contains(&label), "{err}");
     match err {
         Error::Timeout { after, nodes } => {
-            assert_eq!(after, once().node_timeout());
+            assert!(after >= once().node_timeout(), "after {after:?}");
             assert_eq!(nodes, [label]);
         }
         other => panic!("expected Timeout, got {other:?}"),

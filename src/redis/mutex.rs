@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::keys::Keys;
-use super::node::{Claim, Lineup};
+use super::node::{Claim, Lineup, Undoes};
 use super::quorum::Round;
 use super::waiters::{Waiter, leave_nodes, leave_queues};
 use crate::error::{Error, Result};
@@ -67,6 +67,10 @@ pub struct RedisMutex {
     /// The release of a failed or abandoned attempt, with its value, while
     /// it may still run.
     cleanup: Option<Cleanup>,
+    /// The nodes where the last acquisition or extension had not answered
+    /// when it was decided: it may still run there (behind another lock's
+    /// `WAIT`, say), so the release goes after it, on its connection.
+    unanswered: Vec<usize>,
 }
 
 impl fmt::Debug for RedisMutex {
@@ -92,6 +96,7 @@ impl RedisMutex {
             token: None,
             released: false,
             cleanup: None,
+            unanswered: Vec::new(),
         }
     }
 
@@ -223,7 +228,7 @@ impl DistMutex for RedisMutex {
                 Some(fencing) => fence(&self.shared, &self.keys.counter, &fencing, timeout).await,
                 None => Ok(None),
             };
-            let mut round = attempt.round.take().expect("armed");
+            let round = attempt.round.take().expect("armed");
             drop(attempt);
             if let Some(waiter) = &mut waiter {
                 waiter.settled();
@@ -233,6 +238,7 @@ impl DistMutex for RedisMutex {
                     if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
                         waiter.acquired(lineup);
                     }
+                    self.unanswered = round.unanswered_nodes();
                     let stragglers =
                         settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
                     self.cleanup = Cleanup::of(stragglers, &value);
@@ -243,7 +249,7 @@ impl DistMutex for RedisMutex {
                     return Ok(());
                 }
                 (Err(error), _) => error,
-                _ => acquire_error(&mut round, quorum, timeout, start.elapsed()),
+                _ => acquire_error(&round, quorum, timeout, start.elapsed()),
             };
             holder_left = match &error {
                 Error::Held {
@@ -286,16 +292,26 @@ impl DistMutex for RedisMutex {
             return Err(Error::NotAcquired);
         }
         wait_for_cleanup(&mut self.cleanup, &self.value).await;
+        // Cleared before the releases go out: a failed, partial or dropped
+        // unlock leaves the lock held by no one, or by a minority that
+        // cannot keep it, so no validity is left to report.
+        self.until = None;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let nonce = rand::random::<u64>();
         let announce = (self.keys.wake.clone(), nonce);
-        let round = Round::start(self.shared.nodes.iter().map(|node| {
+        let round = Round::start(self.shared.nodes.iter().enumerate().map(|(i, node)| {
+            let undoes = if self.unanswered.contains(&i) {
+                Undoes::Unanswered
+            } else {
+                Undoes::Answered
+            };
             node.release(
                 self.keys.clone(),
                 self.value.clone(),
                 Some(announce.clone()),
                 None,
+                undoes,
                 timeout,
             )
         }));
@@ -308,7 +324,6 @@ impl DistMutex for RedisMutex {
         if !deleted? {
             return Err(Error::NotAcquired);
         }
-        self.until = None;
         self.released = true;
         Ok(())
     }
@@ -332,11 +347,15 @@ impl DistMutex for RedisMutex {
                 timeout,
             )
         }));
-        let (extended, stragglers) = round
-            .decide(quorum, self.shared.fail_fast, timeout, |extended| {
-                *extended == 1
-            })
+        let mut round = round;
+        round
+            .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
             .await;
+        // An extension answered on a node has run there, after everything
+        // sent before it on its connection.
+        self.unanswered = round.unanswered_nodes();
+        let extended = round.verdict(quorum, timeout);
+        let stragglers = round.finish_in_background();
         self.cleanup = Cleanup::of(stragglers, &self.value);
         if !extended? {
             return Err(Error::NotAcquired);
@@ -651,7 +670,7 @@ impl Drop for Attempt<'_> {
 /// quorum impossible; otherwise `Held`, with the time until enough of the
 /// held nodes expire for a quorum to be possible.
 fn acquire_error(
-    round: &mut Round<Claim>,
+    round: &Round<Claim>,
     quorum: usize,
     timeout: Duration,
     elapsed: Duration,
@@ -691,11 +710,13 @@ fn acquire_error(
 /// Releases, in the background, the keys a failed or abandoned attempt may
 /// have set: on nodes that said yes, on nodes that have not answered yet,
 /// and (with a generated value) on nodes that failed, since a command that
-/// timed out may still have been applied. A preset value is not released on
-/// failed nodes: the key there may be its rightful owner's. When the
-/// attempt queued this process (`lineup`) and its waiter is done (no
-/// `requeue`: it gave up or was dropped), or no waiter of the process is
-/// left, the process leaves the queues once the attempt's commands are
+/// timed out may still have been applied. Each release runs on its node
+/// after the acquisition it undoes: on a node that did not answer, it goes
+/// on the acquisition's own connection (see [`Undoes`]). A preset value is
+/// not released on failed nodes: the key there may be its rightful owner's.
+/// When the attempt queued this process (`lineup`) and its waiter is done
+/// (no `requeue`: it gave up or was dropped), or no waiter of the process
+/// is left, the process leaves the queues once the attempt's commands are
 /// done: the waiter's own departure may have reached a node before the
 /// attempt did. (A waiter still in line then is a later one, whose own
 /// start the departure leaves alone.)
@@ -740,15 +761,17 @@ fn release_leftovers(
         // Announced: contenders refused because of these keys may retry.
         // One nonce for both parts: they are one release.
         let announce = (keys.wake.clone(), rand::random::<u64>());
-        let release = |nodes: Vec<usize>| {
-            join_all(nodes.into_iter().map(|i| {
+        let release = |nodes: Vec<(usize, Undoes)>| {
+            join_all(nodes.into_iter().map(|(i, undoes)| {
                 let announce = Some(announce.clone());
                 let requeue = requeue.clone();
-                shared.nodes[i].release(keys.clone(), value.clone(), announce, requeue, timeout)
+                let (keys, value) = (keys.clone(), value.clone());
+                shared.nodes[i].release(keys, value, announce, requeue, undoes, timeout)
             }))
         };
         let prompt_part = async {
-            release(said_yes.clone()).await;
+            let answered = said_yes.iter().map(|&i| (i, Undoes::Answered)).collect();
+            release(answered).await;
             let _ = prompt_done.send(());
         };
         let late_part = async {
@@ -756,10 +779,12 @@ fn release_leftovers(
             round
                 .drain(|node, answer| match answer {
                     Some(Claim::Acquired { .. }) if !said_yes.contains(&node) => {
-                        suspects.push(node);
+                        suspects.push((node, Undoes::Answered));
                     }
                     Some(_) => {}
-                    None if !preset => suspects.push(node),
+                    // It timed out or failed on the way: it may still run,
+                    // so the release goes after it, on its connection.
+                    None if !preset => suspects.push((node, Undoes::Unanswered)),
                     None => {}
                 })
                 .await;

@@ -30,11 +30,13 @@ pub(crate) struct Node {
 }
 
 /// Why one node did not answer a command.
+#[derive(Clone)]
 pub(crate) struct Failure {
     pub(crate) node: Arc<str>,
     pub(crate) fault: Fault,
 }
 
+#[derive(Clone)]
 pub(crate) enum Fault {
     Timeout(Duration),
     Redis(RedisError),
@@ -42,8 +44,12 @@ pub(crate) enum Fault {
 }
 
 impl Failure {
-    pub(crate) fn is_timeout(&self) -> bool {
-        matches!(self.fault, Fault::Timeout(_))
+    /// How long the node was waited for, if it timed out.
+    pub(crate) fn timed_out_after(&self) -> Option<Duration> {
+        match self.fault {
+            Fault::Timeout(after) => Some(after),
+            _ => None,
+        }
     }
 
     pub(crate) fn into_node_error(self) -> NodeError {
@@ -92,6 +98,29 @@ pub(crate) struct Lineup {
     /// When acquired, the start of the process's next waiter, if any: its
     /// entry stays, with that start.
     pub(crate) next: Option<u64>,
+}
+
+/// What an undo (a release) undoes, which decides the connection it goes
+/// on so that it runs on the node after what it undoes.
+///
+/// Why that orders them: a node runs the commands of one connection in the
+/// order they were sent (one TCP stream, read in order; Redis runs a
+/// client's commands one after the other, and holds the rest back while a
+/// `WAIT` blocks it). A command whose answer came back has run, so a
+/// command sent afterwards runs after it, on either connection. A command
+/// that did not answer (it timed out, or failed on the way) may still be in
+/// the node's input, or queued behind another lock's `WAIT` on the durable
+/// connection: only a command sent after it on the same connection is sure
+/// to run after it. So an undo of an answered command goes on the shared
+/// connection (it does not queue behind other locks' `WAIT`), and an undo
+/// of an unanswered one on the connection that command went on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Undoes {
+    /// A command that answered (or none): the shared connection.
+    Answered,
+    /// An acquisition or an extension that did not answer: after it, on
+    /// its connection.
+    Unanswered,
 }
 
 /// Whom a release or a departure from the queue wakes: the channel prefix
@@ -176,7 +205,7 @@ impl Node {
                 // counts as failed.
                 let announce = (lock.wake.clone(), rand::random());
                 let _ = node
-                    .release(lock, owner, Some(announce), None, timeout)
+                    .release(lock, owner, Some(announce), None, Undoes::Answered, timeout)
                     .await;
                 return Err(failure);
             }
@@ -222,19 +251,26 @@ impl Node {
     /// the name's wait queue woken, with `announce` (its nonce is the same
     /// on every node, unique per release). With `requeue`, the waiter of a
     /// failed attempt that keeps waiting, the process is put back in line
-    /// with that waiter's start.
+    /// with that waiter's start. It goes on the connection that orders it
+    /// after what it `undoes` (see [`Undoes`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn release(
         &self,
         keys: Arc<Keys>,
         value: Arc<str>,
         announce: Option<Announce>,
         requeue: Option<Lineup>,
+        undoes: Undoes,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        let conn = match undoes {
+            Undoes::Answered => &self.conn,
+            Undoes::Unanswered => &self.durable,
+        };
         let requeue = requeue.map_or_else(String::new, |l| {
             format!("{} {} {}", l.client, l.start, l.lease)
         });
-        self.bounded(&self.conn, timeout, move |mut conn, _| {
+        self.bounded(conn, timeout, move |mut conn, _| {
             let (channel, nonce) = match &announce {
                 Some((channel, nonce)) => (&**channel, *nonce),
                 None => ("", 0),
@@ -340,7 +376,8 @@ impl Node {
         let conn = conn.clone();
         let node = self.label.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + timeout;
+            let sent = tokio::time::Instant::now();
+            let deadline = sent + timeout;
             let mut result = tokio::time::timeout_at(deadline, command(conn.clone(), false)).await;
             if let Ok(Err(e)) = &result
                 && e.is_connection_dropped()
@@ -353,9 +390,11 @@ impl Node {
                     node,
                     fault: Fault::Redis(e),
                 }),
+                // How long the node was waited for, from sending to
+                // giving up: what the caller's error reports.
                 Err(_) => Err(Failure {
                     node,
-                    fault: Fault::Timeout(timeout),
+                    fault: Fault::Timeout(sent.elapsed()),
                 }),
             }
         }

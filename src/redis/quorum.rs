@@ -74,7 +74,7 @@ impl<T: Send + 'static> Round<T> {
     /// The quorum's answer: `Ok(true)` when a quorum said yes, `Ok(false)`
     /// when the answers rule it out, and the failed nodes' error when they
     /// could have made the quorum (then the outcome is theirs, not a "no").
-    pub(crate) fn verdict(&mut self, quorum: usize, timeout: Duration) -> Result<bool, Error> {
+    pub(crate) fn verdict(&self, quorum: usize, timeout: Duration) -> Result<bool, Error> {
         if self.yes >= quorum {
             Ok(true)
         } else if self.yes + self.failures.len() + self.pending.len() >= quorum {
@@ -87,6 +87,15 @@ impl<T: Send + 'static> Round<T> {
     /// The nodes whose commands have not answered yet.
     pub(crate) fn unanswered(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The nodes that have not answered (yet): failed, timed out or still
+    /// in flight. Their command may still run, so an undo of it must go
+    /// after it (see [`Undoes`](super::node::Undoes)).
+    pub(crate) fn unanswered_nodes(&self) -> Vec<usize> {
+        (0..self.nodes)
+            .filter(|i| !self.replies.iter().any(|(node, _)| node == i))
+            .collect()
     }
 
     /// The number of nodes in the round.
@@ -142,13 +151,20 @@ impl<T: Send + 'static> Round<T> {
     }
 
     /// The error for a round that failed because nodes failed: `Timeout`
-    /// when every failure was a timeout, else `Unavailable`.
-    pub(crate) fn failure_error(&mut self, quorum: usize, timeout: Duration) -> Error {
-        let mut failures = std::mem::take(&mut self.failures);
+    /// when every failure was a timeout (with the longest time a node was
+    /// waited for), else `Unavailable`. The failures
+    /// stay in the round: the nodes that did not answer are the ones whose
+    /// command may still run, and what undoes it needs to know them.
+    pub(crate) fn failure_error(&self, quorum: usize, timeout: Duration) -> Error {
+        let mut failures: Vec<&(usize, Failure)> = self.failures.iter().collect();
         failures.sort_by_key(|(i, _)| *i);
-        if failures.iter().all(|(_, f)| f.is_timeout()) {
+        let waited: Option<Vec<Duration>> =
+            failures.iter().map(|(_, f)| f.timed_out_after()).collect();
+        if let Some(waited) = waited {
             Error::Timeout {
-                after: timeout,
+                // The longest any node was waited for (the round's timeout
+                // when none failed).
+                after: waited.into_iter().max().unwrap_or(timeout),
                 nodes: failures.iter().map(|(_, f)| f.node.to_string()).collect(),
             }
         } else {
@@ -156,7 +172,7 @@ impl<T: Send + 'static> Round<T> {
                 quorum,
                 failures: failures
                     .into_iter()
-                    .map(|(_, f)| f.into_node_error())
+                    .map(|(_, f)| f.clone().into_node_error())
                     .collect(),
             }
         }

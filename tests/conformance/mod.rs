@@ -331,6 +331,23 @@ impl<S: DistSync> Suite<S> {
         b.unlock().await.unwrap();
     }
 
+    /// An unlock that fails still ends the validity this mutex reports: the
+    /// lock is not held by it any more (or may not be), so `until()` must
+    /// not promise time left.
+    pub async fn failed_unlock_clears_until(&self) {
+        let name = unique("failed-unlock");
+        let mut a = self.mutex(&name, self.once());
+        let mut b = self.mutex(&name, self.once());
+        a.lock().await.unwrap();
+        eventually(self.expiry() * 20, "b takes the expired lock", async || {
+            b.lock().await.is_ok()
+        })
+        .await;
+        assert!(matches!(a.unlock().await, Err(Error::NotAcquired)));
+        assert_eq!(a.until(), None, "validity after a failed unlock");
+        b.unlock().await.unwrap();
+    }
+
     pub async fn non_owner_fails(&self) {
         let name = unique("owner");
         let mut a = self.mutex(&name, self.once());
@@ -649,6 +666,7 @@ macro_rules! conformance_tests {
     (#[$attr:meta] $suite:expr) => {
         $crate::conformance_tests!(@cases #[$attr] $suite;
             basics invalid_input mutual_exclusion expiry_takeover non_owner_fails
+            failed_unlock_clears_until
             ownership_transfer cancel_while_waiting cancel_while_acquiring
             extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow
             waiters_are_served_fifo answers_at_once extend_after_unlock_is_refused
