@@ -115,6 +115,13 @@ impl<T> LocalQueues<T> {
                 if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
                     names.spare.push(gate);
                 }
+                // A burst of names must not keep its peak capacity for good:
+                // shrink once the map is a quarter full, to twice what is in
+                // use, so the rehash is paid for by the removals before it.
+                let (len, capacity) = (names.entries.len(), names.entries.capacity());
+                if capacity > 64 && len * 4 < capacity {
+                    names.entries.shrink_to(len * 2);
+                }
             }
         }
     }
@@ -276,6 +283,23 @@ mod tests {
         drop(turn);
         drop(c_waits);
         assert!(d_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn the_map_gives_memory_back_after_a_burst() {
+        let queues: Arc<LocalQueues> = Arc::default();
+        let burst: Vec<_> = (0..20_000)
+            .map(|i| queues.join(i.to_string().into()))
+            .collect();
+        let peak = queues.map.lock().unwrap().entries.capacity();
+        assert!(peak >= 20_000);
+        drop(burst);
+        assert_eq!(queues.len(), 0);
+        let left = queues.map.lock().unwrap().entries.capacity();
+        assert!(
+            left <= 128,
+            "capacity {left} of {peak} kept with no name in use"
+        );
     }
 
     #[test]
