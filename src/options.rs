@@ -110,7 +110,8 @@ impl DistMutexOptions {
     }
 
     /// How many times `lock` tries before it gives up with
-    /// [`Error::Held`]. Must be at least 1.
+    /// [`Error::Held`]. Must be at least 1. `DistLockLayer` does not use
+    /// it: its wait budget bounds a request's wait.
     ///
     /// ```
     /// let o = tower_dsync::DistMutexOptions::default().with_tries(1);

@@ -251,16 +251,23 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
         self
     }
 
-    /// The options of each request's mutex (expiry, drift, timeouts, value
-    /// generator). `tries` and the retry delay bound a wait only together
-    /// with the wait budget, which caps the whole wait.
+    /// The options of each request's mutex: expiry, drift, timeouts, value
+    /// generator, and the retry delay, which spaces the tries of a request
+    /// that waits for a busy key.
+    ///
+    /// `tries` is not used: how long a request waits is the wait budget
+    /// alone ([`wait`](Self::wait)), the layer's one knob for it. A request
+    /// tries once at once, then, if the key is busy and the budget is not
+    /// zero, as often as the retry delay spaces its tries until the budget
+    /// is spent, and once more at its end.
     pub fn mutex_options(mut self, options: DistMutexOptions) -> Self {
         self.options = options;
         self
     }
 
     /// How long a request may wait for a busy key before it is rejected with
-    /// 409 (`ABORTED`). Zero fails fast: one try, no waiting.
+    /// 409 (`ABORTED`), whatever the mutex options' `tries`. Zero fails
+    /// fast: one try, no waiting.
     pub fn wait(mut self, budget: Duration) -> Self {
         self.wait = budget;
         self
