@@ -1263,3 +1263,35 @@ async fn tries_do_not_change_how_long_a_request_waits() {
     }
     assert_eq!(waited[0], waited[1], "the same wait whatever the tries");
 }
+
+/// Requests for one key are served in the order of `call`, not in the order
+/// their futures are first polled: A is called before B, B is polled first,
+/// and A still gets the key first once its holder lets go.
+#[tokio::test(start_paused = true)]
+async fn requests_are_served_in_the_order_of_call() {
+    let sync = MemorySync::new();
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        });
+    // Polls `future` once, with this task's waker.
+    async fn pending<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_pending())
+        })
+        .await
+    }
+    let holder = service.clone().oneshot(keyed("k")).await.unwrap();
+    let mut svc = service.clone();
+    let a = svc.ready().await.unwrap().call(keyed("k"));
+    let b = svc.ready().await.unwrap().call(keyed("k"));
+    let mut b = Box::pin(b);
+    assert!(pending(&mut b).await);
+    drop(holder);
+    let a = a.await.unwrap();
+    assert_eq!(a.status(), StatusCode::OK, "A came first");
+    assert!(pending(&mut b).await, "A holds the key");
+    drop(a);
+    assert_eq!(b.await.unwrap().status(), StatusCode::OK);
+}
