@@ -42,12 +42,18 @@
 
 use std::convert::Infallible;
 
-use ::axum::extract::{FromRequestParts, MatchedPath, OptionalFromRequestParts, OriginalUri};
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use ::axum::extract::rejection::{MissingPathParams, RawPathParamsRejection};
+use ::axum::extract::{
+    FromRequestParts, MatchedPath, OptionalFromRequestParts, OriginalUri, RawPathParams,
+};
 use ::axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::layer::extract::percent_decode;
 use crate::layer::{HeldLock, KeyError, KeyExtractor};
 
 /// The route was not behind [`DistLockLayer`](crate::DistLockLayer), or the
@@ -96,23 +102,38 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for HeldLock {
 }
 
 /// The value of a route's path parameter, such as `id` in
-/// `/jobs/{id}/start` (or a wildcard `{*path}`), percent-decoded as axum's
-/// `Path` decodes it, so every spelling of one resource takes one lock.
+/// `/jobs/{id}/start`, `/jobs/job-{id}` or a wildcard `/files/{*path}`:
+/// exactly what axum's router extracted for it (what `Path` and
+/// [`RawPathParams`] give, percent-decoded), so every route that axum
+/// accepts is keyed, and every spelling of one resource takes one lock.
 ///
-/// It reads axum's [`MatchedPath`], which the router sets when a route
-/// matches. Add the layer with `Router::route_layer` (or
-/// `MethodRouter::layer`): it runs only for matched routes. With
-/// `Router::layer`, or around the whole router, the layer also sees
-/// requests that match no route and have no parameter; those are rejected
-/// with a 400 that says to use `route_layer`, where a 404 was due.
+/// Where the layer goes:
+///
+/// - `Router::route_layer` (or `MethodRouter::layer`): it runs only for
+///   matched routes, after the router has extracted their parameters; in a
+///   nested router it also sees the parameters of the prefix the router is
+///   nested under.
+/// - `Router::layer` works the same for matched routes, but also runs for
+///   requests that match no route (the fallback), which have no parameter;
+///   those get a 400 that says to use `route_layer`, where a 404 was due.
+/// - Outside any router (around it with `ServiceBuilder`), no request has
+///   parameters: each one gets a 500, and an error is logged.
+///
+/// A name that the matched route does not have (a typo, or a route added
+/// later without it) is the same kind of mistake: a 500 that names the
+/// parameter and the route, and an error in the log; the request never
+/// reaches the handler unlocked, whatever [`MissingKey`] says.
+///
+/// [`MissingKey`]: crate::layer::MissingKey
 ///
 /// ```
 /// use tower_dsync::axum::PathParam;
-/// use tower_dsync::layer::KeyExtractor;
+/// use tower_dsync::layer::{KeyError, KeyExtractor};
 ///
 /// // Outside a router there is no matched route:
 /// let request = http::Request::builder().uri("/jobs/7").body(()).unwrap();
-/// assert!(PathParam::new("id").extract(&request).is_err());
+/// let error = PathParam::new("id").extract(&request).unwrap_err();
+/// assert!(matches!(error, KeyError::Misconfigured(_)));
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct PathParam {
@@ -120,7 +141,8 @@ pub struct PathParam {
 }
 
 impl PathParam {
-    /// Reads the parameter `name` (without braces).
+    /// Reads the parameter `name` (without braces, or the `*` of a
+    /// wildcard).
     pub fn new(name: &'static str) -> Self {
         PathParam { name }
     }
@@ -128,58 +150,57 @@ impl PathParam {
 
 impl<B> KeyExtractor<B> for PathParam {
     fn extract(&self, request: &http::Request<B>) -> Result<Option<String>, KeyError> {
-        let Some(matched) = request.extensions().get::<MatchedPath>() else {
+        let name = self.name;
+        let extensions = request.extensions();
+        let Some(matched) = extensions.get::<MatchedPath>() else {
+            // Every axum router a request enters sets its original URI.
+            if extensions.get::<OriginalUri>().is_none() {
+                return Err(KeyError::Misconfigured(format!(
+                    "PathParam({name:?}) sees no axum route: add DistLockLayer with Router::route_layer"
+                )));
+            }
             return Err(KeyError::Invalid(
                 "no matched route: add DistLockLayer with Router::route_layer to key on a path parameter"
                     .into(),
             ));
         };
-        // Inside a nested router the URI is stripped of the prefix; the
-        // matched path is not, and neither is the original URI.
-        let path = request
-            .extensions()
-            .get::<OriginalUri>()
-            .map_or(request.uri().path(), |uri| uri.0.path());
-        param(matched.as_str(), path, self.name)
-            .map(|raw| percent_decode(&raw, "the path parameter"))
-            .transpose()
-    }
-}
-
-/// The segment of `path` where `template` has `{name}`, or the rest of the
-/// path where it has `{*name}`.
-fn param(template: &str, path: &str, name: &str) -> Option<String> {
-    let mut segments = path.split('/');
-    for part in template.split('/') {
-        let segment = segments.next()?;
-        if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-            if inner == name {
-                return Some(segment.to_owned());
+        let params = match raw_path_params(request) {
+            Ok(params) => params,
+            Err(RawPathParamsRejection::InvalidUtf8InPathParam(_)) => {
+                return Err(KeyError::NotText {
+                    source: format!("the path parameters of {}", matched.as_str()),
+                });
             }
-            if inner.strip_prefix('*') == Some(name) {
-                let rest: Vec<&str> = std::iter::once(segment).chain(segments).collect();
-                return Some(rest.join("/"));
+            Err(rejection) => {
+                return Err(KeyError::Misconfigured(format!(
+                    "the path parameters of the route {} cannot be read: {rejection}",
+                    matched.as_str()
+                )));
             }
+        };
+        match params.iter().find(|(param, _)| *param == name) {
+            Some((_, value)) => Ok(Some(value.to_owned())),
+            None => Err(KeyError::Misconfigured(format!(
+                "the route {} has no path parameter {name:?} for PathParam",
+                matched.as_str()
+            ))),
         }
     }
-    None
 }
 
-#[cfg(test)]
-mod tests {
-    use super::param;
-
-    #[test]
-    fn params_are_found_in_the_path() {
-        assert_eq!(
-            param("/jobs/{id}/start", "/jobs/7/start", "id").as_deref(),
-            Some("7")
-        );
-        assert_eq!(param("/a/{x}/{y}", "/a/1/2", "y").as_deref(), Some("2"));
-        assert_eq!(
-            param("/files/{*path}", "/files/a/b/c", "path").as_deref(),
-            Some("a/b/c")
-        );
-        assert_eq!(param("/jobs/{id}", "/jobs/7", "other"), None);
+/// The path parameters that axum's router put in `request`'s extensions,
+/// read the way axum reads them. Its extractor wants the request head
+/// itself, so it gets a head with a copy of the extensions (cheap clones
+/// of what the router and the server put there); it completes at once.
+fn raw_path_params<B>(request: &http::Request<B>) -> Result<RawPathParams, RawPathParamsRejection> {
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.extensions = request.extensions().clone();
+    let mut cx = Context::from_waker(Waker::noop());
+    let read = pin!(RawPathParams::from_request_parts(&mut parts, &()));
+    match read.poll(&mut cx) {
+        Poll::Ready(params) => params,
+        // It reads the extensions and never waits; were that to change,
+        // the request would see no parameters rather than hang.
+        Poll::Pending => Err(MissingPathParams::default().into()),
     }
 }

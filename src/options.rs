@@ -114,7 +114,8 @@ impl DistMutexOptions {
     }
 
     /// How many times `lock` tries before it gives up with
-    /// [`Error::Held`]. Must be at least 1.
+    /// [`Error::Held`]. Must be at least 1. `DistLockLayer` does not use
+    /// it: its wait budget bounds a request's wait.
     ///
     /// Between two tries `lock` waits for the retry delay (or less, when
     /// woken by a release), so its tries take at most

@@ -4,12 +4,13 @@
 //! caller uses it. Used by the Tower layer (per request key) and by the
 //! Redis backend (per `lock()` call).
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
+use std::future::poll_fn;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, PoisonError};
-
-use tokio::sync::Semaphore;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 
 use crate::hashed::{HashedMap, HashedName, Hashing};
 
@@ -36,19 +37,66 @@ struct Entry<T> {
     users: usize,
 }
 
-/// One name's queue: a fair (FIFO) semaphore with one permit, the turn,
-/// and what the name's users share, in one allocation.
+/// One name's queue: its line, and what the name's users share, in one
+/// allocation.
 struct Gate<T> {
-    turn: Semaphore,
+    line: Mutex<Line>,
     shared: T,
+}
+
+/// Whether a name's turn is taken, and who waits for it: places in the
+/// order they joined (not the order they first waited), each with the
+/// waker of its wait once it waits.
+#[derive(Default)]
+struct Line {
+    taken: bool,
+    waiting: VecDeque<(u64, Option<Waker>)>,
+    next: u64,
+}
+
+impl Line {
+    /// Whether `ticket` may take the turn now: it is free and `ticket` is
+    /// first in line.
+    fn is_next(&self, ticket: u64) -> bool {
+        !self.taken
+            && self
+                .waiting
+                .front()
+                .is_some_and(|(first, _)| *first == ticket)
+    }
+
+    /// Takes `ticket` out of the line; when that makes another place first
+    /// while the turn is free, wakes it.
+    fn leave(&mut self, ticket: u64) {
+        if let Some(at) = self.waiting.iter().position(|(t, _)| *t == ticket) {
+            self.waiting.remove(at);
+            if at == 0 {
+                self.wake_first();
+            }
+        }
+    }
+
+    fn wake_first(&mut self) {
+        if !self.taken
+            && let Some((_, Some(waker))) = self.waiting.front_mut()
+        {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 impl<T: Default> Gate<T> {
     fn new() -> Self {
         Gate {
-            turn: Semaphore::new(1),
+            line: Mutex::default(),
             shared: T::default(),
         }
+    }
+}
+
+impl<T> Gate<T> {
+    fn line(&self) -> MutexGuard<'_, Line> {
+        self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -56,7 +104,14 @@ impl<T: Default> Gate<T> {
 fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
     while let Some(mut gate) = spare.pop() {
         if let Some(unused) = Arc::get_mut(&mut gate) {
-            *unused = Gate::new();
+            // The line keeps its buffer: no allocation for the next name.
+            let line = unused
+                .line
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            line.taken = false;
+            line.waiting.clear();
+            unused.shared = T::default();
             return gate;
         }
         // The place that left it still holds it: let it go.
@@ -115,6 +170,13 @@ impl<T> LocalQueues<T> {
                 if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
                     names.spare.push(gate);
                 }
+                // A burst of names must not keep its peak capacity for good:
+                // shrink once the map is a quarter full, to twice what is in
+                // use, so the rehash is paid for by the removals before it.
+                let (len, capacity) = (names.entries.len(), names.entries.capacity());
+                if capacity > 64 && len * 4 < capacity {
+                    names.entries.shrink_to(len * 2);
+                }
             }
         }
     }
@@ -132,19 +194,30 @@ impl<T: Default> LocalQueues<T> {
             users: 0,
         });
         entry.users += 1;
+        let ticket = {
+            let mut line = entry.gate.line();
+            let ticket = line.next;
+            line.next += 1;
+            line.waiting.push_back((ticket, None));
+            ticket
+        };
         Place {
             queues: self.clone(),
             name,
             gate: entry.gate.clone(),
+            ticket,
         }
     }
 }
 
-/// A caller's place in a queue. Dropping it leaves the queue.
+/// A caller's place in a queue, taken when it joined: places get their
+/// turn in the order they joined. A place takes one turn; dropping it
+/// leaves the queue.
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
     name: HashedName,
     gate: Arc<Gate<T>>,
+    ticket: u64,
 }
 
 impl<T> fmt::Debug for Place<T> {
@@ -156,28 +229,46 @@ impl<T> fmt::Debug for Place<T> {
 }
 
 impl<T> Place<T> {
-    /// Waits for this caller's turn (FIFO); the turn lasts as long as the
-    /// returned guard. Cancel-safe: a dropped wait takes no turn.
+    /// Waits for this caller's turn (FIFO in the order of `join`); the
+    /// turn lasts as long as the returned guard. Cancel-safe: a dropped
+    /// wait takes no turn, and leaves the line, so that the turn passes on.
     pub(crate) async fn wait(&self) -> Turn<T> {
-        let permit = self
-            .gate
-            .turn
-            .acquire()
-            .await
-            .expect("a gate's semaphore is never closed");
-        permit.forget();
+        let mut leave = LeaveUnlessServed {
+            place: self,
+            served: false,
+        };
+        let turn = poll_fn(|cx| {
+            let mut line = self.gate.line();
+            if line.is_next(self.ticket) {
+                return Poll::Ready(self.take(&mut line));
+            }
+            if let Some((_, waker)) = line.waiting.iter_mut().find(|(t, _)| *t == self.ticket) {
+                match waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        leave.served = true;
+        turn
+    }
+
+    /// This caller's turn, if nobody holds it and nobody who joined before
+    /// waits for it.
+    pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
+        let mut line = self.gate.line();
+        line.is_next(self.ticket).then(|| self.take(&mut line))
+    }
+
+    /// Takes the turn, first in line.
+    fn take(&self, line: &mut Line) -> Turn<T> {
+        line.waiting.pop_front();
+        line.taken = true;
         Turn {
             gate: self.gate.clone(),
         }
-    }
-
-    /// This caller's turn, if nobody holds it now.
-    pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
-        let permit = self.gate.turn.try_acquire().ok()?;
-        permit.forget();
-        Some(Turn {
-            gate: self.gate.clone(),
-        })
     }
 
     /// The name of this queue.
@@ -198,7 +289,22 @@ impl<T> Place<T> {
 
 impl<T> Drop for Place<T> {
     fn drop(&mut self) {
+        self.gate.line().leave(self.ticket);
         self.queues.leave(&self.name);
+    }
+}
+
+/// Takes a place out of its line when its wait is dropped before its turn.
+struct LeaveUnlessServed<'p, T> {
+    place: &'p Place<T>,
+    served: bool,
+}
+
+impl<T> Drop for LeaveUnlessServed<'_, T> {
+    fn drop(&mut self) {
+        if !self.served {
+            self.place.gate.line().leave(self.place.ticket);
+        }
     }
 }
 
@@ -215,7 +321,9 @@ impl<T> fmt::Debug for Turn<T> {
 
 impl<T> Drop for Turn<T> {
     fn drop(&mut self) {
-        self.gate.turn.add_permits(1);
+        let mut line = self.gate.line();
+        line.taken = false;
+        line.wake_first();
     }
 }
 
@@ -276,6 +384,51 @@ mod tests {
         drop(turn);
         drop(c_waits);
         assert!(d_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn turns_go_in_the_order_of_join_not_of_the_first_wait() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let queues: Arc<LocalQueues> = Arc::default();
+        let holder = queues.join("k".into());
+        let turn = holder.try_turn().expect("free");
+        let [a, b] = ["k"; 2].map(|name| queues.join(name.into()));
+        // b waits first, a has joined first.
+        let mut b_waits = Box::pin(b.wait());
+        assert!(b_waits.as_mut().poll(&mut cx).is_pending());
+        drop(turn);
+        assert!(
+            b_waits.as_mut().poll(&mut cx).is_pending(),
+            "a joined first"
+        );
+        let late = queues.join("k".into());
+        assert!(late.try_turn().is_none(), "a and b joined first");
+        let a_turn = match Box::pin(a.wait()).as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(turn) => turn,
+            std::task::Poll::Pending => panic!("a's turn"),
+        };
+        drop(a_turn);
+        assert!(b_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn the_map_gives_memory_back_after_a_burst() {
+        let queues: Arc<LocalQueues> = Arc::default();
+        let burst: Vec<_> = (0..20_000)
+            .map(|i| queues.join(i.to_string().into()))
+            .collect();
+        let peak = queues.map.lock().unwrap().entries.capacity();
+        assert!(peak >= 20_000);
+        drop(burst);
+        assert_eq!(queues.len(), 0);
+        let left = queues.map.lock().unwrap().entries.capacity();
+        assert!(
+            left <= 128,
+            "capacity {left} of {peak} kept with no name in use"
+        );
     }
 
     #[test]

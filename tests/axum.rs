@@ -122,3 +122,129 @@ async fn path_param_wants_route_layer() {
     let (response, _) = client.get(&narrow.url("/jobs/1"), &[]).await;
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// Answers with the name of the lock it runs under, or `unlocked`.
+async fn lock_name(lock: Option<HeldLock>) -> String {
+    lock.map_or("unlocked".to_owned(), |l| l.name().to_owned())
+}
+
+/// axum's router accepts a static prefix inside a segment, for a parameter
+/// and for a wildcard: the key is what the router extracted for the
+/// parameter (percent-decoded), so every such route is served locked. The
+/// same holds with `Router::layer` for a matched route, and in a nested
+/// router for a parameter of the prefix it is nested under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_param_with_a_prefix_inside_its_segment() {
+    let layer = |name| {
+        DistLockLayer::new(MemorySync::new(), PathParam::new(name))
+            .namespace("jobs")
+            .wait(Duration::ZERO)
+    };
+    let app = Router::new()
+        .route("/jobs/job-{id}", get(lock_name))
+        .route("/jobs/{id}/start", get(lock_name))
+        .route_layer(layer("id"))
+        .merge(
+            Router::new()
+                .route("/files/v{*rest}", get(lock_name))
+                .route_layer(layer("rest")),
+        )
+        .merge(
+            Router::new()
+                .route("/wide/w-{id}", get(lock_name))
+                .layer(layer("id")),
+        )
+        .nest(
+            "/tenants/t-{tenant}",
+            Router::new()
+                .route("/jobs", get(lock_name))
+                .route_layer(layer("tenant")),
+        );
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    for (path, name) in [
+        ("/jobs/job-7", "jobs:7"),
+        ("/jobs/job-%37", "jobs:7"),
+        ("/jobs/8/start", "jobs:8"),
+        ("/files/v1/a/b", "jobs:1/a/b"),
+        ("/wide/w-9", "jobs:9"),
+        ("/tenants/t-acme/jobs", "jobs:acme"),
+    ] {
+        let (response, body) = client.get(&server.url(path), &[]).await;
+        assert_eq!(
+            (response.status(), body.as_str()),
+            (StatusCode::OK, name),
+            "{path}"
+        );
+    }
+}
+
+/// Counts the `ERROR` events emitted on this thread while it is the
+/// default subscriber.
+#[derive(Default, Clone)]
+struct Errors(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Errors {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::ERROR {
+            let target = event.metadata().target().to_owned();
+            self.0.lock().unwrap().push(target);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A parameter name that the matched route does not have (a typo) is the
+/// server's mistake: every request gets a 500 that names it, an error is
+/// logged, and the handler never runs unlocked. A layer outside any router
+/// (it sees no route and no parameters) is the same mistake.
+#[tokio::test]
+async fn path_param_missing_from_the_route_is_a_500() {
+    let errors = Errors::default();
+    let _default = tracing::subscriber::set_default(errors.clone());
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let ran = ran.clone();
+        move || async move {
+            ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            "ran"
+        }
+    };
+    let typo = Router::new()
+        .route("/jobs/{job_id}", get(handler.clone()))
+        .route_layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")));
+    let typo = Server::start(typo).await;
+    let outside = tower::ServiceBuilder::new()
+        .map_response(|response: http::Response<_>| response.map(axum::body::Body::new))
+        .layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")))
+        .service(Router::new().route("/jobs/{id}", get(handler)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outside_addr = listener.local_addr().unwrap();
+    let outside = tokio::spawn(async move {
+        let service =
+            axum::ServiceExt::<http::Request<axum::body::Body>>::into_make_service(outside);
+        axum::serve(listener, service).await.unwrap();
+    });
+    let client = HttpClient::default();
+    for url in [typo.url("/jobs/7"), format!("http://{outside_addr}/jobs/7")] {
+        let (response, body) = client.get(&url, &[]).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{url}: {body}"
+        );
+        assert!(body.contains("\"id\""), "{body}");
+    }
+    outside.abort();
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(errors.0.lock().unwrap().len(), 2, "one error per request");
+}

@@ -844,3 +844,72 @@ async fn empty_separator_is_refused() {
     }
     assert_eq!(sync.counts.locks(), 0);
 }
+
+/// Every string of `min..=max` characters of `alphabet`.
+fn strings(alphabet: &[char], min: usize, max: usize) -> Vec<String> {
+    let mut all = vec![String::new()];
+    let mut last = vec![String::new()];
+    for _ in 0..max {
+        last = last
+            .iter()
+            .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+            .collect();
+        all.extend(last.iter().cloned());
+    }
+    all.retain(|s| s.chars().count() >= min);
+    all
+}
+
+/// For every separator that the layer accepts, two different (namespace,
+/// key) pairs never share a lock name, whatever characters the separator,
+/// the namespaces and the keys hold (`%`, hex digits, the separator itself,
+/// prefixes of one another). A separator that would let them is refused by
+/// `validate` with a typed error; `%` is one (namespace `n` + key `%` and
+/// namespace `n%` + key `25` would both be `n%%25`).
+///
+/// Each case is a random separator; every namespace and key over an
+/// alphabet of its characters, `%` and hex digits is tried, so that a
+/// collision, if the rules allow one, is found.
+#[test]
+fn separators_never_merge_namespaces() {
+    let rt = runtime();
+    let separator = vec(select(vec![':', '%', '2', '5', 'A', 'a', '/', 'x']), 1..=2)
+        .prop_map(|chars| chars.into_iter().collect::<String>());
+    runner(48)
+        .run(&separator, |separator| {
+            let mut alphabet: Vec<char> = separator.chars().chain(['%', '2', '5']).collect();
+            alphabet.sort_unstable();
+            alphabet.dedup();
+            let sync = MemorySync::new().with_separator(separator.as_str());
+            let mut seen: HashMap<String, (String, String)> = HashMap::new();
+            for namespace in strings(&alphabet, 1, 2) {
+                let layer = DistLockLayer::new(sync.clone(), test_key)
+                    .namespace(namespace.as_str())
+                    .wait(Duration::ZERO);
+                if layer.validate().is_err() {
+                    continue;
+                }
+                let service = Svc::new(ServiceBuilder::new().layer(layer).service_fn(handler));
+                for key in strings(&alphabet, 1, 3) {
+                    let mut request = Request::new(());
+                    request.extensions_mut().insert(TestKey(key.clone()));
+                    let Outcome::Locked(name) = bounded(&rt, send(&service, request))? else {
+                        continue;
+                    };
+                    let pair = (namespace.clone(), key);
+                    if let Some(other) = seen.insert(name.clone(), pair.clone()) {
+                        prop_assert!(
+                            false,
+                            "separator {:?}: {:?} and {:?} share {:?}",
+                            separator,
+                            other,
+                            pair,
+                            name
+                        );
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}

@@ -1224,3 +1224,74 @@ async fn a_release_that_panics_does_not_break_the_response() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(sync.inner.names_in_use(), 1);
 }
+
+/// The wait budget alone bounds how long a request waits for a busy key;
+/// the mutex options' `tries` only give way to it. With `tries` 1, a
+/// request still waits for a holder that lets go within the budget and is
+/// served; with `tries` 1000 (far past the budget at the retry delay), a
+/// request for a key that stays held is rejected when the budget is spent,
+/// at the same instant as with `tries` 1.
+#[tokio::test(start_paused = true)]
+async fn tries_do_not_change_how_long_a_request_waits() {
+    let mut waited = Vec::new();
+    for tries in [1, 1000] {
+        let sync = MemorySync::new();
+        let options = DistMutexOptions::default()
+            .with_tries(tries)
+            .with_retry_delay(Duration::from_millis(100));
+        let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+            .mutex_options(options.clone())
+            .wait(Duration::from_secs(2));
+        let service = quick_service(layer);
+        let mut holder = sync.new_mutex("lock:k", options.clone()).unwrap();
+        holder.lock().await.unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            holder.unlock().await.unwrap();
+        });
+        let response = service.clone().oneshot(keyed("k")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "tries {tries}");
+        release.await.unwrap();
+
+        let forever = options.clone().with_expiry(Duration::from_secs(3600));
+        let mut keeper = sync.new_mutex("lock:busy", forever).unwrap();
+        keeper.lock().await.unwrap();
+        let started = Instant::now();
+        let response = service.clone().oneshot(keyed("busy")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CONFLICT, "tries {tries}");
+        waited.push(started.elapsed());
+    }
+    assert_eq!(waited[0], waited[1], "the same wait whatever the tries");
+}
+
+/// Requests for one key are served in the order of `call`, not in the order
+/// their futures are first polled: A is called before B, B is polled first,
+/// and A still gets the key first once its holder lets go.
+#[tokio::test(start_paused = true)]
+async fn requests_are_served_in_the_order_of_call() {
+    let sync = MemorySync::new();
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        });
+    // Polls `future` once, with this task's waker.
+    async fn pending<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_pending())
+        })
+        .await
+    }
+    let holder = service.clone().oneshot(keyed("k")).await.unwrap();
+    let mut svc = service.clone();
+    let a = svc.ready().await.unwrap().call(keyed("k"));
+    let b = svc.ready().await.unwrap().call(keyed("k"));
+    let mut b = Box::pin(b);
+    assert!(pending(&mut b).await);
+    drop(holder);
+    let a = a.await.unwrap();
+    assert_eq!(a.status(), StatusCode::OK, "A came first");
+    assert!(pending(&mut b).await, "A holds the key");
+    drop(a);
+    assert_eq!(b.await.unwrap().status(), StatusCode::OK);
+}

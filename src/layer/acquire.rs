@@ -229,6 +229,8 @@ async fn lock_until<D: DistSync>(
     deadline: Instant,
     retries: Option<&Arc<AtomicU32>>,
 ) -> Result<D::Mutex, Error> {
+    // The budget bounds the wait, not the options' tries: they would end it
+    // sooner or later than the user asked for with `wait`.
     let mut mutex = new_mutex(shared, name, u32::MAX, retries)?;
     match timeout_at(deadline, mutex.lock()).await {
         Ok(Ok(())) => Ok(mutex),

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use http::header::HeaderName;
 use http::{HeaderMap, Request};
 
+use super::rejection::RejectionKind;
+
 /// Finds the key of a request: `Ok(Some(key))` to lock it, `Ok(None)` when
 /// the request has no key (passed through unlocked, or rejected, as the layer
 /// is configured), `Err` when the key is malformed (rejected with 400 or
-/// `INVALID_ARGUMENT`).
+/// `INVALID_ARGUMENT`) or cannot be read because of how the extractor is set
+/// up ([`KeyError::Misconfigured`]: 500 or `INTERNAL`).
 ///
 /// Extraction is synchronous and sees only the request head, like
 /// tower_governor's key extractors. Any closure
@@ -43,8 +46,10 @@ where
     }
 }
 
-/// Why a key was refused. Every variant becomes a 400 (or
-/// `INVALID_ARGUMENT`) rejection, and no lock is taken.
+/// Why a key was refused. Every variant but [`Misconfigured`](Self::Misconfigured)
+/// is the request's fault and becomes a 400 (or `INVALID_ARGUMENT`)
+/// rejection; `Misconfigured` is the server's, becomes a 500 (or
+/// `INTERNAL`) and is logged as an error. No lock is taken.
 ///
 /// ```
 /// use tower_dsync::layer::KeyError;
@@ -71,6 +76,24 @@ pub enum KeyError {
     },
     /// A custom extractor's own reason.
     Invalid(String),
+    /// The extractor cannot find a key in any request, whatever the client
+    /// sends: it is set up wrong for the service it is in front of (say, a
+    /// path parameter that the matched route does not have).
+    Misconfigured(String),
+}
+
+impl KeyError {
+    /// The kind of rejection a request gets for this error. A
+    /// misconfiguration is logged at `ERROR`: no request can fix it.
+    pub(crate) fn rejection_kind(&self) -> RejectionKind {
+        match self {
+            KeyError::Misconfigured(reason) => {
+                tracing::error!(reason = reason.as_str(), "lock key extractor misconfigured");
+                RejectionKind::Misconfigured
+            }
+            _ => RejectionKind::InvalidKey,
+        }
+    }
 }
 
 impl fmt::Display for KeyError {
@@ -83,6 +106,9 @@ impl fmt::Display for KeyError {
             KeyError::ControlCharacter => f.write_str("the lock key contains a control character"),
             KeyError::NotText { source } => write!(f, "the lock key in {source} is not valid text"),
             KeyError::Invalid(reason) => write!(f, "invalid lock key: {reason}"),
+            KeyError::Misconfigured(reason) => {
+                write!(f, "the lock key extractor is misconfigured: {reason}")
+            }
         }
     }
 }

@@ -8,10 +8,13 @@
 //!    [`GrpcMetadataKey`], [`MethodPath`], or any closure. No key: the
 //!    request passes through unlocked (or is rejected, with
 //!    [`MissingKey::Reject`]). A bad key is rejected with 400.
-//! 2. **Name.** `namespace + separator + key`, with `%` and the separator
-//!    percent-encoded in the key, so a key can never reach another
-//!    namespace's lock; names longer than [`MAX_NAME_LEN`]
-//!    are refused.
+//! 2. **Name.** `namespace + separator + key`, with `%` and the separator's
+//!    characters percent-encoded in the key, so a key can never reach
+//!    another namespace's lock: the escaped key holds no character of the
+//!    separator, so the name's last separator ends the namespace. That
+//!    needs a separator without `%` and hex digits, the characters of the
+//!    escapes; [`DistLockLayer::validate`] refuses the others. Names longer
+//!    than [`MAX_NAME_LEN`] are refused.
 //! 3. **Local queue.** Requests for the same name in one process wait first
 //!    come, first served; only the first talks to the backend.
 //! 4. **Acquire**, within the wait budget ([`DistLockLayer::wait`]); past it,
@@ -248,16 +251,23 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
         self
     }
 
-    /// The options of each request's mutex (expiry, drift, timeouts, value
-    /// generator). `tries` and the retry delay bound a wait only together
-    /// with the wait budget, which caps the whole wait.
+    /// The options of each request's mutex: expiry, drift, timeouts, value
+    /// generator, and the retry delay, which spaces the tries of a request
+    /// that waits for a busy key.
+    ///
+    /// `tries` is not used: how long a request waits is the wait budget
+    /// alone ([`wait`](Self::wait)), the layer's one knob for it. A request
+    /// tries once at once, then, if the key is busy and the budget is not
+    /// zero, as often as the retry delay spaces its tries until the budget
+    /// is spent, and once more at its end.
     pub fn mutex_options(mut self, options: DistMutexOptions) -> Self {
         self.options = options;
         self
     }
 
     /// How long a request may wait for a busy key before it is rejected with
-    /// 409 (`ABORTED`). Zero fails fast: one try, no waiting.
+    /// 409 (`ABORTED`), whatever the mutex options' `tries`. Zero fails
+    /// fast: one try, no waiting.
     pub fn wait(mut self, budget: Duration) -> Self {
         self.wait = budget;
         self
@@ -376,9 +386,10 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     /// a validity (`expiry - drift`) under 2 ms, too short to extend in
     /// time ([`Error::InvalidOptions`]); an
     /// invalid namespace ([`Error::InvalidName`]);
-    /// a backend with an empty separator, which could not keep namespaces
-    /// apart, and a namespace and separator that leave no room for a key
-    /// ([`Error::InvalidConfig`]).
+    /// a backend with an empty separator, or one that holds `%` or an ASCII
+    /// hex digit (the characters of a key's escapes), either of which could
+    /// let two namespaces share a lock, and a namespace and separator that
+    /// leave no room for a key ([`Error::InvalidConfig`]).
     ///
     /// ```
     /// use std::time::Duration;
@@ -415,6 +426,17 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
                 "the backend's separator is empty: a key could reach another namespace's lock"
                     .into(),
             );
+        }
+        // A key's escapes are `%` and hex digits: in a separator, they could
+        // make the end of one namespace's key read as another's separator.
+        if let Some(c) = separator
+            .chars()
+            .find(|c| *c == '%' || c.is_ascii_hexdigit())
+        {
+            return invalid(format!(
+                "the backend's separator {separator:?} holds {c:?}: a separator with `%` or a \
+                 hex digit, which escaped keys are made of, could let two namespaces share a lock"
+            ));
         }
         if validate_name(&format!("{}{separator}k", self.namespace)).is_err() {
             return invalid(format!(

@@ -95,7 +95,7 @@ where
                 );
             }
             Ok(None) => return ResponseFuture::unlocked(inner.call(request)),
-            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
+            Err(error) => return reject(error.rejection_kind(), error.to_string(), &request),
         };
         // Before naming: a namespace that leaves no room for a key is the
         // server's fault, not the client's.
