@@ -170,6 +170,8 @@ fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mut
         turn,
         place,
         interval: shared.extend_every,
+        extend_takes: shared.options.node_timeout(),
+        last_attempt: None,
         release_timeout: shared.options.expiry(),
         first_extend: now
             .checked_add(shared.extend_every)

@@ -281,6 +281,8 @@ mod tests {
             turn,
             place,
             interval: Duration::from_secs(1),
+            extend_takes: Duration::ZERO,
+            last_attempt: None,
             release_timeout: Duration::from_secs(3),
             first_extend,
             hold_until: None,
