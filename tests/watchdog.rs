@@ -726,3 +726,36 @@ async fn failed_extensions_are_retried_until_the_validity_ends() {
     go.send(()).unwrap();
     assert_eq!(request.await.unwrap(), StatusCode::OK);
 }
+
+/// A lost lock frees the key in this process at once: with the response
+/// body never polled, the keeper releases what remains of the lock and
+/// passes the turn on, so `held_locks()` drops to zero and the next
+/// request for the key is served (not 409) while the first response still
+/// exists.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lock_frees_the_key_without_a_poll() {
+    let sync = Counting::new(MemorySync::new());
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(options.clone())
+        .wait(Duration::ZERO);
+    let (service, mut inside) = blocking(layer.clone());
+    let request = spawn_request(&service, "lost");
+    let Inside { lock, go } = inside.recv().await.unwrap();
+    let mut thief = sync
+        .inner
+        .new_mutex(lock.name(), options.with_value(lock.value()))
+        .unwrap();
+    thief.unlock().await.unwrap();
+    while !lock.is_lost() {
+        step_clock(Duration::from_millis(100), 1, async || {}).await;
+    }
+    settle().await;
+    assert_eq!(layer.held_locks(), 0, "the lost lock is still counted");
+    let next = spawn_request(&service, "lost");
+    let second = inside.recv().await.unwrap();
+    second.go.send(()).unwrap();
+    assert_eq!(next.await.unwrap(), StatusCode::OK);
+    go.send(()).unwrap();
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
+}

@@ -110,6 +110,11 @@ impl<M: DistMutex> Keeper<M> {
                             tracing::warn!(name = view.name(), %error, "lock lost: not extended");
                             lost = true;
                             view.set_lost();
+                            // The key is freed for this process's next
+                            // request now, not when this one lets go.
+                            lease.keeper_gone();
+                            self.place.shared().releasing();
+                            break;
                         }
                     }
                 }

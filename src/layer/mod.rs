@@ -37,8 +37,13 @@
 //!    else in the background.
 //! 8. **Lost lock.** When the validity ends without a successful
 //!    extension, or the backend refuses one ([`Error::NotAcquired`]: a
-//!    quorum says the key is no longer ours), [`HeldLock`] reports it; with
-//!    [`OnLost::Abort`], the handler is dropped and the client gets 503.
+//!    quorum says the key is no longer ours), or `max_hold` passes,
+//!    [`HeldLock`] reports it, and the keeper releases what may remain of
+//!    the lock and frees the key for this process's next request at once,
+//!    without waiting for the response to end or be polled. With
+//!    [`OnLost::Abort`], the next poll of the response future drops the
+//!    handler and answers 503 (the next poll of the body ends it with an
+//!    error); a future or body nobody polls any more holds nothing.
 //!
 //! Rejections follow HTTP conventions, and gRPC's for gRPC calls
 //! (trailers-only responses with `ABORTED`, `UNAVAILABLE` or
@@ -298,9 +303,9 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     }
 
     /// The longest a request may keep its lock (default: as long as it is
-    /// in flight). Past it the lock is no longer extended and is reported
-    /// lost (with [`OnLost::Abort`], the request is cut short); it then
-    /// expires at the end of its validity. This bounds what a client that
+    /// in flight). Past it the lock is reported lost (with
+    /// [`OnLost::Abort`], the request is cut short) and released, and the
+    /// key is free for the next request. This bounds what a client that
     /// never finishes reading a streaming response can hold.
     ///
     /// ```
