@@ -1295,3 +1295,38 @@ async fn requests_are_served_in_the_order_of_call() {
     drop(a);
     assert_eq!(b.await.unwrap().status(), StatusCode::OK);
 }
+
+/// Failing fast, requests that come while the key's release is under way
+/// wait for that release only: once the key has passed to the first of
+/// them, the next one gets 409 at once (no time passes on the paused
+/// clock), not after a node timeout.
+#[tokio::test(start_paused = true)]
+async fn fail_fast_waits_only_for_the_release_itself() {
+    let remote = support::remote::Remote::gated(MemorySync::new());
+    let layer = DistLockLayer::new(remote.clone(), HeaderKey::new(KEY)).wait(Duration::ZERO);
+    let service = quick_service(layer.clone());
+    let response = service.clone().oneshot(keyed("handoff")).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    // The release waits at the gate; two requests come meanwhile.
+    let start = Instant::now();
+    let spawn = || {
+        let service = service.clone();
+        tokio::spawn(async move { service.oneshot(keyed("handoff")).await.unwrap().status() })
+    };
+    let first = spawn();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let second = spawn();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    remote.unlock_gate.add_permits(1);
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(second.await.unwrap(), StatusCode::CONFLICT);
+    assert_eq!(
+        Instant::now(),
+        start,
+        "the second request waited past the release"
+    );
+}

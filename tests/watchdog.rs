@@ -1,8 +1,9 @@
 //! The layer's keeper (the watchdog that extends a held lock) under
-//! failure: an extension that fails is reported at once, nothing is
-//! extended after a release or a loss, releasing an expired lock is prompt
-//! and reports the documented error, and tiny expiries are refused or kept
-//! correctly. In-process cases run on tokio's paused clock and move it by
+//! failure: extensions land before the validity ends, a refused extension
+//! is reported at once and one that fails with time left is retried until
+//! the validity ends, nothing is extended after a release or a loss,
+//! releasing an expired lock is prompt and reports the documented error,
+//! and tiny expiries are refused or kept correctly. In-process cases run on tokio's paused clock and move it by
 //! hand; Redis cases run on real `redis-server` processes and order events
 //! with counters and channels.
 
@@ -10,6 +11,8 @@ mod conformance;
 mod support;
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use conformance::eventually;
@@ -259,18 +262,21 @@ async fn no_extension_after_release_or_loss() {
     assert_eq!((sync.counts.unlocks(), layer.local_keys()), (2, 0));
 }
 
-/// On Redis, an extension that fails is reported to the holder at once:
-/// with the lock key deleted behind the layer's back, and with the only
-/// node killed, `HeldLock::lost()` resolves while the handler still runs,
-/// after the first extension that could see the fault (no retry, no wait
-/// for the expiry, which is a minute away).
+/// On Redis, an extension that the node refuses (the lock key deleted
+/// behind the layer's back) is reported to the holder at once:
+/// `HeldLock::lost()` resolves while the handler still runs, after the
+/// first extension that could see it (no wait for the expiry, which is a
+/// minute away). With the only node killed, the extensions fail without an
+/// answer: they are retried, and the loss is reported when the validity
+/// ends, not before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_extension_is_reported_at_once() {
     for kill in [false, true] {
         let mut node = RedisServer::start();
         let sync = Counting::new(RedisSync::new([node.url()]).unwrap());
+        let expiry = Duration::from_secs(if kill { 2 } else { 60 });
         let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
-            .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(60)))
+            .mutex_options(DistMutexOptions::default().with_expiry(expiry))
             .extend_every(Duration::from_millis(20));
         let (service, mut inside) = blocking(layer.clone());
         let request = spawn_request(&service, "fault");
@@ -286,11 +292,20 @@ async fn failed_extension_is_reported_at_once() {
         bounded("the loss is reported", lock.lost()).await;
         assert!(lock.is_lost());
         let after = sync.counts.extends();
-        assert!(
-            after == before || after == before + 1,
-            "reported after {} more extensions",
-            after - before
-        );
+        if kill {
+            let until = lock.until().unwrap();
+            assert!(
+                Instant::now() >= until,
+                "reported before the validity ended"
+            );
+            assert!(after > before + 1, "not retried");
+        } else {
+            assert!(
+                after == before || after == before + 1,
+                "reported after {} more extensions",
+                after - before
+            );
+        }
         assert!(!request.is_finished(), "the handler still runs");
         go.send(()).unwrap();
         assert_eq!(bounded("response", request).await.unwrap(), StatusCode::OK);
@@ -501,4 +516,246 @@ async fn tiny_expiry_on_redis_is_handled() {
         nodes.total_keys() == 0 && layer.local_keys() == 0
     })
     .await;
+}
+
+/// A backend whose extensions answer `delay` after they took effect, as a
+/// slow network does: the validity of an extension counts from its start
+/// (as on Redis), but the keeper learns it only at the end. While `failing`
+/// is set, an extension does not reach the backend and fails with a
+/// timeout after `delay`.
+#[derive(Debug, Clone)]
+struct Slow<S> {
+    inner: S,
+    delay: Duration,
+    failing: Arc<AtomicBool>,
+    extends: Arc<AtomicUsize>,
+}
+
+impl<S> Slow<S> {
+    fn new(inner: S, delay: Duration) -> Self {
+        Slow {
+            inner,
+            delay,
+            failing: Arc::default(),
+            extends: Arc::default(),
+        }
+    }
+
+    fn fail(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn extends(&self) -> usize {
+        self.extends.load(Ordering::SeqCst)
+    }
+}
+
+impl<S: DistSync> DistSync for Slow<S> {
+    type Mutex = SlowMutex<S::Mutex>;
+
+    fn new_mutex(&self, name: &str, options: DistMutexOptions) -> tower_dsync::Result<Self::Mutex> {
+        Ok(SlowMutex {
+            inner: self.inner.new_mutex(name, options)?,
+            sync: Slow {
+                inner: (),
+                delay: self.delay,
+                failing: self.failing.clone(),
+                extends: self.extends.clone(),
+            },
+        })
+    }
+
+    fn separator(&self) -> &str {
+        self.inner.separator()
+    }
+}
+
+#[derive(Debug)]
+struct SlowMutex<M> {
+    inner: M,
+    sync: Slow<()>,
+}
+
+impl<M: DistMutex> DistMutex for SlowMutex<M> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn value(&self) -> &str {
+        self.inner.value()
+    }
+    fn until(&self) -> Option<Instant> {
+        self.inner.until()
+    }
+    async fn lock(&mut self) -> tower_dsync::Result<()> {
+        self.inner.lock().await
+    }
+    async fn unlock(&mut self) -> tower_dsync::Result<()> {
+        self.inner.unlock().await
+    }
+    async fn extend(&mut self) -> tower_dsync::Result<()> {
+        self.sync.extends.fetch_add(1, Ordering::SeqCst);
+        if self.sync.failing.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.sync.delay).await;
+            return Err(Error::Timeout {
+                after: self.sync.delay,
+                nodes: vec!["slow".into()],
+            });
+        }
+        self.inner.extend().await?;
+        tokio::time::sleep(self.sync.delay).await;
+        Ok(())
+    }
+    async fn valid(&self) -> tower_dsync::Result<bool> {
+        self.inner.valid().await
+    }
+    fn try_lock_now(&mut self) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_lock_now()
+    }
+    fn try_unlock_now(&mut self) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_unlock_now()
+    }
+}
+
+/// Extensions that take 40% of the expiry to answer: the keeper starts
+/// each one early enough to learn of it before the validity it extends
+/// ends, so through twenty expiries (the clock moved in tenths of a
+/// second) the lock is never lost, its validity end is always ahead, and
+/// another owner cannot take the name. Extensions that take 70% cannot
+/// keep a lock (each would have to start before the last one answered):
+/// the loss is reported when the validity ends, never later.
+#[tokio::test(start_paused = true)]
+async fn slow_extensions_land_before_the_validity_ends() {
+    let expiry = Duration::from_secs(3);
+    for (percent, kept) in [(40, true), (70, false)] {
+        let sync = Slow::new(MemorySync::new(), expiry * percent / 100);
+        let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+            .mutex_options(DistMutexOptions::default().with_expiry(expiry))
+            .wait(Duration::ZERO);
+        let (service, mut inside) = blocking(layer);
+        let request = spawn_request(&service, "slow");
+        let Inside { lock, go } = inside.recv().await.unwrap();
+        let mut probe = sync
+            .inner
+            .new_mutex(lock.name(), DistMutexOptions::default().with_tries(1))
+            .unwrap();
+        step_clock(Duration::from_millis(100), 20 * 30, async || {
+            let case = format!("extensions taking {percent}% of the expiry");
+            assert!(
+                lock.is_lost() || lock.until().unwrap() > Instant::now(),
+                "{case}: the validity ended, unreported"
+            );
+            if kept {
+                assert!(!lock.is_lost(), "{case}: lost");
+                assert!(
+                    matches!(probe.lock().await, Err(Error::Held { .. })),
+                    "{case}: another owner got in"
+                );
+            }
+        })
+        .await;
+        assert_eq!(lock.is_lost(), !kept);
+        if kept {
+            assert!(sync.extends() >= 20, "{}", sync.extends());
+        }
+        go.send(()).unwrap();
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+}
+
+/// Extensions that fail with a timeout while validity is left are retried,
+/// spaced out: a backend that fails for a while and then answers again
+/// never costs the lock. One that keeps failing costs it exactly when the
+/// validity ends: `is_lost()` is false before and true from then on, not
+/// at the first failure.
+#[tokio::test(start_paused = true)]
+async fn failed_extensions_are_retried_until_the_validity_ends() {
+    let sync = Slow::new(MemorySync::new(), Duration::ZERO);
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(3)))
+        .wait(Duration::ZERO);
+    let (service, mut inside) = blocking(layer);
+    let request = spawn_request(&service, "flaky");
+    let Inside { lock, go } = inside.recv().await.unwrap();
+    let tenth = Duration::from_millis(100);
+    while sync.extends() < 1 {
+        step_clock(tenth, 1, async || {}).await;
+    }
+
+    // A failure for one second (a third of the validity) from the first
+    // failed extension: retried, and the lock is kept.
+    sync.fail(true);
+    let failing_from = sync.extends();
+    while sync.extends() == failing_from {
+        step_clock(tenth, 1, async || {}).await;
+    }
+    step_clock(tenth, 10, async || {
+        assert!(!lock.is_lost(), "lost at a retryable failure")
+    })
+    .await;
+    assert!(
+        sync.extends() > failing_from + 1,
+        "not retried: {} extension(s) failed",
+        sync.extends() - failing_from
+    );
+    sync.fail(false);
+    let before = lock.until().unwrap();
+    while lock.until().unwrap() == before {
+        assert!(!lock.is_lost());
+        assert!(before > Instant::now(), "not extended within the validity");
+        step_clock(tenth, 1, async || {}).await;
+    }
+
+    // A failure for good: lost when the validity ends, not before.
+    sync.fail(true);
+    let until = lock.until().unwrap();
+    let failing_from = sync.extends();
+    while Instant::now() < until + Duration::from_secs(1) {
+        step_clock(tenth, 1, async || {}).await;
+        assert_eq!(
+            lock.is_lost(),
+            Instant::now() >= until,
+            "lost at {:?} of a validity ending at {:?}",
+            Instant::now(),
+            until
+        );
+    }
+    assert!(sync.extends() > failing_from + 1, "not retried");
+    let after_loss = sync.extends();
+    step_clock(tenth, 30, async || {}).await;
+    assert_eq!(sync.extends(), after_loss, "an extension after the loss");
+    go.send(()).unwrap();
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
+}
+
+/// A lost lock frees the key in this process at once: with the response
+/// body never polled, the keeper releases what remains of the lock and
+/// passes the turn on, so `held_locks()` drops to zero and the next
+/// request for the key is served (not 409) while the first response still
+/// exists.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lock_frees_the_key_without_a_poll() {
+    let sync = Counting::new(MemorySync::new());
+    let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(options.clone())
+        .wait(Duration::ZERO);
+    let (service, mut inside) = blocking(layer.clone());
+    let request = spawn_request(&service, "lost");
+    let Inside { lock, go } = inside.recv().await.unwrap();
+    let mut thief = sync
+        .inner
+        .new_mutex(lock.name(), options.with_value(lock.value()))
+        .unwrap();
+    thief.unlock().await.unwrap();
+    while !lock.is_lost() {
+        step_clock(Duration::from_millis(100), 1, async || {}).await;
+    }
+    settle().await;
+    assert_eq!(layer.held_locks(), 0, "the lost lock is still counted");
+    let next = spawn_request(&service, "lost");
+    let second = inside.recv().await.unwrap();
+    second.go.send(()).unwrap();
+    assert_eq!(next.await.unwrap(), StatusCode::OK);
+    go.send(()).unwrap();
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
 }

@@ -105,7 +105,7 @@ pub(crate) async fn acquire<D: DistSync>(
     let mut budget = Budget::new(shared.wait);
     let turn = match turn {
         Some(turn) => Some(turn),
-        None => wait_turn(&shared, &place, budget.deadline(), fail_fast).await,
+        None => wait_turn(&place, budget.deadline(), fail_fast).await,
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
@@ -170,6 +170,8 @@ fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mut
         turn,
         place,
         interval: shared.extend_every,
+        extend_takes: shared.options.node_timeout(),
+        last_attempt: None,
         release_timeout: shared.options.expiry(),
         first_extend: now
             .checked_add(shared.extend_every)
@@ -207,16 +209,11 @@ impl Budget {
 }
 
 /// Waits for this request's turn in the local queue: within the wait
-/// budget, or, failing fast, only for a holder whose release is under way.
-async fn wait_turn<D: DistSync>(
-    shared: &Shared<D>,
-    place: &Place,
-    deadline: Instant,
-    fail_fast: bool,
-) -> Option<Turn> {
+/// budget, or, failing fast, only for the release of a holder whose
+/// release is under way.
+async fn wait_turn(place: &Place, deadline: Instant, fail_fast: bool) -> Option<Turn> {
     if fail_fast {
-        // A release takes at most one node timeout.
-        place.turn_unless_busy(shared.options.node_timeout()).await
+        place.turn_unless_busy().await
     } else {
         timeout_at(deadline, place.wait()).await.ok()
     }

@@ -214,8 +214,10 @@ impl HeldLock {
         self.view().status().until
     }
 
-    /// True once an extension failed: the lock may have expired or been
-    /// taken over, and the protected work should stop.
+    /// True once the lock is lost: its validity ended without a successful
+    /// extension, the backend refused an extension, or `max_hold` passed.
+    /// The lock may have expired or been taken over, and the protected
+    /// work should stop.
     pub fn is_lost(&self) -> bool {
         self.view().status().lost
     }
@@ -227,8 +229,8 @@ impl HeldLock {
         status.lost || status.released
     }
 
-    /// Resolves as soon as the lock is no longer held by this request: an
-    /// extension failed ([`is_lost`](Self::is_lost)), or the request ended
+    /// Resolves as soon as the lock is no longer held by this request: it
+    /// was lost ([`is_lost`](Self::is_lost)), or the request ended
     /// and the lock was released.
     pub async fn lost(&self) {
         let view = self.view();

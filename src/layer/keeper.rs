@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
+use super::MIN_EXTEND_EVERY;
 use super::held::LockView;
 use super::lease::Lease;
 use super::queue::{Place, Turn};
@@ -23,6 +24,12 @@ pub(crate) struct Keeper<M> {
     pub(crate) turn: Turn,
     pub(crate) place: Place,
     pub(crate) interval: Duration,
+    /// How long an extension may take, so that it starts early enough to
+    /// be done before the validity ends: a node timeout at first, then the
+    /// slowest extension seen.
+    pub(crate) extend_takes: Duration,
+    /// When the last extension started (none yet: `None`).
+    pub(crate) last_attempt: Option<Instant>,
     /// The longest a release may take: past the expiry it is moot.
     pub(crate) release_timeout: Duration,
     /// When the first extension falls due: acquisition + interval.
@@ -52,6 +59,16 @@ impl Drop for Live {
     }
 }
 
+/// How an extension attempt ended.
+enum Extension {
+    /// Extended; the attempt started then.
+    Done { started: Instant },
+    /// Failed with validity left: try again.
+    Retry(String),
+    /// The lock can no longer be trusted.
+    Lost(String),
+}
+
 /// How an unlock ended.
 enum Unlocked {
     Done(crate::Result<()>),
@@ -60,11 +77,10 @@ enum Unlocked {
 }
 
 impl<M: DistMutex> Keeper<M> {
-    /// When the keeper must first act: the first extension, or the end of
-    /// `max_hold` if that comes sooner.
+    /// When the keeper must first act: the first extension (see
+    /// [`due`](Self::due)), or the end of `max_hold` if that comes sooner.
     pub(crate) fn first_deadline(&self) -> Instant {
-        self.hold_until
-            .map_or(self.first_extend, |end| self.first_extend.min(end))
+        self.due(self.first_extend)
     }
 
     /// Extends the lock until the request lets go of `lease`, then releases
@@ -77,24 +93,28 @@ impl<M: DistMutex> Keeper<M> {
             tokio::select! {
                 biased;
                 () = lease.let_go_signal() => break,
-                () = sleep_until(self.hold_until.map_or(next, |end| next.min(end))), if !lost => {
-                    let extended = if self.hold_until.is_some_and(|end| Instant::now() >= end) {
-                        Err("held longer than max_hold".to_owned())
-                    } else {
-                        self.mutex.extend().await.map_err(|e| e.to_string())
-                    };
-                    match extended {
-                        Ok(()) => {
+                () = sleep_until(self.due(next)), if !lost => {
+                    match self.extend_once().await {
+                        Extension::Done { started } => {
                             let until = self.mutex.until();
                             self.place.set_holder_until(until);
                             view.set_until(until);
                             tracing::trace!(name = view.name(), "lock extended");
-                            next = Instant::now() + self.interval;
+                            next = started + self.interval;
                         }
-                        Err(error) => {
+                        Extension::Retry(error) => {
+                            tracing::debug!(name = view.name(), %error, "lock not extended; retrying");
+                            next = Instant::now() + self.retry_every();
+                        }
+                        Extension::Lost(error) => {
                             tracing::warn!(name = view.name(), %error, "lock lost: not extended");
                             lost = true;
                             view.set_lost();
+                            // The key is freed for this process's next
+                            // request now, not when this one lets go.
+                            lease.keeper_gone();
+                            self.place.shared().releasing();
+                            break;
                         }
                     }
                 }
@@ -105,6 +125,63 @@ impl<M: DistMutex> Keeper<M> {
             Err(_) => Unlocked::TimedOut,
         };
         finish(view, unlocked, lost, self.turn, self.place);
+    }
+
+    /// When the next extension starts: `next` (an interval after the start
+    /// of the last one), but early enough that it can be done before the
+    /// validity ends (it may take as long as the slowest so far, and at
+    /// least a node timeout), and at the end of `max_hold`; never sooner
+    /// than the shortest interval after the last attempt, so that a backend
+    /// slower than the validity is not called in a busy loop.
+    fn due(&self, next: Instant) -> Instant {
+        let mut due = next;
+        if let Some(until) = self.mutex.until() {
+            due = due.min(until.checked_sub(self.extend_takes).unwrap_or(until));
+        }
+        if let Some(end) = self.hold_until {
+            due = due.min(end);
+        }
+        match self.last_attempt {
+            Some(last) => due.max(last + MIN_EXTEND_EVERY),
+            None => due,
+        }
+    }
+
+    /// How long to wait before retrying an extension that failed with
+    /// validity left.
+    fn retry_every(&self) -> Duration {
+        (self.interval / 4).max(MIN_EXTEND_EVERY)
+    }
+
+    /// One extension, bounded by the end of the validity: past `max_hold`,
+    /// past the validity, or refused by the backend (a quorum says the key
+    /// is no longer ours), the lock is lost; any other failure with time
+    /// left is retried.
+    async fn extend_once(&mut self) -> Extension {
+        let started = Instant::now();
+        if self.hold_until.is_some_and(|end| started >= end) {
+            return Extension::Lost("held longer than max_hold".to_owned());
+        }
+        let until = self.mutex.until();
+        if until.is_some_and(|until| started >= until) {
+            return Extension::Lost("the validity ended before an extension".to_owned());
+        }
+        self.last_attempt = Some(started);
+        let extend = self.mutex.extend();
+        let extended = match until {
+            Some(until) => timeout_at(until, extend).await,
+            None => Ok(extend.await),
+        };
+        self.extend_takes = self.extend_takes.max(started.elapsed());
+        match extended {
+            Ok(Ok(())) => Extension::Done { started },
+            Ok(Err(error @ Error::NotAcquired)) => Extension::Lost(error.to_string()),
+            Ok(Err(error)) if until.is_none_or(|until| Instant::now() < until) => {
+                Extension::Retry(error.to_string())
+            }
+            Ok(Err(error)) => Extension::Lost(format!("{error}, and the validity ended")),
+            Err(_) => Extension::Lost("the validity ended during an extension".to_owned()),
+        }
     }
 
     /// Releases the lock of a request that let go before its keeper

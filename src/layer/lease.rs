@@ -144,6 +144,15 @@ impl<M: DistMutex> Lease<M> {
         self.let_go.notified().await;
     }
 
+    /// The keeper has given the lock up (lost) and releases what remains
+    /// of it: the request's letting go later has nothing left to do.
+    pub(crate) fn keeper_gone(&self) {
+        let mut state = self.state();
+        if let Stage::Kept(_) = state.stage {
+            state.stage = Stage::Done;
+        }
+    }
+
     pub(crate) fn runtime(&self) -> &Handle {
         &self.runtime
     }
@@ -281,6 +290,8 @@ mod tests {
             turn,
             place,
             interval: Duration::from_secs(1),
+            extend_takes: Duration::ZERO,
+            last_attempt: None,
             release_timeout: Duration::from_secs(3),
             first_extend,
             hold_until: None,

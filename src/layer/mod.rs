@@ -23,10 +23,14 @@
 //! 5. **Serve.** The inner service finds a [`HeldLock`] in the request
 //!    extensions.
 //! 6. **Keep.** A background task extends the lock every `expiry / 3` while
-//!    the request is in flight. It starts, from the runtime's timer, when
-//!    the first extension falls due, whether or not anything polls the
-//!    request meanwhile; a shorter request starts no task and causes no
-//!    extension.
+//!    the request is in flight, each extension started early enough to be
+//!    done before the validity it extends ends (it may take as long as the
+//!    slowest one so far, and at least a node timeout). An extension that
+//!    fails with validity left (a timeout, a backend unavailable) is
+//!    retried, every quarter interval. The task starts, from the runtime's
+//!    timer, when the first extension falls due, whether or not anything
+//!    polls the request meanwhile; a shorter request starts no task and
+//!    causes no extension.
 //! 7. **Release** when the response body has been sent to its end or is
 //!    dropped (or, with [`ReleaseOn::Head`], when the response head is
 //!    ready); also when the request is dropped (client gone, timeout) or
@@ -34,8 +38,15 @@
 //!    is done at once when the backend can answer at once (the in-process
 //!    one, see [`DistMutex::try_unlock_now`](crate::DistMutex::try_unlock_now)),
 //!    else in the background.
-//! 8. **Lost lock.** When an extension fails, [`HeldLock`] reports it; with
-//!    [`OnLost::Abort`], the handler is dropped and the client gets 503.
+//! 8. **Lost lock.** When the validity ends without a successful
+//!    extension, or the backend refuses one ([`Error::NotAcquired`]: a
+//!    quorum says the key is no longer ours), or `max_hold` passes,
+//!    [`HeldLock`] reports it, and the keeper releases what may remain of
+//!    the lock and frees the key for this process's next request at once,
+//!    without waiting for the response to end or be polled. With
+//!    [`OnLost::Abort`], the next poll of the response future drops the
+//!    handler and answers 503 (the next poll of the body ends it with an
+//!    error); a future or body nobody polls any more holds nothing.
 //!
 //! Rejections follow HTTP conventions, and gRPC's for gRPC calls
 //! (trailers-only responses with `ABORTED`, `UNAVAILABLE` or
@@ -127,7 +138,9 @@ pub enum ReleaseOn {
     Head,
 }
 
-/// What happens when an extension fails while the request is served.
+/// What happens when the lock is lost while the request is served: its
+/// validity ended without a successful extension, the backend refused an
+/// extension, or `max_hold` passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnLost {
     /// The handler is told through [`HeldLock`] and keeps running (the
@@ -300,9 +313,9 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
     }
 
     /// The longest a request may keep its lock (default: as long as it is
-    /// in flight). Past it the lock is no longer extended and is reported
-    /// lost (with [`OnLost::Abort`], the request is cut short); it then
-    /// expires at the end of its validity. This bounds what a client that
+    /// in flight). Past it the lock is reported lost (with
+    /// [`OnLost::Abort`], the request is cut short) and released, and the
+    /// key is free for the next request. This bounds what a client that
     /// never finishes reading a streaming response can hold.
     ///
     /// ```

@@ -1,10 +1,13 @@
 //! The layer's use of the local queues: per request key, with what waiting
 //! requests need to know about the current holder.
 
+use std::pin::pin;
 use std::sync::Mutex;
 use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use tokio::time::Instant;
 
@@ -28,6 +31,8 @@ pub(crate) struct Holder {
     until: Mutex<Option<Instant>>,
     /// Set when its request has ended and its lock is being released.
     releasing: AtomicBool,
+    /// Told when a turn starts after a release.
+    started: Notify,
 }
 
 impl Holder {
@@ -40,20 +45,35 @@ impl Holder {
 impl Place {
     /// This request's turn without waiting for a holder that is still
     /// serving: `None` if one is. A holder whose request has ended is
-    /// waited for, at most `bound`, since its release is under way.
-    pub(crate) async fn turn_unless_busy(&self, bound: Duration) -> Option<Turn> {
+    /// waited for, since its release is under way, but only for that
+    /// release: if the turn then goes to a request before this one, `None`
+    /// at once.
+    pub(crate) async fn turn_unless_busy(&self) -> Option<Turn> {
         if let Some(turn) = self.try_turn() {
             return Some(turn);
         }
-        if self.shared().releasing.load(Ordering::Acquire) {
-            return tokio::time::timeout(bound, self.wait()).await.ok();
+        let holder = self.shared();
+        // Registered before the check, so that a turn starting between the
+        // two is not missed.
+        let mut started = pin!(holder.started.notified());
+        started.as_mut().enable();
+        if !holder.releasing.load(Ordering::Acquire) {
+            return None;
         }
-        None
+        tokio::select! {
+            biased;
+            turn = self.wait() => Some(turn),
+            () = started => None,
+        }
     }
 
-    /// Marks the start of a new turn: its holder is not releasing.
+    /// Marks the start of a new turn: its holder is not releasing. Requests
+    /// that wait only for the previous holder's release give up.
     pub(crate) fn start_turn(&self) {
-        self.shared().releasing.store(false, Ordering::Release);
+        let holder = self.shared();
+        if holder.releasing.swap(false, Ordering::AcqRel) {
+            holder.started.notify_waiters();
+        }
     }
 
     /// Records the validity of the lock held in this turn (`None` once
