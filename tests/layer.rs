@@ -1330,3 +1330,28 @@ async fn fail_fast_waits_only_for_the_release_itself() {
         "the second request waited past the release"
     );
 }
+
+/// A request that waits for a busy key holds none of the inner service's
+/// capacity: with tower's `ConcurrencyLimit` of one inside the layer, a
+/// request for a free key is served while another waits for a held key.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_key_holds_no_inner_capacity() {
+    let service = tower::ServiceBuilder::new()
+        .layer(DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY)))
+        .concurrency_limit(1)
+        .service_fn(|_: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        });
+    // Its body holds the key; its handler is done, so the capacity is free.
+    let holder = service.clone().oneshot(keyed("busy")).await.unwrap();
+    let waiting = tokio::spawn(service.clone().oneshot(keyed("busy")));
+    tokio::task::yield_now().await;
+    let free = service.clone().oneshot(keyed("free")).await.unwrap();
+    assert_eq!(free.status(), StatusCode::OK);
+    assert!(
+        !waiting.is_finished(),
+        "the free key was served only once the waiting request gave up"
+    );
+    drop(holder);
+    assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
+}

@@ -47,6 +47,14 @@ pin_project! {
             inner: Option<S>,
             request: Option<Request<ReqB>>,
         },
+        // Waits for the inner service's readiness, once the lock is held
+        // (or without a lock, for a request without a key): a request
+        // waiting for its lock holds none of the inner service's capacity.
+        Calling {
+            inner: S,
+            request: Option<Request<ReqB>>,
+            guard: Option<ReleaseGuard>,
+        },
         Serving {
             #[pin]
             future: S::Future,
@@ -84,16 +92,19 @@ where
         }
     }
 
-    /// A request that got its lock at once, and is served.
+    /// A request that got its lock at once: it is served once the inner
+    /// service is ready.
     pub(crate) fn serving<D: DistSync>(
-        future: S::Future,
+        inner: S,
+        request: Request<ReqB>,
         guard: ReleaseGuard,
         shared: &Shared<D>,
         grpc: bool,
     ) -> Self {
         ResponseFuture {
-            state: State::Serving {
-                future,
+            state: State::Calling {
+                inner,
+                request: Some(request),
                 guard: Some(guard),
             },
             mapper: shared.mapper.clone(),
@@ -103,11 +114,13 @@ where
         }
     }
 
-    /// A request that goes through unlocked.
-    pub(crate) fn unlocked(future: S::Future) -> Self {
+    /// A request that goes through unlocked, once the inner service is
+    /// ready.
+    pub(crate) fn unlocked(inner: S, request: Request<ReqB>) -> Self {
         ResponseFuture {
-            state: State::Serving {
-                future,
+            state: State::Calling {
+                inner,
+                request: Some(request),
                 guard: None,
             },
             mapper: None,
@@ -158,35 +171,43 @@ where
                         Ok(holding) => holding,
                         Err(rejection) => return Poll::Ready(Ok(respond(this.mapper, rejection))),
                     };
-                    let (Some(mut inner), Some(mut request)) = (inner.take(), request.take())
-                    else {
+                    let (Some(inner), Some(mut request)) = (inner.take(), request.take()) else {
                         unreachable!("the request is taken once");
                     };
                     request.extensions_mut().insert(holding.held);
-                    let future = inner.call(request);
-                    self.as_mut().project().state.set(State::Serving {
-                        future,
+                    self.as_mut().project().state.set(State::Calling {
+                        inner,
+                        request: Some(request),
                         guard: Some(holding.guard),
                     });
                 }
-                StateProj::Serving { future, guard } => {
-                    if *this.abort_on_lost
-                        && let Some(held) = guard
-                        && held.poll_lost(cx).is_ready()
-                    {
-                        // Abort: dropping the state drops the handler, then
-                        // lets go of the lock.
-                        let rejection = Rejection::new(
-                            RejectionKind::Lost,
-                            "the lock was lost while the request was served",
-                            *this.grpc,
-                        );
-                        let mapper = this.mapper.clone();
+                StateProj::Calling {
+                    inner,
+                    request,
+                    guard,
+                } => {
+                    if *this.abort_on_lost && lost(guard.as_ref(), cx) {
+                        return Poll::Ready(Ok(self.abort()));
+                    }
+                    if let Err(error) = ready!(inner.poll_ready(cx)) {
+                        // The lock goes with the state.
                         self.as_mut()
                             .project()
                             .state
                             .set(State::Rejected { rejection: None });
-                        return Poll::Ready(Ok(respond(&mapper, rejection)));
+                        return Poll::Ready(Err(error));
+                    }
+                    let request = request.take().expect("the request is taken once");
+                    let future = inner.call(request);
+                    let guard = guard.take();
+                    self.as_mut()
+                        .project()
+                        .state
+                        .set(State::Serving { future, guard });
+                }
+                StateProj::Serving { future, guard } => {
+                    if *this.abort_on_lost && lost(guard.as_ref(), cx) {
+                        return Poll::Ready(Ok(self.abort()));
                     }
                     let response = ready!(future.poll(cx))?;
                     let guard = guard.take();
@@ -209,6 +230,33 @@ where
             }
         }
     }
+}
+
+impl<S, ReqB> ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    /// Ends a request whose lock was lost (the abort option): dropping the
+    /// state drops the handler (or the request not yet handed to it), then
+    /// lets go of the lock.
+    fn abort<B>(mut self: Pin<&mut Self>) -> Response<LockBody<B>> {
+        let rejection = Rejection::new(
+            RejectionKind::Lost,
+            "the lock was lost while the request was served",
+            self.grpc,
+        );
+        let mapper = self.mapper.clone();
+        self.as_mut()
+            .project()
+            .state
+            .set(State::Rejected { rejection: None });
+        respond(&mapper, rejection)
+    }
+}
+
+/// Whether the lock behind `guard` is lost (registers the waker if not).
+fn lost(guard: Option<&ReleaseGuard>, cx: &mut Context<'_>) -> bool {
+    guard.is_some_and(|guard| guard.poll_lost(cx).is_ready())
 }
 
 fn respond<B>(mapper: &Option<RejectionMapper>, rejection: Rejection) -> Response<LockBody<B>> {

@@ -19,7 +19,11 @@
 //!    come, first served; only the first talks to the backend.
 //! 4. **Acquire**, within the wait budget ([`DistLockLayer::wait`]); past it,
 //!    409 with `Retry-After` (the holder's remaining time, in whole seconds
-//!    rounded up). A zero budget fails fast.
+//!    rounded up). A zero budget fails fast. Waiting holds none of the
+//!    inner service's capacity: the layer's `poll_ready` is always ready,
+//!    and each request's future drives its own clone of the inner service
+//!    ready only once the lock is held (so a `ConcurrencyLimit` or `Buffer`
+//!    inside the layer serves requests for free keys while others wait).
 //! 5. **Serve.** The inner service finds a [`HeldLock`] in the request
 //!    extensions.
 //! 6. **Keep.** A background task extends the lock every `expiry / 3` while

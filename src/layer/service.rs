@@ -70,15 +70,17 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqB>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service's readiness is driven by each
+    /// request's future, once its lock is held, so that a request waiting
+    /// for a busy key holds none of the inner service's capacity (as
+    /// tower's `Buffer` and `Oneshot` do, with a clone of the service).
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        // The clone that was driven ready is the one that serves this
-        // request; this service keeps a fresh clone for the next one.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // This request's own clone, driven ready by its future.
+        let inner = self.inner.clone();
         let shared = &self.shared;
         // Read when needed: for a rejection, the abort option or a wait.
         let reject = |kind, message: String, request: &Request<ReqB>| {
@@ -94,7 +96,7 @@ where
                     &request,
                 );
             }
-            Ok(None) => return ResponseFuture::unlocked(inner.call(request)),
+            Ok(None) => return ResponseFuture::unlocked(inner, request),
             Err(error) => return reject(error.rejection_kind(), error.to_string(), &request),
         };
         // Before naming: a namespace that leaves no room for a key is the
@@ -114,7 +116,7 @@ where
                 let grpc = shared.abort_on_lost && is_grpc(&request);
                 let mut request = request;
                 request.extensions_mut().insert(holding.held);
-                ResponseFuture::serving(inner.call(request), holding.guard, shared, grpc)
+                ResponseFuture::serving(inner, request, holding.guard, shared, grpc)
             }
             Start::Failed(name, error) => {
                 let rejection = rejection(&name, error, is_grpc(&request), shared);
