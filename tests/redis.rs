@@ -534,6 +534,47 @@ async fn zero_retry_delay_callers_wait_for_a_slow_attempt() {
     }
 }
 
+/// A retry delay too long to add to a clock (`Duration::MAX`: retry only
+/// when woken by a release) is a valid option: callers that line up behind
+/// another caller of their process wait for their turn, then get the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_retry_delay_waits_in_line() {
+    let mut nodes = RedisNodes::start(1);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(20))
+        .with_retry_delay(Duration::MAX)
+        .with_tries(3);
+    let name = unique("endless-delay-line");
+    let mut mutexes: Vec<_> = (0..3)
+        .map(|_| sync.new_mutex(&name, options.clone()).unwrap())
+        .collect();
+    let mut callers: Vec<_> = mutexes
+        .iter_mut()
+        .map(|m| {
+            Box::pin(async move {
+                m.lock().await?;
+                m.unlock().await
+            })
+        })
+        .collect();
+    nodes.servers[0].pause();
+    // The first caller's attempt waits for the paused node; the others
+    // line up behind it.
+    for caller in &mut callers {
+        assert!(poll_once(caller.as_mut()).await.is_none());
+    }
+    nodes.servers[0].resume();
+    let all = futures_util::future::join_all(callers);
+    let outcomes = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("every caller served");
+    for outcome in outcomes {
+        outcome.expect("each caller gets the name in its turn");
+    }
+}
+
 /// A `lock()` with a preset value, dropped mid-attempt, releases what it
 /// got in the background; that release must never undo a later acquisition
 /// with the same value.

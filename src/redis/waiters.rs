@@ -148,7 +148,13 @@ impl Waiter {
         let mut wait = std::pin::pin!(self.place.wait());
         let mut deadline = tokio::time::Instant::now();
         for try_number in 1..=options.tries() {
-            deadline += options.try_slot(try_number);
+            let Some(next) = deadline.checked_add(options.try_slot(try_number)) else {
+                // A slot beyond the clock's range (a retry delay of
+                // `Duration::MAX`): no bound but the turn itself, which
+                // comes when the caller ahead ends its own tries.
+                return Some(wait.as_mut().await);
+            };
+            deadline = next;
             if let Ok(turn) = tokio::time::timeout_at(deadline, wait.as_mut()).await {
                 return Some(turn);
             }
