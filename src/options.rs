@@ -118,10 +118,12 @@ impl DistMutexOptions {
     /// it: its wait budget bounds a request's wait.
     ///
     /// Between two tries `lock` waits for the retry delay (or less, when
-    /// woken by a release), so its tries take at most
-    /// [`longest_wait`](Self::longest_wait). A caller of the Redis backend
-    /// that lines up behind another caller of its process for the same
-    /// name waits its turn at most that long, then makes its tries.
+    /// woken by a release), so its tries take about
+    /// [`longest_wait`](Self::longest_wait) at most. A caller of the Redis
+    /// backend that lines up behind another caller of its process for the
+    /// same name waits for its turn at most that long; if the turn has not
+    /// come by then, it gives up with [`Error::Held`] without a try of its
+    /// own (the caller ahead is still making its tries).
     ///
     /// ```
     /// let o = tower_dsync::DistMutexOptions::default().with_tries(1);

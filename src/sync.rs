@@ -99,8 +99,9 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
 
     /// The end of validity of the acquired lock, as computed by the lock
     /// algorithm (`start + expiry - elapsed - drift`). `None` until a lock
-    /// is acquired, and again once [`unlock`](Self::unlock) is called, whether
-    /// or not it succeeds.
+    /// is acquired, and again once [`unlock`](Self::unlock) has sent its
+    /// releases, whether or not they succeed: a failed unlock may leave the
+    /// lock in place, but this mutex no longer counts on it.
     fn until(&self) -> Option<Instant>;
 
     /// A fencing token of the current acquisition, when the backend gives

@@ -35,7 +35,8 @@ use crate::sync::DistMutex;
 /// Callers of `lock` with more than one try line up per name within their
 /// `RedisSync`, first come first served, and only the first of them talks
 /// to the nodes; a caller waits in line at most as long as its own tries
-/// could take ([`DistMutexOptions::longest_wait`]), then makes its tries.
+/// could take ([`DistMutexOptions::longest_wait`]), and then makes its
+/// tries once its turn has come, or gives up with `Held` if it has not.
 /// Across processes, waiters are served in the order they started, through
 /// a wait queue on each node, and woken by the release (see
 /// [`RedisSync`](super::RedisSync#waiting-is-fair)).
@@ -292,9 +293,9 @@ impl DistMutex for RedisMutex {
             return Err(Error::NotAcquired);
         }
         wait_for_cleanup(&mut self.cleanup, &self.value).await;
-        // Cleared before the releases go out: a failed, partial or dropped
-        // unlock leaves the lock held by no one, or by a minority that
-        // cannot keep it, so no validity is left to report.
+        // Cleared before the releases go out: whether they are applied or
+        // not, this mutex stops counting on the lock (a failed unlock may
+        // leave it in place until it expires), so no validity is reported.
         self.until = None;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
