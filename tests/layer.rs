@@ -1355,3 +1355,66 @@ async fn waiting_for_a_key_holds_no_inner_capacity() {
     drop(holder);
     assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
 }
+
+/// A real HTTP/2 client that reads a response's head and then stops
+/// reading, keeping its connection open: once the flow-control window is
+/// full the server no longer polls the body, and with `OnLost::Abort` and
+/// a short `max_hold` the lost lock must still free the key in this
+/// process (`held_locks()` back to zero) so that the next request for the
+/// key, on another connection, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_reader_does_not_keep_the_key() {
+    let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY))
+        .on_lost(OnLost::Abort)
+        .max_hold(Duration::from_millis(300))
+        .wait(Duration::ZERO);
+    let app = Router::new()
+        .route(
+            "/stream",
+            get(|| async {
+                // Far more than any flow-control window, without end.
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let stream = futures_util::stream::repeat_with(move || {
+                    Ok::<_, Infallible>(http_body::Frame::data(chunk.clone()))
+                });
+                Body::new(http_body_util::StreamBody::new(stream))
+            }),
+        )
+        .route("/short", get(|| async { "ok" }))
+        .layer(layer.clone());
+    let server = Server::start(app).await;
+
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(server.url("/stream"))
+        .header(KEY, "stalled")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    // The head is read; the body is kept but never read.
+    let stalled = sender.send_request(request).await.expect("response head");
+    assert_eq!(stalled.status(), StatusCode::OK);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while layer.held_locks() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lock of the stalled response is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (next, body) = HttpClient::default()
+        .get(&server.url("/short"), &[(KEY, "stalled")])
+        .await;
+    assert_eq!(next.status(), StatusCode::OK, "{body}");
+    assert!(
+        !connection.is_finished(),
+        "the stalled connection stays open"
+    );
+    drop(stalled);
+}

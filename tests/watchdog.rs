@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_dsync::layer::{DistLockLayer, HeaderKey, HeldLock, LockBody};
+use tower_dsync::layer::{DistLockLayer, HeaderKey, HeldLock, LockBody, OnLost};
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, MemorySync, RedisSync};
 
 const KEY: &str = "x-job";
@@ -758,4 +758,61 @@ async fn a_lost_lock_frees_the_key_without_a_poll() {
     assert_eq!(next.await.unwrap(), StatusCode::OK);
     go.send(()).unwrap();
     assert_eq!(request.await.unwrap(), StatusCode::OK);
+}
+
+/// With `OnLost::Abort`, a lock lost while its response body is never
+/// polled (lost to another owner, or past `max_hold`) frees the key in
+/// this process at once: `held_locks()` drops to zero and the next request
+/// for the key is served; the old body, polled only then, ends with an
+/// error instead of its data.
+#[tokio::test(start_paused = true)]
+async fn abort_frees_the_key_while_the_body_is_never_polled() {
+    for by_max_hold in [false, true] {
+        let sync = Counting::new(MemorySync::new());
+        let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
+        let mut layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+            .mutex_options(options.clone())
+            .on_lost(OnLost::Abort)
+            .wait(Duration::ZERO);
+        if by_max_hold {
+            layer = layer.max_hold(Duration::from_millis(500));
+        }
+        let (service, mut inside) = blocking(layer.clone());
+        let request = Request::builder().header(KEY, "kept").body(()).unwrap();
+        let first = tokio::spawn(service.clone().oneshot(request));
+        let Inside { lock, go } = inside.recv().await.unwrap();
+        go.send(()).unwrap();
+        let response = first.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(layer.held_locks(), 1, "the body holds the lock");
+        if !by_max_hold {
+            let mut thief = sync
+                .inner
+                .new_mutex(lock.name(), options.with_value(lock.value()))
+                .unwrap();
+            thief.unlock().await.unwrap();
+        }
+        while !lock.is_lost() {
+            step_clock(Duration::from_millis(100), 1, async || {}).await;
+        }
+        settle().await;
+        assert_eq!(
+            layer.held_locks(),
+            0,
+            "the lost lock is still counted (max_hold: {by_max_hold})"
+        );
+        let next = spawn_request(&service, "kept");
+        let second = inside.recv().await.unwrap();
+        second.go.send(()).unwrap();
+        assert_eq!(
+            next.await.unwrap(),
+            StatusCode::OK,
+            "max_hold: {by_max_hold}"
+        );
+        let old = response.into_body().collect().await;
+        assert!(
+            old.is_err(),
+            "the aborted body gave its data (max_hold: {by_max_hold})"
+        );
+    }
 }
