@@ -495,6 +495,21 @@ async fn warm(sync: &RedisSync) {
 /// until their turn, then each gets the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_retry_delay_callers_wait_for_a_slow_attempt() {
+    callers_in_line_are_served(Duration::ZERO, "zero-delay-line").await;
+}
+
+/// A retry delay too long to add to a clock (`Duration::MAX`: retry only
+/// when woken by a release) is a valid option: callers that line up behind
+/// another caller of their process wait for their turn, then get the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_retry_delay_waits_in_line() {
+    callers_in_line_are_served(Duration::MAX, "endless-delay-line").await;
+}
+
+/// Three callers of one process, with `retry_delay`, lock and unlock one
+/// name while the first one's attempt waits for its paused node: each gets
+/// the name in its turn.
+async fn callers_in_line_are_served(retry_delay: Duration, prefix: &str) {
     let mut nodes = RedisNodes::start(1);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     // Scripts loaded, connection made: commands reach the node in the
@@ -503,50 +518,9 @@ async fn zero_retry_delay_callers_wait_for_a_slow_attempt() {
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(20))
         .with_timeout_factor(0.5)
-        .with_retry_delay(Duration::ZERO)
+        .with_retry_delay(retry_delay)
         .with_tries(3);
-    let name = unique("zero-delay-line");
-    let mut mutexes: Vec<_> = (0..3)
-        .map(|_| sync.new_mutex(&name, options.clone()).unwrap())
-        .collect();
-    let mut callers: Vec<_> = mutexes
-        .iter_mut()
-        .map(|m| {
-            Box::pin(async move {
-                m.lock().await?;
-                m.unlock().await
-            })
-        })
-        .collect();
-    nodes.servers[0].pause();
-    // The first caller's attempt waits for the paused node; the others
-    // line up behind it.
-    for caller in &mut callers {
-        assert!(poll_once(caller.as_mut()).await.is_none());
-    }
-    nodes.servers[0].resume();
-    let all = futures_util::future::join_all(callers);
-    let outcomes = tokio::time::timeout(Duration::from_secs(30), all)
-        .await
-        .expect("every caller served");
-    for outcome in outcomes {
-        outcome.expect("each caller gets the name in its turn");
-    }
-}
-
-/// A retry delay too long to add to a clock (`Duration::MAX`: retry only
-/// when woken by a release) is a valid option: callers that line up behind
-/// another caller of their process wait for their turn, then get the name.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endless_retry_delay_waits_in_line() {
-    let mut nodes = RedisNodes::start(1);
-    let sync = RedisSync::new(nodes.urls()).unwrap();
-    warm(&sync).await;
-    let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(20))
-        .with_retry_delay(Duration::MAX)
-        .with_tries(3);
-    let name = unique("endless-delay-line");
+    let name = unique(prefix);
     let mut mutexes: Vec<_> = (0..3)
         .map(|_| sync.new_mutex(&name, options.clone()).unwrap())
         .collect();
