@@ -1481,6 +1481,15 @@ async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
     assert!(token > last, "token {token} after {last}");
 }
 
+/// Whether a client of `master` is blocked in a `WAIT` now.
+fn in_wait(master: &support::RedisServer) -> bool {
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut master.connection())
+        .unwrap();
+    clients.contains("cmd=wait")
+}
+
 /// A master, its replica, and a `RedisSync` on the master that waits for
 /// one replica, at most `wait`, after each acquisition and extension.
 fn master_with_replica(wait: Duration) -> (support::RedisServer, support::RedisServer, RedisSync) {
@@ -1564,13 +1573,7 @@ async fn releases_do_not_queue_behind_a_wait() {
     eventually(
         Duration::from_secs(10),
         "the acquisition is waiting",
-        async || {
-            let clients: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query(&mut master.connection())
-                .unwrap();
-            clients.contains("cmd=wait")
-        },
+        async || in_wait(&master),
     )
     .await;
     // Behind the WAIT, the release would time out (its per-node timeout
@@ -1651,11 +1654,7 @@ async fn release_of_a_timed_out_acquisition_waits_its_turn() {
     };
     let first = lock(&names[0]);
     eventually(Duration::from_secs(10), "the first one waits", async || {
-        let clients: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(&mut master.connection())
-            .unwrap();
-        clients.contains("cmd=wait")
+        in_wait(&master)
     })
     .await;
     let (second, third) = (lock(&names[1]), lock(&names[2]));

@@ -89,6 +89,22 @@ async fn settle() {
 }
 
 /// Moves the paused clock by `step`, `times` times, letting the keeper run
+/// Takes `lock` away from its holder behind the layer's back: another
+/// mutex with its value unlocks it on `sync`.
+async fn steal<D: DistSync>(sync: &D, lock: &HeldLock, options: DistMutexOptions) {
+    let mut thief = sync
+        .new_mutex(lock.name(), options.with_value(lock.value()))
+        .unwrap();
+    thief.unlock().await.unwrap();
+}
+
+/// Moves the paused clock on by 100 ms steps until `lock` is reported lost.
+async fn until_lost(lock: &HeldLock) {
+    while !lock.is_lost() {
+        step_clock(Duration::from_millis(100), 1, async || {}).await;
+    }
+}
+
 /// after each step; `check` runs after each step.
 async fn step_clock(step: Duration, times: u32, mut check: impl AsyncFnMut()) {
     for _ in 0..times {
@@ -229,11 +245,7 @@ async fn no_extension_after_release_or_loss() {
 
     let request = spawn_request(&service, "loss");
     let Inside { lock, go } = inside.recv().await.unwrap();
-    let mut thief = sync
-        .inner
-        .new_mutex(lock.name(), options.clone().with_value(lock.value()))
-        .unwrap();
-    thief.unlock().await.unwrap();
+    steal(&sync.inner, &lock, options.clone()).await;
     let before = sync.counts.extends();
     let mut steps = 0;
     while !lock.is_lost() {
@@ -742,14 +754,8 @@ async fn a_lost_lock_frees_the_key_without_a_poll() {
     let (service, mut inside) = blocking(layer.clone());
     let request = spawn_request(&service, "lost");
     let Inside { lock, go } = inside.recv().await.unwrap();
-    let mut thief = sync
-        .inner
-        .new_mutex(lock.name(), options.with_value(lock.value()))
-        .unwrap();
-    thief.unlock().await.unwrap();
-    while !lock.is_lost() {
-        step_clock(Duration::from_millis(100), 1, async || {}).await;
-    }
+    steal(&sync.inner, &lock, options).await;
+    until_lost(&lock).await;
     settle().await;
     assert_eq!(layer.held_locks(), 0, "the lost lock is still counted");
     let next = spawn_request(&service, "lost");
@@ -786,15 +792,9 @@ async fn abort_frees_the_key_while_the_body_is_never_polled() {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(layer.held_locks(), 1, "the body holds the lock");
         if !by_max_hold {
-            let mut thief = sync
-                .inner
-                .new_mutex(lock.name(), options.with_value(lock.value()))
-                .unwrap();
-            thief.unlock().await.unwrap();
+            steal(&sync.inner, &lock, options).await;
         }
-        while !lock.is_lost() {
-            step_clock(Duration::from_millis(100), 1, async || {}).await;
-        }
+        until_lost(&lock).await;
         settle().await;
         assert_eq!(
             layer.held_locks(),
