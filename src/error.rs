@@ -128,7 +128,9 @@ impl Error {
     }
 
     /// The time after which trying again makes sense, when known: the
-    /// holder's remaining time for [`Error::Held`].
+    /// holder's remaining time for [`Error::Held`]; for an
+    /// [`Error::Unavailable`] because nodes that restarted empty take no
+    /// new lock yet (see [`Recovering`]), the time until enough of them do.
     ///
     /// ```
     /// assert_eq!(tower_dsync::Error::NotAcquired.retry_after(), None);
@@ -136,6 +138,11 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::Held { remaining } => *remaining,
+            Error::Unavailable { failures, .. } => failures
+                .iter()
+                .filter_map(|failure| failure.source.downcast_ref::<Recovering>())
+                .map(|recovering| recovering.left)
+                .min(),
             _ => None,
         }
     }
@@ -288,3 +295,37 @@ impl fmt::Display for NotReplicated {
 }
 
 impl StdError for NotReplicated {}
+
+/// A Redlock node lost its state (it restarted empty, or was flushed) and
+/// takes no new lock yet: it may have forgotten locks that are still held
+/// on the other nodes, so it refuses new ones until the longest expiry in
+/// use has passed (see `RedisSyncBuilder::restart_delay`), while holders
+/// put their keys back on it with their extensions. The refusing node's
+/// [`NodeError`] carries it in an [`Error::Unavailable`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_dsync::{Error, NodeError, Recovering};
+///
+/// let cause = Recovering { left: Duration::from_millis(1500) };
+/// let e = Error::Unavailable { quorum: 2, failures: vec![NodeError::new("a:1", cause)] };
+/// assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+/// assert!(e.to_string().contains("restarted empty"));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovering {
+    /// How long until the node takes new locks again.
+    pub left: Duration,
+}
+
+impl fmt::Display for Recovering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "restarted empty: takes no new lock for another {} ms",
+            self.left.as_millis()
+        )
+    }
+}
+
+impl StdError for Recovering {}

@@ -90,7 +90,7 @@ mod sync;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use any::{AnyMutex, AnySync};
-pub use error::{BoxError, Error, NodeError, NotReplicated, Result};
+pub use error::{BoxError, Error, NodeError, NotReplicated, Recovering, Result};
 pub use layer::DistLockLayer;
 pub use memory::{MemoryMutex, MemorySync};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};

@@ -96,6 +96,7 @@ async fn five_nodes_minority_and_majority_down() {
         .with_retry_delay(delay);
     let name = unique("five");
     let key = format!("dsync:{name}");
+    warm(&sync).await;
 
     nodes.servers[0].kill();
     nodes.servers[1].kill();
@@ -187,9 +188,11 @@ async fn set_nx_on_extend_never_takes_back_a_released_name() {
 /// `set_nx_on_extend`, and not without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_nx_on_extend_restores_a_restarted_node() {
-    let mut nodes = RedisNodes::start(3);
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(30));
     for set_nx in [false, true] {
+        // Fresh nodes each time: a restarted node takes no new lock for
+        // an expiry.
+        let mut nodes = RedisNodes::start(3);
         let sync = RedisSync::builder()
             .urls(nodes.urls())
             .set_nx_on_extend(set_nx)
@@ -369,18 +372,34 @@ async fn dead_and_silent_backends() {
     );
 }
 
-/// A node down at start-up is not fatal while a quorum can form, and is used
-/// once it comes back.
+/// A node down when a new deployment is first used is not fatal: the two
+/// others cannot tell a new deployment from two nodes restarted empty one
+/// after the other while the third holds locks, so they take no lock for
+/// one expiry (`Unavailable`, naming them, with the time left); then locks
+/// work on the two, and the third node is used once it is back and its own
+/// expiry has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_down_at_start_is_used_once_back() {
+async fn new_deployment_with_a_node_down_waits_one_expiry() {
     let mut nodes = RedisNodes::start(3);
     nodes.servers[2].kill();
     let sync = RedisSync::new(nodes.urls()).unwrap();
-    let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(10))
+    let expiry = Duration::from_millis(500);
+    let once = DistMutexOptions::default()
+        .with_expiry(expiry)
         .with_tries(1);
-    let mut m = sync.new_mutex("late", options).unwrap();
-    m.lock().await.unwrap();
+    let mut m = sync.new_mutex("late", once).unwrap();
+    let error = m.lock().await.expect_err("the two nodes are recovering");
+    assert!(error.is_unavailable(), "{error:?}");
+    let left = error.retry_after().expect("the time until they count");
+    assert!(left <= expiry, "{left:?}");
+    assert!(error.to_string().contains("restarted empty"), "{error}");
+    assert_eq!(nodes.count_key("dsync:late"), 0, "no key set meanwhile");
+    let patient = DistMutexOptions::default()
+        .with_expiry(expiry)
+        .with_tries(u32::MAX)
+        .with_retry_delay(Duration::from_millis(10));
+    let mut m = sync.new_mutex("late", patient).unwrap();
+    m.lock().await.expect("the two nodes count after an expiry");
     m.unlock().await.unwrap();
     nodes.servers[2].restart();
     eventually(
@@ -479,6 +498,24 @@ async fn no_key_left(nodes: &RedisNodes, key: &str) {
         nodes.count_key(key) == 0
     })
     .await;
+}
+
+/// A node's fencing counter (one per node, in its bookkeeping hash).
+fn fence(server: &support::RedisServer) -> u64 {
+    redis::cmd("HGET")
+        .arg("dsync:\u{1f}node")
+        .arg("fence")
+        .query(&mut server.connection())
+        .unwrap()
+}
+
+fn set_fence(server: &support::RedisServer, token: u64) {
+    let _: () = redis::cmd("HSET")
+        .arg("dsync:\u{1f}node")
+        .arg("fence")
+        .arg(token)
+        .query(&mut server.connection())
+        .unwrap();
 }
 
 /// Warms every node's connection of `sync`.
@@ -669,36 +706,50 @@ async fn fail_fast_reports_held_despite_a_dead_node() {
     }
 }
 
-/// A node restarted since the last command is used by the very next
-/// command, even when another node is down.
+/// A node restarted since the last command answers the very next command,
+/// even when another node is down: it takes no new lock until an expiry
+/// has passed since it came back (the lock is unavailable meanwhile, and
+/// the error names it), then it takes part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_node_is_used_at_once() {
+async fn restarted_node_answers_at_once_and_counts_after_an_expiry() {
     let mut nodes = RedisNodes::start(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     warm(&sync).await;
     nodes.servers[2].kill();
     nodes.servers[1].restart();
-    let options = DistMutexOptions::default().with_tries(1);
-    let mut m = sync.new_mutex(&unique("restarted"), options).unwrap();
-    m.lock().await.unwrap();
+    let expiry = Duration::from_millis(500);
+    let once = DistMutexOptions::default()
+        .with_expiry(expiry)
+        .with_tries(1);
+    let name = unique("restarted");
+    let mut m = sync.new_mutex(&name, once).unwrap();
+    let error = m.lock().await.expect_err("node 1 is recovering");
+    let restarted = format!(
+        "node 127.0.0.1:{}: restarted empty",
+        nodes.servers[1].port()
+    );
+    assert!(error.to_string().contains(&restarted), "{error}");
+    assert!(error.retry_after().is_some_and(|left| left <= expiry));
+    let patient = DistMutexOptions::default()
+        .with_expiry(expiry)
+        .with_tries(u32::MAX)
+        .with_retry_delay(Duration::from_millis(10));
+    let mut m = sync.new_mutex(&name, patient).unwrap();
+    m.lock().await.expect("node 1 counts after an expiry");
+    assert!(nodes.servers[1].exists(&format!("dsync:{name}")));
     m.unlock().await.unwrap();
 }
 
 /// Fencing tokens grow strictly over 5,000 acquisitions of one name by 16
-/// tasks on two `RedisSync` instances over 3 nodes, also across a node
-/// killed and restarted empty midway. The restart happens while the lock is
-/// held on all three nodes, so exclusion holds through it (an empty restart
-/// of a node in a bare quorum would break exclusion itself, which the
-/// module documentation states), and when the two other nodes' counters
-/// have reached the holder's token: tokens survive one empty node only if
-/// the others saw every acquisition (the module documentation states that
-/// too). A node that refused an acquisition whose quorum agreed on the
-/// token misses that increment until a later quorum disagrees and writes
-/// its token back.
+/// tasks on two `RedisSync` instances over 3 nodes, also across two of the
+/// nodes killed and restarted empty one after the other midway, whenever
+/// that falls (a holder restarts them while it holds the name): the
+/// restarted nodes take no new lock for an expiry, and their counters start
+/// again at their clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fencing_tokens_grow_across_replicas_and_an_empty_restart() {
+async fn fencing_tokens_grow_across_replicas_and_empty_restarts() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     const TOTAL: usize = 5_000;
     let nodes = Arc::new(std::sync::Mutex::new(RedisNodes::start(3)));
@@ -708,53 +759,42 @@ async fn fencing_tokens_grow_across_replicas_and_an_empty_restart() {
         RedisSync::new(&urls).unwrap(),
     );
     let options = DistMutexOptions::default()
-        .with_expiry(Duration::from_secs(5))
-        .with_timeout_factor(0.1)
+        .with_expiry(Duration::from_secs(1))
+        .with_timeout_factor(0.2)
         .with_tries(u32::MAX)
         .with_retry_delay(Duration::from_millis(1));
     let name = unique("fenced");
-    let key = format!("dsync:{name}");
     let last = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let restarted = Arc::new(AtomicBool::new(false));
+    let restarts = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..16 {
         let sync = if i % 2 == 0 { a.clone() } else { b.clone() };
         let mut m = sync.new_mutex(&name, options.clone()).unwrap();
-        let (last, done, restarted) = (last.clone(), done.clone(), restarted.clone());
-        let (nodes, key) = (nodes.clone(), key.clone());
+        let (last, done, restarts, nodes) =
+            (last.clone(), done.clone(), restarts.clone(), nodes.clone());
         tasks.push(tokio::spawn(async move {
             while done.load(Ordering::SeqCst) < TOTAL {
                 m.lock().await.unwrap();
                 let token = m.fencing_token().expect("Redis issues tokens");
                 let previous = last.swap(token, Ordering::SeqCst);
                 assert!(token > previous, "token {token} after {previous}");
-                if done.fetch_add(1, Ordering::SeqCst) + 1 >= TOTAL / 2
-                    && !restarted.load(Ordering::SeqCst)
+                let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+                // Node 0 at a third of the way, node 1 at two thirds.
+                let due = [TOTAL / 3, 2 * TOTAL / 3];
+                let next = restarts.load(Ordering::SeqCst);
+                if next < due.len()
+                    && n >= due[next]
+                    && restarts
+                        .compare_exchange(next, next + 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
                 {
-                    let (nodes, key) = (nodes.clone(), key.clone());
-                    let value = m.value().to_owned();
-                    let did = tokio::task::spawn_blocking(move || {
-                        let mut nodes = nodes.lock().unwrap();
-                        // Our value on every node, not a bare quorum, and
-                        // the survivors' counters up to date.
-                        let counter = format!("{key}\u{1f}fence");
-                        let ready = nodes.count_value(&key, &value) == 3
-                            && nodes.servers[1..].iter().all(|server| {
-                                let count: Option<u64> = redis::cmd("GET")
-                                    .arg(&counter)
-                                    .query(&mut server.connection())
-                                    .unwrap();
-                                count >= Some(token)
-                            });
-                        if ready {
-                            nodes.servers[0].restart();
-                        }
-                        ready
+                    let nodes = nodes.clone();
+                    tokio::task::spawn_blocking(move || {
+                        nodes.lock().unwrap().servers[next].restart()
                     })
                     .await
                     .unwrap();
-                    restarted.fetch_or(did, Ordering::SeqCst);
                 }
                 m.unlock().await.unwrap();
             }
@@ -764,10 +804,7 @@ async fn fencing_tokens_grow_across_replicas_and_an_empty_restart() {
         task.await.unwrap();
     }
     assert!(done.load(Ordering::SeqCst) >= TOTAL);
-    assert!(
-        restarted.load(Ordering::SeqCst),
-        "the node was restarted midway"
-    );
+    assert_eq!(restarts.load(Ordering::SeqCst), 2, "both nodes restarted");
 }
 
 /// The quorum's highest token is written back to a quorum, so a later
@@ -776,24 +813,20 @@ async fn fencing_tokens_grow_across_replicas_and_an_empty_restart() {
 async fn fencing_token_is_written_back_to_a_quorum() {
     let mut nodes = RedisNodes::start(3);
     let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
     let options = DistMutexOptions::default().with_tries(1);
     let name = unique("writeback");
-    let counter = format!("dsync:{name}\u{1f}fence");
     // Nodes 0 and 1 are ahead of node 2 by different amounts (they missed
     // acquisitions): any two nodes disagree, so the token is written back.
-    for (node, count) in [(0, 100), (1, 50)] {
-        let _: () = redis::cmd("SET")
-            .arg(&counter)
-            .arg(count)
-            .query(&mut nodes.servers[node].connection())
-            .unwrap();
-    }
+    let base = fence(&nodes.servers[2]);
+    set_fence(&nodes.servers[0], base + 100);
+    set_fence(&nodes.servers[1], base + 50);
     let mut m = sync.new_mutex(&name, options.clone()).unwrap();
     m.lock().await.unwrap();
     // The highest token of the two nodes that answered first, written
     // back to a quorum.
     let first = m.fencing_token().unwrap();
-    assert!(first == 101 || first == 51, "{first}");
+    assert!(first == base + 101 || first == base + 51, "{first}");
     m.unlock().await.unwrap();
     // `unlock` returns once a quorum deleted the key; the third node's
     // release may still be on its way, and the next `lock` (a new value)
@@ -820,17 +853,14 @@ async fn fencing_token_is_written_back_to_a_quorum() {
 async fn a_node_that_refused_does_not_vouch_for_the_token() {
     let nodes = RedisNodes::start(3);
     let (x, y, z) = (&nodes.servers[0], &nodes.servers[1], &nodes.servers[2]);
+    // The deployment in use: every node counts and has its counter.
+    warm(&RedisSync::new(nodes.urls()).unwrap()).await;
     let name = unique("vouch");
     let key = format!("dsync:{name}");
-    let counter = format!("{key}\u{1f}fence");
-    let _: () = redis::cmd("SET")
-        .arg(&counter)
-        .arg(10)
-        .query(&mut z.connection())
-        .unwrap();
-    // On X, A's user may run the scripts and read lock keys, not counters
-    // (every counter key ends in `fence`): its FENCE fails there, while its
-    // acquisition (SET, INCR) and release go through.
+    set_fence(z, fence(x) + 10);
+    // On X, A's user may not write the node's bookkeeping hash (`HSET`):
+    // its FENCE fails there, while its acquisition (`SET`, `HINCRBY`) and
+    // release go through.
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("fenceless")
@@ -839,8 +869,7 @@ async fn a_node_that_refused_does_not_vouch_for_the_token() {
         .arg("~*")
         .arg("&*")
         .arg("+@all")
-        .arg("-get")
-        .arg("(+get ~dsync:*[^e])")
+        .arg("-hset")
         .query(&mut x.connection())
         .unwrap();
     let a_sync = RedisSync::new([
@@ -1220,8 +1249,9 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_gives_up_with_a_node_down() {
     let mut nodes = RedisNodes::start(3);
-    nodes.servers[2].kill();
     let (one, two) = two_processes(&nodes);
+    warm(&one).await;
+    nodes.servers[2].kill();
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(60))
         .with_retry_delay(Duration::from_millis(5))
@@ -1699,4 +1729,138 @@ async fn timeout_reports_the_time_waited() {
     assert_eq!(nodes.len(), 1);
     assert!(after >= bound, "after {after:?}, waited up to {bound:?}");
     assert!(after <= took, "after {after:?}, the call took {took:?}");
+}
+
+/// A held lock stays exclusive, and stays its holder's, while the nodes
+/// that have it restart empty one after the other: after two of three
+/// restarts the holder's key is on one node only, yet another process gets
+/// nothing (the restarted nodes take no new lock for an expiry), and the
+/// holder's next extension puts its key back on both, so that it still
+/// holds the name once they take new locks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_survives_its_nodes_restarting_empty_one_after_another() {
+    let mut nodes = RedisNodes::start(3);
+    let (one, two) = two_processes(&nodes);
+    warm(&one).await;
+    warm(&two).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(2))
+        .with_tries(1);
+    let name = unique("restarts");
+    let key = format!("dsync:{name}");
+    let mut holder = one.new_mutex(&name, options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the key on every node",
+        async || nodes.count_key(&key) == 3,
+    )
+    .await;
+    nodes.servers[0].restart();
+    nodes.servers[1].restart();
+    assert_eq!(nodes.count_key(&key), 1, "the key is left on one node");
+    let mut other = two.new_mutex(&name, options.clone()).unwrap();
+    let error = other.lock().await.expect_err("no second owner");
+    assert!(error.is_unavailable(), "{error:?}");
+    assert_eq!(nodes.count_value(&key, holder.value()), 1);
+    // The holder's extension puts the key back where it was lost.
+    holder.extend().await.expect("the holder keeps its lock");
+    eventually(
+        Duration::from_secs(10),
+        "the key back on every node",
+        async || nodes.count_value(&key, holder.value()) == 3,
+    )
+    .await;
+    // Once the restarted nodes take new locks again (another name shows
+    // it), the name is still the holder's, as long as it extends.
+    let probe = unique("probe");
+    eventually(
+        Duration::from_secs(10),
+        "the restarted nodes take new locks",
+        async || {
+            holder.extend().await.expect("extended");
+            let mut m = two.new_mutex(&probe, options.clone()).unwrap();
+            let taken = m.lock().await.is_ok();
+            if taken {
+                m.unlock().await.unwrap();
+            }
+            taken
+        },
+    )
+    .await;
+    assert!(matches!(other.lock().await, Err(Error::Held { .. })));
+    holder.unlock().await.unwrap();
+    other.lock().await.expect("free once released");
+    other.unlock().await.unwrap();
+}
+
+/// Fencing tokens keep growing when a majority of the nodes restart empty
+/// one after the other and the next quorum is made of those two alone: a
+/// node that lost its counter starts it again at its clock, above every
+/// token issued before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_grow_when_a_majority_restarts_empty_one_after_another() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_millis(500))
+        .with_tries(u32::MAX)
+        .with_retry_delay(Duration::from_millis(10));
+    let name = unique("majority-restarts");
+    let mut m = sync.new_mutex(&name, options).unwrap();
+    let mut last = 0;
+    for _ in 0..10 {
+        m.lock().await.unwrap();
+        last = m.fencing_token().unwrap();
+        m.unlock().await.unwrap();
+    }
+    no_key_left(&nodes, &format!("dsync:{name}")).await;
+    nodes.servers[0].restart();
+    nodes.servers[1].restart();
+    // The next quorum can only be the two restarted nodes.
+    nodes.servers[2].pause();
+    m.lock().await.unwrap();
+    let token = m.fencing_token().unwrap();
+    assert!(token > last, "token {token} went back from {last}");
+    m.unlock().await.unwrap();
+    nodes.servers[2].resume();
+}
+
+/// `extend` puts a key back on a node that lost it only while the holder's
+/// validity is ahead: past it, another owner may hold the name, and the
+/// extension only resets the expiry where the key still holds our value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_repairs_nodes_only_within_the_validity() {
+    let mut nodes = RedisNodes::start(3);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
+    // The validity ends after half the expiry: the keys outlive it.
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(4))
+        .with_drift_factor(0.5)
+        .with_tries(1);
+    let name = unique("late-repair");
+    let key = format!("dsync:{name}");
+    let mut m = sync.new_mutex(&name, options).unwrap();
+    m.lock().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the key on every node",
+        async || nodes.count_key(&key) == 3,
+    )
+    .await;
+    nodes.servers[0].restart();
+    let until = m.until().unwrap();
+    eventually(Duration::from_secs(10), "the validity passed", async || {
+        Instant::now() >= until
+    })
+    .await;
+    // The two other nodes still have the key; the restarted one stays
+    // without it.
+    m.extend().await.expect("extended where the key is ours");
+    assert!(
+        !nodes.servers[0].exists(&key),
+        "re-created after the validity"
+    );
+    m.unlock().await.unwrap();
 }

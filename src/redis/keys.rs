@@ -14,8 +14,11 @@ use std::sync::{Arc, OnceLock};
 pub(crate) struct Keys {
     /// The key prefix followed by the name; holds the owner's value.
     pub(crate) lock: Arc<str>,
-    /// The name's fencing counter, kept forever.
-    pub(crate) counter: Arc<str>,
+    /// The node's bookkeeping hash, shared by every name on the node (on a
+    /// Redis Cluster, by every name of the slot): the fencing counter
+    /// (`fence`) and when the node lost its state (`born`). Its size is
+    /// bounded by the deployment, not by the names ever locked.
+    pub(crate) node: Arc<str>,
     /// The wait queue: one entry per waiting process, by start of wait.
     pub(crate) queue: Arc<str>,
     /// The leases of the wait queue's entries.
@@ -36,6 +39,7 @@ impl Keys {
     pub(crate) fn plain(prefix: &str, name: &str) -> Self {
         Self::with(
             format!("{prefix}{name}"),
+            format!("{prefix}\u{1f}node"),
             format!("P{prefix}\u{1f}wake\u{1f}"),
         )
     }
@@ -48,16 +52,18 @@ impl Keys {
     pub(crate) fn tagged(prefix: &str, name: &str) -> Self {
         let lock = format!("{{{prefix}{name}}}");
         let at = slot(lock.as_bytes());
-        let wake = format!("S{{{}}}{prefix}\u{1f}wake\u{1f}", slot_tag(at));
+        let tag = slot_tag(at);
+        let node = format!("{{{tag}}}{prefix}\u{1f}node");
+        let wake = format!("S{{{tag}}}{prefix}\u{1f}wake\u{1f}");
         Keys {
             slot: Some(at),
-            ..Self::with(lock, wake)
+            ..Self::with(lock, node, wake)
         }
     }
 
-    fn with(lock: String, wake: String) -> Self {
+    fn with(lock: String, node: String, wake: String) -> Self {
         Keys {
-            counter: format!("{lock}\u{1f}fence").into(),
+            node: node.into(),
             queue: format!("{lock}\u{1f}queue").into(),
             leases: format!("{lock}\u{1f}leases").into(),
             lock: lock.into(),
@@ -161,7 +167,7 @@ mod tests {
             let keys = Keys::tagged("dsync:", name);
             let at = slot(keys.lock.as_bytes());
             assert_eq!(keys.slot, Some(at));
-            for key in [&keys.counter, &keys.queue, &keys.leases] {
+            for key in [&keys.node, &keys.queue, &keys.leases] {
                 assert_eq!(slot(key.as_bytes()), at, "{key:?}");
             }
             assert_eq!(slot(keys.channel("c0ffee").as_bytes()), at, "{name:?}");
@@ -169,6 +175,11 @@ mod tests {
         }
         let plain = Keys::plain("dsync:", "a");
         assert_eq!(&*plain.lock, "dsync:a");
+        assert_eq!(&*plain.node, "dsync:\u{1f}node");
+        // One bookkeeping key per node, or per slot on a cluster.
+        assert_eq!(Keys::plain("dsync:", "b").node, plain.node);
+        let (x, y) = (Keys::tagged("dsync:", "x"), Keys::tagged("dsync:", "y"));
+        assert_eq!(x.node == y.node, x.slot == y.slot);
         assert_eq!(plain.channel("c"), "dsync:\u{1f}wake\u{1f}c");
     }
 

@@ -205,6 +205,8 @@ pub(crate) struct Shared {
     separator: String,
     set_nx_on_extend: bool,
     fail_fast: bool,
+    /// How long a node that lost its state refuses new locks, at least.
+    restart_delay: Duration,
 }
 
 impl fmt::Debug for RedisSync {
@@ -225,6 +227,7 @@ impl fmt::Debug for RedisSync {
             .field("separator", &self.shared.separator)
             .field("set_nx_on_extend", &self.shared.set_nx_on_extend)
             .field("fail_fast", &self.shared.fail_fast)
+            .field("restart_delay", &self.shared.restart_delay)
             .finish()
     }
 }
@@ -345,9 +348,10 @@ pub struct RedisSyncBuilder {
     wait_replicas: Option<(usize, Duration)>,
     key_prefix: Option<String>,
     separator: Option<String>,
-    set_nx_on_extend: bool,
+    set_nx_on_extend: Option<bool>,
     fail_fast: bool,
     connect_timeout: Option<Duration>,
+    restart_delay: Duration,
 }
 
 impl fmt::Debug for RedisSyncBuilder {
@@ -461,11 +465,40 @@ impl RedisSyncBuilder {
 
     /// `extend` re-creates the key on a node that lost it (restarted empty,
     /// say) if the name is free there, instead of only resetting the expiry
-    /// where the key still holds our value (default off, as in go-redsync).
-    /// A mutex that released its lock re-creates nothing: its `extend`
-    /// fails with [`Error::NotAcquired`] until its next `lock`.
+    /// where the key still holds our value. On by default (go-redsync has
+    /// it off): it is how a held lock survives its nodes restarting empty
+    /// one after the other (see [Restarts](RedisSync#restarts)). Only a
+    /// mutex whose validity ([`until`](crate::DistMutex::until)) is still
+    /// ahead re-creates a key; a mutex that released its lock re-creates
+    /// nothing, and its `extend` fails with [`Error::NotAcquired`] until
+    /// its next `lock`. Off, a held lock loses a node at each empty
+    /// restart of one that had it, and a second owner can get it once
+    /// enough have.
     pub fn set_nx_on_extend(mut self, on: bool) -> Self {
-        self.set_nx_on_extend = on;
+        self.set_nx_on_extend = Some(on);
+        self
+    }
+
+    /// How long, at least, a node that lost its state (restarted empty, or
+    /// flushed) refuses new locks: the longest of this and the lock's
+    /// expiry (default zero: the expiry). It may have forgotten locks
+    /// still held on the other nodes; meanwhile their holders put them
+    /// back with their extensions, and a lock that is not extended
+    /// expires. Processes that lock the same names with different expiries
+    /// should all set this to the longest of them. See
+    /// [Restarts](RedisSync#restarts). Has no effect on one node or a
+    /// Redis Cluster, which have no other node to recover from.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> tower_dsync::Result<()> {
+    /// let sync = tower_dsync::RedisSync::builder()
+    ///     .urls(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"])
+    ///     .restart_delay(std::time::Duration::from_secs(30))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn restart_delay(mut self, delay: Duration) -> Self {
+        self.restart_delay = delay;
         self
     }
 
@@ -554,8 +587,9 @@ impl RedisSyncBuilder {
                 last_start: Default::default(),
                 key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
-                set_nx_on_extend: self.set_nx_on_extend,
+                set_nx_on_extend: self.set_nx_on_extend.unwrap_or(true),
                 fail_fast: self.fail_fast,
+                restart_delay: self.restart_delay,
             }),
         })
     }
@@ -656,6 +690,13 @@ impl Setup<'_> {
 }
 
 impl Shared {
+    /// How long a node that lost its state refuses new locks of a mutex
+    /// with `expiry`; `None` on one node or a Redis Cluster, where no other
+    /// node could still hold a lock it forgot.
+    pub(crate) fn recovery(&self, expiry: Duration) -> Option<Duration> {
+        (self.nodes.len() > 1 && !self.wakeups.on_cluster()).then(|| expiry.max(self.restart_delay))
+    }
+
     /// The keys of the lock `name`.
     pub(crate) fn keys(&self, name: &str) -> Keys {
         if self.wakeups.on_cluster() {

@@ -12,10 +12,10 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::keys::Keys;
-use super::node::{Claim, Lineup, Undoes};
+use super::node::{Claim, Lineup, Node, Undoes};
 use super::quorum::Round;
 use super::waiters::{Waiter, leave_nodes, leave_queues};
-use crate::error::{Error, Result};
+use crate::error::{Error, NodeError, Recovering, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
 
@@ -170,6 +170,8 @@ impl DistMutex for RedisMutex {
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut last_error = None;
         let mut subscribe_tried = false;
+        let mut settle_tried = false;
+        let recovery = self.shared.recovery(expiry);
         if wait_first && !self.shared.wakeups.subscribed(&self.keys) {
             // No wake-up could reach this waiter: subscribe, then try at
             // once instead.
@@ -205,6 +207,7 @@ impl DistMutex for RedisMutex {
                         preset,
                         expiry,
                         lineup.clone(),
+                        recovery,
                         timeout,
                     )
                 }))),
@@ -217,16 +220,17 @@ impl DistMutex for RedisMutex {
                 cleanup: &mut self.cleanup,
             };
             let claims = attempt.round.as_mut().expect("armed");
-            claims
-                .settle(quorum, self.shared.fail_fast, |claim| {
-                    matches!(claim, Claim::Acquired { .. })
-                })
-                .await;
+            let granted = |claim: &Claim| matches!(claim, Claim::Acquired { .. });
+            claims.settle(quorum, self.shared.fail_fast, granted).await;
+            if claims.yes < quorum && claims.unanswered() > 0 && recovering(&claims.replies) {
+                // A new deployment shows only when every node answered.
+                claims.settle(quorum, false, granted).await;
+            }
             // Still armed: dropped during the fencing round, the attempt
             // releases what it got.
             let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
             let fenced = match fencing {
-                Some(fencing) => fence(&self.shared, &self.keys.counter, &fencing, timeout).await,
+                Some(fencing) => fence(&self.shared, &self.keys.node, &fencing, timeout).await,
                 None => Ok(None),
             };
             let round = attempt.round.take().expect("armed");
@@ -250,14 +254,13 @@ impl DistMutex for RedisMutex {
                     return Ok(());
                 }
                 (Err(error), _) => error,
-                _ => acquire_error(&round, quorum, timeout, start.elapsed()),
+                _ => acquire_error(&round, &self.shared.nodes, quorum, timeout, start.elapsed()),
             };
-            holder_left = match &error {
-                Error::Held {
-                    remaining: Some(left),
-                } => *left,
-                _ => Duration::MAX,
-            };
+            holder_left = error.retry_after().unwrap_or(Duration::MAX);
+            // Every node lost its state: a new deployment (or a whole
+            // majority lost at once, which nothing can recover). Settled,
+            // the nodes count from now on: try again at once, once.
+            let borns = new_deployment(&round);
             // A waiter that tries again is put back in line where this
             // attempt took it out.
             let requeue = lineup.as_ref().filter(|_| made < tries);
@@ -271,6 +274,13 @@ impl DistMutex for RedisMutex {
                 lineup.as_ref(),
                 requeue,
             );
+            if let Some(borns) = borns.filter(|_| !settle_tried) {
+                settle_tried = true;
+                last_error = Some(error);
+                settle_nodes(&self.shared, &self.keys, borns, timeout).await;
+                retry_now = true;
+                continue;
+            }
             if waiter.is_some()
                 && matches!(error, Error::Held { .. })
                 && !subscribed
@@ -337,8 +347,12 @@ impl DistMutex for RedisMutex {
         let expiry = self.options.expiry();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
-        let set_nx = self.shared.set_nx_on_extend;
         let start = Instant::now();
+        // Only a holder whose validity is still ahead puts its key back on
+        // a node that lost it: its quorum still holds the name, and a node
+        // that lost its state takes no new lock meanwhile. Past the
+        // validity, another owner may hold the name on a quorum.
+        let set_nx = self.shared.set_nx_on_extend && self.until.is_some_and(|until| start < until);
         let round = Round::start(self.shared.nodes.iter().map(|node| {
             node.extend(
                 self.keys.lock.clone(),
@@ -395,6 +409,39 @@ impl DistMutex for RedisMutex {
 /// renewal: how long a process that died while first in line can hold the
 /// others up.
 const MAX_LEASE: Duration = Duration::from_secs(10);
+
+/// Whether a node refused because it lost its state and recovers.
+fn recovering(replies: &[(usize, Claim)]) -> bool {
+    replies
+        .iter()
+        .any(|(_, claim)| matches!(claim, Claim::Recovering { .. }))
+}
+
+/// When every node answered that it lost its state (a new deployment), the
+/// `born` each reported.
+fn new_deployment(round: &Round<Claim>) -> Option<Vec<(usize, i64)>> {
+    let borns: Vec<(usize, i64)> = round
+        .replies
+        .iter()
+        .filter_map(|(node, claim)| match claim {
+            Claim::Recovering { born, .. } => Some((*node, *born)),
+            _ => None,
+        })
+        .collect();
+    (borns.len() == round.nodes()).then_some(borns)
+}
+
+/// Makes the nodes of a new deployment count: each, if it has not lost its
+/// state again since it reported `born`. A node that does not answer stays
+/// as it is, and an attempt then finds it recovering again.
+async fn settle_nodes(shared: &Shared, keys: &Keys, borns: Vec<(usize, i64)>, timeout: Duration) {
+    join_all(
+        borns
+            .into_iter()
+            .map(|(i, born)| shared.nodes[i].settle(keys.node.clone(), born, timeout)),
+    )
+    .await;
+}
 
 /// `start + expiry - elapsed - drift`, if that is still ahead.
 fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
@@ -518,7 +565,7 @@ impl Fencing {
         let granted = || {
             replies.iter().filter_map(|(node, claim)| match claim {
                 Claim::Acquired { token } => Some((*node, *token)),
-                Claim::Held { .. } => None,
+                Claim::Held { .. } | Claim::Recovering { .. } => None,
             })
         };
         let token = granted().map(|(_, t)| t).max().unwrap_or(0);
@@ -672,6 +719,7 @@ impl Drop for Attempt<'_> {
 /// held nodes expire for a quorum to be possible.
 fn acquire_error(
     round: &Round<Claim>,
+    nodes_of: &[Node],
     quorum: usize,
     timeout: Duration,
     elapsed: Duration,
@@ -685,22 +733,50 @@ fn acquire_error(
     }
     let nodes = round.nodes();
     let failed = round.failures.len();
+    let recovering: Vec<(usize, Duration)> = round
+        .replies
+        .iter()
+        .filter_map(|(node, claim)| match *claim {
+            Claim::Recovering { left, .. } => Some((*node, left)),
+            _ => None,
+        })
+        .collect();
     let mut held: Vec<Option<Duration>> = round
         .replies
         .iter()
         .filter_map(|(_, claim)| match *claim {
-            Claim::Acquired { .. } => None,
+            Claim::Acquired { .. } | Claim::Recovering { .. } => None,
             // -1: the key has no expiry; -3: free, but another process
             // waits first (its release wakes us); -2: it vanished meanwhile.
             Claim::Held { pttl: -1 | -3 } => Some(None),
             Claim::Held { pttl } => Some(Some(Duration::from_millis(pttl.max(0) as u64))),
         })
         .collect();
-    if held.is_empty() || failed + quorum > nodes {
-        return round.failure_error(quorum, timeout);
+    let unusable = failed + recovering.len();
+    if held.is_empty() || unusable + quorum > nodes {
+        if recovering.is_empty() {
+            return round.failure_error(quorum, timeout);
+        }
+        // Nodes that lost their state, and those that failed, rule out a
+        // quorum: the backend is unavailable until they recover.
+        let mut failures: Vec<(usize, NodeError)> = round
+            .failures
+            .iter()
+            .map(|(i, failure)| (*i, failure.clone().into_node_error()))
+            .chain(
+                recovering
+                    .into_iter()
+                    .map(|(i, left)| (i, NodeError::new(nodes_of[i].label(), Recovering { left }))),
+            )
+            .collect();
+        failures.sort_by_key(|(i, _)| *i);
+        return Error::Unavailable {
+            quorum,
+            failures: failures.into_iter().map(|(_, e)| e).collect(),
+        };
     }
     // Nodes that said yes or did not answer count as free.
-    let free = nodes - held.len() - failed;
+    let free = nodes - held.len() - unusable;
     let need = quorum.saturating_sub(free).max(1);
     held.sort_by_key(|left| left.unwrap_or(Duration::MAX));
     Error::Held {

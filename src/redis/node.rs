@@ -10,7 +10,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE};
+use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE, SETTLE};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -84,6 +84,9 @@ pub(crate) enum Claim {
     /// Taken; the key's `PTTL` (`-1`: no expiry, `-2`: gone meanwhile,
     /// `-3`: free, but another process waits first).
     Held { pttl: i64 },
+    /// Refused: the node lost its state (restarted empty) at `born` (its
+    /// clock, ms) and takes new locks in `left`.
+    Recovering { born: i64, left: Duration },
 }
 
 /// What an acquisition by a waiting process tells a node's wait queue.
@@ -157,6 +160,9 @@ impl Node {
     ///
     /// With [`replicas`](Self::new) set, an acquisition whose replicas fall
     /// short is undone on this node, which then counts as failed.
+    ///
+    /// `recovery`: how long a node that lost its state refuses new locks
+    /// (`None`: it does not, with nothing to recover from).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
@@ -165,6 +171,7 @@ impl Node {
         preset: bool,
         expiry: Duration,
         lineup: Option<Lineup>,
+        recovery: Option<Duration>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
         let px = millis(expiry);
@@ -175,24 +182,20 @@ impl Node {
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, resent| {
-                let settings =
-                    acquire_settings((resent || unseen_resends) && !preset, lineup.as_ref());
+                let settings = acquire_settings(
+                    (resent || unseen_resends) && !preset,
+                    lineup.as_ref(),
+                    recovery,
+                );
                 let call = ACQUIRE
-                    .call(&[&keys.lock, &keys.counter, &keys.queue, &keys.leases])
+                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.leases])
                     .arg(&*value)
                     .arg(px)
                     .arg(settings);
                 async move {
-                    let ((set, number), acknowledged): ((i64, i64), _) =
+                    let (reply, acknowledged): (Vec<i64>, _) =
                         script_then_wait(&mut conn, call, replicas).await?;
-                    let claim = if set == 1 {
-                        Claim::Acquired {
-                            token: number.max(0) as u64,
-                        }
-                    } else {
-                        Claim::Held { pttl: number }
-                    };
-                    Ok((claim, acknowledged))
+                    Ok((claim_of(&reply)?, acknowledged))
                 }
             },
         );
@@ -234,15 +237,30 @@ impl Node {
         })
     }
 
-    /// `FENCE`: raises the counter to at least `token`.
+    /// `FENCE`: raises the node's fencing counter (in the bookkeeping
+    /// hash `node`) to at least `token`.
     pub(crate) fn fence(
         &self,
-        counter: Arc<str>,
+        node: Arc<str>,
         token: u64,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
-            let call = FENCE.call(&[&counter]).arg(token);
+            let call = FENCE.call(&[&node]).arg(token);
+            async move { script(&mut conn, call).await }
+        })
+    }
+
+    /// `SETTLE`: the node, first seen without its state at `born`, counts
+    /// from now on (1), unless it lost its state again since (0).
+    pub(crate) fn settle(
+        &self,
+        node: Arc<str>,
+        born: i64,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
+            let call = SETTLE.call(&[&node]).arg(born);
             async move { script(&mut conn, call).await }
         })
     }
@@ -444,15 +462,39 @@ async fn eval_once<T: FromRedisValue>(
 }
 
 /// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
-/// and the waiter's place in the queue (`-` for none).
-fn acquire_settings(resent: bool, lineup: Option<&Lineup>) -> String {
+/// the waiter's place in the queue (`-` for none), and how long a node
+/// that lost its state refuses new locks (`-` for never).
+fn acquire_settings(resent: bool, lineup: Option<&Lineup>, recovery: Option<Duration>) -> String {
     let resent = u8::from(resent);
+    let recovery = recovery.map_or_else(|| "-".to_owned(), |r| millis(r).to_string());
     match lineup {
         Some(l) => {
             let next = l.next.map_or_else(|| "-".to_owned(), |n| n.to_string());
-            format!("{next} {resent} {} {} {}", l.client, l.start, l.lease)
+            format!(
+                "{next} {resent} {} {} {} {recovery}",
+                l.client, l.start, l.lease
+            )
         }
-        None => format!("- {resent} - 0 0"),
+        None => format!("- {resent} - 0 0 {recovery}"),
+    }
+}
+
+/// One node's answer to `ACQUIRE` (see its documentation for the shapes).
+fn claim_of(reply: &[i64]) -> RedisResult<Claim> {
+    match *reply {
+        [1, token] => Ok(Claim::Acquired {
+            token: token.max(0) as u64,
+        }),
+        [0, -4, born, left] => Ok(Claim::Recovering {
+            born,
+            left: Duration::from_millis(left.max(0) as u64),
+        }),
+        [0, pttl] => Ok(Claim::Held { pttl }),
+        _ => Err(RedisError::from((
+            ErrorKind::Parse,
+            "unexpected reply to the acquire script",
+            format!("{reply:?}"),
+        ))),
     }
 }
 

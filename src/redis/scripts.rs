@@ -120,15 +120,43 @@ local function announce(wake, who, message)
 end
 ";
 
-/// Acquire: `SET key value NX PX expiry`, unless another process waits in
-/// the name's queue ahead of this one; when set, the next fencing token of
-/// the name (`INCR` of its counter); when refused, the holder's remaining
-/// time, and this process's entry in the queue (when it waits).
+/// The node's next fencing token: one counter per node (per slot on a
+/// Redis Cluster), in the `fence` field of the node's bookkeeping hash. A
+/// counter that is missing (the node lost its state) starts over at the
+/// node's clock in microseconds, not at zero, so that it starts above every
+/// token issued before (see `Fencing` in mutex.rs for the argument).
+const NEXT_TOKEN: &str = r"
+local function next_token(node)
+    local token = redis.call('HINCRBY', node, 'fence', 1)
+    if token == 1 then
+        local t = redis.call('TIME')
+        token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        redis.call('HSET', node, 'fence', token)
+    end
+    return token
+end
+";
+
+/// Acquire: `SET key value NX PX expiry`, unless the node is recovering
+/// from a restart or another process waits in the name's queue ahead of
+/// this one; when set, the next fencing token of the node; when refused,
+/// the holder's remaining time, and this process's entry in the queue
+/// (when it waits).
 ///
-/// `KEYS`: 1 lock, 2 fencing counter, 3 wait queue, 4 leases. `ARGV`: 1 the
-/// value, 2 the expiry in ms, 3 five words (one argument, so that the
-/// command stays within the ten arguments Redis reads from a client before
-/// it authenticates, and a missing password is reported as such):
+/// A node that lost its state (restarted empty, flushed) also lost the
+/// locks it held, which the other nodes may still hold: it refuses new
+/// locks until the longest expiry in use has passed since, so that every
+/// lock it forgot has either expired or been put back by its holder's
+/// extension (see [`EXTEND`]). The node's bookkeeping hash tells: its
+/// `born` field is `0` for a node that counts, missing for a node that
+/// lost its state (the script then sets it to the node's time), or the
+/// time (ms) the node was first seen without its state.
+///
+/// `KEYS`: 1 lock, 2 the node's bookkeeping hash, 3 wait queue, 4 leases.
+/// `ARGV`: 1 the value, 2 the expiry in ms, 3 six words (one argument, so
+/// that the command stays within the ten arguments Redis reads from a
+/// client before it authenticates, and a missing password is reported as
+/// such):
 /// - when acquired, the start of the process's next waiter, or `-` (none:
 ///   leave the queue);
 /// - `1` when this is a resend after a dropped connection of an attempt
@@ -138,28 +166,51 @@ end
 /// - the waiting process's id, or `-` for a try that does not wait (it
 ///   takes a free lock only when nobody waits);
 /// - when its waiter started waiting (ms);
-/// - its entry's lease (ms).
+/// - its entry's lease (ms);
+/// - how long (ms) a node that lost its state refuses new locks, or `-`
+///   for none (one node, or a Redis Cluster: nothing to recover from).
 ///
-/// The common case, a free lock that nobody waits for, runs first and
-/// touches nothing else: `EXISTS` on the queue, `SET`, `INCR`.
+/// The common case, a free lock that nobody waits for on a node that
+/// counts, runs first and touches nothing else: `HGET` of the node's
+/// state, `EXISTS` on the queue, `SET`, `HINCRBY`.
 ///
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
-/// `-2`: gone meanwhile), or `{0, -3}` when the lock is free but another
-/// process waits first.
+/// `-2`: gone meanwhile), `{0, -3}` when the lock is free but another
+/// process waits first, or `{0, -4, born, left}` when the node is
+/// recovering: first seen without its state at `born` (its time, ms), it
+/// takes new locks in `left` ms.
 pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
-        "{}{QUEUE_HELPERS}{}",
+        "{NEXT_TOKEN}{}{QUEUE_HELPERS}{}",
         r"
+local born = redis.call('HGET', KEYS[2], 'born')
+if born ~= '0' then
+    local recovery = string.match(ARGV[3], '(%S+)$')
+    if recovery == '-' then
+        redis.call('HSET', KEYS[2], 'born', '0')
+    else
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        if not born then
+            born = now
+            redis.call('HSET', KEYS[2], 'born', born)
+        end
+        local left = tonumber(born) + tonumber(recovery) - now
+        if left > 0 then
+            return {0, -4, tonumber(born), left}
+        end
+    end
+end
 local set = redis.call('EXISTS', KEYS[3]) == 0
     and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if set and string.byte(ARGV[3], 1) == 45 then
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, next_token(KEYS[2])}
 end
 ",
         r"
 local queue, leases = KEYS[3], KEYS[4]
 local next_start, resent, who, start, lease =
-    string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+)$')
+    string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+) %S+$')
 if who == '-' then
     who = ''
 end
@@ -171,7 +222,7 @@ local function acquired()
             leave(queue, leases, who)
         end
     end
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, next_token(KEYS[2])}
 end
 local function refused(pttl)
     if who ~= '' then
@@ -198,6 +249,26 @@ end
 return refused(redis.call('PTTL', KEYS[1]))
 "
     ))
+});
+
+/// Settle: a node first seen without its state at `born` counts from now
+/// on. Sent when every node of a deployment is in that state (a new
+/// deployment: no lock can be held on them), to each node with the `born`
+/// it reported, so that a node that lost its state again since is left
+/// alone.
+///
+/// `KEYS[1]` the node's bookkeeping hash, `ARGV[1]` its `born`. Returns 1
+/// if the node now counts.
+pub(crate) static SETTLE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r"
+if redis.call('HGET', KEYS[1], 'born') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'born', '0')
+    return 1
+end
+return 0
+",
+    )
 });
 
 /// Leave a name's wait queue: remove this process's entry unless a later
@@ -227,15 +298,23 @@ return 1
     ))
 });
 
-/// Raise a fencing counter to at least a token (never lower it).
+/// Raise the node's fencing counter to at least a token (never lower it).
+/// A counter that is missing (the node lost its state) starts at the
+/// node's clock, as in [`ACQUIRE`], before it is raised.
 ///
-/// `KEYS[1]` counter key, `ARGV[1]` token. Returns 1.
+/// `KEYS[1]` the node's bookkeeping hash, `ARGV[1]` the token. Returns 1.
 pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r"
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], ARGV[1])
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then
+    local t = redis.call('TIME')
+    fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+if tonumber(fence) < tonumber(ARGV[1]) then
+    fence = ARGV[1]
+end
+redis.call('HSET', KEYS[1], 'fence', fence)
 return 1
 ",
     )
@@ -293,7 +372,10 @@ return mine and 1 or 0
 });
 
 /// Extend: reset the expiry only if the key still holds our value; with
-/// `ARGV[3] == '1'` (`set_nx_on_extend`), re-create a key that is gone.
+/// `ARGV[3] == '1'` (a holder whose validity is still ahead, with
+/// `set_nx_on_extend`), re-create a key that is gone: the node lost it
+/// (restarted empty), and a node that lost its state takes no new lock
+/// while the holder may still hold it, so the holder puts it back.
 ///
 /// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms, `ARGV[3]` flag.
 /// Returns 1 if the key now holds our value with the new expiry, else 0.
