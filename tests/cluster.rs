@@ -86,9 +86,10 @@ async fn release_to_subscribed(
     woken(waiting, "woken by the release").await
 }
 
-/// Every key of a name (lock, fencing counter, wait queue, leases) lives on
-/// the master of the name's slot, and names spread over the masters. After
-/// the release only the fencing counters are left.
+/// Every key of a name (lock, wait queue, leases) lives on the master of the
+/// name's slot, with the slot's bookkeeping key (its fencing counter), and
+/// names spread over the masters. After the release only the bookkeeping
+/// keys are left, one per slot used, whatever the number of names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_a_name_live_on_the_master_of_its_slot() {
     let cluster = RedisCluster::start(3, 0);
@@ -112,7 +113,7 @@ async fn keys_of_a_name_live_on_the_master_of_its_slot() {
         assert!(poll_once(waiting.as_mut()).await.is_none());
         let master = cluster.master_of(cluster.slot_of(&key));
         masters.insert(master);
-        let suffixes = ["", "\u{1f}fence", "\u{1f}queue", "\u{1f}leases"];
+        let suffixes = ["", "\u{1f}queue", "\u{1f}leases"];
         eventually(Duration::from_secs(10), "the waiter queued", async || {
             cluster.has_key(master, &format!("{key}\u{1f}queue"))
         })
@@ -121,21 +122,34 @@ async fn keys_of_a_name_live_on_the_master_of_its_slot() {
             let k = format!("{key}{suffix}");
             assert!(cluster.has_key(master, &k), "{k:?} on the slot's master");
         }
+        let slot = cluster.slot_of(&key);
+        assert!(
+            cluster
+                .keys_on(master)
+                .iter()
+                .any(|k| k.ends_with("dsync:\u{1f}node") && cluster.slot_of(k) == slot),
+            "the slot's bookkeeping key on its master"
+        );
         holder.unlock().await.unwrap();
         tokio::time::timeout(Duration::from_secs(20), waiting)
             .await
             .expect("the waiter was woken by the release");
     }
     assert!(masters.len() >= 2, "12 names all on one master");
-    let mut fences: Vec<String> = names
+    let slots: std::collections::BTreeSet<u16> = names
         .iter()
-        .map(|n| format!("{}\u{1f}fence", lock_key(n)))
+        .map(|n| cluster.slot_of(&lock_key(n)))
         .collect();
-    fences.sort();
     eventually(
         Duration::from_secs(10),
-        "only fencing counters left",
-        async || cluster.keys() == fences,
+        "only the slots' bookkeeping keys left",
+        async || {
+            let keys = cluster.keys();
+            keys.len() == slots.len()
+                && keys
+                    .iter()
+                    .all(|k| k.ends_with("dsync:\u{1f}node") && slots.contains(&cluster.slot_of(k)))
+        },
     )
     .await;
 }

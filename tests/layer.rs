@@ -979,14 +979,26 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
             );
         let server = Server::start(app).await;
         let client = HttpClient::default();
-        // Connections made and scripts loaded.
-        let (response, _) = client.get(&server.url("/quick"), &[(KEY, "warm")]).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        // Released everywhere (its DEL ran on every node).
-        support::wait_until(Duration::from_secs(10), "warm-up done", || {
-            nodes.servers.iter().all(|s| s.calls("del") == 1)
-        })
-        .await;
+        // Connections made, scripts loaded, the new deployment settled, and
+        // the nodes' fencing counters in agreement: each started at its own
+        // clock, and a quorum that disagrees writes its token back once.
+        let mut warm = 0;
+        loop {
+            let (response, _) = client.get(&server.url("/quick"), &[(KEY, "warm")]).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            warm += 1;
+            // Released everywhere (its DEL ran on every node).
+            support::wait_until(Duration::from_secs(10), "warm-up done", || {
+                nodes.servers.iter().all(|s| s.calls("del") == warm)
+            })
+            .await;
+            let fences: std::collections::HashSet<u64> =
+                nodes.servers.iter().map(node_fence).collect();
+            if fences.len() == 1 {
+                break;
+            }
+            assert!(warm < 100, "the counters never agreed: {fences:?}");
+        }
         for server in &nodes.servers {
             server.reset_stats();
         }
@@ -1012,12 +1024,21 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
             let calls = server.command_calls();
             assert_eq!(
                 calls.keys().map(String::as_str).collect::<Vec<_>>(),
-                ["del", "evalsha", "exists", "get", "incr", "set"],
+                ["del", "evalsha", "exists", "get", "hget", "hincrby", "set"],
                 "only the scripts' own commands, on {n} node(s): {calls:?}"
             );
             assert_eq!(calls["evalsha"], 2 * requests);
         }
     }
+}
+
+/// A node's fencing counter (one per node, in its bookkeeping hash).
+fn node_fence(server: &support::RedisServer) -> u64 {
+    redis::cmd("HGET")
+        .arg("dsync:\u{1f}node")
+        .arg("fence")
+        .query(&mut server.connection())
+        .expect("HGET")
 }
 
 /// A no-op handler's service behind the layer, on `sync`.

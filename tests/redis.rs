@@ -1474,15 +1474,13 @@ async fn waiters_hand_over_with_a_minority_down() {
     no_key_left(&nodes, &format!("dsync:{name}")).await;
 }
 
-/// With `appendfsync always`, fencing tokens keep growing through restarts
-/// that the counters would not survive otherwise: after acquisitions up to
-/// token `t` on three nodes, two of them are killed and restarted, one
-/// after the other (never more than one down), and the third is paused, so
-/// that the next quorum is the two restarted nodes. Their counters were
-/// reloaded from the append-only file: the token is greater than `t`.
-/// Without persistence they would have restarted at zero, and delaying the
-/// restarts would not help (the counters are not leases): the next token
-/// would be 1. The README says so.
+/// With `appendfsync always`, a restarted node keeps its state: after
+/// acquisitions up to token `t` on three nodes, two of them are killed and
+/// restarted, one after the other (never more than one down), and the third
+/// is paused, so that the next quorum is the two restarted nodes. They
+/// reloaded their counters and restart markers from the append-only file:
+/// they take the lock at once (no recovery period), with a token greater
+/// than `t`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_survive_restarts_with_appendfsync_always() {
     let mut nodes = RedisNodes::start_persistent(3);

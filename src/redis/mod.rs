@@ -29,25 +29,42 @@
 //!   jumps forward (an operator, a bad NTP step) expires keys early and may
 //!   hand a lock to a second owner. The drift allowance
 //!   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
-//! - **Restarts without persistence.** A node that restarts empty forgets
-//!   the locks it held; with three nodes, one such restart while another
-//!   node is down can let a second owner in. Delay restarts past the longest
-//!   expiry, or run with `appendfsync always`.
+//! - **Restarts without persistence.** With Redlock (two or more
+//!   nodes), a node that restarts empty takes no new lock for an expiry
+//!   while the holders' extensions put their keys back on it, so any
+//!   minority of nodes may restart empty, at once or one after the other,
+//!   without a second owner (see [Restarts](RedisSync#restarts)). A
+//!   majority losing its state at once loses the locks it held. One node,
+//!   and a Redis Cluster's master, forget their locks when they restart
+//!   empty (there is no other node to recover from).
+//! - **Clocks** also bound fencing tokens through restarts: a node that
+//!   lost its fencing counter starts it again at its clock (in
+//!   microseconds), which is above every token issued before as long as
+//!   the nodes' clocks differ by less than the time a node takes to come
+//!   back, and a node's clock does not go back across its restart.
 //! - **For correctness-critical writes, use fencing tokens**: the protected
 //!   resource rejects a write whose token is not greater than the last one it
 //!   accepted, so a holder that lost its lock cannot do damage.
 //!   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
-//!   acquisition: an `INCR` of a per-name counter inside the acquire script,
-//!   and across a Redlock quorum the highest token of the nodes that
-//!   granted the acquisition, written back to a quorum of those nodes when
-//!   fewer of them had it (a node that refused the acquisition never
-//!   counts: its counter is not ordered after the name's previous holder
-//!   there). The counters are kept forever (one small key per
-//!   name). A node that restarts empty forgets its counters, and delaying
-//!   the restart does not bring them back (they are not leases): with
-//!   `appendfsync always`, tokens keep growing through restarts; without,
-//!   one empty node among three is covered if the other two saw every
-//!   acquisition, two are not, even restarted one after the other.
+//!   acquisition: the node's counter (one per node, or per hash slot on a
+//!   cluster, not per name), incremented inside the acquire script, and
+//!   across a Redlock quorum the highest token of the nodes that granted
+//!   the acquisition, written back to a quorum of those nodes when fewer
+//!   of them had it (a node that refused the acquisition never counts: its
+//!   counter is not ordered after the name's previous holder there). The
+//!   tokens of a name strictly grow through any sequence of empty
+//!   restarts, under the clock condition above; the argument is on
+//!   [`RedisMutex`](RedisMutex#fencing-tokens).
+//!
+//! # What the nodes keep
+//!
+//! Per name, only while it is in use: the lock key (it expires), and while
+//! processes wait for it, the wait queue and its leases (they expire with
+//! the last lease, at most 10 s). Per node, one small hash
+//! (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
+//! Redis Cluster one per hash slot used (at most 16,384). Nothing else
+//! grows with the number of names ever locked: after a million distinct
+//! names, each node holds the one key it held after the first.
 
 #[cfg(feature = "cluster")]
 mod cluster;
@@ -119,6 +136,57 @@ use crate::sync::{DistSync, validate_name};
 /// The scripts read the node's clock (`TIME`), so Redis 5 or later is
 /// needed.
 ///
+/// # Restarts
+///
+/// Redlock over independent masters keeps its guarantees while any
+/// minority of the nodes is paused, killed, or restarted empty (without
+/// persistence), at once or one after the other, any number of times, with
+/// locks held and extended for many expiries:
+///
+/// - **A node that lost its state takes no new lock for an expiry.** Each
+///   node keeps a marker (in `<prefix>\x1fnode`); a node without it has
+///   restarted empty (or was flushed), and may have forgotten locks that
+///   the other nodes still hold. It refuses new locks (an
+///   [`Error::Unavailable`] cause, [`Recovering`](crate::Recovering), with
+///   the time left) until the longest of the lock's expiry and
+///   [`restart_delay`](RedisSyncBuilder::restart_delay) has passed since
+///   it was first seen so: the Redlock paper's delayed restart, done by the
+///   nodes instead of the operator. A lock that was not extended
+///   meanwhile has expired everywhere by then.
+/// - **Holders put their keys back.** An extension re-creates the key on a
+///   node that lost it ([`set_nx_on_extend`](RedisSyncBuilder::set_nx_on_extend),
+///   on by default), as long as the holder's validity is ahead, so a held
+///   lock is back on every node within one extension interval of a
+///   restart, and the holder keeps its quorum through the next one. A
+///   failed extension is retried within the validity (the layer's keeper
+///   does it).
+/// - **Why no second owner.** Let a holder's last acquisition or extension
+///   leave its key on a quorum `Q` with validity until `u` (at most one
+///   expiry after it started). Another process needs a quorum of nodes that
+///   count and have no key for the name; it shares a node `N` with `Q`. If
+///   `N` kept its state, the holder's key is there until `u`. If `N` lost
+///   its state after the holder's operation, `N` refuses new locks for an
+///   expiry from then, which lasts past `u`. Either way, `N` refuses.
+/// - **A new deployment** (every node without its marker) is settled at
+///   once by the first lock that hears every node say so. If a node is
+///   unreachable then, the others cannot tell a new deployment from nodes
+///   that restarted one after the other while that node holds locks:
+///   locks wait one expiry.
+/// - **What it costs.** A restarted node counts again one expiry after it
+///   came back; meanwhile the others must make the quorum, so restarts
+///   faster than one per expiry and node use up the tolerance for down
+///   nodes. Processes that lock the same names with different expiries
+///   should set [`restart_delay`](RedisSyncBuilder::restart_delay) to the
+///   longest. A majority losing its state at once (every node restarted
+///   empty together, say) cannot be recovered from: the locks it held are
+///   lost, and the next lock settles the nodes as a new deployment.
+///   Fencing tokens still grow then (see
+///   [`RedisMutex`](RedisMutex#fencing-tokens)).
+///
+/// One node, and a Redis Cluster (one node to the lock algorithm), have no
+/// other node to recover from: a restart without persistence forgets their
+/// locks, and they take new ones at once.
+///
 /// # Cluster mode
 ///
 /// With the `cluster` feature, [`RedisSync::cluster`] (or
@@ -126,9 +194,11 @@ use crate::sync::{DistSync, validate_name};
 /// from any of its nodes:
 ///
 /// - **Where a lock lives.** Each name's lock lives on the one master that
-///   owns its hash slot: the lock key is `{<prefix><name>}`, a hash tag, and
-///   the fencing counter, wait queue and leases append a suffix after the
-///   tag, so all of them share the slot and each script runs on one master.
+///   owns its hash slot: the lock key is `{<prefix><name>}`, a hash tag, the
+///   wait queue and leases append a suffix after the tag, and the fencing
+///   counter is the slot's own (one bookkeeping key per slot, whose hash
+///   tag is a short number that hashes to the slot), so all of them share
+///   the slot and each script runs on one master.
 ///   Names spread over the masters as their slots do. Commands follow
 ///   `MOVED` and `ASK` redirections, so a lock survives its slot moving to
 ///   another master (the keys move with their expiry). While the slot is

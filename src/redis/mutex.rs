@@ -41,6 +41,62 @@ use crate::sync::DistMutex;
 /// a wait queue on each node, and woken by the release (see
 /// [`RedisSync`](super::RedisSync#waiting-is-fair)).
 ///
+/// # Fencing tokens
+///
+/// Each acquisition gets a token greater than every token of an earlier
+/// acquisition of the name: the highest counter of the nodes that granted
+/// it, written back to a quorum of them when fewer had it. Why:
+///
+/// - **Counters only grow while a node keeps its state**: an acquisition
+///   increments its node's counter, and `FENCE` only raises it.
+/// - **A restarted node's counter starts above them**: a node that lost
+///   its counter starts it at its clock in microseconds. Counters advance
+///   by one per acquisition, far slower than a microsecond clock, so every
+///   token issued before the restart is below the clocks at that time; as
+///   long as the nodes' clocks differ by less than the time a node takes
+///   to come back, and a clock does not go back across a restart, the new
+///   counter starts above all of them.
+/// - **The quorums overlap on a node that saw the earlier token.** Let A
+///   get token `t` from a quorum `Q` of granting nodes that vouch for it.
+///   On each node `N` of `Q`, the counter reached `t` while A's key was
+///   there: after the name's previous key left `N` (A's `SET NX`
+///   succeeded), and before A's key left it, since A holds it until
+///   `lock()` returns (a `lock()` that fails or is dropped releases it but
+///   issues no token), and `lock()` checks the validity after the `FENCE`
+///   round, so an acknowledged `FENCE` ran before A's key expired on `N`
+///   (within the drift allowance). A later holder B of the name sets its
+///   key on `N` only after A's key left it: B's increment there runs after
+///   the counter reached `t`, or after `N` lost its state (and started
+///   over above `t`), and returns more than `t`. B's granting nodes form a
+///   quorum, which shares a node with `Q`, and B's token is the highest
+///   they returned: greater than `t`.
+/// - **Why a refusing node cannot vouch.** It refused because a key was
+///   there, another acquisition's, whose increment on it may have run
+///   before A's `FENCE`, and that acquisition may complete its quorum
+///   later on nodes A has released. With nodes X, Y, Z: B's attempt takes
+///   Y (its counter gives `y`) while its command to X is delayed; A is
+///   refused by Y, takes X (`x`) and Z, whose counter is far ahead (`z`),
+///   and gets `z`; its `FENCE z` is lost on X and acknowledged by Y and Z;
+///   A releases; B's command reaches X (`x + 1`), and B would hold the name
+///   with a token below A's. Counted by granting nodes only, A has Z
+///   alone, and its `lock()` fails instead. A node that granted the
+///   acquisition after the quorum was reached is not counted either (its
+///   answer is not known yet), which only makes the rule stricter.
+///
+/// This holds through any sequence of empty restarts, a majority's
+/// included (exclusion does not: see [Restarts](super::RedisSync#restarts)).
+/// On a Redis Cluster the counter is the slot's, on one master: it holds
+/// through the master restarting empty, and through a failover to a
+/// replica that acknowledged the acquisitions
+/// ([`wait_replicas`](super::RedisSyncBuilder::wait_replicas)); a replica
+/// that lagged behind has an older counter, which can give a token again. Tokens are
+/// large numbers (microseconds since the Unix epoch, plus one per
+/// acquisition): compare them, do not count on their size.
+///
+/// An `extend` that re-creates a lost key keeps the acquisition's token;
+/// if another owner took the name meanwhile, that owner's token is higher,
+/// and the resource rejects the older one, which is the safe outcome.
+///
 /// ```no_run
 /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 ///
@@ -352,17 +408,18 @@ impl DistMutex for RedisMutex {
         // a node that lost it: its quorum still holds the name, and a node
         // that lost its state takes no new lock meanwhile. Past the
         // validity, another owner may hold the name on a quorum.
-        let set_nx = self.shared.set_nx_on_extend && self.until.is_some_and(|until| start < until);
-        let round = Round::start(self.shared.nodes.iter().map(|node| {
+        let repair = (self.shared.set_nx_on_extend
+            && self.until.is_some_and(|until| start < until))
+        .then(|| self.shared.recovery(expiry).unwrap_or_default());
+        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
             node.extend(
-                self.keys.lock.clone(),
+                self.keys.clone(),
                 self.value.clone(),
                 expiry,
-                set_nx,
+                repair,
                 timeout,
             )
         }));
-        let mut round = round;
         round
             .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
             .await;
@@ -370,7 +427,13 @@ impl DistMutex for RedisMutex {
         // sent before it on its connection.
         self.unanswered = round.unanswered_nodes();
         let extended = round.verdict(quorum, timeout);
-        let stragglers = round.finish_in_background();
+        let stragglers = match extended {
+            // Lost: keys re-created where the name was free go again.
+            Ok(false) if repair.is_some() => {
+                undo_repairs(round, &self.shared, &self.keys, &self.value, timeout)
+            }
+            _ => round.finish_in_background(),
+        };
         self.cleanup = Cleanup::of(stragglers, &self.value);
         if !extended? {
             return Err(Error::NotAcquired);
@@ -497,57 +560,18 @@ async fn fence(
 
 /// Which nodes vouch for an acquisition's fencing token.
 ///
-/// The token is the highest that the nodes which granted the acquisition
-/// (their `SET NX` succeeded) returned from their counter's `INCR`. It
-/// counts as issued once a quorum of those granting nodes hold a counter
-/// of at least the token: the nodes that returned it, and the others once
-/// they acknowledged `FENCE token`. A node that refused the acquisition
-/// never counts, whatever it acknowledges.
-///
-/// Why tokens only grow: every counter only grows (`INCR`, and `FENCE`,
-/// which never lowers it). Let acquisition A get token `t` from its
-/// quorum `Q` of granting nodes that vouch for it. On each node `N` of `Q`,
-/// the counter reached `t` while A's key was there: after the key of the
-/// name's previous holder left `N` (A's `SET NX` succeeded), and before
-/// A's key can leave `N`, since A holds it until `lock()` returns (a
-/// `lock()` that fails or is dropped releases it, but issues no token),
-/// and `lock()` checks the validity after the `FENCE` round, so an
-/// acknowledged `FENCE` ran before A's key expired on `N` (within the
-/// drift allowance). A later holder B sets its key on `N` only after A's
-/// key left it, so B's `INCR` there runs after the counter reached `t`
-/// and returns more than `t`. B's granting nodes form a majority, which
-/// shares a node with `Q`, and B's token is the highest they returned:
-/// greater than `t`.
-///
-/// Why a refusing node cannot count: it refused because a key was there,
-/// another acquisition's, whose `INCR` on it may have run before A's
-/// `FENCE`, and that acquisition may complete its quorum later on nodes A
-/// has released. With nodes X, Y, Z: B's attempt takes Y (its counter
-/// gives 1) while its command to X is delayed; A is refused by Y, takes X
-/// (1) and Z (11), and gets 11; its `FENCE 11` is lost on X and
-/// acknowledged by Y and Z; A releases; B's command reaches X (2), and B
-/// holds the name with the token 2, below A's. Counted by granting nodes
-/// only, A has Z alone, and its `lock()` fails instead. A node that
-/// granted the acquisition after the quorum was reached is not counted
-/// either (its answer is not known yet), which only makes the rule
-/// stricter.
-///
-/// The argument assumes nodes keep their counters. A node that restarts
-/// empty restarts its counter at zero, and the overlap may then fall on
-/// it: for example, a partitioned node misses acquisitions while the
-/// others reach 10, then one of those restarts empty, and a quorum of
-/// those two returns 1. The same happens when two of three nodes restart
-/// empty one after the other, however long after the last lock expired: a
-/// restarted node's counter is raised again only when an acquisition's
-/// quorum disagrees on the highest token. Run nodes with
-/// `appendfsync always` to keep the guarantee through restarts (or keep a
-/// restarted node out until its counters have been raised to the
-/// others').
-///
-/// An `extend` that re-creates a lost key (`set_nx_on_extend`) keeps the
-/// acquisition's token; if another owner took the name meanwhile, that
-/// owner's token is higher, and the resource rejects the older one, which
-/// is the safe outcome.
+/// Each node has one fencing counter (per hash slot on a Redis Cluster),
+/// shared by every name. The acquire script increments it when it sets the
+/// lock key; a counter that is missing (its node lost its state) starts at
+/// the node's clock in microseconds. The token is the highest value that
+/// the nodes which granted the acquisition (their `SET NX` succeeded)
+/// returned. It counts as issued once a quorum of those granting nodes hold
+/// a counter of at least the token: the nodes that returned it, and the
+/// others once they acknowledged `FENCE token` (which raises a counter,
+/// never lowers it, and starts a missing one at the clock first). A node
+/// that refused the acquisition never counts, whatever it acknowledges.
+/// The argument for why tokens grow is on
+/// [`RedisMutex`](RedisMutex#fencing-tokens).
 #[derive(Debug, PartialEq, Eq)]
 struct Fencing {
     /// The highest token the granting nodes returned.
@@ -639,6 +663,42 @@ fn settle_acquired(
         if !queued.is_empty() {
             leave_nodes(&shared, &keys, lineup.start, timeout, queued).await;
         }
+    }))
+}
+
+/// Lets a failed extension's commands finish in the background, and
+/// releases the keys it re-created on nodes that kept their state (the
+/// name was free there, and the mutex no longer holds it).
+fn undo_repairs(
+    round: Round<i64>,
+    shared: &Arc<Shared>,
+    keys: &Arc<Keys>,
+    value: &Arc<str>,
+    timeout: Duration,
+) -> Option<JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (shared, keys, value) = (shared.clone(), keys.clone(), value.clone());
+    Some(runtime.spawn(async move {
+        let mut recreated = Vec::new();
+        round
+            .drain(|node, answer| {
+                if answer == Some(&2) {
+                    recreated.push(node);
+                }
+            })
+            .await;
+        let announce = (keys.wake.clone(), rand::random::<u64>());
+        join_all(recreated.into_iter().map(|i| {
+            shared.nodes[i].release(
+                keys.clone(),
+                value.clone(),
+                Some(announce.clone()),
+                None,
+                Undoes::Answered,
+                timeout,
+            )
+        }))
+        .await;
     }))
 }
 

@@ -303,36 +303,39 @@ impl Node {
         })
     }
 
-    /// `EXTEND`: 1 if our key now has the new expiry. With
+    /// `EXTEND`: 1 if our key now has the new expiry (and counts), 2 if it
+    /// was re-created on a node that kept its state (it counts only with a
+    /// quorum of 1s), else 0. With `repair` (how long a node that lost its
+    /// state recovers), a key that is gone is re-created. With
     /// [`replicas`](Self::new) set, an extension whose replicas fall short
     /// is a failure of this node.
     pub(crate) fn extend(
         &self,
-        key: Arc<str>,
+        keys: Arc<Keys>,
         value: Arc<str>,
         expiry: Duration,
-        set_nx: bool,
+        repair: Option<Duration>,
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         let px = millis(expiry);
         let node = self.clone();
         let replicas = self.replicas;
+        let repair = repair.map_or_else(|| "-".to_owned(), |r| r.as_millis().to_string());
         let extended = self.bounded(
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, _| {
-                let call =
-                    EXTEND
-                        .call(&[&key])
-                        .arg(&*value)
-                        .arg(px)
-                        .arg(if set_nx { "1" } else { "0" });
+                let call = EXTEND
+                    .call(&[&keys.lock, &keys.node])
+                    .arg(&*value)
+                    .arg(px)
+                    .arg(&repair);
                 async move { script_then_wait(&mut conn, call, replicas).await }
             },
         );
         async move {
             let (extended, acknowledged): (i64, _) = extended.await?;
-            if extended == 1 {
+            if extended != 0 {
                 node.replicated(acknowledged)?;
             }
             Ok(extended)

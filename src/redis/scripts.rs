@@ -371,14 +371,24 @@ return mine and 1 or 0
     ))
 });
 
-/// Extend: reset the expiry only if the key still holds our value; with
-/// `ARGV[3] == '1'` (a holder whose validity is still ahead, with
-/// `set_nx_on_extend`), re-create a key that is gone: the node lost it
-/// (restarted empty), and a node that lost its state takes no new lock
-/// while the holder may still hold it, so the holder puts it back.
+/// Extend: reset the expiry if the key still holds our value; with a
+/// repair limit (a holder whose validity is still ahead, with
+/// `set_nx_on_extend`), re-create a key that is gone.
 ///
-/// `KEYS[1]` key, `ARGV[1]` value, `ARGV[2]` expiry in ms, `ARGV[3]` flag.
-/// Returns 1 if the key now holds our value with the new expiry, else 0.
+/// A node that lost its state (restarted empty) lost the key with it, and
+/// takes no new lock while it recovers: there the re-created key counts
+/// like one that was still ours (`1`), and the holder keeps its quorum
+/// through nodes restarting one after the other. On a node that kept its
+/// state, a missing key was released or expired: it is re-created (`2`)
+/// but counts only if the holder still has a quorum elsewhere (the client
+/// releases it otherwise), which puts back the keys of a node that was
+/// unreachable for longer than the expiry.
+///
+/// `KEYS`: 1 lock, 2 the node's bookkeeping hash. `ARGV`: 1 value, 2 the
+/// expiry in ms, 3 how long a node that lost its state recovers (ms; `0`
+/// for never), or `-` for no re-creation. Returns 1 if the key holds our
+/// value with the new expiry and counts, 2 if it was re-created on a node
+/// that kept its state, else 0.
 pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r"
@@ -386,11 +396,24 @@ local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-if current == false and ARGV[3] == '1' then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if current or ARGV[3] == '-' then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local born = redis.call('HGET', KEYS[2], 'born')
+if born == '0' then
+    return 2
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not born then
+    redis.call('HSET', KEYS[2], 'born', now)
     return 1
 end
-return 0
+if now < tonumber(born) + tonumber(ARGV[3]) then
+    return 1
+end
+return 2
 ",
     )
 });
