@@ -130,7 +130,8 @@ impl Error {
     /// The time after which trying again makes sense, when known: the
     /// holder's remaining time for [`Error::Held`]; for an
     /// [`Error::Unavailable`] because nodes that restarted empty take no
-    /// new lock yet (see [`Recovering`]), the time until enough of them do.
+    /// new lock yet (see [`Recovering`]), the time until the first of them
+    /// does.
     ///
     /// ```
     /// assert_eq!(tower_dsync::Error::NotAcquired.retry_after(), None);

@@ -380,7 +380,7 @@ async fn dead_and_silent_backends() {
 /// expiry has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_deployment_with_a_node_down_waits_one_expiry() {
-    let mut nodes = RedisNodes::start(3);
+    let mut nodes = RedisNodes::start_new(3);
     nodes.servers[2].kill();
     let sync = RedisSync::new(nodes.urls()).unwrap();
     let expiry = Duration::from_millis(500);
@@ -1731,10 +1731,11 @@ async fn timeout_reports_the_time_waited() {
 
 /// A held lock stays exclusive, and stays its holder's, while the nodes
 /// that have it restart empty one after the other: after two of three
-/// restarts the holder's key is on one node only, yet another process gets
-/// nothing (the restarted nodes take no new lock for an expiry), and the
-/// holder's next extension puts its key back on both, so that it still
-/// holds the name once they take new locks again.
+/// restarts the holder's key is on one node only, and after the third on
+/// none, yet another process gets nothing (the restarted nodes take no new
+/// lock for an expiry, and nothing tells them from a new deployment), and
+/// the holder's next extension puts its key back on all three, so that it
+/// still holds the name once they take new locks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_lock_survives_its_nodes_restarting_empty_one_after_another() {
     let mut nodes = RedisNodes::start(3);
@@ -1761,6 +1762,10 @@ async fn a_held_lock_survives_its_nodes_restarting_empty_one_after_another() {
     let error = other.lock().await.expect_err("no second owner");
     assert!(error.is_unavailable(), "{error:?}");
     assert_eq!(nodes.count_value(&key, holder.value()), 1);
+    nodes.servers[2].restart();
+    let error = other.lock().await.expect_err("no second owner");
+    assert!(error.is_unavailable(), "{error:?}");
+    assert_eq!(nodes.count_key(&key), 0, "taken by nobody");
     // The holder's extension puts the key back where it was lost.
     holder.extend().await.expect("the holder keeps its lock");
     eventually(

@@ -31,17 +31,19 @@
 //!   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
 //! - **Restarts without persistence.** With Redlock (two or more
 //!   nodes), a node that restarts empty takes no new lock for an expiry
-//!   while the holders' extensions put their keys back on it, so any
-//!   minority of nodes may restart empty, at once or one after the other,
-//!   without a second owner (see [Restarts](RedisSync#restarts)). A
-//!   majority losing its state at once loses the locks it held. One node,
-//!   and a Redis Cluster's master, forget their locks when they restart
-//!   empty (there is no other node to recover from).
+//!   while the holders' extensions put their keys back on it, so nodes may
+//!   restart empty, at once or one after the other, without a second
+//!   owner, and holders that extend keep their locks (see
+//!   [Restarts](RedisSync#restarts)); run the nodes with no persistence
+//!   or with `appendfsync always`, not from older snapshots. One node, and
+//!   a Redis Cluster's master, forget their locks when they restart empty
+//!   (there is no other node to recover from).
 //! - **Clocks** also bound fencing tokens through restarts: a node that
 //!   lost its fencing counter starts it again at its clock (in
-//!   microseconds), which is above every token issued before as long as
-//!   the nodes' clocks differ by less than the time a node takes to come
-//!   back, and a node's clock does not go back across its restart.
+//!   microseconds) at its next acquisition, one expiry after it came back
+//!   with Redlock, which is above every token issued before as long as the
+//!   nodes' clocks differ by less than that, and a node's clock does not
+//!   go back across its restart.
 //! - **For correctness-critical writes, use fencing tokens**: the protected
 //!   resource rejects a write whose token is not greater than the last one it
 //!   accepted, so a holder that lost its lock cannot do damage.
@@ -138,10 +140,10 @@ use crate::sync::{DistSync, validate_name};
 ///
 /// # Restarts
 ///
-/// Redlock over independent masters keeps its guarantees while any
-/// minority of the nodes is paused, killed, or restarted empty (without
-/// persistence), at once or one after the other, any number of times, with
-/// locks held and extended for many expiries:
+/// Redlock over independent masters keeps its guarantees while nodes are
+/// paused, killed, or restarted empty (without persistence), at once or one
+/// after the other, any number of times, with locks held and extended for
+/// many expiries:
 ///
 /// - **A node that lost its state takes no new lock for an expiry.** Each
 ///   node keeps a marker (in `<prefix>\x1fnode`); a node without it has
@@ -155,33 +157,43 @@ use crate::sync::{DistSync, validate_name};
 ///   meanwhile has expired everywhere by then.
 /// - **Holders put their keys back.** An extension re-creates the key on a
 ///   node that lost it ([`set_nx_on_extend`](RedisSyncBuilder::set_nx_on_extend),
-///   on by default), as long as the holder's validity is ahead, so a held
-///   lock is back on every node within one extension interval of a
-///   restart, and the holder keeps its quorum through the next one. A
-///   failed extension is retried within the validity (the layer's keeper
-///   does it).
+///   on by default), as long as the holder's validity is ahead; on a node
+///   that is recovering the re-created key counts toward the quorum, so a
+///   held lock is back on every node within one extension interval of a
+///   restart and its holder keeps it, however many nodes restarted. (On a
+///   node that kept its state, a missing key counts only if the holder has
+///   a quorum elsewhere: it was released or expired there.) A failed
+///   extension is retried within the validity (the layer's keeper does
+///   it).
 /// - **Why no second owner.** Let a holder's last acquisition or extension
 ///   leave its key on a quorum `Q` with validity until `u` (at most one
 ///   expiry after it started). Another process needs a quorum of nodes that
 ///   count and have no key for the name; it shares a node `N` with `Q`. If
 ///   `N` kept its state, the holder's key is there until `u`. If `N` lost
 ///   its state after the holder's operation, `N` refuses new locks for an
-///   expiry from then, which lasts past `u`. Either way, `N` refuses.
-/// - **A new deployment** (every node without its marker) is settled at
-///   once by the first lock that hears every node say so. If a node is
-///   unreachable then, the others cannot tell a new deployment from nodes
-///   that restarted one after the other while that node holds locks:
-///   locks wait one expiry.
+///   expiry from then, which lasts past `u`. Either way, `N` refuses. This
+///   needs no bound on how many nodes restart: a node whose locks are gone
+///   has lost its marker with them.
+/// - **A new deployment** starts with no marker on any node, and cannot be
+///   told from nodes that all restarted while locks were held: its first
+///   locks wait one expiry. Nodes known to hold no lock (just provisioned,
+///   or in a test) can be marked as counting at once: `HSET
+///   '<prefix>\x1fnode' born 0` on each (with `redis-cli`:
+///   `redis-cli HSET "$(printf 'dsync:\037node')" born 0`).
 /// - **What it costs.** A restarted node counts again one expiry after it
 ///   came back; meanwhile the others must make the quorum, so restarts
 ///   faster than one per expiry and node use up the tolerance for down
-///   nodes. Processes that lock the same names with different expiries
-///   should set [`restart_delay`](RedisSyncBuilder::restart_delay) to the
-///   longest. A majority losing its state at once (every node restarted
-///   empty together, say) cannot be recovered from: the locks it held are
-///   lost, and the next lock settles the nodes as a new deployment.
-///   Fencing tokens still grow then (see
-///   [`RedisMutex`](RedisMutex#fencing-tokens)).
+///   nodes, and locks are refused (never granted twice). Processes that
+///   lock the same names with different expiries should set
+///   [`restart_delay`](RedisSyncBuilder::restart_delay) to the longest. A
+///   holder that cannot extend within its validity (a majority
+///   unreachable that long, or its own process stalled) loses its lock.
+/// - **Persistence: none, or every write.** The argument needs a node that
+///   lost locks to have lost its marker too: run the nodes without
+///   persistence (`save ""`, `appendonly no`) or with `appendfsync
+///   always`. A node that reloads an older snapshot (`save` points, or
+///   `appendfsync everysec` losing its last second) comes back with its
+///   marker but without recent locks, and counts at once.
 ///
 /// One node, and a Redis Cluster (one node to the lock algorithm), have no
 /// other node to recover from: a restart without persistence forgets their
@@ -533,17 +545,18 @@ impl RedisSyncBuilder {
         self
     }
 
-    /// `extend` re-creates the key on a node that lost it (restarted empty,
-    /// say) if the name is free there, instead of only resetting the expiry
-    /// where the key still holds our value. On by default (go-redsync has
-    /// it off): it is how a held lock survives its nodes restarting empty
-    /// one after the other (see [Restarts](RedisSync#restarts)). Only a
+    /// With Redlock, `extend` re-creates the key on a node that lost it
+    /// (restarted empty, say) if the name is free there, instead of only
+    /// resetting the expiry where the key still holds our value. On by
+    /// default (go-redsync has it off): it is how a held lock survives its
+    /// nodes restarting empty (see [Restarts](RedisSync#restarts)). Only a
     /// mutex whose validity ([`until`](crate::DistMutex::until)) is still
     /// ahead re-creates a key; a mutex that released its lock re-creates
     /// nothing, and its `extend` fails with [`Error::NotAcquired`] until
     /// its next `lock`. Off, a held lock loses a node at each empty
-    /// restart of one that had it, and a second owner can get it once
-    /// enough have.
+    /// restart of one that had it, and is lost once a quorum has. On one
+    /// node or a Redis Cluster it does nothing: a missing key there means
+    /// the lock is gone.
     pub fn set_nx_on_extend(mut self, on: bool) -> Self {
         self.set_nx_on_extend = Some(on);
         self

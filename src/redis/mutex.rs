@@ -50,12 +50,15 @@ use crate::sync::DistMutex;
 /// - **Counters only grow while a node keeps its state**: an acquisition
 ///   increments its node's counter, and `FENCE` only raises it.
 /// - **A restarted node's counter starts above them**: a node that lost
-///   its counter starts it at its clock in microseconds. Counters advance
-///   by one per acquisition, far slower than a microsecond clock, so every
-///   token issued before the restart is below the clocks at that time; as
-///   long as the nodes' clocks differ by less than the time a node takes
-///   to come back, and a clock does not go back across a restart, the new
-///   counter starts above all of them.
+///   its counter starts it at its clock in microseconds at its next
+///   increment, which with Redlock comes one expiry after it came back (it
+///   takes no lock before; `FENCE` leaves a missing counter alone).
+///   Counters advance by one per acquisition, far slower than a
+///   microsecond clock, so every token issued before the restart is below
+///   the clocks at that time; as long as the nodes' clocks differ by less
+///   than an expiry, and a clock does not go back across a restart, the
+///   new counter starts above all of them. (One node has one clock; a
+///   cluster's replica is promoted seconds after its master failed.)
 /// - **The quorums overlap on a node that saw the earlier token.** Let A
 ///   get token `t` from a quorum `Q` of granting nodes that vouch for it.
 ///   On each node `N` of `Q`, the counter reached `t` while A's key was
@@ -83,8 +86,7 @@ use crate::sync::DistMutex;
 ///   acquisition after the quorum was reached is not counted either (its
 ///   answer is not known yet), which only makes the rule stricter.
 ///
-/// This holds through any sequence of empty restarts, a majority's
-/// included (exclusion does not: see [Restarts](super::RedisSync#restarts)).
+/// This holds through any sequence of empty restarts.
 /// On a Redis Cluster the counter is the slot's, on one master: it holds
 /// through the master restarting empty, and through a failover to a
 /// replica that acknowledged the acquisitions
@@ -226,7 +228,6 @@ impl DistMutex for RedisMutex {
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut last_error = None;
         let mut subscribe_tried = false;
-        let mut settle_tried = false;
         let recovery = self.shared.recovery(expiry);
         if wait_first && !self.shared.wakeups.subscribed(&self.keys) {
             // No wake-up could reach this waiter: subscribe, then try at
@@ -276,12 +277,11 @@ impl DistMutex for RedisMutex {
                 cleanup: &mut self.cleanup,
             };
             let claims = attempt.round.as_mut().expect("armed");
-            let granted = |claim: &Claim| matches!(claim, Claim::Acquired { .. });
-            claims.settle(quorum, self.shared.fail_fast, granted).await;
-            if claims.yes < quorum && claims.unanswered() > 0 && recovering(&claims.replies) {
-                // A new deployment shows only when every node answered.
-                claims.settle(quorum, false, granted).await;
-            }
+            claims
+                .settle(quorum, self.shared.fail_fast, |claim| {
+                    matches!(claim, Claim::Acquired { .. })
+                })
+                .await;
             // Still armed: dropped during the fencing round, the attempt
             // releases what it got.
             let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
@@ -313,10 +313,6 @@ impl DistMutex for RedisMutex {
                 _ => acquire_error(&round, &self.shared.nodes, quorum, timeout, start.elapsed()),
             };
             holder_left = error.retry_after().unwrap_or(Duration::MAX);
-            // Every node lost its state: a new deployment (or a whole
-            // majority lost at once, which nothing can recover). Settled,
-            // the nodes count from now on: try again at once, once.
-            let borns = new_deployment(&round);
             // A waiter that tries again is put back in line where this
             // attempt took it out.
             let requeue = lineup.as_ref().filter(|_| made < tries);
@@ -330,13 +326,6 @@ impl DistMutex for RedisMutex {
                 lineup.as_ref(),
                 requeue,
             );
-            if let Some(borns) = borns.filter(|_| !settle_tried) {
-                settle_tried = true;
-                last_error = Some(error);
-                settle_nodes(&self.shared, &self.keys, borns, timeout).await;
-                retry_now = true;
-                continue;
-            }
             if waiter.is_some()
                 && matches!(error, Error::Held { .. })
                 && !subscribed
@@ -408,9 +397,15 @@ impl DistMutex for RedisMutex {
         // a node that lost it: its quorum still holds the name, and a node
         // that lost its state takes no new lock meanwhile. Past the
         // validity, another owner may hold the name on a quorum.
-        let repair = (self.shared.set_nx_on_extend
-            && self.until.is_some_and(|until| start < until))
-        .then(|| self.shared.recovery(expiry).unwrap_or_default());
+        let repair = self
+            .shared
+            .recovery(expiry)
+            .filter(|_| self.shared.set_nx_on_extend)
+            .filter(|_| self.until.is_some_and(|until| start < until));
+        // Until a node answers, the extension may still run there (behind
+        // another lock's `WAIT`, say): a release after a dropped `extend()`
+        // goes after it.
+        self.unanswered = (0..self.shared.nodes.len()).collect();
         let mut round = Round::start(self.shared.nodes.iter().map(|node| {
             node.extend(
                 self.keys.clone(),
@@ -428,8 +423,9 @@ impl DistMutex for RedisMutex {
         self.unanswered = round.unanswered_nodes();
         let extended = round.verdict(quorum, timeout);
         let stragglers = match extended {
-            // Lost: keys re-created where the name was free go again.
-            Ok(false) if repair.is_some() => {
+            Ok(true) => round.finish_in_background(),
+            // Not extended: keys re-created where the name was free go again.
+            _ if repair.is_some() => {
                 undo_repairs(round, &self.shared, &self.keys, &self.value, timeout)
             }
             _ => round.finish_in_background(),
@@ -472,39 +468,6 @@ impl DistMutex for RedisMutex {
 /// renewal: how long a process that died while first in line can hold the
 /// others up.
 const MAX_LEASE: Duration = Duration::from_secs(10);
-
-/// Whether a node refused because it lost its state and recovers.
-fn recovering(replies: &[(usize, Claim)]) -> bool {
-    replies
-        .iter()
-        .any(|(_, claim)| matches!(claim, Claim::Recovering { .. }))
-}
-
-/// When every node answered that it lost its state (a new deployment), the
-/// `born` each reported.
-fn new_deployment(round: &Round<Claim>) -> Option<Vec<(usize, i64)>> {
-    let borns: Vec<(usize, i64)> = round
-        .replies
-        .iter()
-        .filter_map(|(node, claim)| match claim {
-            Claim::Recovering { born, .. } => Some((*node, *born)),
-            _ => None,
-        })
-        .collect();
-    (borns.len() == round.nodes()).then_some(borns)
-}
-
-/// Makes the nodes of a new deployment count: each, if it has not lost its
-/// state again since it reported `born`. A node that does not answer stays
-/// as it is, and an attempt then finds it recovering again.
-async fn settle_nodes(shared: &Shared, keys: &Keys, borns: Vec<(usize, i64)>, timeout: Duration) {
-    join_all(
-        borns
-            .into_iter()
-            .map(|(i, born)| shared.nodes[i].settle(keys.node.clone(), born, timeout)),
-    )
-    .await;
-}
 
 /// `start + expiry - elapsed - drift`, if that is still ahead.
 fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
@@ -568,7 +531,7 @@ async fn fence(
 /// returned. It counts as issued once a quorum of those granting nodes hold
 /// a counter of at least the token: the nodes that returned it, and the
 /// others once they acknowledged `FENCE token` (which raises a counter,
-/// never lowers it, and starts a missing one at the clock first). A node
+/// never lowers it, and leaves a missing one to start at the clock). A node
 /// that refused the acquisition never counts, whatever it acknowledges.
 /// The argument for why tokens grow is on
 /// [`RedisMutex`](RedisMutex#fencing-tokens).

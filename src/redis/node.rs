@@ -10,7 +10,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE, SETTLE};
+use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -247,20 +247,6 @@ impl Node {
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let call = FENCE.call(&[&node]).arg(token);
-            async move { script(&mut conn, call).await }
-        })
-    }
-
-    /// `SETTLE`: the node, first seen without its state at `born`, counts
-    /// from now on (1), unless it lost its state again since (0).
-    pub(crate) fn settle(
-        &self,
-        node: Arc<str>,
-        born: i64,
-        timeout: Duration,
-    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
-        self.bounded(&self.conn, timeout, move |mut conn, _| {
-            let call = SETTLE.call(&[&node]).arg(born);
             async move { script(&mut conn, call).await }
         })
     }

@@ -251,26 +251,6 @@ return refused(redis.call('PTTL', KEYS[1]))
     ))
 });
 
-/// Settle: a node first seen without its state at `born` counts from now
-/// on. Sent when every node of a deployment is in that state (a new
-/// deployment: no lock can be held on them), to each node with the `born`
-/// it reported, so that a node that lost its state again since is left
-/// alone.
-///
-/// `KEYS[1]` the node's bookkeeping hash, `ARGV[1]` its `born`. Returns 1
-/// if the node now counts.
-pub(crate) static SETTLE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r"
-if redis.call('HGET', KEYS[1], 'born') == ARGV[1] then
-    redis.call('HSET', KEYS[1], 'born', '0')
-    return 1
-end
-return 0
-",
-    )
-});
-
 /// Leave a name's wait queue: remove this process's entry unless a later
 /// waiter of it renewed the entry, and, if the lock is free, tell the
 /// process now first in line.
@@ -299,22 +279,19 @@ return 1
 });
 
 /// Raise the node's fencing counter to at least a token (never lower it).
-/// A counter that is missing (the node lost its state) starts at the
-/// node's clock, as in [`ACQUIRE`], before it is raised.
+/// A node whose counter is missing lost its state since it granted the
+/// acquisition: it is left alone (its counter starts at its clock at its
+/// next increment, after it recovers, above the token), and the
+/// acknowledgement stands.
 ///
 /// `KEYS[1]` the node's bookkeeping hash, `ARGV[1]` the token. Returns 1.
 pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r"
 local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then
-    local t = redis.call('TIME')
-    fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if fence and tonumber(fence) < tonumber(ARGV[1]) then
+    redis.call('HSET', KEYS[1], 'fence', ARGV[1])
 end
-if tonumber(fence) < tonumber(ARGV[1]) then
-    fence = ARGV[1]
-end
-redis.call('HSET', KEYS[1], 'fence', fence)
 return 1
 ",
     )

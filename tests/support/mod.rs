@@ -340,17 +340,45 @@ pub struct RedisNodes {
 }
 
 impl RedisNodes {
-    /// Starts `n` servers.
+    /// Starts `n` servers, marked as a deployment in use (see
+    /// [`settle`](Self::settle)).
     pub fn start(n: usize) -> RedisNodes {
+        let nodes = Self::start_new(n);
+        nodes.settle();
+        nodes
+    }
+
+    /// Starts `n` servers as a new deployment: with Redlock, their first
+    /// locks wait one expiry, since nothing tells them from nodes that
+    /// restarted empty while locks were held.
+    pub fn start_new(n: usize) -> RedisNodes {
         RedisNodes {
             servers: (0..n).map(|_| RedisServer::start()).collect(),
         }
     }
 
-    /// Starts `n` persistent servers (see [`RedisServer::start_persistent`]).
+    /// Starts `n` persistent servers (see [`RedisServer::start_persistent`]),
+    /// marked as a deployment in use.
     pub fn start_persistent(n: usize) -> RedisNodes {
-        RedisNodes {
+        let nodes = RedisNodes {
             servers: (0..n).map(|_| RedisServer::start_persistent()).collect(),
+        };
+        nodes.settle();
+        nodes
+    }
+
+    /// Marks every node as counting for new locks at once, as an operator
+    /// marks a deployment known to hold no lock (with the default key
+    /// prefix): `HSET 'dsync:\x1fnode' born 0`. A node restarted later
+    /// loses the mark, as a real one does.
+    pub fn settle(&self) {
+        for server in &self.servers {
+            let _: () = redis::cmd("HSET")
+                .arg("dsync:\u{1f}node")
+                .arg("born")
+                .arg(0)
+                .query(&mut server.connection())
+                .expect("HSET");
         }
     }
 
