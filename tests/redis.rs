@@ -202,13 +202,7 @@ async fn set_nx_on_extend_restores_a_restarted_node() {
         let key = format!("dsync:{name}");
         let mut m = sync.new_mutex(&name, options.clone()).unwrap();
         m.lock().await.unwrap();
-        // lock() returned once two nodes said yes; the third follows.
-        eventually(
-            Duration::from_secs(10),
-            "the key on every node",
-            async || nodes.count_key(&key) == 3,
-        )
-        .await;
+        on_every_node(&nodes, &key).await;
         nodes.servers[0].restart();
         assert!(!nodes.servers[0].exists(&key));
         // The first command after the restart may find the old connection
@@ -497,6 +491,18 @@ async fn no_key_left(nodes: &RedisNodes, key: &str) {
     eventually(Duration::from_secs(10), "no key left", async || {
         nodes.count_key(key) == 0
     })
+    .await;
+}
+
+/// Waits until `key` is on every node: `lock()` returns once a quorum
+/// said yes, and the other nodes follow.
+async fn on_every_node(nodes: &RedisNodes, key: &str) {
+    let all = nodes.servers.len();
+    eventually(
+        Duration::from_secs(10),
+        "the key on every node",
+        async || nodes.count_key(key) == all,
+    )
     .await;
 }
 
@@ -1749,12 +1755,7 @@ async fn a_held_lock_survives_its_nodes_restarting_empty_one_after_another() {
     let key = format!("dsync:{name}");
     let mut holder = one.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the key on every node",
-        async || nodes.count_key(&key) == 3,
-    )
-    .await;
+    on_every_node(&nodes, &key).await;
     nodes.servers[0].restart();
     nodes.servers[1].restart();
     assert_eq!(nodes.count_key(&key), 1, "the key is left on one node");
@@ -1846,12 +1847,7 @@ async fn extend_repairs_nodes_only_within_the_validity() {
     let key = format!("dsync:{name}");
     let mut m = sync.new_mutex(&name, options).unwrap();
     m.lock().await.unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the key on every node",
-        async || nodes.count_key(&key) == 3,
-    )
-    .await;
+    on_every_node(&nodes, &key).await;
     nodes.servers[0].restart();
     let until = m.until().unwrap();
     eventually(Duration::from_secs(10), "the validity passed", async || {
