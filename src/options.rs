@@ -210,6 +210,11 @@ impl DistMutexOptions {
     /// A preset value: the mutex then acts on the lock that carries this
     /// value, so another process can `extend` or `unlock` a lock it was
     /// handed (ownership transfer), and `lock` acquires with this value.
+    /// Once any mutex with the value unlocks, the others must stop
+    /// extending: with Redis, an extension within the validity puts the
+    /// key back on nodes that lost it (see `RedisSyncBuilder::set_nx_on_extend`),
+    /// and cannot tell a node restarted empty from one whose key another
+    /// holder of the value released.
     ///
     /// ```
     /// let o = tower_dsync::DistMutexOptions::default().with_value("3f2a");

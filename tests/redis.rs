@@ -1863,3 +1863,31 @@ async fn extend_repairs_nodes_only_within_the_validity() {
     );
     m.unlock().await.unwrap();
 }
+
+/// A one-node `RedisSync` on a node that Redlock also uses (same key
+/// prefix) neither reads nor writes its restart marker: a restarted node
+/// stays recovering for Redlock, whatever one-node locks it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_node_backend_does_not_end_a_nodes_recovery() {
+    let mut nodes = RedisNodes::start(3);
+    let redlock = RedisSync::new(nodes.urls()).unwrap();
+    warm(&redlock).await;
+    nodes.servers[0].restart();
+    nodes.servers[1].kill();
+    let once = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(30))
+        .with_tries(1);
+    let single = RedisSync::new([nodes.servers[0].url()]).unwrap();
+    let mut m = single.new_mutex(&unique("single"), once.clone()).unwrap();
+    m.lock()
+        .await
+        .expect("one node has nothing to recover from");
+    m.unlock().await.unwrap();
+    let mut m = redlock.new_mutex(&unique("redlock"), once).unwrap();
+    let error = m.lock().await.expect_err("node 0 is still recovering");
+    let restarted = format!(
+        "node 127.0.0.1:{}: restarted empty",
+        nodes.servers[0].port()
+    );
+    assert!(error.to_string().contains(&restarted), "{error}");
+}

@@ -188,12 +188,13 @@ use crate::sync::{DistSync, validate_name};
 ///   [`restart_delay`](RedisSyncBuilder::restart_delay) to the longest. A
 ///   holder that cannot extend within its validity (a majority
 ///   unreachable that long, or its own process stalled) loses its lock.
-/// - **Persistence: none, or every write.** The argument needs a node that
-///   lost locks to have lost its marker too: run the nodes without
-///   persistence (`save ""`, `appendonly no`) or with `appendfsync
-///   always`. A node that reloads an older snapshot (`save` points, or
-///   `appendfsync everysec` losing its last second) comes back with its
-///   marker but without recent locks, and counts at once.
+/// - **Persistence: none, or every write; no eviction.** The argument
+///   needs a node that lost locks to have lost its marker too: run the
+///   nodes without persistence (`save ""`, `appendonly no`) or with
+///   `appendfsync always`, and with `maxmemory-policy noeviction`. A node
+///   that reloads an older snapshot (`save` points, or `appendfsync
+///   everysec` losing its last second), or evicts lock keys under memory
+///   pressure, keeps its marker but not those locks, and counts at once.
 ///
 /// One node, and a Redis Cluster (one node to the lock algorithm), have no
 /// other node to recover from: a restart without persistence forgets their
@@ -556,7 +557,10 @@ impl RedisSyncBuilder {
     /// its next `lock`. Off, a held lock loses a node at each empty
     /// restart of one that had it, and is lost once a quorum has. On one
     /// node or a Redis Cluster it does nothing: a missing key there means
-    /// the lock is gone.
+    /// the lock is gone. With a value shared between mutexes
+    /// ([`with_value`](crate::DistMutexOptions::with_value)), the others
+    /// must stop extending once one of them unlocks: a node that restarted
+    /// empty since cannot tell the key was released, and takes it back.
     pub fn set_nx_on_extend(mut self, on: bool) -> Self {
         self.set_nx_on_extend = Some(on);
         self

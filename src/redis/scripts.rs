@@ -168,7 +168,9 @@ end
 /// - when its waiter started waiting (ms);
 /// - its entry's lease (ms);
 /// - how long (ms) a node that lost its state refuses new locks, or `-`
-///   for none (one node, or a Redis Cluster: nothing to recover from).
+///   for none (one node, or a Redis Cluster: nothing to recover from; the
+///   marker is then neither read nor written, so that such a backend
+///   never marks a node that Redlock uses).
 ///
 /// The common case, a free lock that nobody waits for on a node that
 /// counts, runs first and touches nothing else: `HGET` of the node's
@@ -184,21 +186,17 @@ pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| {
         "{NEXT_TOKEN}{}{QUEUE_HELPERS}{}",
         r"
 local born = redis.call('HGET', KEYS[2], 'born')
-if born ~= '0' then
-    local recovery = string.match(ARGV[3], '(%S+)$')
-    if recovery == '-' then
-        redis.call('HSET', KEYS[2], 'born', '0')
-    else
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        if not born then
-            born = now
-            redis.call('HSET', KEYS[2], 'born', born)
-        end
-        local left = tonumber(born) + tonumber(recovery) - now
-        if left > 0 then
-            return {0, -4, tonumber(born), left}
-        end
+if born ~= '0' and string.byte(ARGV[3], -1) ~= 45 then
+    local recovery = string.match(ARGV[3], '(%d+)$')
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if not born then
+        born = now
+        redis.call('HSET', KEYS[2], 'born', born)
+    end
+    local left = tonumber(born) + tonumber(recovery) - now
+    if left > 0 then
+        return {0, -4, tonumber(born), left}
     end
 end
 local set = redis.call('EXISTS', KEYS[3]) == 0
@@ -362,8 +360,8 @@ return mine and 1 or 0
 /// unreachable for longer than the expiry.
 ///
 /// `KEYS`: 1 lock, 2 the node's bookkeeping hash. `ARGV`: 1 value, 2 the
-/// expiry in ms, 3 how long a node that lost its state recovers (ms; `0`
-/// for never), or `-` for no re-creation. Returns 1 if the key holds our
+/// expiry in ms, 3 how long a node that lost its state recovers (ms), or
+/// `-` for no re-creation. Returns 1 if the key holds our
 /// value with the new expiry and counts, 2 if it was re-created on a node
 /// that kept its state, else 0.
 pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| {
