@@ -352,11 +352,22 @@ impl<M: DistMutex> DistMutex for Mutant<M> {
         self.inner.unlock().await
     }
     async fn extend(&mut self) -> tower_dsync::Result<()> {
-        if self.extends {
-            self.inner.extend().await
-        } else {
-            Ok(())
+        if !self.extends {
+            return Ok(());
         }
+        let outcome = self.inner.extend().await;
+        if let Err(error) = &outcome {
+            // On the worker's standard error: why a lock was lost, when one is.
+            let left = self
+                .inner
+                .until()
+                .map(|until| until.saturating_duration_since(tokio::time::Instant::now()));
+            eprintln!(
+                "extension of {} failed, validity left {left:?}: {error}",
+                self.inner.name()
+            );
+        }
+        outcome
     }
     async fn valid(&self) -> tower_dsync::Result<bool> {
         self.inner.valid().await

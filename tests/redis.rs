@@ -1891,3 +1891,38 @@ async fn a_one_node_backend_does_not_end_a_nodes_recovery() {
     );
     assert!(error.to_string().contains(&restarted), "{error}");
 }
+
+/// A key an extension put back on a node that kept its state (the key had
+/// expired there during a pause, say) stays when the extension fails for
+/// want of answers, and counts at the next try: a holder with two of five
+/// nodes paused and a third that lost its key keeps its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_put_back_during_a_failed_extension_counts_at_the_next() {
+    let mut nodes = RedisNodes::start(5);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    warm(&sync).await;
+    let options = DistMutexOptions::default()
+        .with_expiry(Duration::from_secs(5))
+        .with_timeout_factor(0.04)
+        .with_tries(1);
+    let name = unique("put-back");
+    let key = format!("dsync:{name}");
+    let mut holder = sync.new_mutex(&name, options).unwrap();
+    holder.lock().await.unwrap();
+    on_every_node(&nodes, &key).await;
+    nodes.servers[2].del(&key);
+    nodes.servers[0].pause();
+    nodes.servers[1].pause();
+    let first = holder.extend().await;
+    assert!(
+        first.as_ref().is_err_and(Error::is_unavailable),
+        "{first:?}"
+    );
+    holder
+        .extend()
+        .await
+        .expect("the key put back on node 2 counts now");
+    nodes.servers[0].resume();
+    nodes.servers[1].resume();
+    holder.unlock().await.unwrap();
+}

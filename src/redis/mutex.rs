@@ -423,9 +423,11 @@ impl DistMutex for RedisMutex {
         self.unanswered = round.unanswered_nodes();
         let extended = round.verdict(quorum, timeout);
         let stragglers = match extended {
-            Ok(true) => round.finish_in_background(),
-            // Not extended: keys re-created where the name was free go again.
-            _ if repair.is_some() => {
+            // The quorum says the lock is not ours (another holder of the
+            // value released it, say): keys re-created where the name was
+            // free go again. After a failure with time left they stay: the
+            // lock may well be ours, and the next try counts them.
+            Ok(false) if repair.is_some() => {
                 undo_repairs(round, &self.shared, &self.keys, &self.value, timeout)
             }
             _ => round.finish_in_background(),

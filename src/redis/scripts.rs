@@ -356,8 +356,9 @@ return mine and 1 or 0
 /// through nodes restarting one after the other. On a node that kept its
 /// state, a missing key was released or expired: it is re-created (`2`)
 /// but counts only if the holder still has a quorum elsewhere (the client
-/// releases it otherwise), which puts back the keys of a node that was
-/// unreachable for longer than the expiry.
+/// releases it when the quorum says the lock is not its own; after a
+/// failure it stays, and counts at the next try), which puts back the keys
+/// of a node that was unreachable for longer than the expiry.
 ///
 /// `KEYS`: 1 lock, 2 the node's bookkeeping hash. `ARGV`: 1 value, 2 the
 /// expiry in ms, 3 how long a node that lost its state recovers (ms), or
