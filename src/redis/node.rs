@@ -468,13 +468,17 @@ fn acquire_settings(resent: bool, lineup: Option<&Lineup>, recovery: Option<Dura
     }
 }
 
+/// `ACQUIRE`'s second word when the node refuses because it recovers from
+/// lost state (`RECOVERING` in acquire.lua).
+const RECOVERING: i64 = -4;
+
 /// One node's answer to `ACQUIRE` (see its documentation for the shapes).
 fn claim_of(reply: &[i64]) -> RedisResult<Claim> {
     match *reply {
         [1, token] => Ok(Claim::Acquired {
             token: token.max(0) as u64,
         }),
-        [0, -4, born, left] => Ok(Claim::Recovering {
+        [0, RECOVERING, born, left] => Ok(Claim::Recovering {
             born,
             left: Duration::from_millis(left.max(0) as u64),
         }),

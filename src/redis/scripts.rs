@@ -2,6 +2,34 @@
 //! sent by SHA (`EVALSHA`); a node that does not have it yet (`NOSCRIPT`)
 //! gets it whole (`EVAL`, which also caches it there), on the same
 //! connection: on a cluster, on the master of the keys' slot alone.
+//!
+//! Each script is one file under `lua/`, whole: the wait-queue helpers
+//! stand in each script that reads the queue, so that each reads as Lua.
+//!
+//! A name's wait queue holds one entry per waiting process (`RedisSync`):
+//! a sorted set ordered by when that process's first waiter started
+//! waiting (a timestamp the process chooses, the same on every node, so
+//! that every node orders waiters alike), and a hash of leases: the node
+//! time until which each entry is kept without being renewed. A process
+//! renews its lease with each attempt; an entry whose lease ran out (its
+//! process died or lost the nodes) is dropped by the next script that
+//! looks at the queue. Both keys vanish when the queue empties. The
+//! helper `announce` publishes a wake-up: the channel prefix (after a mode
+//! byte) and the process's id make the channel; mode `S` (a Redis Cluster,
+//! whose channel hashes to the script's slot) uses sharded pub/sub, or
+//! plain `PUBLISH` where the server does not have it.
+//!
+//! Fencing tokens come from one counter per node (per slot on a Redis
+//! Cluster), in the `fence` field of the node's bookkeeping hash. A counter
+//! that is missing (the node lost its state) starts over at the node's
+//! clock in microseconds, not at zero, so that it starts above every token
+//! issued before (see `RedisMutex`'s documentation for the argument).
+//!
+//! Why the acquire script packs its settings into one argument: Redis reads
+//! at most ten arguments of a command from a client that has not
+//! authenticated, and answers more with a protocol error that hides the
+//! missing password; `EVALSHA sha numkeys`, four keys and three arguments
+//! make ten.
 
 use std::sync::LazyLock;
 
@@ -60,83 +88,6 @@ impl Call {
     }
 }
 
-/// Lua helpers of the wait queue, shared by the scripts that read it.
-///
-/// A name's wait queue holds one entry per waiting process (`RedisSync`):
-/// a sorted set ordered by when that process's first waiter started
-/// waiting (a timestamp the process chooses, the same on every node, so
-/// that every node orders waiters alike), and a hash of leases: the node
-/// time until which each entry is kept without being renewed. A process
-/// renews its lease with each attempt; an entry whose lease ran out (its
-/// process died or lost the nodes) is dropped by the next script that
-/// looks at the queue. Both keys vanish when the queue empties.
-///
-/// `announce` publishes a wake-up: the channel prefix (after a mode byte)
-/// and the process's id make the channel; mode `S` (a Redis Cluster, whose
-/// channel hashes to the script's slot) uses sharded pub/sub, or plain
-/// `PUBLISH` where the server does not have it.
-const QUEUE_HELPERS: &str = r"
-local function now_ms()
-    local t = redis.call('TIME')
-    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function first_waiter(queue, leases, now)
-    while true do
-        local head = redis.call('ZRANGE', queue, 0, 0)[1]
-        if not head then
-            return false
-        end
-        if tonumber(redis.call('HGET', leases, head) or '0') >= now then
-            return head
-        end
-        redis.call('ZREM', queue, head)
-        redis.call('HDEL', leases, head)
-    end
-end
-local function keep(key, ms)
-    if redis.call('PTTL', key) < tonumber(ms) then
-        redis.call('PEXPIRE', key, ms)
-    end
-end
-local function line_up(queue, leases, who, since, lease, now)
-    redis.call('ZADD', queue, since, who)
-    redis.call('HSET', leases, who, now + tonumber(lease))
-    keep(queue, lease)
-    keep(leases, lease)
-end
-local function leave(queue, leases, who)
-    redis.call('ZREM', queue, who)
-    redis.call('HDEL', leases, who)
-end
-local function announce(wake, who, message)
-    local channel = string.sub(wake, 2) .. who
-    if string.byte(wake, 1) == 83 then
-        local sent = redis.pcall('SPUBLISH', channel, message)
-        if type(sent) ~= 'table' or not sent.err then
-            return
-        end
-    end
-    redis.call('PUBLISH', channel, message)
-end
-";
-
-/// The node's next fencing token: one counter per node (per slot on a
-/// Redis Cluster), in the `fence` field of the node's bookkeeping hash. A
-/// counter that is missing (the node lost its state) starts over at the
-/// node's clock in microseconds, not at zero, so that it starts above every
-/// token issued before (see `Fencing` in mutex.rs for the argument).
-const NEXT_TOKEN: &str = r"
-local function next_token(node)
-    local token = redis.call('HINCRBY', node, 'fence', 1)
-    if token == 1 then
-        local t = redis.call('TIME')
-        token = tonumber(t[1]) * 1000000 + tonumber(t[2])
-        redis.call('HSET', node, 'fence', token)
-    end
-    return token
-end
-";
-
 /// Acquire: `SET key value NX PX expiry`, unless the node is recovering
 /// from a restart or another process waits in the name's queue ahead of
 /// this one; when set, the next fencing token of the node; when refused,
@@ -181,73 +132,8 @@ end
 /// process waits first, or `{0, -4, born, left}` when the node is
 /// recovering: first seen without its state at `born` (its time, ms), it
 /// takes new locks in `left` ms.
-pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(format!(
-        "{NEXT_TOKEN}{}{QUEUE_HELPERS}{}",
-        r"
-local born = redis.call('HGET', KEYS[2], 'born')
-if born ~= '0' and string.byte(ARGV[3], -1) ~= 45 then
-    local recovery = string.match(ARGV[3], '(%d+)$')
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    if not born then
-        born = now
-        redis.call('HSET', KEYS[2], 'born', born)
-    end
-    local left = tonumber(born) + tonumber(recovery) - now
-    if left > 0 then
-        return {0, -4, tonumber(born), left}
-    end
-end
-local set = redis.call('EXISTS', KEYS[3]) == 0
-    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-if set and string.byte(ARGV[3], 1) == 45 then
-    return {1, next_token(KEYS[2])}
-end
-",
-        r"
-local queue, leases = KEYS[3], KEYS[4]
-local next_start, resent, who, start, lease =
-    string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+) %S+$')
-if who == '-' then
-    who = ''
-end
-local function acquired()
-    if who ~= '' then
-        if next_start ~= '-' then
-            line_up(queue, leases, who, next_start, lease, now_ms())
-        else
-            leave(queue, leases, who)
-        end
-    end
-    return {1, next_token(KEYS[2])}
-end
-local function refused(pttl)
-    if who ~= '' then
-        line_up(queue, leases, who, start, lease, now_ms())
-    end
-    return {0, pttl}
-end
-if set then
-    return acquired()
-end
-if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return acquired()
-end
-if redis.call('EXISTS', queue) == 1 then
-    local first = first_waiter(queue, leases, now_ms())
-    if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0 then
-        return refused(-3)
-    end
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return acquired()
-end
-return refused(redis.call('PTTL', KEYS[1]))
-"
-    ))
-});
+pub(crate) static ACQUIRE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/acquire.lua")));
 
 /// Leave a name's wait queue: remove this process's entry unless a later
 /// waiter of it renewed the entry, and, if the lock is free, tell the
@@ -256,25 +142,7 @@ return refused(redis.call('PTTL', KEYS[1]))
 /// `KEYS`: 1 wait queue, 2 leases, 3 lock. `ARGV`: 1 the process's id,
 /// 2 the start of the waiter that leaves (ms), 3 the wake-up channel
 /// prefix, 4 a nonce. Returns 1 if the entry was removed.
-pub(crate) static LEAVE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(format!(
-        "{QUEUE_HELPERS}{}",
-        r"
-local since = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not since or tonumber(since) > tonumber(ARGV[2]) then
-    return 0
-end
-leave(KEYS[1], KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-    local first = first_waiter(KEYS[1], KEYS[2], now_ms())
-    if first then
-        announce(ARGV[3], first, ARGV[4] .. ' ' .. KEYS[3])
-    end
-end
-return 1
-"
-    ))
-});
+pub(crate) static LEAVE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/leave.lua")));
 
 /// Raise the node's fencing counter to at least a token (never lower it).
 /// A node whose counter is missing lost its state since it granted the
@@ -283,17 +151,7 @@ return 1
 /// acknowledgement stands.
 ///
 /// `KEYS[1]` the node's bookkeeping hash, `ARGV[1]` the token. Returns 1.
-pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if fence and tonumber(fence) < tonumber(ARGV[1]) then
-    redis.call('HSET', KEYS[1], 'fence', ARGV[1])
-end
-return 1
-",
-    )
-});
+pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/fence.lua")));
 
 /// Release: delete the key only if it still holds our value, and wake the
 /// process first in the name's wait queue, if any: a message on that
@@ -315,36 +173,8 @@ return 1
 /// attempt whose waiter tries again; that process is not woken (its waiter
 /// was just refused, and wakes on its own terms). Returns 1 if deleted,
 /// else 0.
-pub(crate) static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(format!(
-        "{}{QUEUE_HELPERS}{}",
-        r"
-local requeue = ARGV[4] and ARGV[4] ~= ''
-local mine = redis.call('GET', KEYS[1]) == ARGV[1]
-if mine then
-    redis.call('DEL', KEYS[1])
-end
-if not requeue and (not mine or ARGV[2] == '' or redis.call('EXISTS', KEYS[2]) == 0) then
-    return mine and 1 or 0
-end
-",
-        r"
-local who = false
-if requeue then
-    local since, lease
-    who, since, lease = string.match(ARGV[4], '^(%S+) (%d+) (%d+)$')
-    line_up(KEYS[2], KEYS[3], who, since, lease, now_ms())
-end
-if mine and ARGV[2] ~= '' then
-    local first = first_waiter(KEYS[2], KEYS[3], now_ms())
-    if first and first ~= who then
-        announce(ARGV[2], first, ARGV[3] .. ' ' .. KEYS[1])
-    end
-end
-return mine and 1 or 0
-"
-    ))
-});
+pub(crate) static RELEASE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/release.lua")));
 
 /// Extend: reset the expiry if the key still holds our value; with a
 /// repair limit (a holder whose validity is still ahead, with
@@ -365,31 +195,5 @@ return mine and 1 or 0
 /// `-` for no re-creation. Returns 1 if the key holds our
 /// value with the new expiry and counts, 2 if it was re-created on a node
 /// that kept its state, else 0.
-pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r"
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-if current or ARGV[3] == '-' then
-    return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local born = redis.call('HGET', KEYS[2], 'born')
-if born == '0' then
-    return 2
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not born then
-    redis.call('HSET', KEYS[2], 'born', now)
-    return 1
-end
-if now < tonumber(born) + tonumber(ARGV[3]) then
-    return 1
-end
-return 2
-",
-    )
-});
+pub(crate) static EXTEND: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/extend.lua")));

@@ -1,0 +1,117 @@
+-- Acquire a lock on this node: see `ACQUIRE` in scripts.rs for KEYS,
+-- ARGV and the replies. The common case (a free lock that nobody waits
+-- for, on a node that counts) runs first; the wait-queue helpers are
+-- defined after it, so that it does not pay for them.
+local NONE = 45             -- '-', a word of ARGV[3] that says "none"
+local COUNTS = '0'          -- `born` of a node that counts
+local FREE_BUT_WAITED_FOR = -3
+local RECOVERING = -4
+local function next_token(node)
+    local token = redis.call('HINCRBY', node, 'fence', 1)
+    if token == 1 then
+        local t = redis.call('TIME')
+        token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        redis.call('HSET', node, 'fence', token)
+    end
+    return token
+end
+local born = redis.call('HGET', KEYS[2], 'born')
+if born ~= COUNTS and string.byte(ARGV[3], -1) ~= NONE then
+    local recovery = string.match(ARGV[3], '(%d+)$')
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if not born then
+        born = now
+        redis.call('HSET', KEYS[2], 'born', born)
+    end
+    local left = tonumber(born) + tonumber(recovery) - now
+    if left > 0 then
+        return {0, RECOVERING, tonumber(born), left}
+    end
+end
+local set = redis.call('EXISTS', KEYS[3]) == 0
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if set and string.byte(ARGV[3], 1) == NONE then
+    return {1, next_token(KEYS[2])}
+end
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function first_waiter(queue, leases, now)
+    while true do
+        local head = redis.call('ZRANGE', queue, 0, 0)[1]
+        if not head then
+            return false
+        end
+        if tonumber(redis.call('HGET', leases, head) or '0') >= now then
+            return head
+        end
+        redis.call('ZREM', queue, head)
+        redis.call('HDEL', leases, head)
+    end
+end
+local function keep(key, ms)
+    if redis.call('PTTL', key) < tonumber(ms) then
+        redis.call('PEXPIRE', key, ms)
+    end
+end
+local function line_up(queue, leases, who, since, lease, now)
+    redis.call('ZADD', queue, since, who)
+    redis.call('HSET', leases, who, now + tonumber(lease))
+    keep(queue, lease)
+    keep(leases, lease)
+end
+local function leave(queue, leases, who)
+    redis.call('ZREM', queue, who)
+    redis.call('HDEL', leases, who)
+end
+local function announce(wake, who, message)
+    local channel = string.sub(wake, 2) .. who
+    if string.sub(wake, 1, 1) == 'S' then
+        local sent = redis.pcall('SPUBLISH', channel, message)
+        if type(sent) ~= 'table' or not sent.err then
+            return
+        end
+    end
+    redis.call('PUBLISH', channel, message)
+end
+local queue, leases = KEYS[3], KEYS[4]
+local next_start, resent, who, start, lease =
+    string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+) %S+$')
+if who == '-' then
+    who = ''
+end
+local function acquired()
+    if who ~= '' then
+        if next_start ~= '-' then
+            line_up(queue, leases, who, next_start, lease, now_ms())
+        else
+            leave(queue, leases, who)
+        end
+    end
+    return {1, next_token(KEYS[2])}
+end
+local function refused(pttl)
+    if who ~= '' then
+        line_up(queue, leases, who, start, lease, now_ms())
+    end
+    return {0, pttl}
+end
+if set then
+    return acquired()
+end
+if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return acquired()
+end
+if redis.call('EXISTS', queue) == 1 then
+    local first = first_waiter(queue, leases, now_ms())
+    if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0 then
+        return refused(FREE_BUT_WAITED_FOR)
+    end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return acquired()
+end
+return refused(redis.call('PTTL', KEYS[1]))
