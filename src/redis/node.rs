@@ -306,7 +306,7 @@ impl Node {
         let px = millis(expiry);
         let node = self.clone();
         let replicas = self.replicas;
-        let repair = repair.map_or_else(|| "-".to_owned(), |r| r.as_millis().to_string());
+        let repair = OrDash(repair.map(millis)).to_string();
         let extended = self.bounded(
             &self.durable,
             self.with_wait(timeout),
@@ -455,16 +455,29 @@ async fn eval_once<T: FromRedisValue>(
 /// that lost its state refuses new locks (`-` for never).
 fn acquire_settings(resent: bool, lineup: Option<&Lineup>, recovery: Option<Duration>) -> String {
     let resent = u8::from(resent);
-    let recovery = recovery.map_or_else(|| "-".to_owned(), |r| millis(r).to_string());
+    let recovery = OrDash(recovery.map(millis));
     match lineup {
-        Some(l) => {
-            let next = l.next.map_or_else(|| "-".to_owned(), |n| n.to_string());
-            format!(
-                "{next} {resent} {} {} {} {recovery}",
-                l.client, l.start, l.lease
-            )
-        }
+        Some(l) => format!(
+            "{} {resent} {} {} {} {recovery}",
+            OrDash(l.next),
+            l.client,
+            l.start,
+            l.lease
+        ),
         None => format!("- {resent} - 0 0 {recovery}"),
+    }
+}
+
+/// A number in a script's packed argument, or `-` for none, written
+/// straight into it.
+struct OrDash(Option<u64>);
+
+impl fmt::Display for OrDash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("-"),
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! gets it whole (`EVAL`, which also caches it there), on the same
 //! connection: on a cluster, on the master of the keys' slot alone.
 //!
-//! Each script is one file under `lua/`, whole: the wait-queue helpers
-//! stand in each script that reads the queue, so that each reads as Lua.
+//! Each script is one file under `lua/`, whole, but for the wait-queue
+//! helpers (`lua/queue.lua`), which a script that reads the queue splices
+//! in at a line of its own, past its fast path.
 //!
 //! A name's wait queue holds one entry per waiting process (`RedisSync`):
 //! a sorted set ordered by when that process's first waiter started
@@ -41,9 +42,26 @@ pub(crate) struct Lua {
     hash: String,
 }
 
+/// The line of a script where the wait-queue helpers (`lua/queue.lua`)
+/// are spliced in: one source for them, and each script still defines
+/// them only past its fast path.
+const INCLUDE_QUEUE: &str = "-- include: queue.lua";
+
 impl Lua {
-    fn new(code: impl Into<String>) -> Self {
-        let code = code.into();
+    /// A script from its source, with the wait-queue helpers spliced in at
+    /// its [`INCLUDE_QUEUE`] line, if it has one.
+    fn new(source: &str) -> Self {
+        let code = source
+            .lines()
+            .map(|line| {
+                if line == INCLUDE_QUEUE {
+                    include_str!("lua/queue.lua")
+                } else {
+                    line
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         let hash = redis::Script::new(&code).get_hash().to_owned();
         Lua { code, hash }
     }
@@ -197,3 +215,28 @@ pub(crate) static RELEASE: LazyLock<Lua> =
 /// that kept its state, else 0.
 pub(crate) static EXTEND: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/extend.lua")));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_helpers_are_spliced_in_past_the_fast_path() {
+        for (script, fast_path) in [
+            (&*ACQUIRE, "local set = redis.call('EXISTS', KEYS[3]) == 0"),
+            (
+                &*RELEASE,
+                "local mine = redis.call('GET', KEYS[1]) == ARGV[1]",
+            ),
+            (&*LEAVE, ""),
+        ] {
+            let helpers = script.code.find("local function first_waiter").unwrap();
+            assert!(script.code.find(fast_path).unwrap() <= helpers);
+            assert_eq!(script.code.matches("local function announce").count(), 1);
+            assert!(!script.code.contains(&format!("\n{INCLUDE_QUEUE}\n")));
+        }
+        for script in [&*EXTEND, &*FENCE] {
+            assert!(!script.code.contains("first_waiter"));
+        }
+    }
+}
