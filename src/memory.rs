@@ -46,7 +46,7 @@ use crate::sync::{DistMutex, DistSync, validate_name};
 /// ```
 #[derive(Clone)]
 pub struct MemorySync {
-    shared: Arc<Shared>,
+    shared: Arc<MemoryState>,
     separator: Arc<str>,
 }
 
@@ -76,8 +76,8 @@ impl MemorySync {
     /// ```
     pub fn new() -> Self {
         MemorySync {
-            shared: Arc::new(Shared {
-                names: Mutex::new(Names::new()),
+            shared: Arc::new(MemoryState {
+                names: Mutex::new(LockTable::new()),
                 next_waiter: AtomicU64::new(0),
                 hashing: Hashing::default(),
             }),
@@ -153,7 +153,7 @@ impl DistSync for MemorySync {
 /// # Ok(()) }
 /// ```
 pub struct MemoryMutex {
-    shared: Arc<Shared>,
+    shared: Arc<MemoryState>,
     name: HashedName,
     options: DistMutexOptions,
     /// `options.drift()`, computed once.
@@ -317,17 +317,17 @@ impl DistMutex for MemoryMutex {
     }
 }
 
-struct Shared {
-    names: Mutex<Names>,
+struct MemoryState {
+    names: Mutex<LockTable>,
     next_waiter: AtomicU64,
     /// How names are hashed in `names`: once per mutex.
     hashing: Hashing,
 }
 
-impl Shared {
+impl MemoryState {
     /// Nothing panics while the lock is held, but a poisoned lock must not
     /// take every later call down with it.
-    fn names(&self) -> MutexGuard<'_, Names> {
+    fn names(&self) -> MutexGuard<'_, LockTable> {
         self.names.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -337,19 +337,19 @@ impl Shared {
 /// Invariants, true whenever the mutex is released: a name is in `map` only
 /// while it has a holder (its queue may be non-empty) and every holder has
 /// exactly one entry in `expiries`, keyed by its expiry and token.
-struct Names {
-    map: HashedMap<Entry>,
+struct LockTable {
+    map: HashedMap<TableEntry>,
     expiries: BTreeMap<(Instant, u64), HashedName>,
     next_token: u64,
 }
 
 #[derive(Default)]
-struct Entry {
-    holder: Option<Holder>,
-    queue: VecDeque<Waiter>,
+struct TableEntry {
+    holder: Option<Owner>,
+    queue: VecDeque<Queued>,
 }
 
-struct Holder {
+struct Owner {
     value: Arc<str>,
     expires_at: Instant,
     token: u64,
@@ -358,7 +358,7 @@ struct Holder {
     handed_to: Option<u64>,
 }
 
-struct Waiter {
+struct Queued {
     id: u64,
     value: Arc<str>,
     expiry: Duration,
@@ -371,9 +371,9 @@ struct Grant {
     token: u64,
 }
 
-impl Names {
+impl LockTable {
     fn new() -> Self {
-        Names {
+        LockTable {
             map: HashedMap::default(),
             expiries: BTreeMap::new(),
             next_token: 1,
@@ -392,7 +392,7 @@ impl Names {
     ) -> std::result::Result<Grant, (Duration, Arc<Notify>)> {
         let now = Instant::now();
         self.reap(now);
-        let Names {
+        let LockTable {
             map,
             expiries,
             next_token,
@@ -420,7 +420,7 @@ impl Names {
             Some(waiter) => waiter.wake.clone(),
             None => {
                 let wake = Arc::new(Notify::new());
-                entry.queue.push_back(Waiter {
+                entry.queue.push_back(Queued {
                     id,
                     value: value.clone(),
                     expiry,
@@ -491,7 +491,7 @@ impl Names {
         }
     }
 
-    fn holder(&self, name: &HashedName) -> Option<&Holder> {
+    fn holder(&self, name: &HashedName) -> Option<&Owner> {
         self.map.get(name)?.holder.as_ref()
     }
 
@@ -504,7 +504,7 @@ impl Names {
     }
 
     /// The rest of [`clear`](Self::clear), once the entry is out of the map.
-    fn settle(&mut self, name: HashedName, mut entry: Entry) {
+    fn settle(&mut self, name: HashedName, mut entry: TableEntry) {
         if let Some(holder) = entry.holder.take() {
             self.expiries.remove(&(holder.expires_at, holder.token));
         }
@@ -537,12 +537,12 @@ impl Names {
 }
 
 /// Makes `value` the holder of `entry`, the entry of `name` (the fields of
-/// [`Names`] it touches are passed apart, so that `entry` may be borrowed
+/// [`LockTable`] it touches are passed apart, so that `entry` may be borrowed
 /// from the map).
 fn grant(
     expiries: &mut BTreeMap<(Instant, u64), HashedName>,
     next_token: &mut u64,
-    entry: &mut Entry,
+    entry: &mut TableEntry,
     name: &HashedName,
     value: &Arc<str>,
     expires_at: Instant,
@@ -551,7 +551,7 @@ fn grant(
     let token = *next_token;
     *next_token += 1;
     expiries.insert((expires_at, token), name.clone());
-    entry.holder = Some(Holder {
+    entry.holder = Some(Owner {
         value: value.clone(),
         expires_at,
         token,
@@ -562,7 +562,7 @@ fn grant(
 
 /// A waiter's place in a name's queue, owned by the `lock()` future.
 struct QueuePlace<'a> {
-    shared: &'a Shared,
+    shared: &'a MemoryState,
     name: &'a HashedName,
     id: u64,
     /// False until the waiter may be in the queue, and again once it holds

@@ -17,14 +17,14 @@ use crate::hashed::{HashedMap, HashedName, Hashing};
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<Names<T>>,
+    map: Mutex<Registry<T>>,
     hashing: Hashing,
 }
 
 /// The queues in use, and a few gates kept from names gone out of use, for
 /// the next names (one allocation less per new name).
-struct Names<T> {
-    entries: HashedMap<Entry<T>>,
+struct Registry<T> {
+    entries: HashedMap<Registered<T>>,
     spare: Vec<Arc<Gate<T>>>,
 }
 
@@ -32,7 +32,7 @@ struct Names<T> {
 const SPARE_GATES: usize = 32;
 
 /// A name's gate and how many callers use it.
-struct Entry<T> {
+struct Registered<T> {
     gate: Arc<Gate<T>>,
     users: usize,
 }
@@ -122,7 +122,7 @@ fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
 impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
-            map: Mutex::new(Names {
+            map: Mutex::new(Registry {
                 entries: HashedMap::default(),
                 spare: Vec::new(),
             }),
@@ -150,13 +150,13 @@ impl<T> LocalQueues<T> {
     }
 
     /// What the users of `name` share, while anyone uses it.
-    pub(crate) fn get(&self, name: &str) -> Option<Shared<T>> {
+    pub(crate) fn get(&self, name: &str) -> Option<PerName<T>> {
         let name = self.hashing.name(Arc::from(name));
         let names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         names
             .entries
             .get(&name)
-            .map(|entry| Shared(entry.gate.clone()))
+            .map(|entry| PerName(entry.gate.clone()))
     }
 
     fn leave(&self, name: &HashedName) {
@@ -188,8 +188,8 @@ impl<T: Default> LocalQueues<T> {
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let name = self.hashing.name(name);
         let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let Names { entries, spare } = &mut *names;
-        let entry = entries.entry(name.clone()).or_insert_with(|| Entry {
+        let Registry { entries, spare } = &mut *names;
+        let entry = entries.entry(name.clone()).or_insert_with(|| Registered {
             gate: fresh_gate(spare),
             users: 0,
         });
@@ -282,8 +282,8 @@ impl<T> Place<T> {
     }
 
     /// What the users of this name share, to keep beyond this place.
-    pub(crate) fn share(&self) -> Shared<T> {
-        Shared(self.gate.clone())
+    pub(crate) fn share(&self) -> PerName<T> {
+        PerName(self.gate.clone())
     }
 }
 
@@ -328,9 +328,9 @@ impl<T> Drop for Turn<T> {
 }
 
 /// What the users of a name share (see [`Place::share`]).
-pub(crate) struct Shared<T>(Arc<Gate<T>>);
+pub(crate) struct PerName<T>(Arc<Gate<T>>);
 
-impl<T> Deref for Shared<T> {
+impl<T> Deref for PerName<T> {
     type Target = T;
 
     fn deref(&self) -> &T {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
 
-use super::Shared;
+use super::LayerState;
 use super::held::{HeldLock, LockView};
 use super::keeper::{Keeper, Live};
 use super::lease::{Lease, ReleaseGuard};
@@ -58,7 +58,7 @@ enum First<M> {
 /// backend if it answers at once ([`DistMutex::try_lock_now`]). An
 /// uncontended request on the in-process backend is served from here,
 /// without the machinery of a future.
-pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>) -> Start<D> {
+pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Start<D> {
     let place = shared.queues.join(name);
     let Some(turn) = place.try_turn() else {
         return Start::Wait(Waiting {
@@ -95,7 +95,7 @@ pub(crate) fn start<D: DistSync>(shared: &Shared<D>, name: Arc<str>) -> Start<D>
 
 /// Waits for the lock where [`start`] left off, at most the wait budget.
 pub(crate) async fn acquire<D: DistSync>(
-    shared: Arc<Shared<D>>,
+    shared: Arc<LayerState<D>>,
     waiting: Waiting<D>,
     grpc: bool,
 ) -> Result<Holding, Rejection> {
@@ -148,7 +148,7 @@ pub(crate) async fn acquire<D: DistSync>(
 /// Holds the lock just acquired: the handler's view of it, and a lease
 /// whose keeper extends it if the request is still served when the first
 /// extension falls due.
-fn hold<D: DistSync>(shared: &Shared<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
+fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
     place.set_holder_until(until);
     let view = LockView::new(
@@ -221,7 +221,7 @@ async fn wait_turn(place: &Place, deadline: Instant, fail_fast: bool) -> Option<
 
 /// Waits for the lock on a held name until `deadline`.
 async fn lock_until<D: DistSync>(
-    shared: &Shared<D>,
+    shared: &LayerState<D>,
     name: &str,
     deadline: Instant,
     retries: Option<&Arc<AtomicU32>>,
@@ -239,7 +239,7 @@ async fn lock_until<D: DistSync>(
 }
 
 fn new_mutex<D: DistSync>(
-    shared: &Shared<D>,
+    shared: &LayerState<D>,
     name: &str,
     tries: u32,
     retries: Option<&Arc<AtomicU32>>,
@@ -255,7 +255,7 @@ fn new_mutex<D: DistSync>(
     shared.sync.new_mutex(name, options)
 }
 
-async fn lock_once<D: DistSync>(shared: &Shared<D>, name: &str) -> Result<D::Mutex, Error> {
+async fn lock_once<D: DistSync>(shared: &LayerState<D>, name: &str) -> Result<D::Mutex, Error> {
     let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;
     Ok(mutex)
@@ -266,7 +266,7 @@ pub(crate) fn rejection<D: DistSync>(
     name: &str,
     error: Error,
     grpc: bool,
-    shared: &Shared<D>,
+    shared: &LayerState<D>,
 ) -> Rejection {
     match error {
         Error::Held { remaining } => {

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::Shared;
+use super::LayerState;
 use super::acquire::Holding;
 use super::body::LockBody;
 use super::lease::ReleaseGuard;
@@ -98,7 +98,7 @@ where
         inner: S,
         request: Request<ReqB>,
         guard: ReleaseGuard,
-        shared: &Shared<D>,
+        shared: &LayerState<D>,
         grpc: bool,
     ) -> Self {
         ResponseFuture {

@@ -46,7 +46,7 @@ use tokio::sync::Notify;
 use super::alarm::Alarm;
 use super::held::{HeldLock, LockView};
 use super::keeper::Keeper;
-use super::queue::HolderRef;
+use super::queue::HintsRef;
 use crate::sync::DistMutex;
 
 /// The lease of one held lock, shared by the handler's [`HeldLock`], the
@@ -76,7 +76,7 @@ enum Stage<M> {
     Armed(Keeper<M>),
     /// The keeper task owns the keeper; the lease keeps what the key's
     /// local queue shares, to tell it at once that the release is under way.
-    Kept(HolderRef),
+    Kept(HintsRef),
     /// The request let go.
     Done,
 }

@@ -465,14 +465,14 @@ impl<D: DistSync, K> DistLockLayer<D, K> {
         Ok(())
     }
 
-    fn shared(&self) -> Shared<D> {
+    fn shared(&self) -> LayerState<D> {
         let validity = self.options.validity();
         let extend_every = self
             .extend_every
             .unwrap_or(self.options.expiry() / 3)
             .min(validity / 2)
             .max(MIN_EXTEND_EVERY);
-        Shared {
+        LayerState {
             sync: self.sync.clone(),
             namer: Namer::new(&self.namespace, self.sync.separator()),
             options: self.options.clone(),
@@ -504,7 +504,7 @@ impl<S, D: DistSync, K: Clone> Layer<S> for DistLockLayer<D, K> {
 }
 
 /// What every service of a layer shares.
-pub(crate) struct Shared<D> {
+pub(crate) struct LayerState<D> {
     sync: D,
     namer: Namer,
     options: DistMutexOptions,

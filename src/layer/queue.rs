@@ -12,20 +12,20 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A request's place in its key's queue.
-pub(crate) type Place = crate::queue::Place<Holder>;
+pub(crate) type Place = crate::queue::Place<HolderHints>;
 
 /// The registry of the layer's queues.
-pub(crate) type LocalQueues = crate::queue::LocalQueues<Holder>;
+pub(crate) type LocalQueues = crate::queue::LocalQueues<HolderHints>;
 
 /// A request's turn for its key.
-pub(crate) type Turn = crate::queue::Turn<Holder>;
+pub(crate) type Turn = crate::queue::Turn<HolderHints>;
 
 /// The holder hints of a key, kept by a held lock's lease.
-pub(crate) type HolderRef = crate::queue::Shared<Holder>;
+pub(crate) type HintsRef = crate::queue::PerName<HolderHints>;
 
 /// What the requests of one key know about the request that holds it.
 #[derive(Debug, Default)]
-pub(crate) struct Holder {
+pub(crate) struct HolderHints {
     /// The validity of its lock, for the `Retry-After` of requests that give
     /// up waiting.
     until: Mutex<Option<Instant>>,
@@ -35,7 +35,7 @@ pub(crate) struct Holder {
     started: Notify,
 }
 
-impl Holder {
+impl HolderHints {
     /// Tells waiting requests that the holder's request has ended.
     pub(crate) fn releasing(&self) {
         self.releasing.store(true, Ordering::Release);

@@ -9,7 +9,7 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::Shared;
+use super::LayerState;
 use super::acquire::{Start, acquire, rejection, start};
 use super::body::LockBody;
 use super::extract::{KeyExtractor, key_of};
@@ -21,7 +21,7 @@ use crate::sync::DistSync;
 /// by [`DistLockLayer`](super::DistLockLayer); cheap to clone.
 pub struct DistLock<S, D: DistSync, K> {
     pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared<D>>,
+    pub(crate) shared: Arc<LayerState<D>>,
     pub(crate) extractor: K,
 }
 

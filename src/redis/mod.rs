@@ -271,10 +271,10 @@ use crate::sync::{DistSync, validate_name};
 /// ```
 #[derive(Clone)]
 pub struct RedisSync {
-    shared: Arc<Shared>,
+    shared: Arc<RedisState>,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct RedisState {
     nodes: Vec<Node>,
     wakeups: wakeups::Wakeups,
     /// Waiters of this process, lined up per name.
@@ -665,7 +665,7 @@ impl RedisSyncBuilder {
         let connected = setup.independent_nodes(self.nodes);
         let (nodes, wakeups) = connected?;
         Ok(RedisSync {
-            shared: Arc::new(Shared {
+            shared: Arc::new(RedisState {
                 quorum: quorum::quorum(nodes.len()),
                 nodes,
                 wakeups,
@@ -776,7 +776,7 @@ impl Setup<'_> {
     }
 }
 
-impl Shared {
+impl RedisState {
     /// How long a node that lost its state refuses new locks of a mutex
     /// with `expiry`; `None` on one node or a Redis Cluster, where no other
     /// node could still hold a lock it forgot.

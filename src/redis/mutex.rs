@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::Shared;
+use super::RedisState;
 use super::keys::Keys;
 use super::node::{Claim, Lineup, Node, Undoes};
 use super::quorum::Round;
@@ -110,7 +110,7 @@ use crate::sync::DistMutex;
 /// # Ok(()) }
 /// ```
 pub struct RedisMutex {
-    shared: Arc<Shared>,
+    shared: Arc<RedisState>,
     name: String,
     keys: Arc<Keys>,
     options: DistMutexOptions,
@@ -143,7 +143,7 @@ impl fmt::Debug for RedisMutex {
 }
 
 impl RedisMutex {
-    pub(super) fn new(shared: Arc<Shared>, name: &str, options: DistMutexOptions) -> Self {
+    pub(super) fn new(shared: Arc<RedisState>, name: &str, options: DistMutexOptions) -> Self {
         let keys = Arc::new(shared.keys(name));
         RedisMutex {
             shared,
@@ -482,7 +482,7 @@ fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
 /// token the nodes that granted it returned, made durable on a quorum of
 /// those nodes. See [`Fencing`] for why tokens only grow.
 async fn fence(
-    shared: &Shared,
+    shared: &RedisState,
     counter: &Arc<str>,
     fencing: &Fencing,
     timeout: Duration,
@@ -597,7 +597,7 @@ impl Fencing {
 /// departure leaves alone (see [`LEAVE`](super::scripts::LEAVE)).
 fn settle_acquired(
     round: Round<Claim>,
-    shared: &Arc<Shared>,
+    shared: &Arc<RedisState>,
     keys: &Arc<Keys>,
     lineup: Option<Lineup>,
     timeout: Duration,
@@ -636,7 +636,7 @@ fn settle_acquired(
 /// name was free there, and the mutex no longer holds it).
 fn undo_repairs(
     round: Round<i64>,
-    shared: &Arc<Shared>,
+    shared: &Arc<RedisState>,
     keys: &Arc<Keys>,
     value: &Arc<str>,
     timeout: Duration,
@@ -713,7 +713,7 @@ async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
 /// was dropped), it releases whatever the round got, in the background.
 struct Attempt<'a> {
     round: Option<Round<Claim>>,
-    shared: &'a Arc<Shared>,
+    shared: &'a Arc<RedisState>,
     keys: &'a Arc<Keys>,
     value: &'a Arc<str>,
     preset: bool,
@@ -835,7 +835,7 @@ fn acquire_error(
 #[allow(clippy::too_many_arguments)]
 fn release_leftovers(
     round: Round<Claim>,
-    shared: &Arc<Shared>,
+    shared: &Arc<RedisState>,
     keys: &Arc<Keys>,
     value: &Arc<str>,
     preset: bool,

@@ -26,7 +26,7 @@ use futures_util::FutureExt;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
-use super::Shared;
+use super::RedisState;
 use super::keys::Keys;
 use super::node::Lineup;
 use crate::options::DistMutexOptions;
@@ -87,7 +87,7 @@ impl NameState {
 /// nodes' queues if it was the last waiter and the process may be queued.
 pub(crate) struct Waiter {
     place: Place<NameState>,
-    shared: Arc<Shared>,
+    shared: Arc<RedisState>,
     keys: Arc<Keys>,
     ticket: u64,
     start: u64,
@@ -101,7 +101,7 @@ pub(crate) struct Waiter {
 impl Waiter {
     /// Joins the process's line for the name at `keys`; `timeout` bounds
     /// each node's command when it leaves the queues.
-    pub(crate) fn join(shared: &Arc<Shared>, keys: &Arc<Keys>, timeout: Duration) -> Self {
+    pub(crate) fn join(shared: &Arc<RedisState>, keys: &Arc<Keys>, timeout: Duration) -> Self {
         let place = shared.queues.join(keys.lock.clone());
         let now = u64::try_from(
             SystemTime::now()
@@ -246,7 +246,12 @@ impl Drop for Waiter {
 
 /// Takes this process out of the name's queue on every node, in the
 /// background, unless a later waiter of it renewed the entry.
-pub(crate) fn leave_queues(shared: &Arc<Shared>, keys: &Arc<Keys>, start: u64, timeout: Duration) {
+pub(crate) fn leave_queues(
+    shared: &Arc<RedisState>,
+    keys: &Arc<Keys>,
+    start: u64,
+    timeout: Duration,
+) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -259,7 +264,7 @@ pub(crate) fn leave_queues(shared: &Arc<Shared>, keys: &Arc<Keys>, start: u64, t
 /// Takes this process out of the name's queue on `nodes` (indices), unless
 /// a later waiter of it renewed the entry there.
 pub(crate) async fn leave_nodes(
-    shared: &Shared,
+    shared: &RedisState,
     keys: &Arc<Keys>,
     start: u64,
     timeout: Duration,
