@@ -104,9 +104,11 @@ fn main() {
         let bare_addr = serve(Router::new().route("/orders", get(handler))).await;
         let sync = RedisSync::new(nodes.urls()).unwrap();
         let locked_addr = serve(
-            Router::new()
-                .route("/orders", get(handler))
-                .layer(DistLockLayer::new(sync, HeaderKey::new("x-key"))),
+            Router::new().route("/orders", get(handler)).layer(
+                DistLockLayer::builder(sync, HeaderKey::new("x-key"))
+                    .build()
+                    .unwrap(),
+            ),
         )
         .await;
         // Warm-up: connections, scripts.

@@ -46,10 +46,11 @@ fn overhead(c: &mut Criterion) {
         })
     });
     let locked = ServiceBuilder::new()
-        .layer(DistLockLayer::new(
-            MemorySync::new(),
-            HeaderKey::new("x-key"),
-        ))
+        .layer(
+            DistLockLayer::builder(MemorySync::new(), HeaderKey::new("x-key"))
+                .build()
+                .unwrap(),
+        )
         .service_fn(noop);
     group.bench_function("DistLockLayer over MemorySync", |b| {
         b.iter_custom(|iters| {

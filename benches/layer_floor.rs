@@ -70,10 +70,11 @@ fn main() {
         .unwrap();
     let bare = ServiceBuilder::new().service_fn(noop);
     let locked = ServiceBuilder::new()
-        .layer(DistLockLayer::new(
-            MemorySync::new(),
-            HeaderKey::new("x-key"),
-        ))
+        .layer(
+            DistLockLayer::builder(MemorySync::new(), HeaderKey::new("x-key"))
+                .build()
+                .unwrap(),
+        )
         .service_fn(noop);
     runtime.block_on(async move {
         // Distinct keys.

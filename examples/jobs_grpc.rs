@@ -133,13 +133,15 @@ async fn start(channel: Channel, job: &str) -> Result<String, Status> {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> tower_dsync::Result<()> {
     let (sync, backend) = common::backend();
     println!("backend: {backend}");
 
-    let layer = DistLockLayer::new(sync, GrpcMetadataKey::new("x-job-id"))
+    // Settings that cannot work stop the server here, before it serves.
+    let layer = DistLockLayer::builder(sync, GrpcMetadataKey::new("x-job-id"))
         .namespace("jobs")
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -182,4 +184,5 @@ async fn main() {
     println!("job-1 again: {}", again.as_deref().unwrap_or("failed"));
     assert!(again.is_ok());
     println!("duplicate start: ABORTED");
+    Ok(())
 }

@@ -53,13 +53,15 @@ async fn show(label: &str, response: Response<tower_dsync::layer::LockBody<Full<
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> tower_dsync::Result<()> {
     let (sync, backend) = common::backend();
     println!("backend: {backend}");
 
-    let layer = DistLockLayer::new(sync, HeaderKey::new("idempotency-key"))
+    // Settings that cannot work are an error here, at start-up.
+    let layer = DistLockLayer::builder(sync, HeaderKey::new("idempotency-key"))
         .namespace("payments")
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()?;
     let mut service = ServiceBuilder::new().layer(layer).service_fn(charge);
 
     // Two requests with the same key at once: one is charged, one is told
@@ -96,4 +98,5 @@ async fn main() {
     assert!(statuses.contains(&http::StatusCode::CONFLICT));
     assert_eq!(again_status, http::StatusCode::OK);
     println!("ok: one request per idempotency key at a time");
+    Ok(())
 }

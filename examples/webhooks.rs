@@ -72,7 +72,7 @@ async fn receive(
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> tower_dsync::Result<()> {
     let (sync, backend) = common::backend();
     println!("backend: {backend}");
 
@@ -80,11 +80,13 @@ async fn main() {
         t0: Instant::now(),
         spans: Arc::default(),
     };
-    // Path `/webhooks/{resource}`: segment 1 is the resource id.
-    let lock = DistLockLayer::new(sync, PathSegment::new(1))
+    // Path `/webhooks/{resource}`: segment 1 is the resource id. Settings
+    // that cannot work are an error here, at start-up.
+    let lock = DistLockLayer::builder(sync, PathSegment::new(1))
         .namespace("webhooks")
         .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(10)))
-        .wait(Duration::from_secs(10));
+        .wait(Duration::from_secs(10))
+        .build()?;
     let app = Router::new()
         .route("/webhooks/{resource}", post(receive))
         .route_layer(lock)
@@ -161,6 +163,7 @@ async fn main() {
     assert_eq!(per_resource, 1, "deliveries for one resource overlapped");
     assert!(overall > 1, "different resources should run in parallel");
     println!("ok: deliveries for one resource never overlapped");
+    Ok(())
 }
 
 /// The most spans open at the same time.

@@ -12,10 +12,14 @@
 //!     format!("job {} runs alone (token {:?})", lock.name(), lock.fencing_token())
 //! }
 //!
+//! let layer = DistLockLayer::builder(MemorySync::new(), PathParam::new("id"))
+//!     .wait(Duration::ZERO)
+//!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/jobs/{id}/start", post(start_job))
 //!     // `route_layer`: the route is matched before the layer runs.
-//!     .route_layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")).wait(Duration::ZERO));
+//!     .route_layer(layer);
+//! # Ok::<(), tower_dsync::Error>(())
 //! ```
 //!
 //! Guarding an idempotent endpoint by its `Idempotency-Key` header: a
@@ -32,12 +36,13 @@
 //!     format!("charged {amount} once, under {}", lock.name())
 //! }
 //!
-//! let app: Router = Router::new().route("/charges", post(charge)).route_layer(
-//!     DistLockLayer::new(MemorySync::new(), HeaderKey::new("idempotency-key"))
-//!         .namespace("charges")
-//!         .on_missing_key(MissingKey::Reject)
-//!         .wait(Duration::ZERO),
-//! );
+//! let layer = DistLockLayer::builder(MemorySync::new(), HeaderKey::new("idempotency-key"))
+//!     .namespace("charges")
+//!     .on_missing_key(MissingKey::Reject)
+//!     .wait(Duration::ZERO)
+//!     .build()?;
+//! let app: Router = Router::new().route("/charges", post(charge)).route_layer(layer);
+//! # Ok::<(), tower_dsync::Error>(())
 //! ```
 
 use std::convert::Infallible;

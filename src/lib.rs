@@ -18,18 +18,19 @@
 //!     format!("processed under {}", lock.name())
 //! }
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> tower_dsync::Result<()> {
 //! let sync = MemorySync::new(); // or RedisSync::new(["redis://..."])?
+//! // An invalid configuration is an error here, at start-up.
+//! let layer = DistLockLayer::builder(sync, PathSegment::new(1))
+//!     .namespace("webhooks")
+//!     .wait(Duration::from_secs(10))
+//!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/webhooks/{resource}", post(deliver))
-//!     .route_layer(
-//!         DistLockLayer::new(sync, PathSegment::new(1))
-//!             .namespace("webhooks")
-//!             .wait(Duration::from_secs(10)),
-//!     );
+//!     .route_layer(layer);
 //! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
 //! # drop((app, listener));
-//! # }
+//! # Ok(()) }
 //! ```
 //!
 //! See the [`layer`] module for the request lifecycle, the rejections (409,

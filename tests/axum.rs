@@ -37,9 +37,11 @@ async fn path_parameter_keys_and_held_lock_extractor() {
             get(|lock: HeldLock| async move { lock.name().to_owned() }),
         )
         .route_layer(
-            DistLockLayer::new(MemorySync::new(), PathParam::new("id"))
+            DistLockLayer::builder(MemorySync::new(), PathParam::new("id"))
                 .namespace("jobs")
-                .wait(Duration::ZERO),
+                .wait(Duration::ZERO)
+                .build()
+                .unwrap(),
         );
     let app = Router::new().nest("/api", jobs);
     let server = Server::start(app).await;
@@ -79,10 +81,11 @@ async fn missing_held_lock() {
                 lock.map_or("unlocked".to_owned(), |l| l.name().to_owned())
             }),
         )
-        .layer(DistLockLayer::new(
-            MemorySync::new(),
-            HeaderKey::new("x-id"),
-        ));
+        .layer(
+            DistLockLayer::builder(MemorySync::new(), HeaderKey::new("x-id"))
+                .build()
+                .unwrap(),
+        );
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let (response, body) = client.get(&server.url("/strict"), &[]).await;
@@ -105,7 +108,11 @@ async fn missing_held_lock() {
 /// names the fix instead of a 404. With `route_layer` they get the 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_param_wants_route_layer() {
-    let layer = || DistLockLayer::new(MemorySync::new(), PathParam::new("id"));
+    let layer = || {
+        DistLockLayer::builder(MemorySync::new(), PathParam::new("id"))
+            .build()
+            .unwrap()
+    };
     let wide = Router::new()
         .route("/jobs/{id}", get(|| async { "ok" }))
         .layer(layer());
@@ -136,9 +143,11 @@ async fn lock_name(lock: Option<HeldLock>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_param_with_a_prefix_inside_its_segment() {
     let layer = |name| {
-        DistLockLayer::new(MemorySync::new(), PathParam::new(name))
+        DistLockLayer::builder(MemorySync::new(), PathParam::new(name))
             .namespace("jobs")
             .wait(Duration::ZERO)
+            .build()
+            .unwrap()
     };
     let app = Router::new()
         .route("/jobs/job-{id}", get(lock_name))
@@ -221,11 +230,19 @@ async fn path_param_missing_from_the_route_is_a_500() {
     };
     let typo = Router::new()
         .route("/jobs/{job_id}", get(handler.clone()))
-        .route_layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")));
+        .route_layer(
+            DistLockLayer::builder(MemorySync::new(), PathParam::new("id"))
+                .build()
+                .unwrap(),
+        );
     let typo = Server::start(typo).await;
     let outside = tower::ServiceBuilder::new()
         .map_response(|response: http::Response<_>| response.map(axum::body::Body::new))
-        .layer(DistLockLayer::new(MemorySync::new(), PathParam::new("id")))
+        .layer(
+            DistLockLayer::builder(MemorySync::new(), PathParam::new("id"))
+                .build()
+                .unwrap(),
+        )
         .service(Router::new().route("/jobs/{id}", get(handler)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let outside_addr = listener.local_addr().unwrap();

@@ -2,7 +2,8 @@
 //! there at start, a wrong password, TLS to a plain port, options and layer
 //! settings out of range. Each is a typed error (matched on `Error`
 //! variants) whose `Display` names the problem, never a panic or a hang;
-//! a layer that cannot lock answers 503 or 500 and recovers on its own when
+//! layer settings that cannot work are refused when the layer is built; a
+//! layer that cannot reach Redis answers 503 and recovers on its own when
 //! Redis comes up. Redis cases run on real `redis-server` processes on
 //! loopback ports.
 
@@ -16,7 +17,6 @@ use std::time::Duration;
 
 use conformance::eventually;
 use http::{Request, Response, StatusCode};
-use support::counting::Counting;
 use support::http::{HttpClient, Server};
 use support::{RedisServer, free_port};
 use tower::{ServiceBuilder, ServiceExt};
@@ -94,11 +94,11 @@ async fn one_request<D: DistSync>(
     service.oneshot(request.body(()).unwrap()).await.unwrap()
 }
 
-/// Layer settings out of range: each refused by `validate` with the
-/// documented variant and a message naming the setting (a namespace that is
-/// empty, holds a control character or leaves no room for a key, a
-/// separator with a control character); keyed requests then get 500
-/// (`INTERNAL` for gRPC) and take no lock, never a misleading 400.
+/// Layer settings out of range: each refused when the layer is built, with
+/// the documented variant and a message naming the setting (a namespace
+/// that is empty, holds a control character or leaves no room for a key, a
+/// separator with a control character), so no such layer ever serves a
+/// request.
 #[tokio::test]
 async fn layer_settings_out_of_range() {
     let long = "n".repeat(tower_dsync::MAX_NAME_LEN);
@@ -113,9 +113,11 @@ async fn layer_settings_out_of_range() {
         ("jobs", "\u{1}", false, "no room for a key"),
     ];
     for (namespace, separator, as_name, named) in cases {
-        let sync = Counting::new(MemorySync::new().with_separator(separator));
-        let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).namespace(namespace);
-        let err = layer.validate().unwrap_err();
+        let sync = MemorySync::new().with_separator(separator);
+        let err = DistLockLayer::builder(sync, HeaderKey::new(KEY))
+            .namespace(namespace)
+            .build()
+            .unwrap_err();
         let variant = if as_name {
             matches!(err, Error::InvalidName { .. })
         } else {
@@ -123,20 +125,13 @@ async fn layer_settings_out_of_range() {
         };
         assert!(variant, "{namespace:.20?}: {err:?}");
         assert!(err.to_string().contains(named), "{err}");
-        for grpc in [false, true] {
-            let response = one_request(layer.clone(), grpc).await;
-            if grpc {
-                assert_eq!(response.headers()["grpc-status"], "13");
-            } else {
-                assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-            }
-        }
-        assert_eq!(sync.counts.locks(), 0);
     }
     // The longest namespace that leaves room for a one-byte key works.
     let fits = "n".repeat(tower_dsync::MAX_NAME_LEN - 2);
-    let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY)).namespace(fits);
-    layer.validate().unwrap();
+    DistLockLayer::builder(MemorySync::new(), HeaderKey::new(KEY))
+        .namespace(fits)
+        .build()
+        .unwrap();
 }
 
 /// URLs that do not parse (bad port, bad database number, no host, no
@@ -260,7 +255,12 @@ async fn wrong_password_is_an_authentication_error() {
         );
         let response = bounded(
             "request",
-            one_request(DistLockLayer::new(sync, HeaderKey::new(KEY)), false),
+            one_request(
+                DistLockLayer::builder(sync, HeaderKey::new(KEY))
+                    .build()
+                    .unwrap(),
+                false,
+            ),
         )
         .await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -298,7 +298,9 @@ async fn tls_to_a_plain_port_is_unavailable() {
         assert!(err.is_unavailable(), "{url}: {err:?}");
         assert!(err.to_string().contains(&label), "{err}");
         for grpc in [false, true] {
-            let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY));
+            let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+                .build()
+                .unwrap();
             let response = bounded("request", one_request(layer, grpc)).await;
             if grpc {
                 assert_eq!(response.headers()["grpc-status"], "14");
@@ -310,9 +312,8 @@ async fn tls_to_a_plain_port_is_unavailable() {
     assert_eq!(server.dbsize(), 0);
 }
 
-/// Mutex options out of range, given to the layer: `validate` reports
-/// `InvalidOptions` naming the option, and keyed requests get 500
-/// (`INTERNAL` for gRPC) without taking a lock. Extreme values that are in
+/// Mutex options out of range, given to the layer: building it fails with
+/// `InvalidOptions` naming the option. Extreme values that are in
 /// range (the longest expiry, waits, holds and intervals of
 /// `Duration::MAX`, a connect timeout of `Duration::MAX`) work without a
 /// panic. A connect timeout of zero is refused by `RedisSync`'s builder
@@ -338,19 +339,15 @@ async fn options_out_of_range() {
         (base().with_value(""), "value"),
     ];
     for (options, named) in cases {
-        let sync = Counting::new(MemorySync::new());
-        let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
-        let err = layer.validate().unwrap_err();
+        let err = DistLockLayer::builder(MemorySync::new(), HeaderKey::new(KEY))
+            .mutex_options(options)
+            .build()
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidOptions { .. }), "{err:?}");
         assert!(err.to_string().contains(named), "{named}: {err}");
-        let response = one_request(layer.clone(), false).await;
-        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let response = one_request(layer, true).await;
-        assert_eq!(response.headers()["grpc-status"], "13");
-        assert_eq!(sync.counts.locks(), 0);
     }
 
-    let extreme = DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY))
+    let extreme = DistLockLayer::builder(MemorySync::new(), HeaderKey::new(KEY))
         .mutex_options(
             base()
                 .with_expiry(MAX_EXPIRY)
@@ -359,8 +356,9 @@ async fn options_out_of_range() {
         )
         .wait(Duration::MAX)
         .max_hold(Duration::MAX)
-        .extend_every(Duration::MAX);
-    extreme.validate().unwrap();
+        .extend_every(Duration::MAX)
+        .build()
+        .unwrap();
     assert_eq!(one_request(extreme, false).await.status(), StatusCode::OK);
 
     let err = RedisSync::builder()
@@ -376,7 +374,9 @@ async fn options_out_of_range() {
         .connect_timeout(Duration::MAX)
         .build()
         .unwrap();
-    let layer = DistLockLayer::new(sync, HeaderKey::new(KEY));
+    let layer = DistLockLayer::builder(sync, HeaderKey::new(KEY))
+        .build()
+        .unwrap();
     let response = bounded("request", one_request(layer, false)).await;
     assert_eq!(response.status(), StatusCode::OK);
 }
@@ -397,9 +397,11 @@ async fn service_answers_503_until_redis_comes_up() {
     let app = axum::Router::new()
         .route("/jobs", axum::routing::get(|| async { "served" }))
         .layer(
-            DistLockLayer::new(sync, HeaderKey::new(KEY))
+            DistLockLayer::builder(sync, HeaderKey::new(KEY))
                 .mutex_options(options)
-                .wait(Duration::from_secs(60)),
+                .wait(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         );
     let server = Server::start(app).await;
     let client = HttpClient::default();

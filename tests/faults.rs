@@ -263,10 +263,11 @@ async fn serve_worker(id: String) {
     let options = DistMutexOptions::default()
         .with_expiry(EXPIRY)
         .with_timeout_factor(TIMEOUT_FACTOR);
-    let layer = DistLockLayer::new(sync.clone(), PathSegment::new(1))
+    let layer = DistLockLayer::builder(sync.clone(), PathSegment::new(1))
         .namespace(namespace)
-        .mutex_options(options);
-    layer.validate().expect("a valid layer");
+        .mutex_options(options)
+        .build()
+        .expect("a valid layer");
     let stats = {
         let (layer, sync) = (layer.clone(), sync.clone());
         move || {
@@ -276,8 +277,8 @@ async fn serve_worker(id: String) {
                 counts.locks(),
                 counts.extends(),
                 counts.unlocks(),
-                layer.held_locks(),
-                layer.local_keys()
+                layer.stats().held_locks(),
+                layer.stats().local_keys()
             );
             async move { body }
         }

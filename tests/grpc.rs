@@ -59,9 +59,11 @@ fn check(job: Option<&str>) -> tonic::Request<HealthCheckRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_keys_and_grpc_status_codes() {
     let sync = MemorySync::new();
-    let layer = DistLockLayer::new(sync.clone(), GrpcMetadataKey::new("x-job-id"))
+    let layer = DistLockLayer::builder(sync.clone(), GrpcMetadataKey::new("x-job-id"))
         .namespace("grpc")
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()
+        .unwrap();
     let mut client = serve(layer).await;
 
     let ok = client.check(check(Some("job-1"))).await.unwrap();
@@ -89,9 +91,11 @@ async fn metadata_keys_and_grpc_status_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_path_keys() {
     let sync = MemorySync::new();
-    let layer = DistLockLayer::new(sync.clone(), MethodPath)
+    let layer = DistLockLayer::builder(sync.clone(), MethodPath)
         .namespace("grpc")
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()
+        .unwrap();
     let mut client = serve(layer).await;
     let mut holder = sync
         .new_mutex(
@@ -114,9 +118,11 @@ async fn backend_down_is_unavailable() {
     let options = DistMutexOptions::default()
         .with_expiry(Duration::from_secs(2))
         .with_timeout_factor(0.1);
-    let layer = DistLockLayer::new(sync, GrpcMetadataKey::new("x-job-id"))
+    let layer = DistLockLayer::builder(sync, GrpcMetadataKey::new("x-job-id"))
         .mutex_options(options)
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()
+        .unwrap();
     let mut client = serve(layer).await;
     assert!(client.check(check(Some("j"))).await.is_ok());
     nodes.servers[0].kill();

@@ -60,11 +60,12 @@ async fn handler(request: Request<()>) -> Result<Response<String>, Infallible> {
 /// A layer on `sync` in `namespace` that fails fast and rejects requests
 /// without a key, around [`handler`].
 fn service<K: KeyExtractor<()>>(sync: &Counting<MemorySync>, namespace: &str, key: K) -> Svc {
-    let layer = DistLockLayer::new(sync.clone(), key)
+    let layer = DistLockLayer::builder(sync.clone(), key)
         .namespace(namespace)
         .wait(Duration::ZERO)
-        .on_missing_key(MissingKey::Reject);
-    layer.validate().expect("a valid layer");
+        .on_missing_key(MissingKey::Reject)
+        .build()
+        .expect("a valid layer");
     Svc::new(ServiceBuilder::new().layer(layer).service_fn(handler))
 }
 
@@ -606,7 +607,10 @@ async fn raw_exchange(addr: std::net::SocketAddr, head: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabyte_header_over_http_gets_400() {
     let sync = Counting::new(MemorySync::new());
-    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(HEADER)).namespace(NS);
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(HEADER))
+        .namespace(NS)
+        .build()
+        .unwrap();
     let app = axum::Router::new()
         .route("/jobs", axum::routing::get(|| async { "served" }))
         .layer(layer.clone());
@@ -650,7 +654,7 @@ async fn megabyte_header_over_http_gets_400() {
     );
     // Releases run in the background, after the response.
     conformance::eventually(Duration::from_secs(30), "locks released", async || {
-        layer.local_keys() == 0
+        layer.stats().local_keys() == 0
     })
     .await;
 }
@@ -668,10 +672,12 @@ fn arbitrary_header_bytes_over_http() {
         .build()
         .unwrap();
     let sync = MemorySync::new();
-    let layer = DistLockLayer::new(sync, HeaderKey::new(HEADER))
+    let layer = DistLockLayer::builder(sync, HeaderKey::new(HEADER))
         .namespace(NS)
         .wait(Duration::ZERO)
-        .on_missing_key(MissingKey::Reject);
+        .on_missing_key(MissingKey::Reject)
+        .build()
+        .unwrap();
     let app = axum::Router::new()
         .fallback(|request: axum::extract::Request| async move {
             let held = request.extensions().get::<HeldLock>().cloned().unwrap();
@@ -723,7 +729,7 @@ fn arbitrary_header_bytes_over_http() {
     rt.block_on(conformance::eventually(
         Duration::from_secs(30),
         "every lock released",
-        async || layer.local_keys() == 0,
+        async || layer.stats().local_keys() == 0,
     ));
 }
 
@@ -740,10 +746,12 @@ fn hostile_names_reach_redis_intact() {
         .unwrap();
     let node = support::RedisServer::start();
     let sync = rt.block_on(async { RedisSync::new([node.url()]).unwrap() });
-    let layer = DistLockLayer::new(sync, test_key)
+    let layer = DistLockLayer::builder(sync, test_key)
         .namespace(NS)
         .wait(Duration::ZERO)
-        .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(30)));
+        .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(30)))
+        .build()
+        .unwrap();
     let url = node.url();
     let service =
         ServiceBuilder::new()
@@ -809,40 +817,29 @@ fn hostile_names_reach_redis_intact() {
     rt.block_on(conformance::eventually(
         Duration::from_secs(30),
         "the local queue is empty",
-        async || layer.local_keys() == 0,
+        async || layer.stats().local_keys() == 0,
     ));
 }
 
 /// A backend without a separator cannot keep namespaces apart (`a` + `bx`
-/// and `ab` + `x` would both be `abx`), so the layer refuses it: `validate`
-/// reports a typed configuration error, and keyed requests get 500 and take
-/// no lock instead of sharing another namespace's lock.
-#[tokio::test]
-async fn empty_separator_is_refused() {
-    let sync = Counting::new(MemorySync::new().with_separator(""));
-    let layer = |namespace: &str| {
-        DistLockLayer::new(sync.clone(), test_key)
+/// and `ab` + `x` would both be `abx`), so the layer refuses it when it is
+/// built, with a typed configuration error: no such layer can take another
+/// namespace's lock.
+#[test]
+fn empty_separator_is_refused() {
+    let sync = MemorySync::new().with_separator("");
+    for namespace in ["a", "ab"] {
+        let err = DistLockLayer::builder(sync.clone(), test_key)
             .namespace(namespace)
             .wait(Duration::ZERO)
-    };
-    for namespace in ["a", "ab"] {
-        let err = layer(namespace).validate().unwrap_err();
+            .build()
+            .unwrap_err();
         assert!(
             matches!(err, tower_dsync::Error::InvalidConfig { .. }),
             "{err:?}"
         );
         assert!(err.to_string().contains("separator"), "{err}");
     }
-    for (namespace, key) in [("a", "bx"), ("ab", "x")] {
-        let service = ServiceBuilder::new()
-            .layer(layer(namespace))
-            .service_fn(handler);
-        let mut request = Request::new(());
-        request.extensions_mut().insert(TestKey(key.into()));
-        let response = service.oneshot(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    }
-    assert_eq!(sync.counts.locks(), 0);
 }
 
 /// Every string of `min..=max` characters of `alphabet`.
@@ -863,8 +860,8 @@ fn strings(alphabet: &[char], min: usize, max: usize) -> Vec<String> {
 /// For every separator that the layer accepts, two different (namespace,
 /// key) pairs never share a lock name, whatever characters the separator,
 /// the namespaces and the keys hold (`%`, hex digits, the separator itself,
-/// prefixes of one another). A separator that would let them is refused by
-/// `validate` with a typed error; `%` is one (namespace `n` + key `%` and
+/// prefixes of one another). A separator that would let them is refused
+/// when the layer is built, with a typed error; `%` is one (namespace `n` + key `%` and
 /// namespace `n%` + key `25` would both be `n%%25`).
 ///
 /// Each case is a random separator; every namespace and key over an
@@ -883,12 +880,13 @@ fn separators_never_merge_namespaces() {
             let sync = MemorySync::new().with_separator(separator.as_str());
             let mut seen: HashMap<String, (String, String)> = HashMap::new();
             for namespace in strings(&alphabet, 1, 2) {
-                let layer = DistLockLayer::new(sync.clone(), test_key)
+                let Ok(layer) = DistLockLayer::builder(sync.clone(), test_key)
                     .namespace(namespace.as_str())
-                    .wait(Duration::ZERO);
-                if layer.validate().is_err() {
+                    .wait(Duration::ZERO)
+                    .build()
+                else {
                     continue;
-                }
+                };
                 let service = Svc::new(ServiceBuilder::new().layer(layer).service_fn(handler));
                 for key in strings(&alphabet, 1, 3) {
                     let mut request = Request::new(());

@@ -23,7 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Barrier, mpsc};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
-use tower_dsync::layer::{DistLockLayer, HeaderKey, HeldLock, MissingKey, OnLost, ReleaseOn};
+use tower_dsync::layer::{
+    DistLockLayer, DistLockLayerBuilder, HeaderKey, HeldLock, MissingKey, OnLost, ReleaseOn,
+};
 use tower_dsync::{DistMutex, DistMutexOptions, DistSync, MemorySync, RedisSync};
 
 /// A backend under test, with what must live as long as it.
@@ -66,8 +68,8 @@ fn cluster() -> Backend<RedisSync> {
 
 const KEY: &str = "x-resource";
 
-fn layer<D: DistSync>(backend: &Backend<D>) -> DistLockLayer<Counting<D>, HeaderKey> {
-    DistLockLayer::new(backend.sync.clone(), HeaderKey::new(KEY))
+fn layer<D: DistSync>(backend: &Backend<D>) -> DistLockLayerBuilder<Counting<D>, HeaderKey> {
+    DistLockLayer::builder(backend.sync.clone(), HeaderKey::new(KEY))
         .namespace("test")
         .wait(Duration::from_secs(30))
 }
@@ -119,7 +121,7 @@ async fn one_key_is_served_one_at_a_time<D: DistSync>(backend: Backend<D>) {
                 "done"
             }),
         )
-        .layer(layer(&backend));
+        .layer(layer(&backend).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let mut requests = Vec::new();
@@ -153,7 +155,7 @@ async fn different_keys_overlap<D: DistSync>(backend: Backend<D>) {
                 "met"
             }),
         )
-        .layer(layer(&backend));
+        .layer(layer(&backend).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let url = server.url("/meet");
@@ -196,7 +198,8 @@ fn blocking_app<D: DistSync>(
 
 /// Fail fast: a second request for a busy key gets 409 with `Retry-After`.
 async fn busy_key_fails_fast_with_409<D: DistSync>(backend: Backend<D>) {
-    let (app, mut entered, go) = blocking_app(layer(&backend).wait(Duration::ZERO));
+    let (app, mut entered, go) =
+        blocking_app(layer(&backend).wait(Duration::ZERO).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let url = server.url("/block");
@@ -240,7 +243,7 @@ async fn streaming_response_holds_until_the_end<D: DistSync>(backend: Backend<D>
             }),
         )
         .route("/quick", get(|| async { "quick" }))
-        .layer(layer(&backend));
+        .layer(layer(&backend).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let request = http::Request::get(server.url("/stream"))
@@ -290,7 +293,9 @@ async fn client_disconnect_frees_the_lock<D: DistSync>(backend: Backend<D>) {
     let (app, mut entered, _go) = blocking_app(
         layer(&backend)
             .mutex_options(options)
-            .wait(Duration::from_secs(20)),
+            .wait(Duration::from_secs(20))
+            .build()
+            .unwrap(),
     );
     let server = Server::start(app).await;
     let socket = raw_get(&server, "/block", "gone").await;
@@ -325,7 +330,9 @@ async fn panicking_handler_frees_the_lock<D: DistSync>(backend: Backend<D>) {
         .layer(
             layer(&backend)
                 .mutex_options(options)
-                .wait(Duration::from_secs(20)),
+                .wait(Duration::from_secs(20))
+                .build()
+                .unwrap(),
         );
     let server = Server::start(app).await;
     let mut socket = raw_get(&server, "/panic", "boom").await;
@@ -345,8 +352,13 @@ async fn long_handler_keeps_the_lock<D: DistSync>(backend: Backend<D>) {
     let options = DistMutexOptions::default()
         .with_expiry(expiry)
         .with_timeout_factor(0.3);
-    let (app, mut entered, go) =
-        blocking_app(layer(&backend).mutex_options(options).wait(Duration::ZERO));
+    let (app, mut entered, go) = blocking_app(
+        layer(&backend)
+            .mutex_options(options)
+            .wait(Duration::ZERO)
+            .build()
+            .unwrap(),
+    );
     let server = Server::start(app).await;
     let client = HttpClient::default();
 
@@ -421,7 +433,9 @@ async fn lost_lock_is_reported_or_aborts<D: DistSync>(backend: Backend<D>) {
             .layer(
                 layer(&backend)
                     .mutex_options(options.clone())
-                    .on_lost(lost_mode),
+                    .on_lost(lost_mode)
+                    .build()
+                    .unwrap(),
             );
         let server = Server::start(app).await;
         let client = HttpClient::default();
@@ -453,7 +467,7 @@ async fn lost_lock_is_reported_or_aborts<D: DistSync>(backend: Backend<D>) {
 /// Empty, oversized, control-character and non-UTF-8 keys get 400 and take
 /// no lock.
 async fn bad_keys_get_400<D: DistSync>(backend: Backend<D>) {
-    let service_layer = layer(&backend);
+    let service_layer = layer(&backend).build().unwrap();
     let app = Router::new()
         .route("/quick", get(|| async { "quick" }))
         .layer(service_layer.clone());
@@ -481,7 +495,7 @@ async fn bad_keys_get_400<D: DistSync>(backend: Backend<D>) {
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert_eq!(backend.sync.counts.locks(), 0, "no lock was taken");
-    assert_eq!(service_layer.local_keys(), 0);
+    assert_eq!(service_layer.stats().local_keys(), 0);
 }
 
 /// A request without a key passes through unlocked, or is rejected.
@@ -495,10 +509,13 @@ async fn missing_key_passes_or_is_rejected<D: DistSync>(backend: Backend<D>) {
     };
     let app = Router::new()
         .route("/h", get(handler))
-        .layer(layer(&backend));
-    let strict = Router::new()
-        .route("/h", get(handler))
-        .layer(layer(&backend).on_missing_key(MissingKey::Reject));
+        .layer(layer(&backend).build().unwrap());
+    let strict = Router::new().route("/h", get(handler)).layer(
+        layer(&backend)
+            .on_missing_key(MissingKey::Reject)
+            .build()
+            .unwrap(),
+    );
     let (server, strict) = (Server::start(app).await, Server::start(strict).await);
     let client = HttpClient::default();
     let (response, body) = client.get(&server.url("/h"), &[]).await;
@@ -517,7 +534,8 @@ async fn missing_key_passes_or_is_rejected<D: DistSync>(backend: Backend<D>) {
 
 /// gRPC calls get trailers-only rejections with gRPC status codes.
 async fn grpc_rejections_are_trailers_only<D: DistSync>(backend: Backend<D>) {
-    let (app, mut entered, go) = blocking_app(layer(&backend).wait(Duration::ZERO));
+    let (app, mut entered, go) =
+        blocking_app(layer(&backend).wait(Duration::ZERO).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let first = {
@@ -555,7 +573,7 @@ async fn release_on_head<D: DistSync>(backend: Backend<D>) {
             }),
         )
         .route("/quick", get(|| async { "quick" }))
-        .layer(layer(&backend).release_on(ReleaseOn::Head));
+        .layer(layer(&backend).release_on(ReleaseOn::Head).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let request = http::Request::get(server.url("/stream"))
@@ -576,7 +594,7 @@ async fn release_on_head<D: DistSync>(backend: Backend<D>) {
 async fn sequential_requests_are_never_busy<D: DistSync>(backend: Backend<D>) {
     let app = Router::new()
         .route("/quick", get(|| async { "quick" }))
-        .layer(layer(&backend).wait(Duration::ZERO));
+        .layer(layer(&backend).wait(Duration::ZERO).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     for _ in 0..200 {
@@ -633,7 +651,9 @@ async fn redis_down_gives_503_then_recovers() {
         .layer(
             layer(&backend)
                 .mutex_options(options)
-                .wait(Duration::from_secs(60)),
+                .wait(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         );
     let server = Server::start(app).await;
     let client = HttpClient::default();
@@ -674,7 +694,9 @@ async fn redis_down_gives_503_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_is_empty_after_100k_distinct_keys() {
     let sync = MemorySync::new();
-    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY));
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+        .build()
+        .unwrap();
     let service = tower::ServiceBuilder::new()
         .layer(layer.clone())
         .service_fn(|_: http::Request<()>| async {
@@ -692,11 +714,11 @@ async fn registry_is_empty_after_100k_distinct_keys() {
         response.into_body().collect().await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while layer.local_keys() > 0 || sync.names_in_use() > 0 {
+    while layer.stats().local_keys() > 0 || sync.names_in_use() > 0 {
         assert!(
             Instant::now() < deadline,
             "{} keys left",
-            layer.local_keys()
+            layer.stats().local_keys()
         );
         tokio::task::yield_now().await;
     }
@@ -734,7 +756,11 @@ async fn poll_ready_rules_are_followed() {
     }
     let sync = MemorySync::new();
     let mut service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .layer(
+            DistLockLayer::builder(sync, HeaderKey::new(KEY))
+                .build()
+                .unwrap(),
+        )
         .service(ReadyOnce::default());
     for i in 0..3 {
         let request = http::Request::get("/")
@@ -751,7 +777,11 @@ async fn poll_ready_rules_are_followed() {
 async fn any_sync_backend() {
     let sync = tower_dsync::AnySync::new(MemorySync::new());
     let service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .layer(
+            DistLockLayer::builder(sync, HeaderKey::new(KEY))
+                .build()
+                .unwrap(),
+        )
         .service_fn(|request: http::Request<()>| async move {
             let name = request
                 .extensions()
@@ -788,7 +818,7 @@ async fn redis_majority_stopped_loses_the_lock() {
                 if lock.is_lost() { "lost" } else { "released" }
             }),
         )
-        .layer(layer(&backend).mutex_options(options));
+        .layer(layer(&backend).mutex_options(options).build().unwrap());
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let request = {
@@ -812,17 +842,22 @@ async fn custom_rejection_mapping() {
     let backend = memory();
     let app = Router::new()
         .route("/quick", get(|| async { "quick" }))
-        .layer(layer(&backend).rejection_response(|rejection| {
-            let mut response = http::Response::new(Bytes::from(format!(
-                "{{\"error\":{:?}}}",
-                rejection.message()
-            )));
-            *response.status_mut() = rejection.http_status();
-            response
-                .headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            response
-        }));
+        .layer(
+            layer(&backend)
+                .rejection_response(|rejection| {
+                    let mut response = http::Response::new(Bytes::from(format!(
+                        "{{\"error\":{:?}}}",
+                        rejection.message()
+                    )));
+                    *response.status_mut() = rejection.http_status();
+                    response
+                        .headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    response
+                })
+                .build()
+                .unwrap(),
+        );
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let (response, body) = client.get(&server.url("/quick"), &[(KEY, "")]).await;
@@ -848,8 +883,10 @@ async fn percent_encoded_segments_are_one_resource() {
             }),
         )
         .route_layer(
-            DistLockLayer::new(MemorySync::new(), tower_dsync::layer::PathSegment::new(1))
-                .wait(Duration::ZERO),
+            DistLockLayer::builder(MemorySync::new(), tower_dsync::layer::PathSegment::new(1))
+                .wait(Duration::ZERO)
+                .build()
+                .unwrap(),
         );
     let server = Server::start(app).await;
     let client = HttpClient::default();
@@ -880,9 +917,11 @@ async fn aborted_stream_ends_for_good() {
         let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
         let service = tower::ServiceBuilder::new()
             .layer(
-                DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+                DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
                     .mutex_options(options.clone())
-                    .on_lost(OnLost::Abort),
+                    .on_lost(OnLost::Abort)
+                    .build()
+                    .unwrap(),
             )
             .service_fn(move |request: http::Request<()>| {
                 held_tx
@@ -935,9 +974,11 @@ async fn aborted_stream_ends_for_good() {
 async fn max_hold_bounds_a_request() {
     let sync = MemorySync::new();
     let options = DistMutexOptions::default().with_expiry(Duration::from_millis(600));
-    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
         .mutex_options(options)
-        .max_hold(Duration::from_millis(300));
+        .max_hold(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let service = tower::ServiceBuilder::new().layer(layer).service_fn(
         |request: http::Request<()>| async move {
             let lock = request.extensions().get::<HeldLock>().cloned().unwrap();
@@ -973,9 +1014,10 @@ async fn uncontended_requests_cost_one_acquire_and_one_release_per_node() {
             .layer(
                 // A long per-node timeout (3 s): no attempt times out on a
                 // loaded machine, which would add a cleanup round.
-                DistLockLayer::new(sync, HeaderKey::new(KEY)).mutex_options(
-                    DistMutexOptions::default().with_expiry(Duration::from_secs(60)),
-                ),
+                DistLockLayer::builder(sync, HeaderKey::new(KEY))
+                    .mutex_options(DistMutexOptions::default().with_expiry(Duration::from_secs(60)))
+                    .build()
+                    .unwrap(),
             );
         let server = Server::start(app).await;
         let client = HttpClient::default();
@@ -1071,7 +1113,10 @@ fn keyed(key: &str) -> http::Request<()> {
 async fn short_request_spawns_no_task_and_releases_inline() {
     let sync = Counting::new(MemorySync::new());
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
-    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(options)
+        .build()
+        .unwrap();
     let service = quick_service(layer.clone());
     let metrics = tokio::runtime::Handle::current().metrics();
     for i in 0..10 {
@@ -1085,7 +1130,7 @@ async fn short_request_spawns_no_task_and_releases_inline() {
         assert!(body.frame().await.is_none());
         // No await since the last frame: released inline.
         assert_eq!(sync.inner.names_in_use(), 0, "released with the body's end");
-        assert_eq!(layer.local_keys(), 0);
+        assert_eq!(layer.stats().local_keys(), 0);
         assert_eq!(metrics.num_alive_tasks(), 0, "no keeper, no release task");
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -1106,7 +1151,12 @@ async fn response_whose_body_is_not_polled_is_kept() {
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
     let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
     let service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options.clone()))
+        .layer(
+            DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+                .mutex_options(options.clone())
+                .build()
+                .unwrap(),
+        )
         .service_fn(move |request: http::Request<()>| {
             held_tx
                 .send(request.extensions().get::<HeldLock>().cloned().unwrap())
@@ -1153,7 +1203,12 @@ async fn handler_that_is_not_polled_is_kept() {
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let go_rx = Arc::new(std::sync::Mutex::new(Some(go_rx)));
     let service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options))
+        .layer(
+            DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+                .mutex_options(options)
+                .build()
+                .unwrap(),
+        )
         .service_fn(move |_: http::Request<()>| {
             let go = go_rx.lock().unwrap().take();
             async move {
@@ -1192,14 +1247,16 @@ async fn handler_that_is_not_polled_is_kept() {
 #[tokio::test]
 async fn release_goes_to_a_task_when_the_backend_cannot_answer_at_once() {
     let remote = support::remote::Remote::gated(MemorySync::new());
-    let layer = DistLockLayer::new(remote.clone(), HeaderKey::new(KEY));
+    let layer = DistLockLayer::builder(remote.clone(), HeaderKey::new(KEY))
+        .build()
+        .unwrap();
     let service = quick_service(layer.clone());
     let response = service.oneshot(keyed("remote")).await.unwrap();
     // The unlock cannot go through yet; the body ends all the same.
     response.into_body().collect().await.unwrap();
     assert_eq!(remote.inner.names_in_use(), 1, "the unlock is waiting");
     assert_eq!(
-        layer.local_keys(),
+        layer.stats().local_keys(),
         1,
         "the next request waits for the release"
     );
@@ -1207,7 +1264,7 @@ async fn release_goes_to_a_task_when_the_backend_cannot_answer_at_once() {
     remote.unlock_gate.add_permits(1);
     unlocked.await;
     assert_eq!(remote.inner.names_in_use(), 0);
-    assert_eq!(layer.local_keys(), 0);
+    assert_eq!(layer.stats().local_keys(), 0);
 }
 
 /// A backend that panics as it releases at once does not take the response
@@ -1220,7 +1277,10 @@ async fn a_release_that_panics_does_not_break_the_response() {
     };
     let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
     let (held_tx, mut held_rx) = mpsc::unbounded_channel::<HeldLock>();
-    let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY)).mutex_options(options);
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+        .mutex_options(options)
+        .build()
+        .unwrap();
     let service = tower::ServiceBuilder::new()
         .layer(layer.clone())
         .service_fn(move |request: http::Request<()>| {
@@ -1238,7 +1298,7 @@ async fn a_release_that_panics_does_not_break_the_response() {
     assert_eq!(body, "ok");
     let lock = held_rx.recv().await.unwrap();
     assert!(lock.is_released());
-    assert_eq!(layer.local_keys(), 0, "the turn passed on");
+    assert_eq!(layer.stats().local_keys(), 0, "the turn passed on");
     // The backend still holds the name until it expires; then the next
     // request gets it.
     let response = service.oneshot(keyed("boom")).await.unwrap();
@@ -1260,9 +1320,11 @@ async fn tries_do_not_change_how_long_a_request_waits() {
         let options = DistMutexOptions::default()
             .with_tries(tries)
             .with_retry_delay(Duration::from_millis(100));
-        let layer = DistLockLayer::new(sync.clone(), HeaderKey::new(KEY))
+        let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
             .mutex_options(options.clone())
-            .wait(Duration::from_secs(2));
+            .wait(Duration::from_secs(2))
+            .build()
+            .unwrap();
         let service = quick_service(layer);
         let mut holder = sync.new_mutex("lock:k", options.clone()).unwrap();
         holder.lock().await.unwrap();
@@ -1292,7 +1354,11 @@ async fn tries_do_not_change_how_long_a_request_waits() {
 async fn requests_are_served_in_the_order_of_call() {
     let sync = MemorySync::new();
     let service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(sync, HeaderKey::new(KEY)))
+        .layer(
+            DistLockLayer::builder(sync, HeaderKey::new(KEY))
+                .build()
+                .unwrap(),
+        )
         .service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(String::new()))
         });
@@ -1324,7 +1390,10 @@ async fn requests_are_served_in_the_order_of_call() {
 #[tokio::test(start_paused = true)]
 async fn fail_fast_waits_only_for_the_release_itself() {
     let remote = support::remote::Remote::gated(MemorySync::new());
-    let layer = DistLockLayer::new(remote.clone(), HeaderKey::new(KEY)).wait(Duration::ZERO);
+    let layer = DistLockLayer::builder(remote.clone(), HeaderKey::new(KEY))
+        .wait(Duration::ZERO)
+        .build()
+        .unwrap();
     let service = quick_service(layer.clone());
     let response = service.clone().oneshot(keyed("handoff")).await.unwrap();
     response.into_body().collect().await.unwrap();
@@ -1358,7 +1427,11 @@ async fn fail_fast_waits_only_for_the_release_itself() {
 #[tokio::test(start_paused = true)]
 async fn waiting_for_a_key_holds_no_inner_capacity() {
     let service = tower::ServiceBuilder::new()
-        .layer(DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY)))
+        .layer(
+            DistLockLayer::builder(MemorySync::new(), HeaderKey::new(KEY))
+                .build()
+                .unwrap(),
+        )
         .concurrency_limit(1)
         .service_fn(|_: http::Request<()>| async {
             Ok::<_, Infallible>(http::Response::new(String::new()))
@@ -1385,10 +1458,12 @@ async fn waiting_for_a_key_holds_no_inner_capacity() {
 /// key, on another connection, is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_http2_reader_does_not_keep_the_key() {
-    let layer = DistLockLayer::new(MemorySync::new(), HeaderKey::new(KEY))
+    let layer = DistLockLayer::builder(MemorySync::new(), HeaderKey::new(KEY))
         .on_lost(OnLost::Abort)
         .max_hold(Duration::from_millis(300))
-        .wait(Duration::ZERO);
+        .wait(Duration::ZERO)
+        .build()
+        .unwrap();
     let app = Router::new()
         .route(
             "/stream",
@@ -1422,7 +1497,7 @@ async fn a_stalled_http2_reader_does_not_keep_the_key() {
     assert_eq!(stalled.status(), StatusCode::OK);
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while layer.held_locks() != 0 {
+    while layer.stats().held_locks() != 0 {
         assert!(
             Instant::now() < deadline,
             "the lock of the stalled response is still held"

@@ -127,11 +127,12 @@ async fn ten_thousand_requests_leave_nothing_behind() {
     let options = DistMutexOptions::default()
         .with_expiry(EXPIRY)
         .with_timeout_factor(TIMEOUT_FACTOR);
-    let layer = DistLockLayer::new(sync.clone(), PathSegment::new(1))
+    let layer = DistLockLayer::builder(sync.clone(), PathSegment::new(1))
         .namespace("load")
         .mutex_options(options.clone())
-        .extend_every(EXTEND_EVERY);
-    layer.validate().expect("a valid layer");
+        .extend_every(EXTEND_EVERY)
+        .build()
+        .expect("a valid layer");
     let app = Router::new()
         .route("/items/{key}", get(handler))
         .route_layer(layer.clone());
@@ -158,7 +159,7 @@ async fn ten_thousand_requests_leave_nothing_behind() {
     holder.unlock().await.unwrap();
     waiting.await.unwrap();
     support::wait_until(BOUND, "the warm-up is done", || {
-        layer.held_locks() == 0 && nodes.total_keys() == 0
+        layer.stats().held_locks() == 0 && nodes.total_keys() == 0
     })
     .await;
     let before: Vec<(usize, usize)> = checkers.iter_mut().map(connections).collect();
@@ -212,7 +213,7 @@ async fn ten_thousand_requests_leave_nothing_behind() {
     // Nothing left: entries, keepers, keys, connections.
     drop(client);
     support::wait_until(BOUND, "no key in use, no keeper alive", || {
-        layer.local_keys() == 0 && layer.held_locks() == 0
+        layer.stats().local_keys() == 0 && layer.stats().held_locks() == 0
     })
     .await;
     let unlocks = sync.counts.unlocks() - warm_unlocks;
@@ -244,8 +245,8 @@ async fn ten_thousand_requests_leave_nothing_behind() {
         "backend calls: {} locks, {} extends, {unlocks} unlocks; afterwards local_keys {}, held_locks {}",
         sync.counts.locks(),
         sync.counts.extends(),
-        layer.local_keys(),
-        layer.held_locks()
+        layer.stats().local_keys(),
+        layer.stats().held_locks()
     );
     println!(
         "connections per node (all, pubsub; the test's own included): before {before:?}, after {after:?}; opened during the load {opened:?}"

@@ -18,7 +18,7 @@ use http::{Response, StatusCode};
 /// | `InvalidKey`: empty, too long, control characters, not text | 400 | `INVALID_ARGUMENT` |
 /// | `MissingKey`: no key, when configured to reject | 400 | `INVALID_ARGUMENT` |
 /// | `Lost`: the lock was lost and the handler aborted | 503 | `UNAVAILABLE` |
-/// | `Misconfigured`: invalid options or configuration (see [`DistLockLayer::validate`](super::DistLockLayer::validate)), or a key extractor set up wrong ([`KeyError::Misconfigured`](super::KeyError::Misconfigured)) | 500 | `INTERNAL` |
+/// | `Misconfigured`: a key extractor set up wrong ([`KeyError::Misconfigured`](super::KeyError::Misconfigured)), or a mutex the backend refused to make | 500 | `INTERNAL` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
@@ -33,14 +33,14 @@ pub enum RejectionKind {
     /// An extension failed while the handler ran, and the layer was set to
     /// abort the handler.
     Lost,
-    /// The layer's mutex options or configuration are invalid, or its key
-    /// extractor cannot work where it is.
+    /// The layer's key extractor cannot work where it is, or the backend
+    /// refused to make the request's mutex (its value generator failed).
     Misconfigured,
 }
 
 /// A rejected request: its kind, a short message, and whether it was a gRPC
 /// call. [`into_response`](Self::into_response) gives the default response;
-/// [`DistLockLayer::rejection_response`](super::DistLockLayer::rejection_response)
+/// [`DistLockLayerBuilder::rejection_response`](super::DistLockLayerBuilder::rejection_response)
 /// replaces it.
 ///
 /// ```

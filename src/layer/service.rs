@@ -1,5 +1,4 @@
-//! The service that [`DistLockLayer`](super::DistLockLayer) wraps around
-//! an inner service.
+//! The service that [`DistLockLayer`] wraps around an inner service.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,20 +8,21 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::LayerState;
 use super::acquire::{Start, acquire, rejection, start};
 use super::body::LockBody;
 use super::extract::{KeyExtractor, key_of};
 use super::future::ResponseFuture;
 use super::rejection::{Rejection, RejectionKind};
+use super::{DistLockLayer, DistLockLayerBuilder, LayerState, LockStats};
 use crate::sync::DistSync;
 
 /// Holds a distributed lock per request key around an inner service. Made
-/// by [`DistLockLayer`](super::DistLockLayer); cheap to clone.
+/// by [`DistLockLayer`] (as a [`Layer`](tower_layer::Layer)) or by
+/// [`DistLock::new`]; cheap to clone.
 pub struct DistLock<S, D: DistSync, K> {
-    pub(crate) inner: S,
-    pub(crate) shared: Arc<LayerState<D>>,
-    pub(crate) extractor: K,
+    inner: S,
+    shared: Arc<LayerState<D>>,
+    extractor: K,
 }
 
 impl<S: Clone, D: DistSync, K: Clone> Clone for DistLock<S, D, K> {
@@ -44,19 +44,115 @@ impl<S, D: DistSync, K> fmt::Debug for DistLock<S, D, K> {
 }
 
 impl<S, D: DistSync, K> DistLock<S, D, K> {
-    /// The number of keys with requests in flight in this process (waiting
-    /// or holding). Zero when idle: the per-key entries go away with their
-    /// last request.
-    pub fn local_keys(&self) -> usize {
-        self.shared.queues.len()
+    /// Wraps `inner` with `layer`'s locking: what
+    /// [`Layer::layer`](tower_layer::Layer::layer) does. Services made from
+    /// one layer (or its clones) share its local queues and its counters.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::service_fn;
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, DistLockLayer, HeaderKey};
+    ///
+    /// let layer = DistLockLayer::builder(MemorySync::new(), HeaderKey::new("x-id")).build()?;
+    /// let handler = service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, Infallible>(http::Response::new(String::new()))
+    /// });
+    /// let service = DistLock::new(handler, layer);
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn new(inner: S, layer: DistLockLayer<D, K>) -> Self {
+        DistLock {
+            inner,
+            shared: layer.shared,
+            extractor: layer.extractor,
+        }
     }
 
-    /// The number of locks held now by the requests of this service's
-    /// layer (see [`DistLockLayer::held_locks`](super::DistLockLayer::held_locks)).
-    pub fn held_locks(&self) -> usize {
-        self.shared
-            .keepers
-            .load(std::sync::atomic::Ordering::Acquire)
+    /// The inner service.
+    ///
+    /// ```
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, DistLockLayer, MethodPath};
+    ///
+    /// let layer = DistLockLayer::builder(MemorySync::new(), MethodPath).build()?;
+    /// let service = DistLock::new("inner", layer);
+    /// assert_eq!(*service.get_ref(), "inner");
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, to change.
+    ///
+    /// ```
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, DistLockLayer, MethodPath};
+    ///
+    /// let layer = DistLockLayer::builder(MemorySync::new(), MethodPath).build()?;
+    /// let mut service = DistLock::new(1, layer);
+    /// *service.get_mut() += 1;
+    /// assert_eq!(*service.get_ref(), 2);
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, without the locking. Requests already started
+    /// keep their locks until they end.
+    ///
+    /// ```
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, DistLockLayer, MethodPath};
+    ///
+    /// let layer = DistLockLayer::builder(MemorySync::new(), MethodPath).build()?;
+    /// let service = DistLock::new("inner", layer);
+    /// assert_eq!(service.into_inner(), "inner");
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The counters of the requests of this service's layer (keys in
+    /// flight, locks held), over every service it made; see [`LockStats`].
+    ///
+    /// ```
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, DistLockLayer, MethodPath};
+    ///
+    /// let layer = DistLockLayer::builder(MemorySync::new(), MethodPath).build()?;
+    /// let service = DistLock::new((), layer);
+    /// assert_eq!(service.stats().held_locks(), 0);
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn stats(&self) -> LockStats {
+        self.shared.stats()
+    }
+}
+
+// In its own block, for any service type: `DistLock::layer(..)` then needs
+// no annotation for the service the layer will wrap, which it cannot know.
+impl<D: DistSync, K> DistLock<(), D, K> {
+    /// Starts the configuration of the layer that makes this service:
+    /// the same as [`DistLockLayer::builder`]. Its
+    /// [`build`](DistLockLayerBuilder::build) checks the settings and gives
+    /// the layer.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_dsync::MemorySync;
+    /// use tower_dsync::layer::{DistLock, HeaderKey};
+    ///
+    /// let layer = DistLock::layer(MemorySync::new(), HeaderKey::new("x-id"))
+    ///     .wait(Duration::ZERO)
+    ///     .build()?;
+    /// # Ok::<(), tower_dsync::Error>(())
+    /// ```
+    pub fn layer(sync: D, extractor: K) -> DistLockLayerBuilder<D, K> {
+        DistLockLayer::builder(sync, extractor)
     }
 }
 
@@ -99,11 +195,6 @@ where
             Ok(None) => return ResponseFuture::unlocked(inner, request),
             Err(error) => return reject(error.rejection_kind(), error.to_string(), &request),
         };
-        // Before naming: a namespace that leaves no room for a key is the
-        // server's fault, not the client's.
-        if let Some(reason) = &shared.misconfigured {
-            return reject(RejectionKind::Misconfigured, reason.clone(), &request);
-        }
         let name = match shared.namer.name(&key) {
             Ok(name) => name,
             Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
