@@ -12,11 +12,12 @@ use tokio::time::Instant;
 
 use super::RedisState;
 use super::keys::Keys;
-use super::node::{Claim, Lineup, Node, Undoes};
+use super::node::{AcquireArgs, Claim, Lineup, Node, ReleaseArgs, Undoes};
 use super::quorum::Round;
-use super::waiters::{Waiter, leave_nodes, leave_queues};
+use super::waiters::{NameState, Waiter, leave_nodes, leave_queues};
 use crate::error::{Error, NodeError, Recovering, Result};
 use crate::options::DistMutexOptions;
+use crate::queue::Turn;
 use crate::sync::DistMutex;
 
 /// A mutex of [`RedisSync`](super::RedisSync).
@@ -193,154 +194,17 @@ impl DistMutex for RedisMutex {
     }
 
     async fn lock(&mut self) -> Result<()> {
-        let preset = self.options.value().is_some();
-        let expiry = self.options.expiry();
-        let timeout = self.options.node_timeout();
-        let quorum = self.shared.quorum;
-        let tries = self.options.tries();
-        // Callers that may wait line up per name in this process, first come
-        // first served: only the first talks to the nodes, and the process
-        // takes its place in the nodes' wait queues. A queued caller waits
-        // at most as long as its own tries could take.
-        let mut waiter = (tries > 1).then(|| Waiter::join(&self.shared, &self.keys, timeout));
-        let _turn = match &waiter {
-            None => None,
-            Some(waiter) => match waiter.turn(&self.options).await {
-                Some(turn) => Some(turn),
-                None => return Err(Error::Held { remaining: None }),
-            },
+        let call = LockCall::start(&self.shared, &self.keys, &self.options, &mut self.cleanup);
+        let Some(call) = call.await else {
+            return Err(Error::Held { remaining: None });
         };
-        // An entry in the wait queues is kept for one expiry (at most
-        // MAX_LEASE) without a renewal; a waiter renews it at least twice
-        // as often.
-        let lease = expiry.min(MAX_LEASE);
-        // How long the holder keeps the name, as its nodes told us.
-        let mut holder_left = Duration::MAX;
-        // Attempts made, and whether the next one goes at once (uncounted):
-        // a release while the subscription was being set up is not missed.
-        // That happens once per call: with a node down, the subscriptions
-        // are never all in place, and an uncounted retry after every
-        // attempt would poll the nodes without waiting and without end.
-        // A waiter whose place an earlier acquisition of this process
-        // queued waits for its wake-up first.
-        let mut made = 0;
-        let mut retry_now = false;
-        let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
-        let mut last_error = None;
-        let mut subscribe_tried = false;
-        let recovery = self.shared.recovery(expiry);
-        if wait_first && !self.shared.wakeups.subscribed(&self.keys) {
-            // No wake-up could reach this waiter: subscribe, then try at
-            // once instead.
-            subscribe_tried = true;
-            self.shared.wakeups.subscribe(&self.keys, timeout).await;
-            wait_first = false;
-        }
-        while made < tries || retry_now {
-            if (made > 0 && !retry_now) || wait_first {
-                let wait = self
-                    .options
-                    .delay(made.max(1))
-                    .min(holder_left)
-                    .min(lease / 2);
-                match &mut waiter {
-                    Some(waiter) => waiter.wait(wait).await,
-                    None => tokio::time::sleep(wait).await,
-                }
-                wait_first = false;
-            }
-            made += u32::from(!retry_now);
-            retry_now = false;
-            let value = self.options.gen_shared_value()?;
-            wait_for_cleanup(&mut self.cleanup, &value).await;
-            let subscribed = self.shared.wakeups.subscribed(&self.keys);
-            let lineup = waiter.as_ref().map(|waiter| waiter.lineup(lease));
-            let start = Instant::now();
-            let mut attempt = Attempt {
-                round: Some(Round::start(self.shared.nodes.iter().map(|node| {
-                    node.acquire(
-                        self.keys.clone(),
-                        value.clone(),
-                        preset,
-                        expiry,
-                        lineup.clone(),
-                        recovery,
-                        timeout,
-                    )
-                }))),
-                shared: &self.shared,
-                keys: &self.keys,
-                value: &value,
-                preset,
-                timeout,
-                lineup: lineup.as_ref(),
-                cleanup: &mut self.cleanup,
-            };
-            let claims = attempt.round.as_mut().expect("armed");
-            claims
-                .settle(quorum, self.shared.fail_fast, |claim| {
-                    matches!(claim, Claim::Acquired { .. })
-                })
-                .await;
-            // Still armed: dropped during the fencing round, the attempt
-            // releases what it got.
-            let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
-            let fenced = match fencing {
-                Some(fencing) => fence(&self.shared, &self.keys.node, &fencing, timeout).await,
-                None => Ok(None),
-            };
-            let round = attempt.round.take().expect("armed");
-            drop(attempt);
-            if let Some(waiter) = &mut waiter {
-                waiter.settled();
-            }
-            let error = match (fenced, validity_end(&self.options, start)) {
-                (Ok(Some(token)), Some(until)) => {
-                    if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
-                        waiter.acquired(lineup);
-                    }
-                    self.unanswered = round.unanswered_nodes();
-                    let stragglers =
-                        settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
-                    self.cleanup = Cleanup::of(stragglers, &value);
-                    self.value = value;
-                    self.until = Some(until);
-                    self.token = Some(token);
-                    self.released = false;
-                    return Ok(());
-                }
-                (Err(error), _) => error,
-                _ => acquire_error(&round, &self.shared.nodes, quorum, timeout, start.elapsed()),
-            };
-            holder_left = error.retry_after().unwrap_or(Duration::MAX);
-            // A waiter that tries again is put back in line where this
-            // attempt took it out.
-            let requeue = lineup.as_ref().filter(|_| made < tries);
-            self.cleanup = release_leftovers(
-                round,
-                &self.shared,
-                &self.keys,
-                &value,
-                preset,
-                timeout,
-                lineup.as_ref(),
-                requeue,
-            );
-            if waiter.is_some()
-                && matches!(error, Error::Held { .. })
-                && !subscribed
-                && !subscribe_tried
-                && made < tries
-            {
-                subscribe_tried = true;
-                last_error = Some(error);
-                self.shared.wakeups.subscribe(&self.keys, timeout).await;
-                retry_now = true;
-                continue;
-            }
-            last_error = Some(error);
-        }
-        Err(last_error.expect("tries is at least 1"))
+        let acquired = call.run().await?;
+        self.unanswered = acquired.unanswered;
+        self.value = acquired.value;
+        self.until = Some(acquired.until);
+        self.token = Some(acquired.token);
+        self.released = false;
+        Ok(())
     }
 
     async fn unlock(&mut self) -> Result<()> {
@@ -354,22 +218,20 @@ impl DistMutex for RedisMutex {
         self.until = None;
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
-        let nonce = rand::random::<u64>();
-        let announce = (self.keys.wake.clone(), nonce);
+        let release = ReleaseArgs {
+            keys: self.keys.clone(),
+            value: self.value.clone(),
+            announce: (self.keys.wake.clone(), rand::random::<u64>()),
+            requeue: None,
+            timeout,
+        };
         let round = Round::start(self.shared.nodes.iter().enumerate().map(|(i, node)| {
             let undoes = if self.unanswered.contains(&i) {
                 Undoes::Unanswered
             } else {
                 Undoes::Answered
             };
-            node.release(
-                self.keys.clone(),
-                self.value.clone(),
-                Some(announce.clone()),
-                None,
-                undoes,
-                timeout,
-            )
+            node.release(&release, undoes)
         }));
         let (deleted, stragglers) = round
             .decide(quorum, self.shared.fail_fast, timeout, |deleted| {
@@ -463,6 +325,263 @@ impl DistMutex for RedisMutex {
             })
             .await
             .0
+    }
+}
+
+/// One call of [`RedisMutex::lock`]: its place in the process's line, and
+/// what its attempts have learned so far.
+///
+/// Callers that may wait (more than one try) line up per name in this
+/// process, first come first served: only the first talks to the nodes,
+/// and the process takes its place in the nodes' wait queues. A queued
+/// caller waits at most as long as its own tries could take.
+struct LockCall<'m> {
+    shared: &'m Arc<RedisState>,
+    keys: &'m Arc<Keys>,
+    options: &'m DistMutexOptions,
+    /// The mutex's background release, waited for before each attempt
+    /// and replaced by the attempt's own.
+    cleanup: &'m mut Option<Cleanup>,
+    /// This call's turn in the process's line, held until the call ends
+    /// (dropped before the waiter, which then leaves the line).
+    _turn: Option<Turn<NameState>>,
+    /// The call's place in the process's line, when it may wait.
+    waiter: Option<Waiter>,
+    /// The per-node timeout.
+    timeout: Duration,
+    /// How long the nodes keep this process's entry in their wait queues
+    /// without a renewal.
+    lease: Duration,
+    /// How long a node that lost its state refuses new locks.
+    recovery: Option<Duration>,
+    /// Attempts made: counted against `tries`.
+    made: u32,
+    /// The next attempt goes at once and is not counted: a release while
+    /// the subscription was being set up is not missed. That happens once
+    /// per call (see `subscribe_tried`).
+    retry_now: bool,
+    /// An earlier acquisition of this process queued this waiter's place:
+    /// it waits for its wake-up before its first attempt.
+    wait_first: bool,
+    /// Whether this call has subscribed to wake-ups once already: with a
+    /// node down, the subscriptions are never all in place, and an
+    /// uncounted retry after every attempt would poll the nodes without
+    /// waiting and without end.
+    subscribe_tried: bool,
+    /// How long the holder keeps the name, as its nodes told us.
+    holder_left: Duration,
+    /// Why the last attempt failed.
+    last_error: Option<Error>,
+}
+
+/// What a successful [`LockCall`] hands its mutex.
+struct Acquired {
+    value: Arc<str>,
+    until: Instant,
+    token: u64,
+    /// The nodes that had not answered when the acquisition was decided.
+    unanswered: Vec<usize>,
+}
+
+impl<'m> LockCall<'m> {
+    /// Takes this call's turn in the process's line when it may wait;
+    /// `None` when the turn did not come within its own tries' time.
+    async fn start(
+        shared: &'m Arc<RedisState>,
+        keys: &'m Arc<Keys>,
+        options: &'m DistMutexOptions,
+        cleanup: &'m mut Option<Cleanup>,
+    ) -> Option<LockCall<'m>> {
+        let timeout = options.node_timeout();
+        let waiter = (options.tries() > 1).then(|| Waiter::join(shared, keys, timeout));
+        let turn = match &waiter {
+            None => None,
+            Some(waiter) => Some(waiter.turn(options).await?),
+        };
+        let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
+        let mut subscribe_tried = false;
+        if wait_first && !shared.wakeups.subscribed(keys) {
+            // No wake-up could reach this waiter: subscribe, then try at
+            // once instead.
+            subscribe_tried = true;
+            shared.wakeups.subscribe(keys, timeout).await;
+            wait_first = false;
+        }
+        Some(LockCall {
+            shared,
+            keys,
+            options,
+            cleanup,
+            _turn: turn,
+            waiter,
+            timeout,
+            // An entry in the wait queues is kept for one expiry (at most
+            // MAX_LEASE) without a renewal; a waiter renews it at least
+            // twice as often.
+            lease: options.expiry().min(MAX_LEASE),
+            recovery: shared.recovery(options.expiry()),
+            made: 0,
+            retry_now: false,
+            wait_first,
+            subscribe_tried,
+            holder_left: Duration::MAX,
+            last_error: None,
+        })
+    }
+
+    /// Makes the call's attempts until one acquires the lock or the tries
+    /// are used up.
+    async fn run(mut self) -> Result<Acquired> {
+        while self.made < self.options.tries() || self.retry_now {
+            self.wait_before_attempt().await;
+            if let Some(acquired) = self.attempt().await? {
+                return Ok(acquired);
+            }
+        }
+        Err(self.last_error.take().expect("tries is at least 1"))
+    }
+
+    /// Waits for the retry delay (or a wake-up, or the holder's remaining
+    /// time) before every counted attempt but the first, and before the
+    /// first when this waiter waits for its wake-up first.
+    async fn wait_before_attempt(&mut self) {
+        if (self.made == 0 || self.retry_now) && !self.wait_first {
+            return;
+        }
+        let wait = self
+            .options
+            .delay(self.made.max(1))
+            .min(self.holder_left)
+            .min(self.lease / 2);
+        match &mut self.waiter {
+            Some(waiter) => waiter.wait(wait).await,
+            None => tokio::time::sleep(wait).await,
+        }
+        self.wait_first = false;
+    }
+
+    /// One attempt with a fresh value (or the preset one): what it
+    /// acquired, or `None` once what it got is released.
+    async fn attempt(&mut self) -> Result<Option<Acquired>> {
+        self.made += u32::from(!self.retry_now);
+        self.retry_now = false;
+        let value = self.options.gen_shared_value()?;
+        wait_for_cleanup(self.cleanup, &value).await;
+        let subscribed = self.shared.wakeups.subscribed(self.keys);
+        let args = AcquireArgs {
+            keys: self.keys.clone(),
+            value,
+            preset: self.options.value().is_some(),
+            expiry: self.options.expiry(),
+            lineup: self.waiter.as_ref().map(|waiter| waiter.lineup(self.lease)),
+            recovery: self.recovery,
+            timeout: self.timeout,
+        };
+        let start = Instant::now();
+        let (round, fenced) = self.acquire_on_nodes(&args).await;
+        if let Some(waiter) = &mut self.waiter {
+            waiter.settled();
+        }
+        let error = match (fenced, validity_end(self.options, start)) {
+            (Ok(Some(token)), Some(until)) => {
+                return Ok(Some(self.acquired(round, args, until, token)));
+            }
+            (Err(error), _) => error,
+            _ => acquire_error(
+                &round,
+                &self.shared.nodes,
+                self.shared.quorum,
+                self.timeout,
+                start.elapsed(),
+            ),
+        };
+        self.after_failure(error, round, &args, subscribed).await;
+        Ok(None)
+    }
+
+    /// Sends the acquisition to every node and, once a quorum granted it,
+    /// fences its token. Dropped meanwhile, it releases what it got.
+    async fn acquire_on_nodes(
+        &mut self,
+        args: &AcquireArgs,
+    ) -> (Round<Claim>, Result<Option<u64>>) {
+        let quorum = self.shared.quorum;
+        let mut attempt = Attempt {
+            round: Some(Round::start(
+                self.shared.nodes.iter().map(|node| node.acquire(args)),
+            )),
+            shared: self.shared,
+            args,
+            cleanup: self.cleanup,
+        };
+        let claims = attempt.round.as_mut().expect("armed");
+        claims
+            .settle(quorum, self.shared.fail_fast, |claim| {
+                matches!(claim, Claim::Acquired { .. })
+            })
+            .await;
+        // Still armed: dropped during the fencing round, the attempt
+        // releases what it got.
+        let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
+        let fenced = match fencing {
+            Some(fencing) => fence(self.shared, &self.keys.node, &fencing, self.timeout).await,
+            None => Ok(None),
+        };
+        (attempt.round.take().expect("armed"), fenced)
+    }
+
+    /// The attempt acquired the lock: the process's place in the queues is
+    /// settled, and the nodes still to answer finish in the background.
+    fn acquired(
+        &mut self,
+        round: Round<Claim>,
+        args: AcquireArgs,
+        until: Instant,
+        token: u64,
+    ) -> Acquired {
+        if let (Some(waiter), Some(lineup)) = (&mut self.waiter, &args.lineup) {
+            waiter.acquired(lineup);
+        }
+        let unanswered = round.unanswered_nodes();
+        let stragglers = settle_acquired(round, self.shared, &args.keys, args.lineup, self.timeout);
+        *self.cleanup = Cleanup::of(stragglers, &args.value);
+        Acquired {
+            value: args.value,
+            until,
+            token,
+            unanswered,
+        }
+    }
+
+    /// Releases what a failed attempt got, and subscribes to wake-ups when
+    /// a waiter was refused without them (then the next attempt goes at
+    /// once).
+    /// `subscribed`: whether a release announced during the attempt
+    /// reached this process.
+    async fn after_failure(
+        &mut self,
+        error: Error,
+        round: Round<Claim>,
+        args: &AcquireArgs,
+        subscribed: bool,
+    ) {
+        let tries_left = self.made < self.options.tries();
+        self.holder_left = error.retry_after().unwrap_or(Duration::MAX);
+        // A waiter that tries again is put back in line where this
+        // attempt took it out.
+        let requeue = args.lineup.as_ref().filter(|_| tries_left);
+        *self.cleanup = release_leftovers(round, self.shared, args, requeue);
+        let subscribe = self.waiter.is_some()
+            && matches!(error, Error::Held { .. })
+            && !subscribed
+            && !self.subscribe_tried
+            && tries_left;
+        self.last_error = Some(error);
+        if subscribe {
+            self.subscribe_tried = true;
+            self.shared.wakeups.subscribe(self.keys, self.timeout).await;
+            self.retry_now = true;
+        }
     }
 }
 
@@ -652,17 +771,18 @@ fn undo_repairs(
                 }
             })
             .await;
-        let announce = (keys.wake.clone(), rand::random::<u64>());
-        join_all(recreated.into_iter().map(|i| {
-            shared.nodes[i].release(
-                keys.clone(),
-                value.clone(),
-                Some(announce.clone()),
-                None,
-                Undoes::Answered,
-                timeout,
-            )
-        }))
+        let release = ReleaseArgs {
+            announce: (keys.wake.clone(), rand::random::<u64>()),
+            keys,
+            value,
+            requeue: None,
+            timeout,
+        };
+        join_all(
+            recreated
+                .into_iter()
+                .map(|i| shared.nodes[i].release(&release, Undoes::Answered)),
+        )
         .await;
     }))
 }
@@ -714,27 +834,14 @@ async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
 struct Attempt<'a> {
     round: Option<Round<Claim>>,
     shared: &'a Arc<RedisState>,
-    keys: &'a Arc<Keys>,
-    value: &'a Arc<str>,
-    preset: bool,
-    timeout: Duration,
-    lineup: Option<&'a Lineup>,
+    args: &'a AcquireArgs,
     cleanup: &'a mut Option<Cleanup>,
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if let Some(round) = self.round.take() {
-            *self.cleanup = release_leftovers(
-                round,
-                self.shared,
-                self.keys,
-                self.value,
-                self.preset,
-                self.timeout,
-                self.lineup,
-                None,
-            );
+            *self.cleanup = release_leftovers(round, self.shared, self.args, None);
         }
     }
 }
@@ -832,48 +939,47 @@ fn acquire_error(
 /// for this prompt part, see [`wait_for_cleanup`]) would find the keys of
 /// this one in its way on those nodes, get another minority, and leave
 /// that in the way of the one after: a livelock while the node stays down.
-#[allow(clippy::too_many_arguments)]
 fn release_leftovers(
     round: Round<Claim>,
     shared: &Arc<RedisState>,
-    keys: &Arc<Keys>,
-    value: &Arc<str>,
-    preset: bool,
-    timeout: Duration,
-    lineup: Option<&Lineup>,
+    args: &AcquireArgs,
     requeue: Option<&Lineup>,
 ) -> Option<Cleanup> {
-    let unsure = !preset && !round.failures.is_empty();
+    let unsure = !args.preset && !round.failures.is_empty();
     if round.yes == 0 && round.unanswered() == 0 && !unsure {
         return None;
     }
     let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, keys, released) = (shared.clone(), keys.clone(), value.clone());
-    let queued = lineup.map(|lineup| lineup.start);
-    let requeue = requeue.cloned();
+    let shared = shared.clone();
+    let (preset, keys) = (args.preset, args.keys.clone());
+    let queued = args.lineup.as_ref().map(|lineup| lineup.start);
     let said_yes: Vec<usize> = round
         .replies
         .iter()
         .filter(|(_, claim)| matches!(claim, Claim::Acquired { .. }))
         .map(|(node, _)| *node)
         .collect();
+    // Announced: contenders refused because of these keys may retry.
+    // One nonce for both parts: they are one release.
+    let release = ReleaseArgs {
+        keys: args.keys.clone(),
+        value: args.value.clone(),
+        announce: (args.keys.wake.clone(), rand::random::<u64>()),
+        requeue: requeue.cloned(),
+        timeout: args.timeout,
+    };
     let (prompt_done, prompt) = oneshot::channel();
     let task = runtime.spawn(async move {
-        let value = released;
-        // Announced: contenders refused because of these keys may retry.
-        // One nonce for both parts: they are one release.
-        let announce = (keys.wake.clone(), rand::random::<u64>());
-        let release = |nodes: Vec<(usize, Undoes)>| {
-            join_all(nodes.into_iter().map(|(i, undoes)| {
-                let announce = Some(announce.clone());
-                let requeue = requeue.clone();
-                let (keys, value) = (keys.clone(), value.clone());
-                shared.nodes[i].release(keys, value, announce, requeue, undoes, timeout)
-            }))
+        let release_on = |nodes: Vec<(usize, Undoes)>| {
+            join_all(
+                nodes
+                    .into_iter()
+                    .map(|(i, undoes)| shared.nodes[i].release(&release, undoes)),
+            )
         };
         let prompt_part = async {
             let answered = said_yes.iter().map(|&i| (i, Undoes::Answered)).collect();
-            release(answered).await;
+            release_on(answered).await;
             let _ = prompt_done.send(());
         };
         let late_part = async {
@@ -890,18 +996,18 @@ fn release_leftovers(
                     None => {}
                 })
                 .await;
-            release(suspects).await;
+            release_on(suspects).await;
         };
         futures_util::future::join(prompt_part, late_part).await;
-        let waiter_done = requeue.is_none();
+        let waiter_done = release.requeue.is_none();
         if let Some(start) = queued
             && (waiter_done || shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle()))
         {
-            leave_queues(&shared, &keys, start, timeout);
+            leave_queues(&shared, &keys, start, release.timeout);
         }
     });
     Some(Cleanup {
-        value: value.clone(),
+        value: args.value.clone(),
         prompt: Some(prompt),
         task,
     })

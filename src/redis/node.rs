@@ -130,6 +130,42 @@ pub(crate) enum Undoes {
 /// of the processes' wake-up channels and the nonce of this event.
 pub(crate) type Announce = (Arc<str>, u64);
 
+/// What one acquisition attempt sends to every node, built once per
+/// attempt.
+#[derive(Clone, Debug)]
+pub(crate) struct AcquireArgs {
+    pub(crate) keys: Arc<Keys>,
+    /// The attempt's value: fresh, or the `value` option's.
+    pub(crate) value: Arc<str>,
+    /// Whether `value` is the `value` option's: it may be another owner's.
+    pub(crate) preset: bool,
+    pub(crate) expiry: Duration,
+    /// The waiting process's place in the name's wait queue, when the
+    /// caller waits.
+    pub(crate) lineup: Option<Lineup>,
+    /// How long a node that lost its state refuses new locks (`None`: it
+    /// does not, with nothing to recover from).
+    pub(crate) recovery: Option<Duration>,
+    /// The per-node timeout.
+    pub(crate) timeout: Duration,
+}
+
+/// What one release sends, the same to every node.
+#[derive(Clone, Debug)]
+pub(crate) struct ReleaseArgs {
+    pub(crate) keys: Arc<Keys>,
+    /// The value whose key goes.
+    pub(crate) value: Arc<str>,
+    /// How the process first in line is woken: the nonce is the same on
+    /// every node, unique per release.
+    pub(crate) announce: Announce,
+    /// The waiter of a failed attempt that keeps waiting: the process is
+    /// put back in line with that waiter's start.
+    pub(crate) requeue: Option<Lineup>,
+    /// The per-node timeout.
+    pub(crate) timeout: Duration,
+}
+
 impl Node {
     /// A node; with `replicas`, acquisitions and extensions go over
     /// `durable` (else over `conn`).
@@ -151,31 +187,24 @@ impl Node {
         &self.label
     }
 
-    /// `ACQUIRE` on the name's keys; `lineup` when the caller waits. A
-    /// resend after a dropped connection may claim a key that already
-    /// holds `value` only when the value is not `preset`: a generated value
-    /// is this attempt's alone, a preset one may be another owner's. (A
-    /// cluster connection resends on its own, unseen: there every attempt
-    /// with a generated value claims a key that holds it.)
+    /// `ACQUIRE` on the name's keys (see [`AcquireArgs`]). A resend after a
+    /// dropped connection may claim a key that already holds the value only
+    /// when the value is not preset: a generated value is this attempt's
+    /// alone, a preset one may be another owner's. (A cluster connection
+    /// resends on its own, unseen: there every attempt with a generated
+    /// value claims a key that holds it.)
     ///
     /// With [`replicas`](Self::new) set, an acquisition whose replicas fall
     /// short is undone on this node, which then counts as failed.
-    ///
-    /// `recovery`: how long a node that lost its state refuses new locks
-    /// (`None`: it does not, with nothing to recover from).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
-        keys: Arc<Keys>,
-        value: Arc<str>,
-        preset: bool,
-        expiry: Duration,
-        lineup: Option<Lineup>,
-        recovery: Option<Duration>,
-        timeout: Duration,
+        args: &AcquireArgs,
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
-        let px = millis(expiry);
-        let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
+        let px = millis(args.expiry);
+        let (node, lock, owner) = (self.clone(), args.keys.clone(), args.value.clone());
+        let (keys, value) = (args.keys.clone(), args.value.clone());
+        let (preset, lineup, recovery) = (args.preset, args.lineup.clone(), args.recovery);
+        let timeout = args.timeout;
         let replicas = self.replicas;
         let unseen_resends = self.conn.resends_on_its_own();
         let claim = self.bounded(
@@ -206,10 +235,14 @@ impl Node {
             {
                 // Not as durable as asked: the key goes, and the node
                 // counts as failed.
-                let announce = (lock.wake.clone(), rand::random());
-                let _ = node
-                    .release(lock, owner, Some(announce), None, Undoes::Answered, timeout)
-                    .await;
+                let undo = ReleaseArgs {
+                    announce: (lock.wake.clone(), rand::random()),
+                    keys: lock,
+                    value: owner,
+                    requeue: None,
+                    timeout,
+                };
+                let _ = node.release(&undo, Undoes::Answered).await;
                 return Err(failure);
             }
             Ok(claim)
@@ -251,38 +284,28 @@ impl Node {
         })
     }
 
-    /// `RELEASE`: 1 if our key was deleted, and then the process first in
-    /// the name's wait queue woken, with `announce` (its nonce is the same
-    /// on every node, unique per release). With `requeue`, the waiter of a
-    /// failed attempt that keeps waiting, the process is put back in line
-    /// with that waiter's start. It goes on the connection that orders it
-    /// after what it `undoes` (see [`Undoes`]).
-    #[allow(clippy::too_many_arguments)]
+    /// `RELEASE` (see [`ReleaseArgs`]): 1 if our key was deleted, and then
+    /// the process first in the name's wait queue woken. It goes on the
+    /// connection that orders it after what it `undoes` (see [`Undoes`]).
     pub(crate) fn release(
         &self,
-        keys: Arc<Keys>,
-        value: Arc<str>,
-        announce: Option<Announce>,
-        requeue: Option<Lineup>,
+        args: &ReleaseArgs,
         undoes: Undoes,
-        timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         let conn = match undoes {
             Undoes::Answered => &self.conn,
             Undoes::Unanswered => &self.durable,
         };
-        let requeue = requeue.map_or_else(String::new, |l| {
+        let requeue = args.requeue.as_ref().map_or_else(String::new, |l| {
             format!("{} {} {}", l.client, l.start, l.lease)
         });
-        self.bounded(conn, timeout, move |mut conn, _| {
-            let (channel, nonce) = match &announce {
-                Some((channel, nonce)) => (&**channel, *nonce),
-                None => ("", 0),
-            };
+        let (keys, value) = (args.keys.clone(), args.value.clone());
+        let (channel, nonce) = (args.announce.0.clone(), args.announce.1);
+        self.bounded(conn, args.timeout, move |mut conn, _| {
             let call = RELEASE
                 .call(&[&keys.lock, &keys.queue, &keys.leases])
                 .arg(&*value)
-                .arg(channel)
+                .arg(&*channel)
                 .arg(nonce)
                 .arg(&requeue);
             async move { script(&mut conn, call).await }
