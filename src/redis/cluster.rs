@@ -23,8 +23,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::keys::{Keys, slot};
-use super::waiters::NameState;
-use super::wakeups::deliver;
+use super::local_waiters::{LocalWaiters, deliver};
 use crate::queue::LocalQueues;
 
 /// The connections to a cluster, made lazily: one for the locks'
@@ -120,7 +119,7 @@ impl SlotWakeups {
         conn: ClusterConnection,
         pushes: mpsc::UnboundedReceiver<PushInfo>,
         client_id: Arc<str>,
-        queues: Weak<LocalQueues<NameState>>,
+        queues: Weak<LocalQueues<LocalWaiters>>,
     ) -> Self {
         let state = Arc::new(State {
             conn,
@@ -183,7 +182,7 @@ fn refused(e: &redis::RedisError) -> bool {
 async fn read_pushes(
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     state: Weak<State>,
-    queues: Weak<LocalQueues<NameState>>,
+    queues: Weak<LocalQueues<LocalWaiters>>,
 ) {
     while let Some(push) = pushes.recv().await {
         let Some(state) = state.upgrade() else { return };

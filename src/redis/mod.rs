@@ -72,10 +72,12 @@
 mod cluster;
 mod conn;
 mod keys;
+mod local_waiters;
 mod mutex;
 mod node;
 mod quorum;
 mod scripts;
+mod state;
 mod waiters;
 mod wakeups;
 
@@ -89,6 +91,7 @@ use conn::Conn;
 use keys::Keys;
 pub use mutex::RedisMutex;
 use node::Node;
+use state::{Queues, RedisState};
 
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
@@ -272,24 +275,6 @@ use crate::sync::{DistSync, validate_name};
 #[derive(Clone)]
 pub struct RedisSync {
     shared: Arc<RedisState>,
-}
-
-pub(crate) struct RedisState {
-    nodes: Vec<Node>,
-    wakeups: wakeups::Wakeups,
-    /// Waiters of this process, lined up per name.
-    queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
-    /// This process's id in the nodes' wait queues (random per `RedisSync`).
-    client_id: Arc<str>,
-    /// The start (ms since the epoch) of this process's latest waiter.
-    last_start: std::sync::atomic::AtomicU64,
-    quorum: usize,
-    key_prefix: String,
-    separator: String,
-    set_nx_on_extend: bool,
-    fail_fast: bool,
-    /// How long a node that lost its state refuses new locks, at least.
-    restart_delay: Duration,
 }
 
 impl fmt::Debug for RedisSync {
@@ -682,8 +667,6 @@ impl RedisSyncBuilder {
     }
 }
 
-type Queues = Arc<crate::queue::LocalQueues<waiters::NameState>>;
-
 /// What every mode's connections are set up with.
 struct Setup<'a> {
     key_prefix: &'a str,
@@ -773,24 +756,6 @@ impl Setup<'_> {
             )],
             wakeups::Wakeups::Cluster(wakeups),
         ))
-    }
-}
-
-impl RedisState {
-    /// How long a node that lost its state refuses new locks of a mutex
-    /// with `expiry`; `None` on one node or a Redis Cluster, where no other
-    /// node could still hold a lock it forgot.
-    pub(crate) fn recovery(&self, expiry: Duration) -> Option<Duration> {
-        (self.nodes.len() > 1 && !self.wakeups.on_cluster()).then(|| expiry.max(self.restart_delay))
-    }
-
-    /// The keys of the lock `name`.
-    pub(crate) fn keys(&self, name: &str) -> Keys {
-        if self.wakeups.on_cluster() {
-            Keys::tagged(&self.key_prefix, name)
-        } else {
-            Keys::plain(&self.key_prefix, name)
-        }
     }
 }
 

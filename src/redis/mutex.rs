@@ -10,17 +10,18 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::RedisState;
 use super::keys::Keys;
+use super::local_waiters::LocalWaiters;
 use super::node::{AcquireArgs, Claim, Lineup, Node, ReleaseArgs, Undoes};
 use super::quorum::Round;
-use super::waiters::{NameState, Waiter, leave_nodes, leave_queues};
+use super::state::RedisState;
+use super::waiters::{Waiter, leave_nodes, leave_queues};
 use crate::error::{Error, NodeError, Recovering, Result};
 use crate::options::DistMutexOptions;
 use crate::queue::Turn;
 use crate::sync::DistMutex;
 
-/// A mutex of [`RedisSync`](super::RedisSync).
+/// A mutex of [`RedisSync`](crate::RedisSync).
 ///
 /// `lock` sends `SET key value NX PX expiry` (as a script that also reads
 /// the holder's remaining time) to every node at once, each bounded by the
@@ -40,7 +41,7 @@ use crate::sync::DistMutex;
 /// tries once its turn has come, or gives up with `Held` if it has not.
 /// Across processes, waiters are served in the order they started, through
 /// a wait queue on each node, and woken by the release (see
-/// [`RedisSync`](super::RedisSync#waiting-is-fair)).
+/// [`RedisSync`](crate::RedisSync#waiting-is-fair)).
 ///
 /// # Fencing tokens
 ///
@@ -91,7 +92,7 @@ use crate::sync::DistMutex;
 /// On a Redis Cluster the counter is the slot's, on one master: it holds
 /// through the master restarting empty, and through a failover to a
 /// replica that acknowledged the acquisitions
-/// ([`wait_replicas`](super::RedisSyncBuilder::wait_replicas)); a replica
+/// ([`wait_replicas`](crate::RedisSyncBuilder::wait_replicas)); a replica
 /// that lagged behind has an older counter, which can give a token again. Tokens are
 /// large numbers (microseconds since the Unix epoch, plus one per
 /// acquisition): compare them, do not count on their size.
@@ -344,7 +345,7 @@ struct LockCall<'m> {
     cleanup: &'m mut Option<Cleanup>,
     /// This call's turn in the process's line, held until the call ends
     /// (dropped before the waiter, which then leaves the line).
-    _turn: Option<Turn<NameState>>,
+    _turn: Option<Turn<LocalWaiters>>,
     /// The call's place in the process's line, when it may wait.
     waiter: Option<Waiter>,
     /// The per-node timeout.

@@ -17,76 +17,24 @@
 //! a steady stream of waiters costs one acquire and one release per
 //! acquisition on each node, no more.
 
-use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::FutureExt;
 use futures_util::future::join_all;
-use tokio::sync::Notify;
 
-use super::RedisState;
 use super::keys::Keys;
+use super::local_waiters::LocalWaiters;
 use super::node::Lineup;
+use super::state::RedisState;
 use crate::options::DistMutexOptions;
 use crate::queue::{Place, Turn};
-
-/// What the waiters of one process share for one name.
-#[derive(Default)]
-pub(crate) struct NameState {
-    /// Woken by a release message addressed to this process for this name.
-    wake: Notify,
-    line: Mutex<Line>,
-}
-
-#[derive(Default)]
-struct Line {
-    /// Waiters in arrival order: ticket and start (ms since the epoch).
-    waiting: VecDeque<(u64, u64)>,
-    next_ticket: u64,
-    /// The start this process's entry in the nodes' wait queues may carry.
-    advertised: Option<u64>,
-    /// The waiter whose start an acquisition put in the queues: it waits
-    /// for its wake-up before its first attempt.
-    reserved_for: Option<u64>,
-    /// The nonce of the last release signalled: every node announces a
-    /// release with the same one, and it must wake one waiter, not one per
-    /// node...
-    last_release: Option<u64>,
-    /// ...unless an attempt started since that wake: it may have reached
-    /// some nodes before the release did, and a later node's announcement
-    /// of the same release is then news.
-    tried: bool,
-}
-
-impl NameState {
-    fn line(&self) -> MutexGuard<'_, Line> {
-        self.line.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether no waiter of this process waits for the name.
-    pub(crate) fn is_idle(&self) -> bool {
-        self.line().waiting.is_empty()
-    }
-
-    /// A release (or a departure from the queue) with `nonce` was announced
-    /// to this process: wake the first waiter, once per nonce.
-    pub(crate) fn announced(&self, nonce: u64) {
-        let mut line = self.line();
-        if line.last_release != Some(nonce) || line.tried {
-            line.last_release = Some(nonce);
-            line.tried = false;
-            self.wake.notify_one();
-        }
-    }
-}
 
 /// One `lock()` call that may wait: its place in the process's line for
 /// the name. Dropped, it leaves the line, and takes the process out of the
 /// nodes' queues if it was the last waiter and the process may be queued.
 pub(crate) struct Waiter {
-    place: Place<NameState>,
+    place: Place<LocalWaiters>,
     shared: Arc<RedisState>,
     keys: Arc<Keys>,
     ticket: u64,
@@ -119,13 +67,7 @@ impl Waiter {
                 Some(now.max(last + 1))
             })
             .map_or(now, |last| now.max(last + 1));
-        let ticket = {
-            let mut line = place.shared().line();
-            let ticket = line.next_ticket;
-            line.next_ticket += 1;
-            line.waiting.push_back((ticket, start));
-            ticket
-        };
+        let ticket = place.shared().enter(start);
         Waiter {
             place,
             shared: shared.clone(),
@@ -141,7 +83,7 @@ impl Waiter {
     /// tries could take ([`DistMutexOptions::longest_wait`]), summed try
     /// by try while it waits, so that a turn that comes early never pays
     /// for the sum of many tries.
-    pub(crate) async fn turn(&self, options: &DistMutexOptions) -> Option<Turn<NameState>> {
+    pub(crate) async fn turn(&self, options: &DistMutexOptions) -> Option<Turn<LocalWaiters>> {
         if let Some(turn) = self.place.try_turn() {
             return Some(turn);
         }
@@ -165,53 +107,30 @@ impl Waiter {
     /// Whether an acquisition of this process put this waiter's start in
     /// the nodes' queues: it then waits for its wake-up first.
     pub(crate) fn take_reservation(&self) -> bool {
-        let mut line = self.place.shared().line();
-        if line.reserved_for == Some(self.ticket) {
-            line.reserved_for = None;
-            true
-        } else {
-            false
-        }
+        self.place.shared().take_reservation(self.ticket)
     }
 
     /// What the next attempt tells the nodes' queues. From now on the
     /// process may be queued with this waiter's start.
     pub(crate) fn lineup(&self, lease: Duration) -> Lineup {
-        let mut line = self.place.shared().line();
-        line.advertised = Some(self.start);
-        line.tried = true;
+        let next = self.place.shared().advertise(self.ticket, self.start);
         Lineup {
             client: self.shared.client_id.clone(),
             start: self.start,
             lease: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1),
-            next: line
-                .waiting
-                .iter()
-                .find(|(ticket, _)| *ticket != self.ticket)
-                .map(|(_, start)| *start),
+            next,
         }
     }
 
     /// An attempt told with `lineup` acquired the lock.
     pub(crate) fn acquired(&mut self, lineup: &Lineup) {
-        let state = self.place.shared();
-        let mut line = state.line();
-        line.advertised = lineup.next;
-        line.reserved_for = lineup.next.and_then(|next| {
-            line.waiting
-                .iter()
-                .find(|(ticket, start)| *ticket != self.ticket && *start == next)
-                .map(|(ticket, _)| *ticket)
-        });
-        // A wake that arrived for this waiter is used up.
-        let _ = state.wake.notified().now_or_never();
+        self.place.shared().acquired(self.ticket, lineup.next);
         self.woken = false;
     }
 
     /// Waits for a wake-up of this process for the name, at most `timeout`.
     pub(crate) async fn wait(&mut self, timeout: Duration) {
-        let wake = &self.place.shared().wake;
-        self.woken = tokio::time::timeout(timeout, wake.notified()).await.is_ok();
+        self.woken = self.place.shared().wait(timeout).await;
     }
 
     /// The attempt after a wake is over: the wake was used.
@@ -222,23 +141,7 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let state = self.place.shared();
-        let leave = {
-            let mut line = state.line();
-            line.waiting.retain(|(ticket, _)| *ticket != self.ticket);
-            if line.reserved_for == Some(self.ticket) {
-                line.reserved_for = None;
-            }
-            if line.waiting.is_empty() {
-                line.advertised.take()
-            } else {
-                None
-            }
-        };
-        if self.woken {
-            state.wake.notify_one();
-        }
-        if let Some(start) = leave {
+        if let Some(start) = self.place.shared().leave(self.ticket, self.woken) {
             leave_queues(&self.shared, &self.keys, start, self.timeout);
         }
     }

@@ -19,7 +19,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
-use super::waiters::NameState;
+use super::local_waiters::{LocalWaiters, deliver};
 use crate::queue::LocalQueues;
 
 /// How long connecting, or subscribing, may take before the node's
@@ -69,17 +69,6 @@ impl Wakeups {
     }
 }
 
-/// Wakes the waiter of this process for the lock key named in a release
-/// message (`nonce key`).
-pub(crate) fn deliver(queues: &LocalQueues<NameState>, payload: &str) {
-    if let Some((nonce, key)) = payload.split_once(' ')
-        && let Ok(nonce) = nonce.parse::<u64>()
-        && let Some(state) = queues.get(key)
-    {
-        state.announced(nonce);
-    }
-}
-
 /// The subscribers of one process, one per node.
 pub(crate) struct NodeWakeups {
     nodes: Vec<Subscriber>,
@@ -98,7 +87,7 @@ impl NodeWakeups {
     pub(crate) fn start(
         clients: &[redis::Client],
         channel: Arc<str>,
-        queues: Weak<LocalQueues<NameState>>,
+        queues: Weak<LocalQueues<LocalWaiters>>,
     ) -> Self {
         let nodes = clients
             .iter()
@@ -152,7 +141,7 @@ impl NodeWakeups {
 async fn subscriber(
     client: redis::Client,
     channel: Arc<str>,
-    queues: Weak<LocalQueues<NameState>>,
+    queues: Weak<LocalQueues<LocalWaiters>>,
     subscribed: Arc<AtomicBool>,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
