@@ -949,7 +949,7 @@ async fn a_queue_entry_goes_with_its_waiter() {
         .with_timeout_factor(0.5)
         .with_retry_delay(Duration::from_millis(5))
         .with_tries(3);
-    // Well within the entry's lease (10 s): a leftover entry would still
+    // Well within the entry's TTL (10 s): a leftover entry would still
     // be there.
     let bound = Duration::from_secs(5);
     let mut names = Vec::new();
@@ -1208,17 +1208,17 @@ async fn a_try_does_not_jump_the_line() {
 }
 
 /// A process that died while first in line holds the others up for at most
-/// its entry's lease (one expiry), never forever.
+/// its entry's TTL (one expiry), never forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
+async fn a_dead_waiter_holds_the_line_up_for_its_entry_ttl_only() {
     let nodes = RedisNodes::start(1);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     let name = unique("ghost");
-    let (queue, leases) = (
+    let (queue, deadlines) = (
         format!("dsync:{name}\u{1f}queue"),
         format!("dsync:{name}\u{1f}leases"),
     );
-    // A "process" queued at time 0 with a lease of 300 ms from now, that
+    // A "process" queued at time 0 with an entry TTL of 300 ms from now, that
     // will never come to take the lock.
     let mut conn = nodes.servers[0].connection();
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
@@ -1230,7 +1230,7 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
         .arg("ghost")
         .ignore()
         .cmd("HSET")
-        .arg(&leases)
+        .arg(&deadlines)
         .arg("ghost")
         .arg(deadline)
         .ignore()
@@ -1243,10 +1243,13 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
     let mut patient = sync
         .new_mutex(&name, real_time_options().with_tries(10_000))
         .unwrap();
-    patient.lock().await.expect("taken once the lease ran out");
+    patient
+        .lock()
+        .await
+        .expect("taken once the entry's TTL ran out");
     patient.unlock().await.unwrap();
     assert_eq!(nodes.count_key(&queue), 0, "the dead entry was dropped");
-    assert_eq!(nodes.count_key(&leases), 0);
+    assert_eq!(nodes.count_key(&deadlines), 0);
 }
 
 /// With one node of three down (its subscription can never be set up), a

@@ -61,39 +61,40 @@
 //! # What the nodes keep
 //!
 //! Per name, only while it is in use: the lock key (it expires), and while
-//! processes wait for it, the wait queue and its leases (they expire with
-//! the last lease, at most 10 s). Per node, one small hash
+//! processes wait for it, the wait queue and its entries' deadlines (they
+//! expire with the last entry, at most 10 s after its last renewal). Per node, one small hash
 //! (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
 //! Redis Cluster one per hash slot used (at most 16,384). Nothing else
 //! grows with the number of names ever locked: after a million distinct
 //! names, each node holds the one key it held after the first.
 
+mod cleanup;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod conn;
+mod connect;
+mod fencing;
 mod keys;
 mod local_waiters;
+mod lock_call;
 mod mutex;
 mod node;
 mod quorum;
 mod scripts;
 mod state;
-mod waiters;
+mod wait_queue;
 mod wakeups;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
-use conn::Conn;
-use keys::Keys;
+use connect::{Setup, invalid};
 pub use mutex::RedisMutex;
 use node::Node;
-use state::{Queues, RedisState};
+use state::RedisState;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::options::DistMutexOptions;
 use crate::sync::{DistSync, validate_name};
 
@@ -136,7 +137,7 @@ use crate::sync::{DistSync, validate_name};
 ///   waiters costs one acquire and one release per acquisition on each
 ///   node.
 ///
-/// Entries and their leases are two small keys per name in use
+/// The entries and their deadlines are two small keys per name in use
 /// (`<key>\x1fqueue`, `<key>\x1fleases`) that vanish when the line empties.
 /// The scripts read the node's clock (`TIME`), so Redis 5 or later is
 /// needed.
@@ -152,7 +153,7 @@ use crate::sync::{DistSync, validate_name};
 ///   node keeps a marker (in `<prefix>\x1fnode`); a node without it has
 ///   restarted empty (or was flushed), and may have forgotten locks that
 ///   the other nodes still hold. It refuses new locks (an
-///   [`Error::Unavailable`] cause, [`Recovering`](crate::Recovering), with
+///   [`Error::Unavailable`](crate::Error::Unavailable) cause, [`Recovering`](crate::Recovering), with
 ///   the time left) until the longest of the lock's expiry and
 ///   [`restart_delay`](RedisSyncBuilder::restart_delay) has passed since
 ///   it was first seen so: the Redlock paper's delayed restart, done by the
@@ -211,7 +212,7 @@ use crate::sync::{DistSync, validate_name};
 ///
 /// - **Where a lock lives.** Each name's lock lives on the one master that
 ///   owns its hash slot: the lock key is `{<prefix><name>}`, a hash tag, the
-///   wait queue and leases append a suffix after the tag, and the fencing
+///   wait queue and its deadlines append a suffix after the tag, and the fencing
 ///   counter is the slot's own (one bookkeeping key per slot, whose hash
 ///   tag is a short number that hashes to the slot), so all of them share
 ///   the slot and each script runs on one master.
@@ -497,10 +498,10 @@ impl RedisSyncBuilder {
     /// not lose the lock. A node whose replicas fall short counts as
     /// failed: an acquisition releases the key there and fails without a
     /// quorum of other nodes (on one node or a cluster, with
-    /// [`Error::Unavailable`], whose
-    /// [`not_replicated`](Error::not_replicated) tells how many
+    /// [`Error::Unavailable`](crate::Error::Unavailable), whose
+    /// [`not_replicated`](crate::Error::not_replicated) tells how many
     /// acknowledged; with Redlock, the other nodes' answers may make it
-    /// [`Error::Held`]); an extension fails the same way (the lock may
+    /// [`Error::Held`](crate::Error::Held)); an extension fails the same way (the lock may
     /// still be held, but not as durably as asked). Off by default; `0`
     /// turns it off.
     ///
@@ -538,7 +539,7 @@ impl RedisSyncBuilder {
     /// nodes restarting empty (see [Restarts](RedisSync#restarts)). Only a
     /// mutex whose validity ([`until`](crate::DistMutex::until)) is still
     /// ahead re-creates a key; a mutex that released its lock re-creates
-    /// nothing, and its `extend` fails with [`Error::NotAcquired`] until
+    /// nothing, and its `extend` fails with [`Error::NotAcquired`](crate::Error::NotAcquired) until
     /// its next `lock`. Off, a held lock loses a node at each empty
     /// restart of one that had it, and is lost once a quorum has. On one
     /// node or a Redis Cluster it does nothing: a missing key there means
@@ -595,7 +596,7 @@ impl RedisSyncBuilder {
 
     /// Sets up a connection per node, without waiting for any to connect.
     ///
-    /// Fails with [`Error::InvalidConfig`] when there is no node, a URL does
+    /// Fails with [`Error::InvalidConfig`](crate::Error::InvalidConfig) when there is no node, a URL does
     /// not parse, a `rediss://` URL is used without the `tls` feature, the
     /// connect timeout is zero, or no Tokio runtime is running.
     pub fn build(self) -> Result<RedisSync> {
@@ -664,104 +665,5 @@ impl RedisSyncBuilder {
                 restart_delay: self.restart_delay,
             }),
         })
-    }
-}
-
-/// What every mode's connections are set up with.
-struct Setup<'a> {
-    key_prefix: &'a str,
-    connect_timeout: Duration,
-    replicas: Option<(usize, Duration)>,
-    client_id: &'a Arc<str>,
-    queues: &'a Queues,
-}
-
-impl Setup<'_> {
-    /// Independent masters: a lazy connection manager each, and one wake-up
-    /// subscriber each.
-    fn independent_nodes(
-        &self,
-        clients: Vec<Result<redis::Client>>,
-    ) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_number_of_retries(1)
-            // Commands are bounded by the per-node timeout instead.
-            .set_response_timeout(None)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
-        let clients = clients.into_iter().collect::<Result<Vec<_>>>()?;
-        let wakeups = wakeups::NodeWakeups::start(
-            &clients,
-            Keys::plain(self.key_prefix, "")
-                .channel(self.client_id)
-                .into(),
-            Arc::downgrade(self.queues),
-        );
-        let mut nodes = Vec::with_capacity(clients.len());
-        for client in clients {
-            let label = client.get_connection_info().addr().to_string();
-            let connect = |client: redis::Client| {
-                ConnectionManager::new_lazy_with_config(client, config.clone())
-                    .map(Conn::Single)
-                    .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))
-            };
-            let durable = self.replicas.map(|_| connect(client.clone())).transpose()?;
-            let conn = connect(client)?;
-            nodes.push(Node::new(label, conn, self.replicas, durable));
-        }
-        Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
-    }
-
-    /// A Redis Cluster: one node to the lock algorithm, whose connection routes
-    /// each command to the master of its slot.
-    #[cfg(feature = "cluster")]
-    fn cluster_node(&self, seeds: Vec<String>) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-        if seeds.is_empty() {
-            return Err(invalid("no Redis Cluster seed node was given", None));
-        }
-        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
-            return Err(invalid(
-                "on a Redis Cluster the key prefix must be non-empty and hold no brace: \
-             the lock key `{<prefix><name>}` is the name's hash tag",
-                None,
-            ));
-        }
-        let mut labels = Vec::with_capacity(seeds.len());
-        for (i, seed) in seeds.iter().enumerate() {
-            let client = redis::Client::open(seed.as_str()).map_err(|e| {
-                invalid(
-                    format!("cluster seed #{} has an invalid URL", i + 1),
-                    Some(Box::new(e)),
-                )
-            })?;
-            labels.push(client.get_connection_info().addr().to_string());
-        }
-        keys::prepare_slot_tags();
-        let connections = cluster::connect(&seeds, self.connect_timeout, self.replicas.is_some())
-            .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
-        let wakeups = cluster::SlotWakeups::start(
-            connections.subscriptions,
-            connections.pushes,
-            self.client_id.clone(),
-            Arc::downgrade(self.queues),
-        );
-        let label = format!("cluster({})", labels.join(","));
-        Ok((
-            vec![Node::new(
-                label,
-                Conn::Cluster(connections.commands),
-                self.replicas,
-                connections.durable.map(Conn::Cluster),
-            )],
-            wakeups::Wakeups::Cluster(wakeups),
-        ))
-    }
-}
-
-fn invalid(reason: impl Into<String>, source: Option<crate::BoxError>) -> Error {
-    Error::InvalidConfig {
-        reason: reason.into(),
-        source,
     }
 }

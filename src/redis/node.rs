@@ -91,13 +91,14 @@ pub(crate) enum Claim {
 
 /// What an acquisition by a waiting process tells a node's wait queue.
 #[derive(Clone, Debug)]
-pub(crate) struct Lineup {
+pub(crate) struct QueueEntry {
     /// The process's id (its `RedisSync`).
     pub(crate) client: Arc<str>,
     /// When the waiter started waiting, in ms since the Unix epoch.
     pub(crate) start: u64,
-    /// How long the node keeps the entry without a renewal, in ms.
-    pub(crate) lease: u64,
+    /// The entry's TTL: how long the node keeps it without a renewal, in
+    /// ms.
+    pub(crate) ttl: u64,
     /// When acquired, the start of the process's next waiter, if any: its
     /// entry stays, with that start.
     pub(crate) next: Option<u64>,
@@ -142,7 +143,7 @@ pub(crate) struct AcquireArgs {
     pub(crate) expiry: Duration,
     /// The waiting process's place in the name's wait queue, when the
     /// caller waits.
-    pub(crate) lineup: Option<Lineup>,
+    pub(crate) entry: Option<QueueEntry>,
     /// How long a node that lost its state refuses new locks (`None`: it
     /// does not, with nothing to recover from).
     pub(crate) recovery: Option<Duration>,
@@ -161,7 +162,7 @@ pub(crate) struct ReleaseArgs {
     pub(crate) announce: Announce,
     /// The waiter of a failed attempt that keeps waiting: the process is
     /// put back in line with that waiter's start.
-    pub(crate) requeue: Option<Lineup>,
+    pub(crate) requeue: Option<QueueEntry>,
     /// The per-node timeout.
     pub(crate) timeout: Duration,
 }
@@ -203,7 +204,7 @@ impl Node {
         let px = millis(args.expiry);
         let (node, lock, owner) = (self.clone(), args.keys.clone(), args.value.clone());
         let (keys, value) = (args.keys.clone(), args.value.clone());
-        let (preset, lineup, recovery) = (args.preset, args.lineup.clone(), args.recovery);
+        let (preset, entry, recovery) = (args.preset, args.entry.clone(), args.recovery);
         let timeout = args.timeout;
         let replicas = self.replicas;
         let unseen_resends = self.conn.resends_on_its_own();
@@ -213,11 +214,11 @@ impl Node {
             move |mut conn, resent| {
                 let settings = acquire_settings(
                     (resent || unseen_resends) && !preset,
-                    lineup.as_ref(),
+                    entry.as_ref(),
                     recovery,
                 );
                 let call = ACQUIRE
-                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.leases])
+                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.deadlines])
                     .arg(&*value)
                     .arg(px)
                     .arg(settings);
@@ -261,7 +262,7 @@ impl Node {
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let call = LEAVE
-                .call(&[&keys.queue, &keys.leases, &keys.lock])
+                .call(&[&keys.queue, &keys.deadlines, &keys.lock])
                 .arg(&*client)
                 .arg(start)
                 .arg(&*announce.0)
@@ -297,13 +298,13 @@ impl Node {
             Undoes::Unanswered => &self.durable,
         };
         let requeue = args.requeue.as_ref().map_or_else(String::new, |l| {
-            format!("{} {} {}", l.client, l.start, l.lease)
+            format!("{} {} {}", l.client, l.start, l.ttl)
         });
         let (keys, value) = (args.keys.clone(), args.value.clone());
         let (channel, nonce) = (args.announce.0.clone(), args.announce.1);
         self.bounded(conn, args.timeout, move |mut conn, _| {
             let call = RELEASE
-                .call(&[&keys.lock, &keys.queue, &keys.leases])
+                .call(&[&keys.lock, &keys.queue, &keys.deadlines])
                 .arg(&*value)
                 .arg(&*channel)
                 .arg(nonce)
@@ -476,16 +477,20 @@ async fn eval_once<T: FromRedisValue>(
 /// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
 /// the waiter's place in the queue (`-` for none), and how long a node
 /// that lost its state refuses new locks (`-` for never).
-fn acquire_settings(resent: bool, lineup: Option<&Lineup>, recovery: Option<Duration>) -> String {
+fn acquire_settings(
+    resent: bool,
+    entry: Option<&QueueEntry>,
+    recovery: Option<Duration>,
+) -> String {
     let resent = u8::from(resent);
     let recovery = OrDash(recovery.map(millis));
-    match lineup {
+    match entry {
         Some(l) => format!(
             "{} {resent} {} {} {} {recovery}",
             OrDash(l.next),
             l.client,
             l.start,
-            l.lease
+            l.ttl
         ),
         None => format!("- {resent} - 0 0 {recovery}"),
     }

@@ -1,21 +1,8 @@
-//! The waiters of one process for one name: their order, the process's
-//! place in the nodes' wait queue, and their wake-up signal.
-//!
-//! Waiters of a `RedisSync` line up per name, first come first served, and
-//! only the first of them talks to the nodes. Across processes, each node
-//! keeps a wait queue per name with one entry per waiting process, ordered
-//! by when that process's first waiter started waiting; the acquire script
-//! lets nobody else take a free lock while a process waits ahead of them,
-//! and a release wakes the process first in line, on its own channel. So
-//! waiters are served in the order they started waiting, across processes
-//! (by their clocks: processes whose clocks disagree by `d` are ordered as
-//! if the later clock's waiters had started `d` later).
-//!
-//! When a process acquires the lock while more of its waiters wait, the
-//! acquisition keeps the process's entry in line with the next waiter's
-//! start, and that waiter waits for its wake-up before its first attempt:
-//! a steady stream of waiters costs one acquire and one release per
-//! acquisition on each node, no more.
+//! This process's side of the nodes' wait queue (`lua/wait_queue.lua`):
+//! a lock call's place in the process's line for a name, the entry its
+//! attempts put in the nodes' queues, and the process leaving them. How
+//! the queue makes waiting fair is on
+//! [`RedisSync`](crate::RedisSync#waiting-is-fair).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +12,7 @@ use futures_util::future::join_all;
 
 use super::keys::Keys;
 use super::local_waiters::LocalWaiters;
-use super::node::Lineup;
+use super::node::QueueEntry;
 use super::state::RedisState;
 use crate::options::DistMutexOptions;
 use crate::queue::{Place, Turn};
@@ -112,19 +99,21 @@ impl Waiter {
 
     /// What the next attempt tells the nodes' queues. From now on the
     /// process may be queued with this waiter's start.
-    pub(crate) fn lineup(&self, lease: Duration) -> Lineup {
+    pub(crate) fn queue_entry(&self, entry_ttl: Duration) -> QueueEntry {
         let next = self.place.shared().advertise(self.ticket, self.start);
-        Lineup {
+        QueueEntry {
             client: self.shared.client_id.clone(),
             start: self.start,
-            lease: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1),
+            ttl: u64::try_from(entry_ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
             next,
         }
     }
 
-    /// An attempt told with `lineup` acquired the lock.
-    pub(crate) fn acquired(&mut self, lineup: &Lineup) {
-        self.place.shared().acquired(self.ticket, lineup.next);
+    /// An attempt told with `entry` acquired the lock.
+    pub(crate) fn acquired(&mut self, entry: &QueueEntry) {
+        self.place.shared().acquired(self.ticket, entry.next);
         self.woken = false;
     }
 

@@ -1,22 +1,22 @@
 -- The wait-queue helpers, spliced into each script that reads a name's
--- queue where it says `-- include: queue.lua` (see `Lua::new` in
+-- queue where it says `-- include: wait_queue.lua` (see `Lua::new` in
 -- scripts.rs). A script's fast path comes before the line, so that it
 -- does not pay for defining them.
 local function now_ms()
     local t = redis.call('TIME')
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function first_waiter(queue, leases, now)
+local function first_waiter(queue, deadlines, now)
     while true do
         local head = redis.call('ZRANGE', queue, 0, 0)[1]
         if not head then
             return false
         end
-        if tonumber(redis.call('HGET', leases, head) or '0') >= now then
+        if tonumber(redis.call('HGET', deadlines, head) or '0') >= now then
             return head
         end
         redis.call('ZREM', queue, head)
-        redis.call('HDEL', leases, head)
+        redis.call('HDEL', deadlines, head)
     end
 end
 local function keep(key, ms)
@@ -24,15 +24,15 @@ local function keep(key, ms)
         redis.call('PEXPIRE', key, ms)
     end
 end
-local function line_up(queue, leases, who, since, lease, now)
+local function line_up(queue, deadlines, who, since, ttl, now)
     redis.call('ZADD', queue, since, who)
-    redis.call('HSET', leases, who, now + tonumber(lease))
-    keep(queue, lease)
-    keep(leases, lease)
+    redis.call('HSET', deadlines, who, now + tonumber(ttl))
+    keep(queue, ttl)
+    keep(deadlines, ttl)
 end
-local function leave(queue, leases, who)
+local function leave(queue, deadlines, who)
     redis.call('ZREM', queue, who)
-    redis.call('HDEL', leases, who)
+    redis.call('HDEL', deadlines, who)
 end
 local function announce(wake, who, message)
     local channel = string.sub(wake, 2) .. who
