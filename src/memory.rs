@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
-use crate::sync::{DistMutex, DistSync, validate_name};
+use crate::sync::{DistMutex, DistSync, FastPath, validate_name};
 
 /// The in-process backend.
 ///
@@ -308,11 +308,11 @@ impl DistMutex for MemoryMutex {
         Ok(self.shared.names().is_held_by(&self.name, self.value()))
     }
 
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
+    fn try_lock_now(&mut self, _: FastPath) -> Option<Result<()>> {
         Some(self.lock_now())
     }
 
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+    fn try_unlock_now(&mut self, _: FastPath) -> Option<Result<()>> {
         Some(self.unlock_now())
     }
 }
@@ -575,5 +575,70 @@ impl Drop for QueuePlace<'_> {
         if self.queued {
             self.shared.names().leave(self.name, self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use crate::sync::FastPath;
+    use crate::{AnySync, DistMutex, DistMutexOptions, DistSync, Error, MemorySync};
+
+    /// `try_lock_now` and `try_unlock_now`, where the backend answers at
+    /// once, agree with `lock` (one try) and `unlock`; a failed try leaves
+    /// no place in the name's queue behind.
+    async fn answers_at_once<S: DistSync>(sync: S) {
+        let now = FastPath::new;
+        let once = DistMutexOptions::default()
+            .with_expiry(Duration::from_secs(1))
+            .with_tries(1);
+        let name = "at-once";
+        let mut a = sync.new_mutex(name, once.clone()).unwrap();
+        let mut b = sync.new_mutex(name, once.clone()).unwrap();
+        let first = a.try_lock_now(now()).expect("the backend answers at once");
+        first.expect("a free name is taken");
+        assert!(!a.value().is_empty());
+        assert!(a.until().expect("until after lock") > Instant::now());
+        assert!(matches!(
+            b.try_lock_now(now()),
+            Some(Err(Error::Held { remaining: Some(_) }))
+        ));
+        assert!(matches!(
+            b.try_unlock_now(now()),
+            Some(Err(Error::NotAcquired))
+        ));
+        assert!(matches!(a.try_unlock_now(now()), Some(Ok(()))));
+        assert_eq!(a.until(), None);
+        assert!(matches!(
+            a.try_unlock_now(now()),
+            Some(Err(Error::NotAcquired))
+        ));
+        // b's failed try did not queue it: the name is free for anyone, at
+        // once (a release hands a name to its first waiter).
+        let mut c = sync.clone().new_mutex(name, once).unwrap();
+        c.lock().await.expect("free at once");
+        c.unlock().await.unwrap();
+        assert!(matches!(b.try_lock_now(now()), Some(Ok(()))));
+        b.unlock().await.unwrap();
+        let patient = DistMutexOptions::default()
+            .with_expiry(Duration::from_secs(1))
+            .with_tries(400)
+            .with_retry_delay(Duration::from_millis(5));
+        let mut probe = sync.new_mutex(name, patient).unwrap();
+        probe.lock().await.expect("the name should be free");
+        probe.unlock().await.expect("unlock the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_mutexes_answer_at_once() {
+        answers_at_once(MemorySync::new()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_mutexes_over_memory_answer_at_once() {
+        answers_at_once(AnySync::new(MemorySync::new())).await;
     }
 }

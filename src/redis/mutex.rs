@@ -322,3 +322,23 @@ impl DistMutex for RedisMutex {
             .0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::sync::FastPath;
+    use crate::{DistMutex, DistMutexOptions, DistSync, RedisSync};
+
+    /// The Redis backend never answers at once: callers take the path of
+    /// `lock` and `unlock`.
+    #[tokio::test]
+    async fn a_redis_mutex_never_answers_at_once() {
+        // No connection is made before the first command.
+        let sync = RedisSync::new(["redis://127.0.0.1:1"]).unwrap();
+        let options = DistMutexOptions::default().with_tries(1);
+        let mut a = sync.new_mutex("at-once", options.clone()).unwrap();
+        let mut b = sync.new_mutex("at-once", options).unwrap();
+        assert!(a.try_lock_now(FastPath::new()).is_none());
+        assert!(b.try_lock_now(FastPath::new()).is_none());
+        assert!(a.try_unlock_now(FastPath::new()).is_none());
+    }
+}
