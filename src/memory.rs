@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::acquisition::{Acquisition, LockRecord, validity_end};
 use crate::error::{Error, Result};
 use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
@@ -121,16 +122,13 @@ impl DistSync for MemorySync {
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<MemoryMutex> {
         validate_name(name)?;
-        let drift = options.validated_drift()?;
+        let validity = options.validated_validity()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
             name: self.shared.hashing.name(Arc::from(name)),
-            value: options.value().map(Arc::from),
-            drift,
+            record: LockRecord::new(&options),
+            validity,
             options,
-            until: None,
-            token: None,
-            released: false,
         })
     }
 
@@ -156,24 +154,17 @@ pub struct MemoryMutex {
     shared: Arc<MemoryState>,
     name: HashedName,
     options: DistMutexOptions,
-    /// `options.drift()`, computed once.
-    drift: Duration,
-    /// `None` until acquired, unless preset.
-    value: Option<Arc<str>>,
-    until: Option<Instant>,
-    token: Option<u64>,
-    /// Set by a successful `unlock`, cleared by the next `lock`: a released
-    /// mutex refuses `extend`, also while another mutex holds the name with
-    /// the same (preset) value.
-    released: bool,
+    /// `options.validity()`, computed once.
+    validity: Duration,
+    record: LockRecord,
 }
 
 impl fmt::Debug for MemoryMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryMutex")
             .field("name", self.name.name())
-            .field("until", &self.until)
-            .field("fencing_token", &self.token)
+            .field("until", &self.record.until())
+            .field("fencing_token", &self.record.token())
             .finish_non_exhaustive()
     }
 }
@@ -209,11 +200,10 @@ impl MemoryMutex {
     }
 
     fn unlock_now(&mut self) -> Result<()> {
-        // Whatever the outcome, this mutex no longer holds the lock.
-        self.until = None;
+        self.record.unlocking();
         let mut names = self.shared.names();
-        if names.release(&self.name, self.value()) {
-            self.released = true;
+        if names.release(&self.name, self.record.value()) {
+            self.record.unlocked();
             Ok(())
         } else {
             Err(Error::NotAcquired)
@@ -221,15 +211,20 @@ impl MemoryMutex {
     }
 
     fn acquired(&mut self, value: Arc<str>, grant: Grant) {
-        self.value = Some(value);
-        self.until = Some(
-            grant
-                .expires_at
-                .checked_sub(self.drift)
-                .unwrap_or(grant.expires_at),
-        );
-        self.token = Some(grant.token);
-        self.released = false;
+        let until = self.validity_end(grant.expires_at);
+        let acquisition = Acquisition {
+            value,
+            token: grant.token,
+        };
+        self.record.acquired(acquisition, until);
+    }
+
+    /// The end of validity of a lock the table set to expire at
+    /// `expires_at`: it set it at once, one expiry before, so no time
+    /// elapsed counts against it; only the drift allowance does.
+    fn validity_end(&self, expires_at: Instant) -> Instant {
+        let set_at = expires_at - self.options.expiry();
+        validity_end(set_at, self.validity, Duration::ZERO).unwrap_or(expires_at)
     }
 }
 
@@ -239,15 +234,15 @@ impl DistMutex for MemoryMutex {
     }
 
     fn value(&self) -> &str {
-        self.value.as_deref().unwrap_or_default()
+        self.record.value()
     }
 
     fn until(&self) -> Option<Instant> {
-        self.until
+        self.record.until()
     }
 
     fn fencing_token(&self) -> Option<u64> {
-        self.token
+        self.record.token()
     }
 
     async fn lock(&mut self) -> Result<()> {
@@ -293,19 +288,24 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn extend(&mut self) -> Result<()> {
-        if self.released {
+        if self.record.is_released() {
             return Err(Error::NotAcquired);
         }
         let mut names = self.shared.names();
         let expires_at = names
-            .extend(&self.name, self.value(), self.options.expiry())
+            .extend(&self.name, self.record.value(), self.options.expiry())
             .ok_or(Error::NotAcquired)?;
-        self.until = Some(expires_at.checked_sub(self.drift).unwrap_or(expires_at));
+        drop(names);
+        let until = self.validity_end(expires_at);
+        self.record.extended(until);
         Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
-        Ok(self.shared.names().is_held_by(&self.name, self.value()))
+        Ok(self
+            .shared
+            .names()
+            .is_held_by(&self.name, self.record.value()))
     }
 
     fn try_lock_now(&mut self, _: FastPath) -> Option<Result<()>> {

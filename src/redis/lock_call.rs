@@ -14,6 +14,7 @@ use super::node::{AcquireArgs, Claim, Node};
 use super::quorum::Round;
 use super::state::RedisState;
 use super::wait_queue::Waiter;
+use crate::acquisition::{Acquisition, validity_end};
 use crate::error::{Error, NodeError, Recovering, Result};
 use crate::options::DistMutexOptions;
 use crate::queue::Turn;
@@ -66,9 +67,8 @@ pub(crate) struct LockCall<'m> {
 
 /// What a successful [`LockCall`] hands its mutex.
 pub(crate) struct Acquired {
-    pub(crate) value: Arc<str>,
+    pub(crate) acquisition: Acquisition,
     pub(crate) until: Instant,
-    pub(crate) token: u64,
     /// The nodes that had not answered when the acquisition was decided.
     pub(crate) unanswered: Vec<usize>,
 }
@@ -175,7 +175,8 @@ impl<'m> LockCall<'m> {
         if let Some(waiter) = &mut self.waiter {
             waiter.settled();
         }
-        let error = match (fenced, validity_end(self.options, start)) {
+        let validity = validity_end(start, self.options.validity(), start.elapsed());
+        let error = match (fenced, validity) {
             (Ok(Some(token)), Some(until)) => {
                 return Ok(Some(self.acquired(round, args, until, token)));
             }
@@ -239,9 +240,11 @@ impl<'m> LockCall<'m> {
         let stragglers = settle_acquired(round, self.shared, &args.keys, args.entry, self.timeout);
         *self.cleanup = Cleanup::of(stragglers, &args.value);
         Acquired {
-            value: args.value,
+            acquisition: Acquisition {
+                value: args.value,
+                token,
+            },
             until,
-            token,
             unanswered,
         }
     }
@@ -282,13 +285,6 @@ impl<'m> LockCall<'m> {
 /// renewal: how long a process that died while first in line can hold the
 /// others up.
 const MAX_ENTRY_TTL: Duration = Duration::from_secs(10);
-
-/// `start + expiry - elapsed - drift`, if that is still ahead.
-pub(crate) fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
-    let elapsed = start.elapsed();
-    let validity = options.expiry().checked_sub(elapsed + options.drift())?;
-    (!validity.is_zero()).then(|| start + validity)
-}
 
 /// An acquisition round in flight. Dropped while armed (the `lock()` future
 /// was dropped), it releases whatever the round got, in the background.

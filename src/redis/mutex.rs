@@ -7,10 +7,11 @@ use tokio::time::Instant;
 
 use super::cleanup::{Cleanup, undo_repairs, wait_for_cleanup};
 use super::keys::Keys;
-use super::lock_call::{LockCall, validity_end};
+use super::lock_call::LockCall;
 use super::node::{ReleaseArgs, Undoes};
 use super::quorum::Round;
 use super::state::RedisState;
+use crate::acquisition::{LockRecord, validity_end};
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
@@ -110,15 +111,7 @@ pub struct RedisMutex {
     name: String,
     keys: Arc<Keys>,
     options: DistMutexOptions,
-    /// Empty until acquired, unless preset.
-    value: Arc<str>,
-    until: Option<Instant>,
-    token: Option<u64>,
-    /// Set by a successful `unlock`, cleared by the next `lock`: a released
-    /// mutex refuses `extend`, which could otherwise re-create the key
-    /// (`set_nx_on_extend`) past the wait queue, with the released
-    /// acquisition's token.
-    released: bool,
+    record: LockRecord,
     /// The release of a failed or abandoned attempt, with its value, while
     /// it may still run.
     cleanup: Option<Cleanup>,
@@ -133,7 +126,7 @@ impl fmt::Debug for RedisMutex {
         f.debug_struct("RedisMutex")
             .field("name", &self.name)
             .field("key", &self.keys.lock)
-            .field("until", &self.until)
+            .field("until", &self.record.until())
             .finish_non_exhaustive()
     }
 }
@@ -145,11 +138,8 @@ impl RedisMutex {
             shared,
             name: name.to_owned(),
             keys,
-            value: options.value().unwrap_or_default().into(),
+            record: LockRecord::new(&options),
             options,
-            until: None,
-            token: None,
-            released: false,
             cleanup: None,
             unanswered: Vec::new(),
         }
@@ -177,15 +167,15 @@ impl DistMutex for RedisMutex {
     }
 
     fn value(&self) -> &str {
-        &self.value
+        self.record.value()
     }
 
     fn until(&self) -> Option<Instant> {
-        self.until
+        self.record.until()
     }
 
     fn fencing_token(&self) -> Option<u64> {
-        self.token
+        self.record.token()
     }
 
     async fn lock(&mut self) -> Result<()> {
@@ -195,27 +185,21 @@ impl DistMutex for RedisMutex {
         };
         let acquired = call.run().await?;
         self.unanswered = acquired.unanswered;
-        self.value = acquired.value;
-        self.until = Some(acquired.until);
-        self.token = Some(acquired.token);
-        self.released = false;
+        self.record.acquired(acquired.acquisition, acquired.until);
         Ok(())
     }
 
     async fn unlock(&mut self) -> Result<()> {
-        if self.value.is_empty() {
+        let Some(value) = self.record.shared_value().cloned() else {
             return Err(Error::NotAcquired);
-        }
-        wait_for_cleanup(&mut self.cleanup, &self.value).await;
-        // Cleared before the releases go out: whether they are applied or
-        // not, this mutex stops counting on the lock (a failed unlock may
-        // leave it in place until it expires), so no validity is reported.
-        self.until = None;
+        };
+        wait_for_cleanup(&mut self.cleanup, &value).await;
+        self.record.unlocking();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let release = ReleaseArgs {
             keys: self.keys.clone(),
-            value: self.value.clone(),
+            value: value.clone(),
             announce: (self.keys.wake.clone(), rand::random::<u64>()),
             requeue: None,
             timeout,
@@ -233,19 +217,20 @@ impl DistMutex for RedisMutex {
                 *deleted == 1
             })
             .await;
-        self.cleanup = Cleanup::of(stragglers, &self.value);
+        self.cleanup = Cleanup::of(stragglers, &value);
         if !deleted? {
             return Err(Error::NotAcquired);
         }
-        self.released = true;
+        self.record.unlocked();
         Ok(())
     }
 
     async fn extend(&mut self) -> Result<()> {
-        if self.value.is_empty() || self.released {
-            return Err(Error::NotAcquired);
-        }
-        wait_for_cleanup(&mut self.cleanup, &self.value).await;
+        let value = match self.record.shared_value() {
+            Some(value) if !self.record.is_released() => value.clone(),
+            _ => return Err(Error::NotAcquired),
+        };
+        wait_for_cleanup(&mut self.cleanup, &value).await;
         let expiry = self.options.expiry();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
@@ -258,20 +243,15 @@ impl DistMutex for RedisMutex {
             .shared
             .recovery(expiry)
             .filter(|_| self.shared.set_nx_on_extend)
-            .filter(|_| self.until.is_some_and(|until| start < until));
+            .filter(|_| self.record.until().is_some_and(|until| start < until));
         // Until a node answers, the extension may still run there (behind
         // another lock's `WAIT`, say): a release after a dropped `extend()`
         // goes after it.
         self.unanswered = (0..self.shared.nodes.len()).collect();
-        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
-            node.extend(
-                self.keys.clone(),
-                self.value.clone(),
-                expiry,
-                repair,
-                timeout,
-            )
-        }));
+        let mut round =
+            Round::start(self.shared.nodes.iter().map(|node| {
+                node.extend(self.keys.clone(), value.clone(), expiry, repair, timeout)
+            }));
         round
             .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
             .await;
@@ -285,26 +265,29 @@ impl DistMutex for RedisMutex {
             // free go again. After a failure with time left they stay: the
             // lock may well be ours, and the next try counts them.
             Ok(false) if repair.is_some() => {
-                undo_repairs(round, &self.shared, &self.keys, &self.value, timeout)
+                undo_repairs(round, &self.shared, &self.keys, &value, timeout)
             }
             _ => round.finish_in_background(),
         };
-        self.cleanup = Cleanup::of(stragglers, &self.value);
+        self.cleanup = Cleanup::of(stragglers, &value);
         if !extended? {
             return Err(Error::NotAcquired);
         }
-        let until = validity_end(&self.options, start).ok_or_else(|| Error::Timeout {
-            after: start.elapsed(),
-            nodes: Vec::new(),
-        })?;
-        self.until = Some(until);
+        let until =
+            validity_end(start, self.options.validity(), start.elapsed()).ok_or_else(|| {
+                Error::Timeout {
+                    after: start.elapsed(),
+                    nodes: Vec::new(),
+                }
+            })?;
+        self.record.extended(until);
         Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
-        if self.value.is_empty() {
+        let Some(value) = self.record.shared_value() else {
             return Ok(false);
-        }
+        };
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let round = Round::start(
@@ -313,7 +296,7 @@ impl DistMutex for RedisMutex {
                 .iter()
                 .map(|node| node.get(self.keys.lock.clone(), timeout)),
         );
-        let value = &*self.value;
+        let value = &**value;
         round
             .decide(quorum, self.shared.fail_fast, timeout, |current| {
                 current.as_deref() == Some(value)
