@@ -1,9 +1,4 @@
 //! A dynamic handle over any backend, chosen at run time.
-//!
-//! [`DistSync`] and [`DistMutex`] use `impl Future` in their methods, so
-//! they cannot be trait objects. [`AnySync`] and [`AnyMutex`] erase the
-//! backend behind an `Arc` and boxed futures, and implement the same traits,
-//! so code written against `S: DistSync` accepts them too.
 
 use std::fmt;
 use std::future::Future;
@@ -19,6 +14,11 @@ use crate::sync::{DistMutex, DistSync, FastPath};
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A cheaply cloneable handle to any [`DistSync`] backend.
+///
+/// [`DistSync`] and [`DistMutex`] use `impl Future` in their methods, so
+/// they cannot be trait objects. `AnySync` and [`AnyMutex`] erase the
+/// backend behind an `Arc` and boxed futures, and implement the same
+/// traits, so code written against `S: DistSync` accepts them too.
 ///
 /// ```
 /// use tower_dsync::{AnySync, DistMutex, DistMutexOptions, DistSync, MemorySync};

@@ -1,16 +1,5 @@
-//! `MemorySync`: the in-process backend, the embedded default.
-//!
-//! It keeps the observable semantics of the Redis backend (exclusive names,
-//! expiry, compare-by-value unlock and extend, ownership transfer through a
-//! preset value) without any setup, so code tested in-process behaves the
-//! same in production. Nothing survives the process.
-//!
-//! Waiters on one name form a FIFO queue. A release hands the lock straight
-//! to the first waiter and wakes it; a holder that expires is taken over by
-//! the first waiter at the moment of expiry. A name that is neither locked
-//! nor waited on holds no memory: released names are removed at once, and
-//! expired ones (kept in expiry order) by the next call on the backend,
-//! whatever its name.
+//! `MemorySync`: the in-process backend, the embedded default, and its
+//! lock table.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, VecDeque};
@@ -29,6 +18,19 @@ use crate::options::DistMutexOptions;
 use crate::sync::{DistMutex, DistSync, FastPath, validate_name};
 
 /// The in-process backend.
+///
+/// It keeps the observable semantics of the Redis backend (exclusive names,
+/// expiry, compare-by-value unlock and extend, ownership transfer through a
+/// preset value, fencing tokens) without any setup, so code tested
+/// in-process behaves the same in production. Nothing survives the
+/// process.
+///
+/// Waiters on one name form a FIFO queue. A release hands the lock straight
+/// to the first waiter and wakes it; a holder that expires is taken over by
+/// the first waiter at the moment of expiry. A name that is neither locked
+/// nor waited on holds no memory: released names are removed at once, and
+/// expired ones (kept in expiry order) by the next call on the backend,
+/// whatever its name.
 ///
 /// Clones share the same set of locks; separate `MemorySync::new()` values
 /// are independent.

@@ -1,72 +1,6 @@
 //! `RedisSync`: locks on one Redis node, Redlock over several independent
-//! masters, or a Redis Cluster.
-//!
-//! # How many nodes
-//!
-//! - **One node** is simplest and fastest. The lock is as available as that
-//!   node; if it restarts without persistence, or fails over to a replica
-//!   that had not yet received the key, a held lock is forgotten.
-//! - **Three independent masters** (not replicas of each other) survive one
-//!   node being down or slow: a lock needs 2 of 3.
-//! - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
-//!   operation, so more nodes add latency (the slowest node of the quorum)
-//!   and do not add throughput.
-//! - **A Redis Cluster** (feature `cluster`) spreads names over its
-//!   masters: more throughput, one master per lock. See
-//!   [Cluster mode](RedisSync#cluster-mode) for what a failover can lose.
-//!
-//! # Safety caveats
-//!
-//! Redlock's guarantee rests on timing assumptions, stated plainly:
-//!
-//! - **Process pauses.** A holder paused longer than the lock's validity (a
-//!   long GC or a stop-the-world pause, a swapped-out process, a `SIGSTOP`)
-//!   wakes up believing it still holds a lock that another owner has since
-//!   taken. Nothing in a lock library can prevent this; check
-//!   [`valid`](crate::DistMutex::valid) or [`until`](crate::DistMutex::until) before acting, and keep
-//!   the critical section well inside the validity.
-//! - **Clock jumps.** Keys expire by each node's clock. A node whose clock
-//!   jumps forward (an operator, a bad NTP step) expires keys early and may
-//!   hand a lock to a second owner. The drift allowance
-//!   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
-//! - **Restarts without persistence.** With Redlock (two or more
-//!   nodes), a node that restarts empty takes no new lock for an expiry
-//!   while the holders' extensions put their keys back on it, so nodes may
-//!   restart empty, at once or one after the other, without a second
-//!   owner, and holders that extend keep their locks (see
-//!   [Restarts](RedisSync#restarts)); run the nodes with no persistence
-//!   or with `appendfsync always`, not from older snapshots. One node, and
-//!   a Redis Cluster's master, forget their locks when they restart empty
-//!   (there is no other node to recover from).
-//! - **Clocks** also bound fencing tokens through restarts: a node that
-//!   lost its fencing counter starts it again at its clock (in
-//!   microseconds) at its next acquisition, one expiry after it came back
-//!   with Redlock, which is above every token issued before as long as the
-//!   nodes' clocks differ by less than that, and a node's clock does not
-//!   go back across its restart.
-//! - **For correctness-critical writes, use fencing tokens**: the protected
-//!   resource rejects a write whose token is not greater than the last one it
-//!   accepted, so a holder that lost its lock cannot do damage.
-//!   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
-//!   acquisition: the node's counter (one per node, or per hash slot on a
-//!   cluster, not per name), incremented inside the acquire script, and
-//!   across a Redlock quorum the highest token of the nodes that granted
-//!   the acquisition, written back to a quorum of those nodes when fewer
-//!   of them had it (a node that refused the acquisition never counts: its
-//!   counter is not ordered after the name's previous holder there). The
-//!   tokens of a name strictly grow through any sequence of empty
-//!   restarts, under the clock condition above; the argument is on
-//!   [`RedisMutex`](RedisMutex#fencing-tokens).
-//!
-//! # What the nodes keep
-//!
-//! Per name, only while it is in use: the lock key (it expires), and while
-//! processes wait for it, the wait queue and its entries' deadlines (they
-//! expire with the last entry, at most 10 s after its last renewal). Per node, one small hash
-//! (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
-//! Redis Cluster one per hash slot used (at most 16,384). Nothing else
-//! grows with the number of names ever locked: after a million distinct
-//! names, each node holds the one key it held after the first.
+//! masters, or a Redis Cluster. The public types and their documentation
+//! are here; each part of the algorithm has a file of its own.
 
 mod cleanup;
 #[cfg(feature = "cluster")]
@@ -107,6 +41,73 @@ use crate::sync::{DistSync, validate_name};
 /// so a node that is down at start-up is not an error: it is used once it
 /// comes back, and locks succeed meanwhile as long as a quorum of the
 /// others answers.
+///
+/// # How many nodes
+///
+/// - **One node** is simplest and fastest. The lock is as available as that
+///   node; if it restarts without persistence, or fails over to a replica
+///   that had not yet received the key, a held lock is forgotten.
+/// - **Three independent masters** (not replicas of each other) survive one
+///   node being down or slow: a lock needs 2 of 3.
+/// - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
+///   operation, so more nodes add latency (the slowest node of the quorum)
+///   and do not add throughput.
+/// - **A Redis Cluster** (feature `cluster`) spreads names over its
+///   masters: more throughput, one master per lock. See
+///   [Cluster mode](RedisSync#cluster-mode) for what a failover can lose.
+///
+/// # Safety caveats
+///
+/// Redlock's guarantee rests on timing assumptions, stated plainly:
+///
+/// - **Process pauses.** A holder paused longer than the lock's validity (a
+///   long GC or a stop-the-world pause, a swapped-out process, a `SIGSTOP`)
+///   wakes up believing it still holds a lock that another owner has since
+///   taken. Nothing in a lock library can prevent this; check
+///   [`valid`](crate::DistMutex::valid) or [`until`](crate::DistMutex::until) before acting, and keep
+///   the critical section well inside the validity.
+/// - **Clock jumps.** Keys expire by each node's clock. A node whose clock
+///   jumps forward (an operator, a bad NTP step) expires keys early and may
+///   hand a lock to a second owner. The drift allowance
+///   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
+/// - **Restarts without persistence.** With Redlock (two or more
+///   nodes), a node that restarts empty takes no new lock for an expiry
+///   while the holders' extensions put their keys back on it, so nodes may
+///   restart empty, at once or one after the other, without a second
+///   owner, and holders that extend keep their locks (see
+///   [Restarts](RedisSync#restarts)); run the nodes with no persistence
+///   or with `appendfsync always`, not from older snapshots. One node, and
+///   a Redis Cluster's master, forget their locks when they restart empty
+///   (there is no other node to recover from).
+/// - **Clocks** also bound fencing tokens through restarts: a node that
+///   lost its fencing counter starts it again at its clock (in
+///   microseconds) at its next acquisition, one expiry after it came back
+///   with Redlock, which is above every token issued before as long as the
+///   nodes' clocks differ by less than that, and a node's clock does not
+///   go back across its restart.
+/// - **For correctness-critical writes, use fencing tokens**: the protected
+///   resource rejects a write whose token is not greater than the last one it
+///   accepted, so a holder that lost its lock cannot do damage.
+///   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
+///   acquisition: the node's counter (one per node, or per hash slot on a
+///   cluster, not per name), incremented inside the acquire script, and
+///   across a Redlock quorum the highest token of the nodes that granted
+///   the acquisition, written back to a quorum of those nodes when fewer
+///   of them had it (a node that refused the acquisition never counts: its
+///   counter is not ordered after the name's previous holder there). The
+///   tokens of a name strictly grow through any sequence of empty
+///   restarts, under the clock condition above; the argument is on
+///   [`RedisMutex`](RedisMutex#fencing-tokens).
+///
+/// # What the nodes keep
+///
+/// Per name, only while it is in use: the lock key (it expires), and while
+/// processes wait for it, the wait queue and its entries' deadlines (they
+/// expire with the last entry, at most 10 s after its last renewal). Per node, one small hash
+/// (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
+/// Redis Cluster one per hash slot used (at most 16,384). Nothing else
+/// grows with the number of names ever locked: after a million distinct
+/// names, each node holds the one key it held after the first.
 ///
 /// # Waiting is fair
 ///

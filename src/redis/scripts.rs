@@ -6,30 +6,6 @@
 //! Each script is one file under `lua/`, whole, but for the wait-queue
 //! helpers (`lua/wait_queue.lua`), which a script that reads the queue
 //! splices in at a line of its own, past its fast path.
-//!
-//! A name's wait queue holds one entry per waiting process (`RedisSync`):
-//! a sorted set ordered by when that process's first waiter started
-//! waiting (a timestamp the process chooses, the same on every node, so
-//! that every node orders waiters alike), and a hash of deadlines: the node
-//! time until which each entry is kept without being renewed, its entry
-//! TTL from its last renewal. A process renews its entry with each
-//! attempt; an entry whose deadline passed (its process died or lost the
-//! nodes) is dropped by the next script that looks at the queue. Both keys
-//! vanish when the queue empties. The helper `announce` publishes a
-//! wake-up: the channel prefix (after a mode byte) and the process's id
-//! make the channel; mode `S` (a Redis Cluster, whose channel hashes to the
-//! script's slot) uses sharded pub/sub, or plain `PUBLISH` where the server
-//! does not have it.
-//!
-//! Fencing tokens come from one counter per node (per slot on a Redis
-//! Cluster), in the `fence` field of the node's bookkeeping hash (see
-//! `fencing.rs`).
-//!
-//! Why the acquire script packs its settings into one argument: Redis reads
-//! at most ten arguments of a command from a client that has not
-//! authenticated, and answers more with a protocol error that hides the
-//! missing password; `EVALSHA sha numkeys`, four keys and three arguments
-//! make ten.
 
 use std::sync::LazyLock;
 
@@ -122,10 +98,11 @@ impl Call {
 ///
 /// `KEYS`: 1 lock, 2 the node's bookkeeping hash, 3 wait queue, 4 its
 /// entries' deadlines.
-/// `ARGV`: 1 the value, 2 the expiry in ms, 3 six words (one argument, so
-/// that the command stays within the ten arguments Redis reads from a
-/// client before it authenticates, and a missing password is reported as
-/// such):
+/// `ARGV`: 1 the value, 2 the expiry in ms, 3 six words, packed into one
+/// argument because Redis reads at most ten arguments of a command from a
+/// client that has not authenticated, and answers more with a protocol
+/// error that hides the missing password (`EVALSHA sha numkeys`, four keys
+/// and three arguments make ten):
 /// - when acquired, the start of the process's next waiter, or `-` (none:
 ///   leave the queue);
 /// - `1` when this is a resend after a dropped connection of an attempt

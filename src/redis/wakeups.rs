@@ -1,14 +1,5 @@
-//! Push wake-ups: each process (`RedisSync`) has its own wake-up channel,
-//! and a release publishes on the channel of the process first in the
-//! name's wait queue, naming the lock key; that process wakes its first
-//! waiter for the name.
-//!
-//! On independent nodes, each node has one subscriber connection per
-//! process, owned by a background task that connects the first time a
-//! waiter needs it, then stays subscribed, and reconnects and subscribes
-//! again after a connection loss. On a Redis Cluster, see
-//! [`super::cluster`]. Correctness never depends on a message: a lost one
-//! only costs the waiter's fallback wait.
+//! How the releases addressed to this process reach it: one subscriber per
+//! independent node, or the cluster's slot channels.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -27,6 +18,12 @@ use crate::queue::LocalQueues;
 const SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the releases addressed to one process reach it.
+///
+/// Each process (`RedisSync`) has its own wake-up channel, and a release
+/// publishes on the channel of the process first in the name's wait queue,
+/// naming the lock key; that process wakes its first waiter for the name.
+/// Correctness never depends on a message: a lost one only costs the
+/// waiter's fallback wait.
 pub(crate) enum Wakeups {
     /// Independent nodes: one subscriber per node, on one channel.
     Nodes(NodeWakeups),
@@ -69,7 +66,9 @@ impl Wakeups {
     }
 }
 
-/// The subscribers of one process, one per node.
+/// The subscribers of one process, one per node: each a background task
+/// that connects the first time a waiter needs it, then stays subscribed,
+/// and reconnects and subscribes again after a connection loss.
 pub(crate) struct NodeWakeups {
     nodes: Vec<Subscriber>,
 }
