@@ -29,6 +29,7 @@ pub(crate) struct Cleanup {
 }
 
 impl Cleanup {
+    /// The commands of an operation with `value` still to finish, if any.
     pub(crate) fn of(task: Option<JoinHandle<()>>, value: &Arc<str>) -> Option<Cleanup> {
         task.map(|task| Cleanup {
             value: value.clone(),

@@ -1,5 +1,5 @@
-//! One call of `RedisMutex::lock`: its turn in this
-//! process's line, its attempts on the nodes, and why they failed.
+//! One call of `RedisMutex::lock`: its turn in this process's line, its
+//! attempts on the nodes, and why they failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +19,8 @@ use crate::error::{Error, NodeError, Recovering, Result};
 use crate::options::DistMutexOptions;
 use crate::queue::Turn;
 
-/// One call of [`RedisMutex::lock`](crate::DistMutex::lock): its place in the process's line, and
-/// what its attempts have learned so far.
+/// One call of [`RedisMutex::lock`](crate::DistMutex::lock): its place in
+/// the process's line, and what its attempts have learned so far.
 ///
 /// Callers that may wait (more than one try) line up per name in this
 /// process, first come first served: only the first talks to the nodes,
@@ -250,10 +250,9 @@ impl<'m> LockCall<'m> {
     }
 
     /// Releases what a failed attempt got, and subscribes to wake-ups when
-    /// a waiter was refused without them (then the next attempt goes at
-    /// once).
-    /// `subscribed`: whether a release announced during the attempt
-    /// reached this process.
+    /// a waiter was refused while they could not reach it (`subscribed`
+    /// false when the attempt began): then the next attempt goes at once,
+    /// so that a release during the subscription is not missed.
     async fn after_failure(
         &mut self,
         error: Error,
