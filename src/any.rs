@@ -1,9 +1,4 @@
 //! A dynamic handle over any backend, chosen at run time.
-//!
-//! [`DistSync`] and [`DistMutex`] use `impl Future` in their methods, so
-//! they cannot be trait objects. [`AnySync`] and [`AnyMutex`] erase the
-//! backend behind an `Arc` and boxed futures, and implement the same traits,
-//! so code written against `S: DistSync` accepts them too.
 
 use std::fmt;
 use std::future::Future;
@@ -14,11 +9,16 @@ use tokio::time::Instant;
 
 use crate::error::Result;
 use crate::options::DistMutexOptions;
-use crate::sync::{DistMutex, DistSync};
+use crate::sync::{DistMutex, DistSync, FastPath};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A cheaply cloneable handle to any [`DistSync`] backend.
+///
+/// [`DistSync`] and [`DistMutex`] use `impl Future` in their methods, so
+/// they cannot be trait objects. `AnySync` and [`AnyMutex`] erase the
+/// backend behind an `Arc` and boxed futures, and implement the same
+/// traits, so code written against `S: DistSync` accepts them too.
 ///
 /// ```
 /// use tower_dsync::{AnySync, DistMutex, DistMutexOptions, DistSync, MemorySync};
@@ -131,12 +131,12 @@ impl DistMutex for AnyMutex {
         self.0.valid_boxed()
     }
 
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
-        self.0.try_lock_now()
+    fn try_lock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        self.0.try_lock_now(fast_path)
     }
 
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
-        self.0.try_unlock_now()
+    fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        self.0.try_unlock_now(fast_path)
     }
 }
 
@@ -167,8 +167,8 @@ trait ErasedMutex: Send + Sync + 'static {
     fn unlock_boxed(&mut self) -> BoxFuture<'_, Result<()>>;
     fn extend_boxed(&mut self) -> BoxFuture<'_, Result<()>>;
     fn valid_boxed(&self) -> BoxFuture<'_, Result<bool>>;
-    fn try_lock_now(&mut self) -> Option<Result<()>>;
-    fn try_unlock_now(&mut self) -> Option<Result<()>>;
+    fn try_lock_now(&mut self, fast_path: FastPath) -> Option<Result<()>>;
+    fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>>;
 }
 
 impl<M: DistMutex> ErasedMutex for M {
@@ -204,11 +204,11 @@ impl<M: DistMutex> ErasedMutex for M {
         Box::pin(DistMutex::valid(self))
     }
 
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
-        DistMutex::try_lock_now(self)
+    fn try_lock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        DistMutex::try_lock_now(self, fast_path)
     }
 
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
-        DistMutex::try_unlock_now(self)
+    fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        DistMutex::try_unlock_now(self, fast_path)
     }
 }

@@ -1,10 +1,4 @@
 //! The error type shared by every backend.
-//!
-//! Go's `dsync` has a base error `ErrDsync` ("dsync") that every other error
-//! wraps, and `ErrNotAcquired` ("dsync: lock is not acquired"). In Rust the
-//! base error is the [`Error`] type itself: every variant's `Display` starts
-//! with `dsync: `, and callers tell failures apart by matching on variants,
-//! never on strings.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -29,6 +23,12 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong with a distributed mutex.
+///
+/// Go's `dsync` has a base error `ErrDsync` ("dsync") that every other
+/// error wraps, and `ErrNotAcquired` ("dsync: lock is not acquired"). Here
+/// the base error is this type itself: every variant's `Display` starts
+/// with `dsync: `, and callers tell failures apart by matching on variants,
+/// never on strings.
 ///
 /// ```
 /// use tower_dsync::Error;

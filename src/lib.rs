@@ -74,6 +74,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod acquisition;
 mod any;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
@@ -95,6 +96,8 @@ pub use error::{BoxError, Error, NodeError, NotReplicated, Recovering, Result};
 pub use layer::DistLockLayer;
 pub use memory::{MemoryMutex, MemorySync};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
+#[doc(hidden)]
+pub use sync::FastPath;
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
 
 /// The README's Rust snippets compile as doctests.

@@ -1,16 +1,5 @@
-//! `MemorySync`: the in-process backend, the embedded default.
-//!
-//! It keeps the observable semantics of the Redis backend (exclusive names,
-//! expiry, compare-by-value unlock and extend, ownership transfer through a
-//! preset value) without any setup, so code tested in-process behaves the
-//! same in production. Nothing survives the process.
-//!
-//! Waiters on one name form a FIFO queue. A release hands the lock straight
-//! to the first waiter and wakes it; a holder that expires is taken over by
-//! the first waiter at the moment of expiry. A name that is neither locked
-//! nor waited on holds no memory: released names are removed at once, and
-//! expired ones (kept in expiry order) by the next call on the backend,
-//! whatever its name.
+//! `MemorySync`: the in-process backend, the embedded default, and its
+//! lock table.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, VecDeque};
@@ -22,12 +11,26 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::acquisition::{Acquisition, LockRecord, validity_end};
 use crate::error::{Error, Result};
 use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
-use crate::sync::{DistMutex, DistSync, validate_name};
+use crate::sync::{DistMutex, DistSync, FastPath, validate_name};
 
 /// The in-process backend.
+///
+/// It keeps the observable semantics of the Redis backend (exclusive names,
+/// expiry, compare-by-value unlock and extend, ownership transfer through a
+/// preset value, fencing tokens) without any setup, so code tested
+/// in-process behaves the same in production. Nothing survives the
+/// process.
+///
+/// Waiters on one name form a FIFO queue. A release hands the lock straight
+/// to the first waiter and wakes it; a holder that expires is taken over by
+/// the first waiter at the moment of expiry. A name that is neither locked
+/// nor waited on holds no memory: released names are removed at once, and
+/// expired ones (kept in expiry order) by the next call on the backend,
+/// whatever its name.
 ///
 /// Clones share the same set of locks; separate `MemorySync::new()` values
 /// are independent.
@@ -121,16 +124,13 @@ impl DistSync for MemorySync {
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<MemoryMutex> {
         validate_name(name)?;
-        let drift = options.validated_drift()?;
+        let validity = options.validated_validity()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
             name: self.shared.hashing.name(Arc::from(name)),
-            value: options.value().map(Arc::from),
-            drift,
+            record: LockRecord::new(&options),
+            validity,
             options,
-            until: None,
-            token: None,
-            released: false,
         })
     }
 
@@ -156,24 +156,17 @@ pub struct MemoryMutex {
     shared: Arc<MemoryState>,
     name: HashedName,
     options: DistMutexOptions,
-    /// `options.drift()`, computed once.
-    drift: Duration,
-    /// `None` until acquired, unless preset.
-    value: Option<Arc<str>>,
-    until: Option<Instant>,
-    token: Option<u64>,
-    /// Set by a successful `unlock`, cleared by the next `lock`: a released
-    /// mutex refuses `extend`, also while another mutex holds the name with
-    /// the same (preset) value.
-    released: bool,
+    /// `options.validity()`, computed once.
+    validity: Duration,
+    record: LockRecord,
 }
 
 impl fmt::Debug for MemoryMutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryMutex")
             .field("name", self.name.name())
-            .field("until", &self.until)
-            .field("fencing_token", &self.token)
+            .field("until", &self.record.until())
+            .field("fencing_token", &self.record.token())
             .finish_non_exhaustive()
     }
 }
@@ -209,11 +202,10 @@ impl MemoryMutex {
     }
 
     fn unlock_now(&mut self) -> Result<()> {
-        // Whatever the outcome, this mutex no longer holds the lock.
-        self.until = None;
+        self.record.unlocking();
         let mut names = self.shared.names();
-        if names.release(&self.name, self.value()) {
-            self.released = true;
+        if names.release(&self.name, self.record.value()) {
+            self.record.unlocked();
             Ok(())
         } else {
             Err(Error::NotAcquired)
@@ -221,15 +213,20 @@ impl MemoryMutex {
     }
 
     fn acquired(&mut self, value: Arc<str>, grant: Grant) {
-        self.value = Some(value);
-        self.until = Some(
-            grant
-                .expires_at
-                .checked_sub(self.drift)
-                .unwrap_or(grant.expires_at),
-        );
-        self.token = Some(grant.token);
-        self.released = false;
+        let until = self.validity_end(grant.expires_at);
+        let acquisition = Acquisition {
+            value,
+            token: grant.token,
+        };
+        self.record.acquired(acquisition, until);
+    }
+
+    /// The end of validity of a lock the table set to expire at
+    /// `expires_at`: it set it at once, one expiry before, so no time
+    /// elapsed counts against it; only the drift allowance does.
+    fn validity_end(&self, expires_at: Instant) -> Instant {
+        let set_at = expires_at - self.options.expiry();
+        validity_end(set_at, self.validity, Duration::ZERO).unwrap_or(expires_at)
     }
 }
 
@@ -239,15 +236,15 @@ impl DistMutex for MemoryMutex {
     }
 
     fn value(&self) -> &str {
-        self.value.as_deref().unwrap_or_default()
+        self.record.value()
     }
 
     fn until(&self) -> Option<Instant> {
-        self.until
+        self.record.until()
     }
 
     fn fencing_token(&self) -> Option<u64> {
-        self.token
+        self.record.token()
     }
 
     async fn lock(&mut self) -> Result<()> {
@@ -293,26 +290,31 @@ impl DistMutex for MemoryMutex {
     }
 
     async fn extend(&mut self) -> Result<()> {
-        if self.released {
+        if self.record.is_released() {
             return Err(Error::NotAcquired);
         }
         let mut names = self.shared.names();
         let expires_at = names
-            .extend(&self.name, self.value(), self.options.expiry())
+            .extend(&self.name, self.record.value(), self.options.expiry())
             .ok_or(Error::NotAcquired)?;
-        self.until = Some(expires_at.checked_sub(self.drift).unwrap_or(expires_at));
+        drop(names);
+        let until = self.validity_end(expires_at);
+        self.record.extended(until);
         Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
-        Ok(self.shared.names().is_held_by(&self.name, self.value()))
+        Ok(self
+            .shared
+            .names()
+            .is_held_by(&self.name, self.record.value()))
     }
 
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
+    fn try_lock_now(&mut self, _: FastPath) -> Option<Result<()>> {
         Some(self.lock_now())
     }
 
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+    fn try_unlock_now(&mut self, _: FastPath) -> Option<Result<()>> {
         Some(self.unlock_now())
     }
 }
@@ -575,5 +577,70 @@ impl Drop for QueuePlace<'_> {
         if self.queued {
             self.shared.names().leave(self.name, self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use crate::sync::FastPath;
+    use crate::{AnySync, DistMutex, DistMutexOptions, DistSync, Error, MemorySync};
+
+    /// `try_lock_now` and `try_unlock_now`, where the backend answers at
+    /// once, agree with `lock` (one try) and `unlock`; a failed try leaves
+    /// no place in the name's queue behind.
+    async fn answers_at_once<S: DistSync>(sync: S) {
+        let now = FastPath::new;
+        let once = DistMutexOptions::default()
+            .with_expiry(Duration::from_secs(1))
+            .with_tries(1);
+        let name = "at-once";
+        let mut a = sync.new_mutex(name, once.clone()).unwrap();
+        let mut b = sync.new_mutex(name, once.clone()).unwrap();
+        let first = a.try_lock_now(now()).expect("the backend answers at once");
+        first.expect("a free name is taken");
+        assert!(!a.value().is_empty());
+        assert!(a.until().expect("until after lock") > Instant::now());
+        assert!(matches!(
+            b.try_lock_now(now()),
+            Some(Err(Error::Held { remaining: Some(_) }))
+        ));
+        assert!(matches!(
+            b.try_unlock_now(now()),
+            Some(Err(Error::NotAcquired))
+        ));
+        assert!(matches!(a.try_unlock_now(now()), Some(Ok(()))));
+        assert_eq!(a.until(), None);
+        assert!(matches!(
+            a.try_unlock_now(now()),
+            Some(Err(Error::NotAcquired))
+        ));
+        // b's failed try did not queue it: the name is free for anyone, at
+        // once (a release hands a name to its first waiter).
+        let mut c = sync.clone().new_mutex(name, once).unwrap();
+        c.lock().await.expect("free at once");
+        c.unlock().await.unwrap();
+        assert!(matches!(b.try_lock_now(now()), Some(Ok(()))));
+        b.unlock().await.unwrap();
+        let patient = DistMutexOptions::default()
+            .with_expiry(Duration::from_secs(1))
+            .with_tries(400)
+            .with_retry_delay(Duration::from_millis(5));
+        let mut probe = sync.new_mutex(name, patient).unwrap();
+        probe.lock().await.expect("the name should be free");
+        probe.unlock().await.expect("unlock the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_mutexes_answer_at_once() {
+        answers_at_once(MemorySync::new()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_mutexes_over_memory_answer_at_once() {
+        answers_at_once(AnySync::new(MemorySync::new())).await;
     }
 }

@@ -418,11 +418,12 @@ impl DistMutexOptions {
         self.check(self.drift())
     }
 
-    /// [`validate`](Self::validate), and the drift, computed once.
-    pub(crate) fn validated_drift(&self) -> Result<Duration> {
+    /// [`validate`](Self::validate), and the [`validity`](Self::validity),
+    /// computed once.
+    pub(crate) fn validated_validity(&self) -> Result<Duration> {
         let drift = self.drift();
         self.check(drift)?;
-        Ok(drift)
+        Ok(self.expiry.saturating_sub(drift))
     }
 
     /// The checks of [`validate`](Self::validate), given the drift.

@@ -139,31 +139,39 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
 
     /// One try to acquire the lock, answered at once by a backend that needs
     /// no I/O for it: `Some` with what [`lock`](Self::lock) with `tries` set
-    /// to 1 would give, or `None` (the default) when the answer has to wait,
-    /// in which case call `lock`. [`MemorySync`](crate::MemorySync) answers
-    /// at once; the Redis backend returns `None`. Callers use it to skip the
-    /// machinery of a future on their fast path, as the Tower layer does.
+    /// to 1 would give, or `None` (the default) when the answer has to wait.
     ///
-    /// ```
-    /// use tower_dsync::{DistMutex, DistMutexOptions, DistSync, Error, MemorySync};
-    ///
-    /// let sync = MemorySync::new();
-    /// let mut a = sync.new_mutex("job:8", DistMutexOptions::default())?;
-    /// let mut b = sync.new_mutex("job:8", DistMutexOptions::default())?;
-    /// assert!(matches!(a.try_lock_now(), Some(Ok(()))));
-    /// assert!(matches!(b.try_lock_now(), Some(Err(Error::Held { .. }))));
-    /// assert!(matches!(a.try_unlock_now(), Some(Ok(()))));
-    /// # Ok::<_, tower_dsync::Error>(())
-    /// ```
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
+    /// The Tower layer's fast path, not API: only this crate can call it,
+    /// since only it makes a [`FastPath`]. A backend that answers at once
+    /// overrides it; one that wraps another passes the token on.
+    #[doc(hidden)]
+    fn try_lock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        let _ = fast_path;
         None
     }
 
     /// [`unlock`](Self::unlock), answered at once by a backend that needs no
-    /// I/O for it (see [`try_lock_now`](Self::try_lock_now)), or `None`
-    /// (the default): then call `unlock`.
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+    /// I/O for it, or `None` (the default): the layer's fast path, as
+    /// [`try_lock_now`](Self::try_lock_now).
+    #[doc(hidden)]
+    fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        let _ = fast_path;
         None
+    }
+}
+
+/// The token of [`DistMutex::try_lock_now`] and
+/// [`DistMutex::try_unlock_now`]: only this crate makes one, so only this
+/// crate calls them, while any backend may answer them (a backend that
+/// wraps another passes on the token it was given).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FastPath(());
+
+impl FastPath {
+    /// The token, for this crate's calls.
+    pub(crate) fn new() -> Self {
+        FastPath(())
     }
 }
 

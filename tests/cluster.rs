@@ -86,9 +86,9 @@ async fn release_to_subscribed(
     woken(waiting, "woken by the release").await
 }
 
-/// Every key of a name (lock, wait queue, leases) lives on the master of the
-/// name's slot, with the slot's bookkeeping key (its fencing counter), and
-/// names spread over the masters. After the release only the bookkeeping
+/// Every key of a name (lock, wait queue, its entries' deadlines) lives on
+/// the master of the name's slot, with the slot's bookkeeping key (its
+/// fencing counter), and names spread over the masters. After the release only the bookkeeping
 /// keys are left, one per slot used, whatever the number of names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_a_name_live_on_the_master_of_its_slot() {

@@ -373,11 +373,17 @@ impl<M: DistMutex> DistMutex for Mutant<M> {
     async fn valid(&self) -> tower_dsync::Result<bool> {
         self.inner.valid().await
     }
-    fn try_lock_now(&mut self) -> Option<tower_dsync::Result<()>> {
-        self.inner.try_lock_now()
+    fn try_lock_now(
+        &mut self,
+        fast_path: tower_dsync::FastPath,
+    ) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_lock_now(fast_path)
     }
-    fn try_unlock_now(&mut self) -> Option<tower_dsync::Result<()>> {
-        self.inner.try_unlock_now()
+    fn try_unlock_now(
+        &mut self,
+        fast_path: tower_dsync::FastPath,
+    ) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_unlock_now(fast_path)
     }
 }
 
@@ -934,8 +940,8 @@ async fn wait_idle(client: &HttpClient, urls: &[(String, String)]) {
 }
 
 /// What the nodes keep besides `NODE_KEY` with `NODE_FIELDS`: lock keys,
-/// wait queues and their leases, per-name fencing counters, any other
-/// field of the node's key.
+/// wait queues and their entries' deadlines, per-name fencing counters,
+/// any other field of the node's key.
 fn leftover_keys(nodes: &RedisNodes) -> Vec<String> {
     let mut left = Vec::new();
     for server in &nodes.servers {
@@ -1310,7 +1316,7 @@ impl Run {
 ///   or a local queue entry;
 /// - once the locks have had time to expire, no key is left on any node
 ///   but `NODE_KEY`, with no field but `NODE_FIELDS`: no lock key, wait
-///   queue, lease or per-name counter.
+///   queue, entry deadline or per-name counter.
 ///
 /// The locks reported lost are printed, not asserted on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

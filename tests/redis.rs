@@ -949,12 +949,13 @@ async fn a_queue_entry_goes_with_its_waiter() {
         .with_timeout_factor(0.5)
         .with_retry_delay(Duration::from_millis(5))
         .with_tries(3);
-    // Well within the entry's lease (10 s): a leftover entry would still
+    // Well within the entry's TTL (10 s): a leftover entry would still
     // be there.
     let bound = Duration::from_secs(5);
     let mut names = Vec::new();
-    // The entry used to stay when the check for waiters left ran before
-    // the acquiring waiter was gone: many acquisitions, each checked.
+    // The check for waiters left may run before the acquiring waiter is
+    // gone, and must still leave no entry: many acquisitions, each
+    // checked.
     for _ in 0..50 {
         let name = unique("entry");
         let (key, queue) = (format!("dsync:{name}"), format!("dsync:{name}\u{1f}queue"));
@@ -1208,17 +1209,17 @@ async fn a_try_does_not_jump_the_line() {
 }
 
 /// A process that died while first in line holds the others up for at most
-/// its entry's lease (one expiry), never forever.
+/// its entry's TTL (one expiry), never forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
+async fn a_dead_waiter_holds_the_line_up_for_its_entry_ttl_only() {
     let nodes = RedisNodes::start(1);
     let sync = RedisSync::new(nodes.urls()).unwrap();
     let name = unique("ghost");
-    let (queue, leases) = (
+    let (queue, deadlines) = (
         format!("dsync:{name}\u{1f}queue"),
         format!("dsync:{name}\u{1f}leases"),
     );
-    // A "process" queued at time 0 with a lease of 300 ms from now, that
+    // A "process" queued at time 0 with an entry TTL of 300 ms from now, that
     // will never come to take the lock.
     let mut conn = nodes.servers[0].connection();
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
@@ -1230,7 +1231,7 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
         .arg("ghost")
         .ignore()
         .cmd("HSET")
-        .arg(&leases)
+        .arg(&deadlines)
         .arg("ghost")
         .arg(deadline)
         .ignore()
@@ -1243,15 +1244,18 @@ async fn a_dead_waiter_holds_the_line_up_for_its_lease_only() {
     let mut patient = sync
         .new_mutex(&name, real_time_options().with_tries(10_000))
         .unwrap();
-    patient.lock().await.expect("taken once the lease ran out");
+    patient
+        .lock()
+        .await
+        .expect("taken once the entry's TTL ran out");
     patient.unlock().await.unwrap();
     assert_eq!(nodes.count_key(&queue), 0, "the dead entry was dropped");
-    assert_eq!(nodes.count_key(&leases), 0);
+    assert_eq!(nodes.count_key(&deadlines), 0);
 }
 
 /// With one node of three down (its subscription can never be set up), a
-/// waiter on a held name still gives up after its tries (it used to retry
-/// at once, forever, waiting for a subscription).
+/// waiter on a held name still gives up after its tries, instead of
+/// retrying at once, forever, waiting for a subscription.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_gives_up_with_a_node_down() {
     let mut nodes = RedisNodes::start(3);
@@ -1276,7 +1280,7 @@ async fn waiter_gives_up_with_a_node_down() {
 /// A waiter first in line that gets only a minority (the name is free on
 /// one node, held on the two others) releases its leftover key without
 /// waking itself: the release announces nobody when the process first in
-/// line is the releaser (it used to wake itself and burn its tries).
+/// line is the releaser (waking itself would burn its tries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftover_release_does_not_wake_its_own_process() {
     let nodes = RedisNodes::start(3);
@@ -1381,9 +1385,9 @@ async fn stragglers_never_overtake_the_next_operation() {
 /// tries on a name held for a minute gives up with `Held` after its tries
 /// (3 attempts and one more right after it subscribed to wake-ups),
 /// instead of retrying without a pause until the holder lets go.
-/// Regression: the subscriptions are never all in place while a node is
-/// down, and every refused attempt used to subscribe again and retry at
-/// once, uncounted.
+/// The subscriptions are never all in place while a node is down, and an
+/// attempt refused without them subscribes and retries at once,
+/// uncounted: once per call, not after every refused attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tries_are_counted_with_a_node_down() {
     let mut nodes = RedisNodes::start(3);
@@ -1427,13 +1431,14 @@ async fn tries_are_counted_with_a_node_down() {
 /// Waiters of two processes keep handing a name over while a minority of
 /// the nodes is down: on five nodes with two killed (every live node is
 /// needed), 2 x 2 waiters take the name 200 times, and every `lock()`
-/// succeeds within its tries. Regressions: (1) a failed attempt released
-/// the nodes it got only once the dead nodes had timed out, so the next
-/// attempt of the same process found its own keys in its way, got the other
-/// nodes, and so on; (2) an attempt that got some nodes left the process
-/// out of their wait queues, so two processes, each first in line on some
-/// nodes, split the nodes between them again and again. Either way the
-/// name went to nobody until the waiters gave up.
+/// succeeds within its tries. Two ways this can fail: (1) a failed attempt
+/// that released the nodes it got only once the dead nodes had timed out
+/// would leave its own keys in the way of the next attempt of the same
+/// process, which would get the other nodes, and so on; (2) an attempt
+/// that got some nodes and left the process out of their wait queues would
+/// let two processes, each first in line on some nodes, split the nodes
+/// between them again and again. Either way the name would go to nobody
+/// until the waiters gave up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_hand_over_with_a_minority_down() {
     use std::sync::Arc;

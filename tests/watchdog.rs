@@ -624,11 +624,17 @@ impl<M: DistMutex> DistMutex for SlowMutex<M> {
     async fn valid(&self) -> tower_dsync::Result<bool> {
         self.inner.valid().await
     }
-    fn try_lock_now(&mut self) -> Option<tower_dsync::Result<()>> {
-        self.inner.try_lock_now()
+    fn try_lock_now(
+        &mut self,
+        fast_path: tower_dsync::FastPath,
+    ) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_lock_now(fast_path)
     }
-    fn try_unlock_now(&mut self) -> Option<tower_dsync::Result<()>> {
-        self.inner.try_unlock_now()
+    fn try_unlock_now(
+        &mut self,
+        fast_path: tower_dsync::FastPath,
+    ) -> Option<tower_dsync::Result<()>> {
+        self.inner.try_unlock_now(fast_path)
     }
 }
 

@@ -72,7 +72,7 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
         Ok(mutex) => mutex,
         Err(error) => return Start::Failed(place.name().clone(), error),
     };
-    let first = match mutex.try_lock_now() {
+    let first = match mutex.try_lock_now(crate::FastPath::new()) {
         Some(Ok(())) => {
             tracing::debug!(
                 name = &**place.name(),

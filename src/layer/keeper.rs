@@ -196,7 +196,9 @@ impl<M: DistMutex> Keeper<M> {
         }
         // A backend that panics here must not take the response down with
         // it: the release has failed, and the lock expires on its own.
-        let unlocked = match catch_unwind(AssertUnwindSafe(|| self.mutex.try_unlock_now())) {
+        let unlocked = match catch_unwind(AssertUnwindSafe(|| {
+            self.mutex.try_unlock_now(crate::FastPath::new())
+        })) {
             Ok(None) => return false,
             Ok(Some(result)) => Unlocked::Done(result),
             Err(_) => Unlocked::Panicked,

@@ -283,7 +283,10 @@ mod tests {
         let turn = place.try_turn().unwrap();
         let options = DistMutexOptions::default().with_expiry(Duration::from_secs(3));
         let mut mutex = sync.new_mutex(name, options).unwrap();
-        assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
+        assert!(matches!(
+            mutex.try_lock_now(crate::FastPath::new()),
+            Some(Ok(()))
+        ));
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
         let keeper = Keeper {
             mutex,

@@ -1,16 +1,5 @@
 //! Redis Cluster mode: one connection that routes each command to the
 //! master of its keys' slot, and wake-ups over sharded pub/sub.
-//!
-//! Every key of a name shares the name's hash tag (see `Keys::tagged`), so
-//! each script runs on the one master that owns the name. A release is
-//! announced with `SPUBLISH` on the channel of the waiting process for the
-//! name's slot, which hashes to that slot too; the process subscribes
-//! (`SSUBSCRIBE`) to its channel of a slot the first time one of its
-//! waiters waits for a name there, and stays subscribed. redis-rs moves the
-//! subscriptions when slots move and renews them after a reconnection. A
-//! server without sharded pub/sub (before Redis 7) gets `PUBLISH` and
-//! `SUBSCRIBE` instead: the scripts fall back when `SPUBLISH` is refused,
-//! and so does the subscriber.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +12,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::keys::{Keys, slot};
-use super::waiters::NameState;
-use super::wakeups::deliver;
+use super::local_waiters::{LocalWaiters, deliver};
 use crate::queue::LocalQueues;
 
 /// The connections to a cluster, made lazily: one for the locks'
@@ -83,6 +71,17 @@ pub(crate) fn connect(
 
 /// The wake-up subscriptions of one process on a cluster: one channel per
 /// slot it has waited in.
+///
+/// Every key of a name shares the name's hash tag (see `Keys::tagged`), so
+/// each script runs on the one master that owns the name. A release is
+/// announced with `SPUBLISH` on the channel of the waiting process for the
+/// name's slot, which hashes to that slot too; the process subscribes
+/// (`SSUBSCRIBE`) to its channel of a slot the first time one of its
+/// waiters waits for a name there, and stays subscribed. redis-rs moves the
+/// subscriptions when slots move and renews them after a reconnection. A
+/// server without sharded pub/sub (before Redis 7) gets `PUBLISH` and
+/// `SUBSCRIBE` instead: the scripts fall back when `SPUBLISH` is refused,
+/// and so does the subscriber.
 pub(crate) struct SlotWakeups {
     client_id: Arc<str>,
     state: Arc<State>,
@@ -120,7 +119,7 @@ impl SlotWakeups {
         conn: ClusterConnection,
         pushes: mpsc::UnboundedReceiver<PushInfo>,
         client_id: Arc<str>,
-        queues: Weak<LocalQueues<NameState>>,
+        queues: Weak<LocalQueues<LocalWaiters>>,
     ) -> Self {
         let state = Arc::new(State {
             conn,
@@ -183,7 +182,7 @@ fn refused(e: &redis::RedisError) -> bool {
 async fn read_pushes(
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     state: Weak<State>,
-    queues: Weak<LocalQueues<NameState>>,
+    queues: Weak<LocalQueues<LocalWaiters>>,
 ) {
     while let Some(push) = pushes.recv().await {
         let Some(state) = state.upgrade() else { return };

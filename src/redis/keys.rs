@@ -21,8 +21,9 @@ pub(crate) struct Keys {
     pub(crate) node: Arc<str>,
     /// The wait queue: one entry per waiting process, by start of wait.
     pub(crate) queue: Arc<str>,
-    /// The leases of the wait queue's entries.
-    pub(crate) leases: Arc<str>,
+    /// The deadline of each wait-queue entry: the node time until which it
+    /// is kept without a renewal (its TTL from the last renewal).
+    pub(crate) deadlines: Arc<str>,
     /// How releases of this name are announced: a mode byte (`P`: `PUBLISH`,
     /// `S`: `SPUBLISH` where the server has it, else `PUBLISH`) and the
     /// wake-up channel's prefix; a process's id completes the channel.
@@ -65,7 +66,7 @@ impl Keys {
         Keys {
             node: node.into(),
             queue: format!("{lock}\u{1f}queue").into(),
-            leases: format!("{lock}\u{1f}leases").into(),
+            deadlines: format!("{lock}\u{1f}leases").into(),
             lock: lock.into(),
             wake: wake.into(),
             slot: None,
@@ -167,7 +168,7 @@ mod tests {
             let keys = Keys::tagged("dsync:", name);
             let at = slot(keys.lock.as_bytes());
             assert_eq!(keys.slot, Some(at));
-            for key in [&keys.node, &keys.queue, &keys.leases] {
+            for key in [&keys.node, &keys.queue, &keys.deadlines] {
                 assert_eq!(slot(key.as_bytes()), at, "{key:?}");
             }
             assert_eq!(slot(keys.channel("c0ffee").as_bytes()), at, "{name:?}");

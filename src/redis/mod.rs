@@ -1,96 +1,34 @@
 //! `RedisSync`: locks on one Redis node, Redlock over several independent
-//! masters, or a Redis Cluster.
-//!
-//! # How many nodes
-//!
-//! - **One node** is simplest and fastest. The lock is as available as that
-//!   node; if it restarts without persistence, or fails over to a replica
-//!   that had not yet received the key, a held lock is forgotten.
-//! - **Three independent masters** (not replicas of each other) survive one
-//!   node being down or slow: a lock needs 2 of 3.
-//! - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
-//!   operation, so more nodes add latency (the slowest node of the quorum)
-//!   and do not add throughput.
-//! - **A Redis Cluster** (feature `cluster`) spreads names over its
-//!   masters: more throughput, one master per lock. See
-//!   [Cluster mode](RedisSync#cluster-mode) for what a failover can lose.
-//!
-//! # Safety caveats
-//!
-//! Redlock's guarantee rests on timing assumptions, stated plainly:
-//!
-//! - **Process pauses.** A holder paused longer than the lock's validity (a
-//!   long GC or a stop-the-world pause, a swapped-out process, a `SIGSTOP`)
-//!   wakes up believing it still holds a lock that another owner has since
-//!   taken. Nothing in a lock library can prevent this; check
-//!   [`valid`](crate::DistMutex::valid) or [`until`](crate::DistMutex::until) before acting, and keep
-//!   the critical section well inside the validity.
-//! - **Clock jumps.** Keys expire by each node's clock. A node whose clock
-//!   jumps forward (an operator, a bad NTP step) expires keys early and may
-//!   hand a lock to a second owner. The drift allowance
-//!   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
-//! - **Restarts without persistence.** With Redlock (two or more
-//!   nodes), a node that restarts empty takes no new lock for an expiry
-//!   while the holders' extensions put their keys back on it, so nodes may
-//!   restart empty, at once or one after the other, without a second
-//!   owner, and holders that extend keep their locks (see
-//!   [Restarts](RedisSync#restarts)); run the nodes with no persistence
-//!   or with `appendfsync always`, not from older snapshots. One node, and
-//!   a Redis Cluster's master, forget their locks when they restart empty
-//!   (there is no other node to recover from).
-//! - **Clocks** also bound fencing tokens through restarts: a node that
-//!   lost its fencing counter starts it again at its clock (in
-//!   microseconds) at its next acquisition, one expiry after it came back
-//!   with Redlock, which is above every token issued before as long as the
-//!   nodes' clocks differ by less than that, and a node's clock does not
-//!   go back across its restart.
-//! - **For correctness-critical writes, use fencing tokens**: the protected
-//!   resource rejects a write whose token is not greater than the last one it
-//!   accepted, so a holder that lost its lock cannot do damage.
-//!   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
-//!   acquisition: the node's counter (one per node, or per hash slot on a
-//!   cluster, not per name), incremented inside the acquire script, and
-//!   across a Redlock quorum the highest token of the nodes that granted
-//!   the acquisition, written back to a quorum of those nodes when fewer
-//!   of them had it (a node that refused the acquisition never counts: its
-//!   counter is not ordered after the name's previous holder there). The
-//!   tokens of a name strictly grow through any sequence of empty
-//!   restarts, under the clock condition above; the argument is on
-//!   [`RedisMutex`](RedisMutex#fencing-tokens).
-//!
-//! # What the nodes keep
-//!
-//! Per name, only while it is in use: the lock key (it expires), and while
-//! processes wait for it, the wait queue and its leases (they expire with
-//! the last lease, at most 10 s). Per node, one small hash
-//! (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
-//! Redis Cluster one per hash slot used (at most 16,384). Nothing else
-//! grows with the number of names ever locked: after a million distinct
-//! names, each node holds the one key it held after the first.
+//! masters, or a Redis Cluster. The public types and their documentation
+//! are here; each part of the algorithm has a file of its own.
 
+mod cleanup;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod conn;
+mod connect;
+mod fencing;
 mod keys;
+mod local_waiters;
+mod lock_call;
 mod mutex;
 mod node;
 mod quorum;
 mod scripts;
-mod waiters;
+mod state;
+mod wait_queue;
 mod wakeups;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
-use conn::Conn;
-use keys::Keys;
+use connect::{Setup, invalid};
 pub use mutex::RedisMutex;
 use node::Node;
+use state::RedisState;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::options::DistMutexOptions;
 use crate::sync::{DistSync, validate_name};
 
@@ -103,6 +41,73 @@ use crate::sync::{DistSync, validate_name};
 /// so a node that is down at start-up is not an error: it is used once it
 /// comes back, and locks succeed meanwhile as long as a quorum of the
 /// others answers.
+///
+/// # How many nodes
+///
+/// - **One node** is simplest and fastest. The lock is as available as that
+///   node; if it restarts without persistence, or fails over to a replica
+///   that had not yet received the key, a held lock is forgotten.
+/// - **Three independent masters** (not replicas of each other) survive one
+///   node being down or slow: a lock needs 2 of 3.
+/// - **Five** survive two. Redlock needs `n / 2 + 1` nodes for every
+///   operation, so more nodes add latency (the slowest node of the quorum)
+///   and do not add throughput.
+/// - **A Redis Cluster** (feature `cluster`) spreads names over its
+///   masters: more throughput, one master per lock. See
+///   [Cluster mode](RedisSync#cluster-mode) for what a failover can lose.
+///
+/// # Safety caveats
+///
+/// Redlock's guarantee rests on timing assumptions, stated plainly:
+///
+/// - **Process pauses.** A holder paused longer than the lock's validity (a
+///   long GC or a stop-the-world pause, a swapped-out process, a `SIGSTOP`)
+///   wakes up believing it still holds a lock that another owner has since
+///   taken. Nothing in a lock library can prevent this; check
+///   [`valid`](crate::DistMutex::valid) or [`until`](crate::DistMutex::until) before acting, and keep
+///   the critical section well inside the validity.
+/// - **Clock jumps.** Keys expire by each node's clock. A node whose clock
+///   jumps forward (an operator, a bad NTP step) expires keys early and may
+///   hand a lock to a second owner. The drift allowance
+///   (`expiry * drift_factor + 2 ms`) covers rate differences, not jumps.
+/// - **Restarts without persistence.** With Redlock (two or more
+///   nodes), a node that restarts empty takes no new lock for an expiry
+///   while the holders' extensions put their keys back on it, so nodes may
+///   restart empty, at once or one after the other, without a second
+///   owner, and holders that extend keep their locks (see
+///   [Restarts](RedisSync#restarts)); run the nodes with no persistence
+///   or with `appendfsync always`, not from older snapshots. One node, and
+///   a Redis Cluster's master, forget their locks when they restart empty
+///   (there is no other node to recover from).
+/// - **Clocks** also bound fencing tokens through restarts: a node that
+///   lost its fencing counter starts it again at its clock (in
+///   microseconds) at its next acquisition, one expiry after it came back
+///   with Redlock, which is above every token issued before as long as the
+///   nodes' clocks differ by less than that, and a node's clock does not
+///   go back across its restart.
+/// - **For correctness-critical writes, use fencing tokens**: the protected
+///   resource rejects a write whose token is not greater than the last one it
+///   accepted, so a holder that lost its lock cannot do damage.
+///   [`fencing_token`](crate::DistMutex::fencing_token) gives one per
+///   acquisition: the node's counter (one per node, or per hash slot on a
+///   cluster, not per name), incremented inside the acquire script, and
+///   across a Redlock quorum the highest token of the nodes that granted
+///   the acquisition, written back to a quorum of those nodes when fewer
+///   of them had it (a node that refused the acquisition never counts: its
+///   counter is not ordered after the name's previous holder there). The
+///   tokens of a name strictly grow through any sequence of empty
+///   restarts, under the clock condition above; the argument is on
+///   [`RedisMutex`](RedisMutex#fencing-tokens).
+///
+/// # What the nodes keep
+///
+/// Per name, only while it is in use: the lock key (it expires), and while
+/// processes wait for it, the wait queue and its entries' deadlines (they
+/// expire with the last entry, at most 10 s after its last renewal). Per node, one small hash
+/// (`<prefix>\x1fnode`: the fencing counter and the restart marker); on a
+/// Redis Cluster one per hash slot used (at most 16,384). Nothing else
+/// grows with the number of names ever locked: after a million distinct
+/// names, each node holds the one key it held after the first.
 ///
 /// # Waiting is fair
 ///
@@ -133,7 +138,7 @@ use crate::sync::{DistSync, validate_name};
 ///   waiters costs one acquire and one release per acquisition on each
 ///   node.
 ///
-/// Entries and their leases are two small keys per name in use
+/// The entries and their deadlines are two small keys per name in use
 /// (`<key>\x1fqueue`, `<key>\x1fleases`) that vanish when the line empties.
 /// The scripts read the node's clock (`TIME`), so Redis 5 or later is
 /// needed.
@@ -149,7 +154,7 @@ use crate::sync::{DistSync, validate_name};
 ///   node keeps a marker (in `<prefix>\x1fnode`); a node without it has
 ///   restarted empty (or was flushed), and may have forgotten locks that
 ///   the other nodes still hold. It refuses new locks (an
-///   [`Error::Unavailable`] cause, [`Recovering`](crate::Recovering), with
+///   [`Error::Unavailable`](crate::Error::Unavailable) cause, [`Recovering`](crate::Recovering), with
 ///   the time left) until the longest of the lock's expiry and
 ///   [`restart_delay`](RedisSyncBuilder::restart_delay) has passed since
 ///   it was first seen so: the Redlock paper's delayed restart, done by the
@@ -208,7 +213,7 @@ use crate::sync::{DistSync, validate_name};
 ///
 /// - **Where a lock lives.** Each name's lock lives on the one master that
 ///   owns its hash slot: the lock key is `{<prefix><name>}`, a hash tag, the
-///   wait queue and leases append a suffix after the tag, and the fencing
+///   wait queue and its deadlines append a suffix after the tag, and the fencing
 ///   counter is the slot's own (one bookkeeping key per slot, whose hash
 ///   tag is a short number that hashes to the slot), so all of them share
 ///   the slot and each script runs on one master.
@@ -272,24 +277,6 @@ use crate::sync::{DistSync, validate_name};
 #[derive(Clone)]
 pub struct RedisSync {
     shared: Arc<RedisState>,
-}
-
-pub(crate) struct RedisState {
-    nodes: Vec<Node>,
-    wakeups: wakeups::Wakeups,
-    /// Waiters of this process, lined up per name.
-    queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
-    /// This process's id in the nodes' wait queues (random per `RedisSync`).
-    client_id: Arc<str>,
-    /// The start (ms since the epoch) of this process's latest waiter.
-    last_start: std::sync::atomic::AtomicU64,
-    quorum: usize,
-    key_prefix: String,
-    separator: String,
-    set_nx_on_extend: bool,
-    fail_fast: bool,
-    /// How long a node that lost its state refuses new locks, at least.
-    restart_delay: Duration,
 }
 
 impl fmt::Debug for RedisSync {
@@ -512,10 +499,10 @@ impl RedisSyncBuilder {
     /// not lose the lock. A node whose replicas fall short counts as
     /// failed: an acquisition releases the key there and fails without a
     /// quorum of other nodes (on one node or a cluster, with
-    /// [`Error::Unavailable`], whose
-    /// [`not_replicated`](Error::not_replicated) tells how many
+    /// [`Error::Unavailable`](crate::Error::Unavailable), whose
+    /// [`not_replicated`](crate::Error::not_replicated) tells how many
     /// acknowledged; with Redlock, the other nodes' answers may make it
-    /// [`Error::Held`]); an extension fails the same way (the lock may
+    /// [`Error::Held`](crate::Error::Held)); an extension fails the same way (the lock may
     /// still be held, but not as durably as asked). Off by default; `0`
     /// turns it off.
     ///
@@ -553,7 +540,7 @@ impl RedisSyncBuilder {
     /// nodes restarting empty (see [Restarts](RedisSync#restarts)). Only a
     /// mutex whose validity ([`until`](crate::DistMutex::until)) is still
     /// ahead re-creates a key; a mutex that released its lock re-creates
-    /// nothing, and its `extend` fails with [`Error::NotAcquired`] until
+    /// nothing, and its `extend` fails with [`Error::NotAcquired`](crate::Error::NotAcquired) until
     /// its next `lock`. Off, a held lock loses a node at each empty
     /// restart of one that had it, and is lost once a quorum has. On one
     /// node or a Redis Cluster it does nothing: a missing key there means
@@ -610,7 +597,7 @@ impl RedisSyncBuilder {
 
     /// Sets up a connection per node, without waiting for any to connect.
     ///
-    /// Fails with [`Error::InvalidConfig`] when there is no node, a URL does
+    /// Fails with [`Error::InvalidConfig`](crate::Error::InvalidConfig) when there is no node, a URL does
     /// not parse, a `rediss://` URL is used without the `tls` feature, the
     /// connect timeout is zero, or no Tokio runtime is running.
     pub fn build(self) -> Result<RedisSync> {
@@ -679,124 +666,5 @@ impl RedisSyncBuilder {
                 restart_delay: self.restart_delay,
             }),
         })
-    }
-}
-
-type Queues = Arc<crate::queue::LocalQueues<waiters::NameState>>;
-
-/// What every mode's connections are set up with.
-struct Setup<'a> {
-    key_prefix: &'a str,
-    connect_timeout: Duration,
-    replicas: Option<(usize, Duration)>,
-    client_id: &'a Arc<str>,
-    queues: &'a Queues,
-}
-
-impl Setup<'_> {
-    /// Independent masters: a lazy connection manager each, and one wake-up
-    /// subscriber each.
-    fn independent_nodes(
-        &self,
-        clients: Vec<Result<redis::Client>>,
-    ) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_number_of_retries(1)
-            // Commands are bounded by the per-node timeout instead.
-            .set_response_timeout(None)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
-        let clients = clients.into_iter().collect::<Result<Vec<_>>>()?;
-        let wakeups = wakeups::NodeWakeups::start(
-            &clients,
-            Keys::plain(self.key_prefix, "")
-                .channel(self.client_id)
-                .into(),
-            Arc::downgrade(self.queues),
-        );
-        let mut nodes = Vec::with_capacity(clients.len());
-        for client in clients {
-            let label = client.get_connection_info().addr().to_string();
-            let connect = |client: redis::Client| {
-                ConnectionManager::new_lazy_with_config(client, config.clone())
-                    .map(Conn::Single)
-                    .map_err(|e| invalid(format!("node {label}"), Some(Box::new(e))))
-            };
-            let durable = self.replicas.map(|_| connect(client.clone())).transpose()?;
-            let conn = connect(client)?;
-            nodes.push(Node::new(label, conn, self.replicas, durable));
-        }
-        Ok((nodes, wakeups::Wakeups::Nodes(wakeups)))
-    }
-
-    /// A Redis Cluster: one node to the lock algorithm, whose connection routes
-    /// each command to the master of its slot.
-    #[cfg(feature = "cluster")]
-    fn cluster_node(&self, seeds: Vec<String>) -> Result<(Vec<Node>, wakeups::Wakeups)> {
-        if seeds.is_empty() {
-            return Err(invalid("no Redis Cluster seed node was given", None));
-        }
-        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
-            return Err(invalid(
-                "on a Redis Cluster the key prefix must be non-empty and hold no brace: \
-             the lock key `{<prefix><name>}` is the name's hash tag",
-                None,
-            ));
-        }
-        let mut labels = Vec::with_capacity(seeds.len());
-        for (i, seed) in seeds.iter().enumerate() {
-            let client = redis::Client::open(seed.as_str()).map_err(|e| {
-                invalid(
-                    format!("cluster seed #{} has an invalid URL", i + 1),
-                    Some(Box::new(e)),
-                )
-            })?;
-            labels.push(client.get_connection_info().addr().to_string());
-        }
-        keys::prepare_slot_tags();
-        let connections = cluster::connect(&seeds, self.connect_timeout, self.replicas.is_some())
-            .map_err(|e| invalid("Redis Cluster seeds", Some(Box::new(e))))?;
-        let wakeups = cluster::SlotWakeups::start(
-            connections.subscriptions,
-            connections.pushes,
-            self.client_id.clone(),
-            Arc::downgrade(self.queues),
-        );
-        let label = format!("cluster({})", labels.join(","));
-        Ok((
-            vec![Node::new(
-                label,
-                Conn::Cluster(connections.commands),
-                self.replicas,
-                connections.durable.map(Conn::Cluster),
-            )],
-            wakeups::Wakeups::Cluster(wakeups),
-        ))
-    }
-}
-
-impl RedisState {
-    /// How long a node that lost its state refuses new locks of a mutex
-    /// with `expiry`; `None` on one node or a Redis Cluster, where no other
-    /// node could still hold a lock it forgot.
-    pub(crate) fn recovery(&self, expiry: Duration) -> Option<Duration> {
-        (self.nodes.len() > 1 && !self.wakeups.on_cluster()).then(|| expiry.max(self.restart_delay))
-    }
-
-    /// The keys of the lock `name`.
-    pub(crate) fn keys(&self, name: &str) -> Keys {
-        if self.wakeups.on_cluster() {
-            Keys::tagged(&self.key_prefix, name)
-        } else {
-            Keys::plain(&self.key_prefix, name)
-        }
-    }
-}
-
-fn invalid(reason: impl Into<String>, source: Option<crate::BoxError>) -> Error {
-    Error::InvalidConfig {
-        reason: reason.into(),
-        source,
     }
 }

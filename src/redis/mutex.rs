@@ -2,24 +2,21 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::join_all;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::RedisState;
+use super::cleanup::{Cleanup, undo_repairs, wait_for_cleanup};
 use super::keys::Keys;
-use super::node::{Claim, Lineup, Node, Undoes};
+use super::lock_call::LockCall;
+use super::node::{ReleaseArgs, Undoes};
 use super::quorum::Round;
-use super::waiters::{Waiter, leave_nodes, leave_queues};
-use crate::error::{Error, NodeError, Recovering, Result};
+use super::state::RedisState;
+use crate::acquisition::{LockRecord, validity_end};
+use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
 
-/// A mutex of [`RedisSync`](super::RedisSync).
+/// A mutex of [`RedisSync`](crate::RedisSync).
 ///
 /// `lock` sends `SET key value NX PX expiry` (as a script that also reads
 /// the holder's remaining time) to every node at once, each bounded by the
@@ -39,7 +36,7 @@ use crate::sync::DistMutex;
 /// tries once its turn has come, or gives up with `Held` if it has not.
 /// Across processes, waiters are served in the order they started, through
 /// a wait queue on each node, and woken by the release (see
-/// [`RedisSync`](super::RedisSync#waiting-is-fair)).
+/// [`RedisSync`](crate::RedisSync#waiting-is-fair)).
 ///
 /// # Fencing tokens
 ///
@@ -90,7 +87,7 @@ use crate::sync::DistMutex;
 /// On a Redis Cluster the counter is the slot's, on one master: it holds
 /// through the master restarting empty, and through a failover to a
 /// replica that acknowledged the acquisitions
-/// ([`wait_replicas`](super::RedisSyncBuilder::wait_replicas)); a replica
+/// ([`wait_replicas`](crate::RedisSyncBuilder::wait_replicas)); a replica
 /// that lagged behind has an older counter, which can give a token again. Tokens are
 /// large numbers (microseconds since the Unix epoch, plus one per
 /// acquisition): compare them, do not count on their size.
@@ -114,15 +111,7 @@ pub struct RedisMutex {
     name: String,
     keys: Arc<Keys>,
     options: DistMutexOptions,
-    /// Empty until acquired, unless preset.
-    value: Arc<str>,
-    until: Option<Instant>,
-    token: Option<u64>,
-    /// Set by a successful `unlock`, cleared by the next `lock`: a released
-    /// mutex refuses `extend`, which could otherwise re-create the key
-    /// (`set_nx_on_extend`) past the wait queue, with the released
-    /// acquisition's token.
-    released: bool,
+    record: LockRecord,
     /// The release of a failed or abandoned attempt, with its value, while
     /// it may still run.
     cleanup: Option<Cleanup>,
@@ -137,7 +126,7 @@ impl fmt::Debug for RedisMutex {
         f.debug_struct("RedisMutex")
             .field("name", &self.name)
             .field("key", &self.keys.lock)
-            .field("until", &self.until)
+            .field("until", &self.record.until())
             .finish_non_exhaustive()
     }
 }
@@ -149,11 +138,8 @@ impl RedisMutex {
             shared,
             name: name.to_owned(),
             keys,
-            value: options.value().unwrap_or_default().into(),
+            record: LockRecord::new(&options),
             options,
-            until: None,
-            token: None,
-            released: false,
             cleanup: None,
             unanswered: Vec::new(),
         }
@@ -181,214 +167,70 @@ impl DistMutex for RedisMutex {
     }
 
     fn value(&self) -> &str {
-        &self.value
+        self.record.value()
     }
 
     fn until(&self) -> Option<Instant> {
-        self.until
+        self.record.until()
     }
 
     fn fencing_token(&self) -> Option<u64> {
-        self.token
+        self.record.token()
     }
 
     async fn lock(&mut self) -> Result<()> {
-        let preset = self.options.value().is_some();
-        let expiry = self.options.expiry();
-        let timeout = self.options.node_timeout();
-        let quorum = self.shared.quorum;
-        let tries = self.options.tries();
-        // Callers that may wait line up per name in this process, first come
-        // first served: only the first talks to the nodes, and the process
-        // takes its place in the nodes' wait queues. A queued caller waits
-        // at most as long as its own tries could take.
-        let mut waiter = (tries > 1).then(|| Waiter::join(&self.shared, &self.keys, timeout));
-        let _turn = match &waiter {
-            None => None,
-            Some(waiter) => match waiter.turn(&self.options).await {
-                Some(turn) => Some(turn),
-                None => return Err(Error::Held { remaining: None }),
-            },
+        let call = LockCall::start(&self.shared, &self.keys, &self.options, &mut self.cleanup);
+        let Some(call) = call.await else {
+            return Err(Error::Held { remaining: None });
         };
-        // An entry in the wait queues is kept for one expiry (at most
-        // MAX_LEASE) without a renewal; a waiter renews it at least twice
-        // as often.
-        let lease = expiry.min(MAX_LEASE);
-        // How long the holder keeps the name, as its nodes told us.
-        let mut holder_left = Duration::MAX;
-        // Attempts made, and whether the next one goes at once (uncounted):
-        // a release while the subscription was being set up is not missed.
-        // That happens once per call: with a node down, the subscriptions
-        // are never all in place, and an uncounted retry after every
-        // attempt would poll the nodes without waiting and without end.
-        // A waiter whose place an earlier acquisition of this process
-        // queued waits for its wake-up first.
-        let mut made = 0;
-        let mut retry_now = false;
-        let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
-        let mut last_error = None;
-        let mut subscribe_tried = false;
-        let recovery = self.shared.recovery(expiry);
-        if wait_first && !self.shared.wakeups.subscribed(&self.keys) {
-            // No wake-up could reach this waiter: subscribe, then try at
-            // once instead.
-            subscribe_tried = true;
-            self.shared.wakeups.subscribe(&self.keys, timeout).await;
-            wait_first = false;
-        }
-        while made < tries || retry_now {
-            if (made > 0 && !retry_now) || wait_first {
-                let wait = self
-                    .options
-                    .delay(made.max(1))
-                    .min(holder_left)
-                    .min(lease / 2);
-                match &mut waiter {
-                    Some(waiter) => waiter.wait(wait).await,
-                    None => tokio::time::sleep(wait).await,
-                }
-                wait_first = false;
-            }
-            made += u32::from(!retry_now);
-            retry_now = false;
-            let value = self.options.gen_shared_value()?;
-            wait_for_cleanup(&mut self.cleanup, &value).await;
-            let subscribed = self.shared.wakeups.subscribed(&self.keys);
-            let lineup = waiter.as_ref().map(|waiter| waiter.lineup(lease));
-            let start = Instant::now();
-            let mut attempt = Attempt {
-                round: Some(Round::start(self.shared.nodes.iter().map(|node| {
-                    node.acquire(
-                        self.keys.clone(),
-                        value.clone(),
-                        preset,
-                        expiry,
-                        lineup.clone(),
-                        recovery,
-                        timeout,
-                    )
-                }))),
-                shared: &self.shared,
-                keys: &self.keys,
-                value: &value,
-                preset,
-                timeout,
-                lineup: lineup.as_ref(),
-                cleanup: &mut self.cleanup,
-            };
-            let claims = attempt.round.as_mut().expect("armed");
-            claims
-                .settle(quorum, self.shared.fail_fast, |claim| {
-                    matches!(claim, Claim::Acquired { .. })
-                })
-                .await;
-            // Still armed: dropped during the fencing round, the attempt
-            // releases what it got.
-            let fencing = (claims.yes >= quorum).then(|| Fencing::of(&claims.replies));
-            let fenced = match fencing {
-                Some(fencing) => fence(&self.shared, &self.keys.node, &fencing, timeout).await,
-                None => Ok(None),
-            };
-            let round = attempt.round.take().expect("armed");
-            drop(attempt);
-            if let Some(waiter) = &mut waiter {
-                waiter.settled();
-            }
-            let error = match (fenced, validity_end(&self.options, start)) {
-                (Ok(Some(token)), Some(until)) => {
-                    if let (Some(waiter), Some(lineup)) = (&mut waiter, &lineup) {
-                        waiter.acquired(lineup);
-                    }
-                    self.unanswered = round.unanswered_nodes();
-                    let stragglers =
-                        settle_acquired(round, &self.shared, &self.keys, lineup, timeout);
-                    self.cleanup = Cleanup::of(stragglers, &value);
-                    self.value = value;
-                    self.until = Some(until);
-                    self.token = Some(token);
-                    self.released = false;
-                    return Ok(());
-                }
-                (Err(error), _) => error,
-                _ => acquire_error(&round, &self.shared.nodes, quorum, timeout, start.elapsed()),
-            };
-            holder_left = error.retry_after().unwrap_or(Duration::MAX);
-            // A waiter that tries again is put back in line where this
-            // attempt took it out.
-            let requeue = lineup.as_ref().filter(|_| made < tries);
-            self.cleanup = release_leftovers(
-                round,
-                &self.shared,
-                &self.keys,
-                &value,
-                preset,
-                timeout,
-                lineup.as_ref(),
-                requeue,
-            );
-            if waiter.is_some()
-                && matches!(error, Error::Held { .. })
-                && !subscribed
-                && !subscribe_tried
-                && made < tries
-            {
-                subscribe_tried = true;
-                last_error = Some(error);
-                self.shared.wakeups.subscribe(&self.keys, timeout).await;
-                retry_now = true;
-                continue;
-            }
-            last_error = Some(error);
-        }
-        Err(last_error.expect("tries is at least 1"))
+        let acquired = call.run().await?;
+        self.unanswered = acquired.unanswered;
+        self.record.acquired(acquired.acquisition, acquired.until);
+        Ok(())
     }
 
     async fn unlock(&mut self) -> Result<()> {
-        if self.value.is_empty() {
+        let Some(value) = self.record.shared_value().cloned() else {
             return Err(Error::NotAcquired);
-        }
-        wait_for_cleanup(&mut self.cleanup, &self.value).await;
-        // Cleared before the releases go out: whether they are applied or
-        // not, this mutex stops counting on the lock (a failed unlock may
-        // leave it in place until it expires), so no validity is reported.
-        self.until = None;
+        };
+        wait_for_cleanup(&mut self.cleanup, &value).await;
+        self.record.unlocking();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
-        let nonce = rand::random::<u64>();
-        let announce = (self.keys.wake.clone(), nonce);
+        let release = ReleaseArgs {
+            keys: self.keys.clone(),
+            value: value.clone(),
+            announce: (self.keys.wake.clone(), rand::random::<u64>()),
+            requeue: None,
+            timeout,
+        };
         let round = Round::start(self.shared.nodes.iter().enumerate().map(|(i, node)| {
             let undoes = if self.unanswered.contains(&i) {
                 Undoes::Unanswered
             } else {
                 Undoes::Answered
             };
-            node.release(
-                self.keys.clone(),
-                self.value.clone(),
-                Some(announce.clone()),
-                None,
-                undoes,
-                timeout,
-            )
+            node.release(&release, undoes)
         }));
         let (deleted, stragglers) = round
             .decide(quorum, self.shared.fail_fast, timeout, |deleted| {
                 *deleted == 1
             })
             .await;
-        self.cleanup = Cleanup::of(stragglers, &self.value);
+        self.cleanup = Cleanup::of(stragglers, &value);
         if !deleted? {
             return Err(Error::NotAcquired);
         }
-        self.released = true;
+        self.record.unlocked();
         Ok(())
     }
 
     async fn extend(&mut self) -> Result<()> {
-        if self.value.is_empty() || self.released {
-            return Err(Error::NotAcquired);
-        }
-        wait_for_cleanup(&mut self.cleanup, &self.value).await;
+        let value = match self.record.shared_value() {
+            Some(value) if !self.record.is_released() => value.clone(),
+            _ => return Err(Error::NotAcquired),
+        };
+        wait_for_cleanup(&mut self.cleanup, &value).await;
         let expiry = self.options.expiry();
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
@@ -401,20 +243,15 @@ impl DistMutex for RedisMutex {
             .shared
             .recovery(expiry)
             .filter(|_| self.shared.set_nx_on_extend)
-            .filter(|_| self.until.is_some_and(|until| start < until));
+            .filter(|_| self.record.until().is_some_and(|until| start < until));
         // Until a node answers, the extension may still run there (behind
         // another lock's `WAIT`, say): a release after a dropped `extend()`
         // goes after it.
         self.unanswered = (0..self.shared.nodes.len()).collect();
-        let mut round = Round::start(self.shared.nodes.iter().map(|node| {
-            node.extend(
-                self.keys.clone(),
-                self.value.clone(),
-                expiry,
-                repair,
-                timeout,
-            )
-        }));
+        let mut round =
+            Round::start(self.shared.nodes.iter().map(|node| {
+                node.extend(self.keys.clone(), value.clone(), expiry, repair, timeout)
+            }));
         round
             .settle(quorum, self.shared.fail_fast, |extended| *extended == 1)
             .await;
@@ -428,26 +265,29 @@ impl DistMutex for RedisMutex {
             // free go again. After a failure with time left they stay: the
             // lock may well be ours, and the next try counts them.
             Ok(false) if repair.is_some() => {
-                undo_repairs(round, &self.shared, &self.keys, &self.value, timeout)
+                undo_repairs(round, &self.shared, &self.keys, &value, timeout)
             }
             _ => round.finish_in_background(),
         };
-        self.cleanup = Cleanup::of(stragglers, &self.value);
+        self.cleanup = Cleanup::of(stragglers, &value);
         if !extended? {
             return Err(Error::NotAcquired);
         }
-        let until = validity_end(&self.options, start).ok_or_else(|| Error::Timeout {
-            after: start.elapsed(),
-            nodes: Vec::new(),
-        })?;
-        self.until = Some(until);
+        let until =
+            validity_end(start, self.options.validity(), start.elapsed()).ok_or_else(|| {
+                Error::Timeout {
+                    after: start.elapsed(),
+                    nodes: Vec::new(),
+                }
+            })?;
+        self.record.extended(until);
         Ok(())
     }
 
     async fn valid(&self) -> Result<bool> {
-        if self.value.is_empty() {
+        let Some(value) = self.record.shared_value() else {
             return Ok(false);
-        }
+        };
         let timeout = self.options.node_timeout();
         let quorum = self.shared.quorum;
         let round = Round::start(
@@ -456,7 +296,7 @@ impl DistMutex for RedisMutex {
                 .iter()
                 .map(|node| node.get(self.keys.lock.clone(), timeout)),
         );
-        let value = &*self.value;
+        let value = &**value;
         round
             .decide(quorum, self.shared.fail_fast, timeout, |current| {
                 current.as_deref() == Some(value)
@@ -466,497 +306,22 @@ impl DistMutex for RedisMutex {
     }
 }
 
-/// The longest a node keeps a waiting process's place in line without a
-/// renewal: how long a process that died while first in line can hold the
-/// others up.
-const MAX_LEASE: Duration = Duration::from_secs(10);
-
-/// `start + expiry - elapsed - drift`, if that is still ahead.
-fn validity_end(options: &DistMutexOptions, start: Instant) -> Option<Instant> {
-    let elapsed = start.elapsed();
-    let validity = options.expiry().checked_sub(elapsed + options.drift())?;
-    (!validity.is_zero()).then(|| start + validity)
-}
-
-/// The fencing token of an acquisition that reached a quorum: the highest
-/// token the nodes that granted it returned, made durable on a quorum of
-/// those nodes. See [`Fencing`] for why tokens only grow.
-async fn fence(
-    shared: &RedisState,
-    counter: &Arc<str>,
-    fencing: &Fencing,
-    timeout: Duration,
-) -> Result<Option<u64>> {
-    let token = fencing.token;
-    let Some(needed) = shared
-        .quorum
-        .checked_sub(fencing.at_token)
-        .filter(|n| *n > 0)
-    else {
-        return Ok(Some(token));
-    };
-    // Every node gets the FENCE (it raises a refusing or restarted node's
-    // counter too), but only the acknowledgements of nodes that granted
-    // the acquisition count.
-    let round = Round::start(shared.nodes.iter().enumerate().map(|(node, command)| {
-        let counts = fencing.counts(node);
-        command
-            .fence(counter.clone(), token, timeout)
-            .map(move |reply| reply.map(|done| done == 1 && counts))
-    }));
-    // A late FENCE only raises a counter further: nothing to wait for.
-    match round
-        .decide(needed, true, timeout, |counts| *counts)
-        .await
-        .0
-    {
-        Ok(true) => Ok(Some(token)),
-        Ok(false) => Err(Error::Unavailable {
-            quorum: shared.quorum,
-            failures: Vec::new(),
-        }),
-        Err(Error::Unavailable { failures, .. }) => Err(Error::Unavailable {
-            quorum: shared.quorum,
-            failures,
-        }),
-        Err(error) => Err(error),
-    }
-}
-
-/// Which nodes vouch for an acquisition's fencing token.
-///
-/// Each node has one fencing counter (per hash slot on a Redis Cluster),
-/// shared by every name. The acquire script increments it when it sets the
-/// lock key; a counter that is missing (its node lost its state) starts at
-/// the node's clock in microseconds. The token is the highest value that
-/// the nodes which granted the acquisition (their `SET NX` succeeded)
-/// returned. It counts as issued once a quorum of those granting nodes hold
-/// a counter of at least the token: the nodes that returned it, and the
-/// others once they acknowledged `FENCE token` (which raises a counter,
-/// never lowers it, and leaves a missing one to start at the clock). A node
-/// that refused the acquisition never counts, whatever it acknowledges.
-/// The argument for why tokens grow is on
-/// [`RedisMutex`](RedisMutex#fencing-tokens).
-#[derive(Debug, PartialEq, Eq)]
-struct Fencing {
-    /// The highest token the granting nodes returned.
-    token: u64,
-    /// How many granting nodes returned it: their counters are at it.
-    at_token: usize,
-    /// The granting nodes whose counter was below it: each vouches once it
-    /// acknowledged `FENCE token`.
-    behind: Vec<usize>,
-}
-
-impl Fencing {
-    /// The fencing of the acquisition whose nodes gave `replies`.
-    fn of(replies: &[(usize, Claim)]) -> Fencing {
-        let granted = || {
-            replies.iter().filter_map(|(node, claim)| match claim {
-                Claim::Acquired { token } => Some((*node, *token)),
-                Claim::Held { .. } | Claim::Recovering { .. } => None,
-            })
-        };
-        let token = granted().map(|(_, t)| t).max().unwrap_or(0);
-        Fencing {
-            token,
-            at_token: granted().filter(|(_, t)| *t == token).count(),
-            behind: granted()
-                .filter(|(_, t)| *t < token)
-                .map(|(node, _)| node)
-                .collect(),
-        }
-    }
-
-    /// Whether `node`'s acknowledgement of `FENCE token` vouches for the
-    /// token: only a granting node below it.
-    fn counts(&self, node: usize) -> bool {
-        self.behind.contains(&node)
-    }
-
-    /// How many nodes vouch for the token once the nodes `acknowledged`
-    /// have acknowledged `FENCE token`.
-    #[cfg(test)]
-    fn vouching(&self, acknowledged: &[usize]) -> usize {
-        self.at_token
-            + self
-                .behind
-                .iter()
-                .filter(|n| acknowledged.contains(n))
-                .count()
-    }
-}
-
-/// Lets an acquisition's remaining commands finish in the background. A
-/// node that refused it (it was late, or another owner's key was still
-/// there) queued this process with the waiter's start; with no next waiter
-/// to keep it for, that entry must go, or it would hold the line up on
-/// that node until its lease ran out. It goes whatever waiters of the
-/// process are in line by then (the acquiring one may still be among
-/// them): a later waiter's entry carries its own, later start, which the
-/// departure leaves alone (see [`LEAVE`](super::scripts::LEAVE)).
-fn settle_acquired(
-    round: Round<Claim>,
-    shared: &Arc<RedisState>,
-    keys: &Arc<Keys>,
-    lineup: Option<Lineup>,
-    timeout: Duration,
-) -> Option<JoinHandle<()>> {
-    let refused = |claim: &Claim| matches!(claim, Claim::Held { .. });
-    let Some(lineup) = lineup.filter(|l| l.next.is_none()) else {
-        return round.finish_in_background();
-    };
-    if round.unanswered() == 0
-        && round.failures.is_empty()
-        && !round.replies.iter().any(|(_, c)| refused(c))
-    {
-        return None;
-    }
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, keys) = (shared.clone(), keys.clone());
-    Some(runtime.spawn(async move {
-        let mut queued = Vec::new();
-        round
-            .drain(|node, answer| {
-                // Refused, or no answer (a command that timed out may
-                // still have been applied): the entry may be there.
-                if answer.is_none_or(refused) {
-                    queued.push(node);
-                }
-            })
-            .await;
-        if !queued.is_empty() {
-            leave_nodes(&shared, &keys, lineup.start, timeout, queued).await;
-        }
-    }))
-}
-
-/// Lets a failed extension's commands finish in the background, and
-/// releases the keys it re-created on nodes that kept their state (the
-/// name was free there, and the mutex no longer holds it).
-fn undo_repairs(
-    round: Round<i64>,
-    shared: &Arc<RedisState>,
-    keys: &Arc<Keys>,
-    value: &Arc<str>,
-    timeout: Duration,
-) -> Option<JoinHandle<()>> {
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, keys, value) = (shared.clone(), keys.clone(), value.clone());
-    Some(runtime.spawn(async move {
-        let mut recreated = Vec::new();
-        round
-            .drain(|node, answer| {
-                if answer == Some(&2) {
-                    recreated.push(node);
-                }
-            })
-            .await;
-        let announce = (keys.wake.clone(), rand::random::<u64>());
-        join_all(recreated.into_iter().map(|i| {
-            shared.nodes[i].release(
-                keys.clone(),
-                value.clone(),
-                Some(announce.clone()),
-                None,
-                Undoes::Answered,
-                timeout,
-            )
-        }))
-        .await;
-    }))
-}
-
-/// Commands sent with `value` that finish in the background: a failed or
-/// abandoned attempt's release, or the stragglers of an operation that
-/// returned once a quorum said yes. The next command with the same value
-/// waits for them, so that it reaches each node after them.
-struct Cleanup {
-    value: Arc<str>,
-    /// Resolves once the nodes that had said yes when the attempt ended
-    /// have been released (each within the node timeout).
-    prompt: Option<oneshot::Receiver<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Cleanup {
-    fn of(task: Option<JoinHandle<()>>, value: &Arc<str>) -> Option<Cleanup> {
-        task.map(|task| Cleanup {
-            value: value.clone(),
-            prompt: None,
-            task,
-        })
-    }
-}
-
-/// Waits until a background release has released the nodes that had said
-/// yes, so that the next command does not find this mutex's own leftover
-/// keys in its way; and, when it could remove keys set with `value` (the
-/// same value is about to be used again: a preset value, or a generator that
-/// repeats), for the whole release. Then forgets the release unless it must
-/// still be waited for. Cancel-safe: the release stays recorded until it
-/// has done what is waited for.
-async fn wait_for_cleanup(cleanup: &mut Option<Cleanup>, value: &Arc<str>) {
-    if let Some(pending) = cleanup {
-        if let Some(prompt) = &mut pending.prompt {
-            let _ = prompt.await;
-            pending.prompt = None;
-        }
-        if pending.value == *value {
-            let _ = (&mut pending.task).await;
-        }
-        *cleanup = None;
-    }
-}
-
-/// An acquisition round in flight. Dropped while armed (the `lock()` future
-/// was dropped), it releases whatever the round got, in the background.
-struct Attempt<'a> {
-    round: Option<Round<Claim>>,
-    shared: &'a Arc<RedisState>,
-    keys: &'a Arc<Keys>,
-    value: &'a Arc<str>,
-    preset: bool,
-    timeout: Duration,
-    lineup: Option<&'a Lineup>,
-    cleanup: &'a mut Option<Cleanup>,
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        if let Some(round) = self.round.take() {
-            *self.cleanup = release_leftovers(
-                round,
-                self.shared,
-                self.keys,
-                self.value,
-                self.preset,
-                self.timeout,
-                self.lineup,
-                None,
-            );
-        }
-    }
-}
-
-/// Why an attempt failed: the failed nodes' error when they alone make a
-/// quorum impossible; otherwise `Held`, with the time until enough of the
-/// held nodes expire for a quorum to be possible.
-fn acquire_error(
-    round: &Round<Claim>,
-    nodes_of: &[Node],
-    quorum: usize,
-    timeout: Duration,
-    elapsed: Duration,
-) -> Error {
-    if round.yes >= quorum {
-        // A quorum, but too late: no validity left.
-        return Error::Timeout {
-            after: elapsed,
-            nodes: Vec::new(),
-        };
-    }
-    let nodes = round.nodes();
-    let failed = round.failures.len();
-    let recovering: Vec<(usize, Duration)> = round
-        .replies
-        .iter()
-        .filter_map(|(node, claim)| match *claim {
-            Claim::Recovering { left, .. } => Some((*node, left)),
-            _ => None,
-        })
-        .collect();
-    let mut held: Vec<Option<Duration>> = round
-        .replies
-        .iter()
-        .filter_map(|(_, claim)| match *claim {
-            Claim::Acquired { .. } | Claim::Recovering { .. } => None,
-            // -1: the key has no expiry; -3: free, but another process
-            // waits first (its release wakes us); -2: it vanished meanwhile.
-            Claim::Held { pttl: -1 | -3 } => Some(None),
-            Claim::Held { pttl } => Some(Some(Duration::from_millis(pttl.max(0) as u64))),
-        })
-        .collect();
-    let unusable = failed + recovering.len();
-    if held.is_empty() || unusable + quorum > nodes {
-        if recovering.is_empty() {
-            return round.failure_error(quorum, timeout);
-        }
-        // Nodes that lost their state, and those that failed, rule out a
-        // quorum: the backend is unavailable until they recover.
-        let mut failures: Vec<(usize, NodeError)> = round
-            .failures
-            .iter()
-            .map(|(i, failure)| (*i, failure.clone().into_node_error()))
-            .chain(
-                recovering
-                    .into_iter()
-                    .map(|(i, left)| (i, NodeError::new(nodes_of[i].label(), Recovering { left }))),
-            )
-            .collect();
-        failures.sort_by_key(|(i, _)| *i);
-        return Error::Unavailable {
-            quorum,
-            failures: failures.into_iter().map(|(_, e)| e).collect(),
-        };
-    }
-    // Nodes that said yes or did not answer count as free.
-    let free = nodes - held.len() - unusable;
-    let need = quorum.saturating_sub(free).max(1);
-    held.sort_by_key(|left| left.unwrap_or(Duration::MAX));
-    Error::Held {
-        remaining: held.get(need - 1).copied().flatten(),
-    }
-}
-
-/// Releases, in the background, the keys a failed or abandoned attempt may
-/// have set: on nodes that said yes, on nodes that have not answered yet,
-/// and (with a generated value) on nodes that failed, since a command that
-/// timed out may still have been applied. Each release runs on its node
-/// after the acquisition it undoes: on a node that did not answer, it goes
-/// on the acquisition's own connection (see [`Undoes`]). A preset value is
-/// not released on failed nodes: the key there may be its rightful owner's.
-/// When the attempt queued this process (`lineup`) and its waiter is done
-/// (no `requeue`: it gave up or was dropped), or no waiter of the process
-/// is left, the process leaves the queues once the attempt's commands are
-/// done: the waiter's own departure may have reached a node before the
-/// attempt did. (A waiter still in line then is a later one, whose own
-/// start the departure leaves alone.)
-/// When the waiter tries again (`requeue`), each release puts the process
-/// back in line with the waiter's start, since the acquisition took it out
-/// on the nodes that said yes (see [`RELEASE`](super::scripts::RELEASE)).
-///
-/// The nodes that had said yes when the attempt ended are released at
-/// once, not after the slowest node has answered: with a node down or
-/// paused, that takes the node timeout, and the next attempt (which waits
-/// for this prompt part, see [`wait_for_cleanup`]) would find the keys of
-/// this one in its way on those nodes, get another minority, and leave
-/// that in the way of the one after: a livelock while the node stays down.
-#[allow(clippy::too_many_arguments)]
-fn release_leftovers(
-    round: Round<Claim>,
-    shared: &Arc<RedisState>,
-    keys: &Arc<Keys>,
-    value: &Arc<str>,
-    preset: bool,
-    timeout: Duration,
-    lineup: Option<&Lineup>,
-    requeue: Option<&Lineup>,
-) -> Option<Cleanup> {
-    let unsure = !preset && !round.failures.is_empty();
-    if round.yes == 0 && round.unanswered() == 0 && !unsure {
-        return None;
-    }
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let (shared, keys, released) = (shared.clone(), keys.clone(), value.clone());
-    let queued = lineup.map(|lineup| lineup.start);
-    let requeue = requeue.cloned();
-    let said_yes: Vec<usize> = round
-        .replies
-        .iter()
-        .filter(|(_, claim)| matches!(claim, Claim::Acquired { .. }))
-        .map(|(node, _)| *node)
-        .collect();
-    let (prompt_done, prompt) = oneshot::channel();
-    let task = runtime.spawn(async move {
-        let value = released;
-        // Announced: contenders refused because of these keys may retry.
-        // One nonce for both parts: they are one release.
-        let announce = (keys.wake.clone(), rand::random::<u64>());
-        let release = |nodes: Vec<(usize, Undoes)>| {
-            join_all(nodes.into_iter().map(|(i, undoes)| {
-                let announce = Some(announce.clone());
-                let requeue = requeue.clone();
-                let (keys, value) = (keys.clone(), value.clone());
-                shared.nodes[i].release(keys, value, announce, requeue, undoes, timeout)
-            }))
-        };
-        let prompt_part = async {
-            let answered = said_yes.iter().map(|&i| (i, Undoes::Answered)).collect();
-            release(answered).await;
-            let _ = prompt_done.send(());
-        };
-        let late_part = async {
-            let mut suspects = Vec::new();
-            round
-                .drain(|node, answer| match answer {
-                    Some(Claim::Acquired { .. }) if !said_yes.contains(&node) => {
-                        suspects.push((node, Undoes::Answered));
-                    }
-                    Some(_) => {}
-                    // It timed out or failed on the way: it may still run,
-                    // so the release goes after it, on its connection.
-                    None if !preset => suspects.push((node, Undoes::Unanswered)),
-                    None => {}
-                })
-                .await;
-            release(suspects).await;
-        };
-        futures_util::future::join(prompt_part, late_part).await;
-        let waiter_done = requeue.is_none();
-        if let Some(start) = queued
-            && (waiter_done || shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle()))
-        {
-            leave_queues(&shared, &keys, start, timeout);
-        }
-    });
-    Some(Cleanup {
-        value: value.clone(),
-        prompt: Some(prompt),
-        task,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::sync::FastPath;
+    use crate::{DistMutex, DistMutexOptions, DistSync, RedisSync};
 
-    #[test]
-    fn only_nodes_that_granted_the_acquisition_vouch_for_its_token() {
-        // X granted with 1, Y refused (another acquisition's key was
-        // there), Z granted with 11.
-        let (x, y, z) = (0, 1, 2);
-        let replies = [
-            (x, Claim::Acquired { token: 1 }),
-            (y, Claim::Held { pttl: 5000 }),
-            (z, Claim::Acquired { token: 11 }),
-        ];
-        let fencing = Fencing::of(&replies);
-        assert_eq!(fencing.token, 11);
-        assert_eq!(fencing.at_token, 1, "Z is at the token already");
-        assert!(fencing.counts(x), "X granted it, below the token");
-        assert!(!fencing.counts(y), "Y refused: its FENCE is not ordered");
-        assert!(!fencing.counts(z), "Z is counted once, at the token");
-        assert!(!fencing.counts(3), "a node that did not answer");
-        // The write-back to X is lost; Y and Z acknowledge it: one node
-        // vouches, short of a quorum of two.
-        assert_eq!(fencing.vouching(&[y, z]), 1);
-        assert_eq!(fencing.vouching(&[x]), 2);
-    }
-
-    #[test]
-    fn a_quorum_at_the_highest_token_needs_no_write_back() {
-        let replies = [
-            (0, Claim::Acquired { token: 7 }),
-            (2, Claim::Acquired { token: 7 }),
-            (1, Claim::Held { pttl: -3 }),
-        ];
-        let fencing = Fencing::of(&replies);
-        assert_eq!(
-            fencing,
-            Fencing {
-                token: 7,
-                at_token: 2,
-                behind: Vec::new(),
-            }
-        );
-        // Counters that disagree: the lower ones must acknowledge.
-        let fencing = Fencing::of(&[
-            (0, Claim::Acquired { token: 3 }),
-            (1, Claim::Acquired { token: 9 }),
-            (2, Claim::Acquired { token: 5 }),
-        ]);
-        assert_eq!((fencing.token, fencing.at_token), (9, 1));
-        assert_eq!(fencing.behind, vec![0, 2]);
+    /// The Redis backend never answers at once: callers take the path of
+    /// `lock` and `unlock`.
+    #[tokio::test]
+    async fn a_redis_mutex_never_answers_at_once() {
+        // No connection is made before the first command.
+        let sync = RedisSync::new(["redis://127.0.0.1:1"]).unwrap();
+        let options = DistMutexOptions::default().with_tries(1);
+        let mut a = sync.new_mutex("at-once", options.clone()).unwrap();
+        let mut b = sync.new_mutex("at-once", options).unwrap();
+        assert!(a.try_lock_now(FastPath::new()).is_none());
+        assert!(b.try_lock_now(FastPath::new()).is_none());
+        assert!(a.try_unlock_now(FastPath::new()).is_none());
     }
 }

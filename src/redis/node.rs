@@ -91,13 +91,14 @@ pub(crate) enum Claim {
 
 /// What an acquisition by a waiting process tells a node's wait queue.
 #[derive(Clone, Debug)]
-pub(crate) struct Lineup {
+pub(crate) struct QueueEntry {
     /// The process's id (its `RedisSync`).
     pub(crate) client: Arc<str>,
     /// When the waiter started waiting, in ms since the Unix epoch.
     pub(crate) start: u64,
-    /// How long the node keeps the entry without a renewal, in ms.
-    pub(crate) lease: u64,
+    /// The entry's TTL: how long the node keeps it without a renewal, in
+    /// ms.
+    pub(crate) ttl: u64,
     /// When acquired, the start of the process's next waiter, if any: its
     /// entry stays, with that start.
     pub(crate) next: Option<u64>,
@@ -130,6 +131,42 @@ pub(crate) enum Undoes {
 /// of the processes' wake-up channels and the nonce of this event.
 pub(crate) type Announce = (Arc<str>, u64);
 
+/// What one acquisition attempt sends to every node, built once per
+/// attempt.
+#[derive(Clone, Debug)]
+pub(crate) struct AcquireArgs {
+    pub(crate) keys: Arc<Keys>,
+    /// The attempt's value: fresh, or the `value` option's.
+    pub(crate) value: Arc<str>,
+    /// Whether `value` is the `value` option's: it may be another owner's.
+    pub(crate) preset: bool,
+    pub(crate) expiry: Duration,
+    /// The waiting process's place in the name's wait queue, when the
+    /// caller waits.
+    pub(crate) entry: Option<QueueEntry>,
+    /// How long a node that lost its state refuses new locks (`None`: it
+    /// does not, with nothing to recover from).
+    pub(crate) recovery: Option<Duration>,
+    /// The per-node timeout.
+    pub(crate) timeout: Duration,
+}
+
+/// What one release sends, the same to every node.
+#[derive(Clone, Debug)]
+pub(crate) struct ReleaseArgs {
+    pub(crate) keys: Arc<Keys>,
+    /// The value whose key goes.
+    pub(crate) value: Arc<str>,
+    /// How the process first in line is woken: the nonce is the same on
+    /// every node, unique per release.
+    pub(crate) announce: Announce,
+    /// The waiter of a failed attempt that keeps waiting: the process is
+    /// put back in line with that waiter's start.
+    pub(crate) requeue: Option<QueueEntry>,
+    /// The per-node timeout.
+    pub(crate) timeout: Duration,
+}
+
 impl Node {
     /// A node; with `replicas`, acquisitions and extensions go over
     /// `durable` (else over `conn`).
@@ -151,31 +188,24 @@ impl Node {
         &self.label
     }
 
-    /// `ACQUIRE` on the name's keys; `lineup` when the caller waits. A
-    /// resend after a dropped connection may claim a key that already
-    /// holds `value` only when the value is not `preset`: a generated value
-    /// is this attempt's alone, a preset one may be another owner's. (A
-    /// cluster connection resends on its own, unseen: there every attempt
-    /// with a generated value claims a key that holds it.)
+    /// `ACQUIRE` on the name's keys (see [`AcquireArgs`]). A resend after a
+    /// dropped connection may claim a key that already holds the value only
+    /// when the value is not preset: a generated value is this attempt's
+    /// alone, a preset one may be another owner's. (A cluster connection
+    /// resends on its own, unseen: there every attempt with a generated
+    /// value claims a key that holds it.)
     ///
     /// With [`replicas`](Self::new) set, an acquisition whose replicas fall
     /// short is undone on this node, which then counts as failed.
-    ///
-    /// `recovery`: how long a node that lost its state refuses new locks
-    /// (`None`: it does not, with nothing to recover from).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
-        keys: Arc<Keys>,
-        value: Arc<str>,
-        preset: bool,
-        expiry: Duration,
-        lineup: Option<Lineup>,
-        recovery: Option<Duration>,
-        timeout: Duration,
+        args: &AcquireArgs,
     ) -> impl Future<Output = Reply<Claim>> + Send + 'static {
-        let px = millis(expiry);
-        let (node, lock, owner) = (self.clone(), keys.clone(), value.clone());
+        let px = millis(args.expiry);
+        let (node, lock, owner) = (self.clone(), args.keys.clone(), args.value.clone());
+        let (keys, value) = (args.keys.clone(), args.value.clone());
+        let (preset, entry, recovery) = (args.preset, args.entry.clone(), args.recovery);
+        let timeout = args.timeout;
         let replicas = self.replicas;
         let unseen_resends = self.conn.resends_on_its_own();
         let claim = self.bounded(
@@ -184,11 +214,11 @@ impl Node {
             move |mut conn, resent| {
                 let settings = acquire_settings(
                     (resent || unseen_resends) && !preset,
-                    lineup.as_ref(),
+                    entry.as_ref(),
                     recovery,
                 );
                 let call = ACQUIRE
-                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.leases])
+                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.deadlines])
                     .arg(&*value)
                     .arg(px)
                     .arg(settings);
@@ -206,10 +236,14 @@ impl Node {
             {
                 // Not as durable as asked: the key goes, and the node
                 // counts as failed.
-                let announce = (lock.wake.clone(), rand::random());
-                let _ = node
-                    .release(lock, owner, Some(announce), None, Undoes::Answered, timeout)
-                    .await;
+                let undo = ReleaseArgs {
+                    announce: (lock.wake.clone(), rand::random()),
+                    keys: lock,
+                    value: owner,
+                    requeue: None,
+                    timeout,
+                };
+                let _ = node.release(&undo, Undoes::Answered).await;
                 return Err(failure);
             }
             Ok(claim)
@@ -228,7 +262,7 @@ impl Node {
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let call = LEAVE
-                .call(&[&keys.queue, &keys.leases, &keys.lock])
+                .call(&[&keys.queue, &keys.deadlines, &keys.lock])
                 .arg(&*client)
                 .arg(start)
                 .arg(&*announce.0)
@@ -251,38 +285,28 @@ impl Node {
         })
     }
 
-    /// `RELEASE`: 1 if our key was deleted, and then the process first in
-    /// the name's wait queue woken, with `announce` (its nonce is the same
-    /// on every node, unique per release). With `requeue`, the waiter of a
-    /// failed attempt that keeps waiting, the process is put back in line
-    /// with that waiter's start. It goes on the connection that orders it
-    /// after what it `undoes` (see [`Undoes`]).
-    #[allow(clippy::too_many_arguments)]
+    /// `RELEASE` (see [`ReleaseArgs`]): 1 if our key was deleted, and then
+    /// the process first in the name's wait queue woken. It goes on the
+    /// connection that orders it after what it `undoes` (see [`Undoes`]).
     pub(crate) fn release(
         &self,
-        keys: Arc<Keys>,
-        value: Arc<str>,
-        announce: Option<Announce>,
-        requeue: Option<Lineup>,
+        args: &ReleaseArgs,
         undoes: Undoes,
-        timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         let conn = match undoes {
             Undoes::Answered => &self.conn,
             Undoes::Unanswered => &self.durable,
         };
-        let requeue = requeue.map_or_else(String::new, |l| {
-            format!("{} {} {}", l.client, l.start, l.lease)
+        let requeue = args.requeue.as_ref().map_or_else(String::new, |l| {
+            format!("{} {} {}", l.client, l.start, l.ttl)
         });
-        self.bounded(conn, timeout, move |mut conn, _| {
-            let (channel, nonce) = match &announce {
-                Some((channel, nonce)) => (&**channel, *nonce),
-                None => ("", 0),
-            };
+        let (keys, value) = (args.keys.clone(), args.value.clone());
+        let (channel, nonce) = (args.announce.0.clone(), args.announce.1);
+        self.bounded(conn, args.timeout, move |mut conn, _| {
             let call = RELEASE
-                .call(&[&keys.lock, &keys.queue, &keys.leases])
+                .call(&[&keys.lock, &keys.queue, &keys.deadlines])
                 .arg(&*value)
-                .arg(channel)
+                .arg(&*channel)
                 .arg(nonce)
                 .arg(&requeue);
             async move { script(&mut conn, call).await }
@@ -453,16 +477,20 @@ async fn eval_once<T: FromRedisValue>(
 /// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
 /// the waiter's place in the queue (`-` for none), and how long a node
 /// that lost its state refuses new locks (`-` for never).
-fn acquire_settings(resent: bool, lineup: Option<&Lineup>, recovery: Option<Duration>) -> String {
+fn acquire_settings(
+    resent: bool,
+    entry: Option<&QueueEntry>,
+    recovery: Option<Duration>,
+) -> String {
     let resent = u8::from(resent);
     let recovery = OrDash(recovery.map(millis));
-    match lineup {
+    match entry {
         Some(l) => format!(
             "{} {resent} {} {} {} {recovery}",
             OrDash(l.next),
             l.client,
             l.start,
-            l.lease
+            l.ttl
         ),
         None => format!("- {resent} - 0 0 {recovery}"),
     }

@@ -14,7 +14,8 @@ use crate::error::Error;
 
 type NodeFuture<T> = Pin<Box<dyn Future<Output = (usize, Reply<T>)> + Send>>;
 
-/// The command of one round, in flight on every node.
+/// A round: one command sent to every node at once, in flight, and the
+/// answers so far.
 pub(crate) struct Round<T> {
     pending: FuturesUnordered<NodeFuture<T>>,
     /// Answers so far, with the index of the node that gave them.

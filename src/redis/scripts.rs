@@ -4,33 +4,8 @@
 //! connection: on a cluster, on the master of the keys' slot alone.
 //!
 //! Each script is one file under `lua/`, whole, but for the wait-queue
-//! helpers (`lua/queue.lua`), which a script that reads the queue splices
-//! in at a line of its own, past its fast path.
-//!
-//! A name's wait queue holds one entry per waiting process (`RedisSync`):
-//! a sorted set ordered by when that process's first waiter started
-//! waiting (a timestamp the process chooses, the same on every node, so
-//! that every node orders waiters alike), and a hash of leases: the node
-//! time until which each entry is kept without being renewed. A process
-//! renews its lease with each attempt; an entry whose lease ran out (its
-//! process died or lost the nodes) is dropped by the next script that
-//! looks at the queue. Both keys vanish when the queue empties. The
-//! helper `announce` publishes a wake-up: the channel prefix (after a mode
-//! byte) and the process's id make the channel; mode `S` (a Redis Cluster,
-//! whose channel hashes to the script's slot) uses sharded pub/sub, or
-//! plain `PUBLISH` where the server does not have it.
-//!
-//! Fencing tokens come from one counter per node (per slot on a Redis
-//! Cluster), in the `fence` field of the node's bookkeeping hash. A counter
-//! that is missing (the node lost its state) starts over at the node's
-//! clock in microseconds, not at zero, so that it starts above every token
-//! issued before (see `RedisMutex`'s documentation for the argument).
-//!
-//! Why the acquire script packs its settings into one argument: Redis reads
-//! at most ten arguments of a command from a client that has not
-//! authenticated, and answers more with a protocol error that hides the
-//! missing password; `EVALSHA sha numkeys`, four keys and three arguments
-//! make ten.
+//! helpers (`lua/wait_queue.lua`), which a script that reads the queue
+//! splices in at a line of its own, past its fast path.
 
 use std::sync::LazyLock;
 
@@ -42,20 +17,20 @@ pub(crate) struct Lua {
     hash: String,
 }
 
-/// The line of a script where the wait-queue helpers (`lua/queue.lua`)
+/// The line of a script where the wait-queue helpers (`lua/wait_queue.lua`)
 /// are spliced in: one source for them, and each script still defines
 /// them only past its fast path.
-const INCLUDE_QUEUE: &str = "-- include: queue.lua";
+const INCLUDE_WAIT_QUEUE: &str = "-- include: wait_queue.lua";
 
 impl Lua {
     /// A script from its source, with the wait-queue helpers spliced in at
-    /// its [`INCLUDE_QUEUE`] line, if it has one.
+    /// its [`INCLUDE_WAIT_QUEUE`] line, if it has one.
     fn new(source: &str) -> Self {
         let code = source
             .lines()
             .map(|line| {
-                if line == INCLUDE_QUEUE {
-                    include_str!("lua/queue.lua")
+                if line == INCLUDE_WAIT_QUEUE {
+                    include_str!("lua/wait_queue.lua")
                 } else {
                     line
                 }
@@ -121,11 +96,13 @@ impl Call {
 /// lost its state (the script then sets it to the node's time), or the
 /// time (ms) the node was first seen without its state.
 ///
-/// `KEYS`: 1 lock, 2 the node's bookkeeping hash, 3 wait queue, 4 leases.
-/// `ARGV`: 1 the value, 2 the expiry in ms, 3 six words (one argument, so
-/// that the command stays within the ten arguments Redis reads from a
-/// client before it authenticates, and a missing password is reported as
-/// such):
+/// `KEYS`: 1 lock, 2 the node's bookkeeping hash, 3 wait queue, 4 its
+/// entries' deadlines.
+/// `ARGV`: 1 the value, 2 the expiry in ms, 3 six words, packed into one
+/// argument because Redis reads at most ten arguments of a command from a
+/// client that has not authenticated, and answers more with a protocol
+/// error that hides the missing password (`EVALSHA sha numkeys`, four keys
+/// and three arguments make ten):
 /// - when acquired, the start of the process's next waiter, or `-` (none:
 ///   leave the queue);
 /// - `1` when this is a resend after a dropped connection of an attempt
@@ -135,7 +112,7 @@ impl Call {
 /// - the waiting process's id, or `-` for a try that does not wait (it
 ///   takes a free lock only when nobody waits);
 /// - when its waiter started waiting (ms);
-/// - its entry's lease (ms);
+/// - its entry's TTL (ms);
 /// - how long (ms) a node that lost its state refuses new locks, or `-`
 ///   for none (one node, or a Redis Cluster: nothing to recover from; the
 ///   marker is then neither read nor written, so that such a backend
@@ -157,7 +134,7 @@ pub(crate) static ACQUIRE: LazyLock<Lua> =
 /// waiter of it renewed the entry, and, if the lock is free, tell the
 /// process now first in line.
 ///
-/// `KEYS`: 1 wait queue, 2 leases, 3 lock. `ARGV`: 1 the process's id,
+/// `KEYS`: 1 wait queue, 2 its entries' deadlines, 3 lock. `ARGV`: 1 the process's id,
 /// 2 the start of the waiter that leaves (ms), 3 the wake-up channel
 /// prefix, 4 a nonce. Returns 1 if the entry was removed.
 pub(crate) static LEAVE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/leave.lua")));
@@ -184,10 +161,10 @@ pub(crate) static FENCE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!(
 /// must agree on who is first, or two processes, each first on some of the
 /// nodes, keep splitting them between them and neither gets a quorum.
 ///
-/// `KEYS`: 1 lock, 2 wait queue, 3 leases. `ARGV`: 1 value, 2 the wake-up
+/// `KEYS`: 1 lock, 2 wait queue, 3 its entries' deadlines. `ARGV`: 1 value, 2 the wake-up
 /// channel prefix (the process id completes it; empty: tell nobody), 3 the
-/// nonce, 4 (optional) `who since lease`: the waiting process's id, its
-/// waiter's start and its entry's lease (ms), for the release of a failed
+/// nonce, 4 (optional) `who since ttl`: the waiting process's id, its
+/// waiter's start and its entry's TTL (ms), for the release of a failed
 /// attempt whose waiter tries again; that process is not woken (its waiter
 /// was just refused, and wakes on its own terms). Returns 1 if deleted,
 /// else 0.
@@ -233,7 +210,7 @@ mod tests {
             let helpers = script.code.find("local function first_waiter").unwrap();
             assert!(script.code.find(fast_path).unwrap() <= helpers);
             assert_eq!(script.code.matches("local function announce").count(), 1);
-            assert!(!script.code.contains(&format!("\n{INCLUDE_QUEUE}\n")));
+            assert!(!script.code.contains(&format!("\n{INCLUDE_WAIT_QUEUE}\n")));
         }
         for script in [&*EXTEND, &*FENCE] {
             assert!(!script.code.contains("first_waiter"));

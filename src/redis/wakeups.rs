@@ -1,14 +1,5 @@
-//! Push wake-ups: each process (`RedisSync`) has its own wake-up channel,
-//! and a release publishes on the channel of the process first in the
-//! name's wait queue, naming the lock key; that process wakes its first
-//! waiter for the name.
-//!
-//! On independent nodes, each node has one subscriber connection per
-//! process, owned by a background task that connects the first time a
-//! waiter needs it, then stays subscribed, and reconnects and subscribes
-//! again after a connection loss. On a Redis Cluster, see
-//! [`super::cluster`]. Correctness never depends on a message: a lost one
-//! only costs the waiter's fallback wait.
+//! How the releases addressed to this process reach it: one subscriber per
+//! independent node, or the cluster's slot channels.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -19,7 +10,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
-use super::waiters::NameState;
+use super::local_waiters::{LocalWaiters, deliver};
 use crate::queue::LocalQueues;
 
 /// How long connecting, or subscribing, may take before the node's
@@ -27,6 +18,12 @@ use crate::queue::LocalQueues;
 const SUBSCRIBER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the releases addressed to one process reach it.
+///
+/// Each process (`RedisSync`) has its own wake-up channel, and a release
+/// publishes on the channel of the process first in the name's wait queue,
+/// naming the lock key; that process wakes its first waiter for the name.
+/// Correctness never depends on a message: a lost one only costs the
+/// waiter's fallback wait.
 pub(crate) enum Wakeups {
     /// Independent nodes: one subscriber per node, on one channel.
     Nodes(NodeWakeups),
@@ -69,18 +66,9 @@ impl Wakeups {
     }
 }
 
-/// Wakes the waiter of this process for the lock key named in a release
-/// message (`nonce key`).
-pub(crate) fn deliver(queues: &LocalQueues<NameState>, payload: &str) {
-    if let Some((nonce, key)) = payload.split_once(' ')
-        && let Ok(nonce) = nonce.parse::<u64>()
-        && let Some(state) = queues.get(key)
-    {
-        state.announced(nonce);
-    }
-}
-
-/// The subscribers of one process, one per node.
+/// The subscribers of one process, one per node: each a background task
+/// that connects the first time a waiter needs it, then stays subscribed,
+/// and reconnects and subscribes again after a connection loss.
 pub(crate) struct NodeWakeups {
     nodes: Vec<Subscriber>,
 }
@@ -98,7 +86,7 @@ impl NodeWakeups {
     pub(crate) fn start(
         clients: &[redis::Client],
         channel: Arc<str>,
-        queues: Weak<LocalQueues<NameState>>,
+        queues: Weak<LocalQueues<LocalWaiters>>,
     ) -> Self {
         let nodes = clients
             .iter()
@@ -152,7 +140,7 @@ impl NodeWakeups {
 async fn subscriber(
     client: redis::Client,
     channel: Arc<str>,
-    queues: Weak<LocalQueues<NameState>>,
+    queues: Weak<LocalQueues<LocalWaiters>>,
     subscribed: Arc<AtomicBool>,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {

@@ -187,40 +187,6 @@ impl<S: DistSync> Suite<S> {
         m.unlock().await.unwrap();
     }
 
-    /// `try_lock_now` and `try_unlock_now`, where the backend answers at
-    /// once, agree with `lock` (one try) and `unlock`; a failed try leaves
-    /// no place in the name's queue behind.
-    pub async fn answers_at_once(&self) {
-        let name = unique("at-once");
-        let mut a = self.mutex(&name, self.once());
-        let mut b = self.mutex(&name, self.once());
-        let Some(first) = a.try_lock_now() else {
-            // A backend that never answers at once.
-            assert!(b.try_lock_now().is_none());
-            assert!(a.try_unlock_now().is_none());
-            return;
-        };
-        first.expect("a free name is taken");
-        assert!(!a.value().is_empty());
-        assert!(a.until().expect("until after lock") > Instant::now());
-        assert!(matches!(
-            b.try_lock_now(),
-            Some(Err(Error::Held { remaining: Some(_) }))
-        ));
-        assert!(matches!(b.try_unlock_now(), Some(Err(Error::NotAcquired))));
-        assert!(matches!(a.try_unlock_now(), Some(Ok(()))));
-        assert_eq!(a.until(), None);
-        assert!(matches!(a.try_unlock_now(), Some(Err(Error::NotAcquired))));
-        // b's failed try did not queue it: the name is free for anyone, at
-        // once (a release hands a name to its first waiter).
-        let mut c = self.other.new_mutex(&name, self.once()).unwrap();
-        c.lock().await.expect("free at once");
-        c.unlock().await.unwrap();
-        assert!(matches!(b.try_lock_now(), Some(Ok(()))));
-        b.unlock().await.unwrap();
-        self.assert_free(&name).await;
-    }
-
     pub async fn invalid_input(&self) {
         for bad in [
             "",
@@ -669,7 +635,7 @@ macro_rules! conformance_tests {
             failed_unlock_clears_until
             ownership_transfer cancel_while_waiting cancel_while_acquiring
             extend_moves_until valid_until_expiry exhausted_tries fencing_tokens_grow
-            waiters_are_served_fifo answers_at_once extend_after_unlock_is_refused
+            waiters_are_served_fifo extend_after_unlock_is_refused
             zero_first_delay_callers_are_served);
     };
     (@cases #[$attr:meta] $suite:expr; $($case:ident)*) => {

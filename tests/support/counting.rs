@@ -102,18 +102,18 @@ impl<M: DistMutex> DistMutex for CountingMutex<M> {
         self.inner.valid().await
     }
     /// Counted as a `lock` call when the backend answers.
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
+    fn try_lock_now(&mut self, fast_path: tower_dsync::FastPath) -> Option<Result<()>> {
         let now = self.counts.locking.fetch_add(1, Ordering::SeqCst) + 1;
         self.counts.max_locking.fetch_max(now, Ordering::SeqCst);
-        let result = self.inner.try_lock_now();
+        let result = self.inner.try_lock_now(fast_path);
         self.counts.locking.fetch_sub(1, Ordering::SeqCst);
         if result.is_some() {
             self.counts.locks.fetch_add(1, Ordering::SeqCst);
         }
         result
     }
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
-        let result = self.inner.try_unlock_now()?;
+    fn try_unlock_now(&mut self, fast_path: tower_dsync::FastPath) -> Option<Result<()>> {
+        let result = self.inner.try_unlock_now(fast_path)?;
         self.counts.unlocks.fetch_add(1, Ordering::SeqCst);
         Some(result)
     }

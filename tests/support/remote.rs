@@ -132,10 +132,10 @@ impl<M: DistMutex> DistMutex for PanicOnReleaseMutex<M> {
     async fn valid(&self) -> Result<bool> {
         self.0.valid().await
     }
-    fn try_lock_now(&mut self) -> Option<Result<()>> {
-        self.0.try_lock_now()
+    fn try_lock_now(&mut self, fast_path: tower_dsync::FastPath) -> Option<Result<()>> {
+        self.0.try_lock_now(fast_path)
     }
-    fn try_unlock_now(&mut self) -> Option<Result<()>> {
+    fn try_unlock_now(&mut self, _: tower_dsync::FastPath) -> Option<Result<()>> {
         panic!("release panics (expected by the test)");
     }
 }

@@ -34,9 +34,9 @@ local set = redis.call('EXISTS', KEYS[3]) == 0
 if set and string.byte(ARGV[3], 1) == NONE then
     return {1, next_token(KEYS[2])}
 end
--- include: queue.lua
-local queue, leases = KEYS[3], KEYS[4]
-local next_start, resent, who, start, lease =
+-- include: wait_queue.lua
+local queue, deadlines = KEYS[3], KEYS[4]
+local next_start, resent, who, start, ttl =
     string.match(ARGV[3], '^(%S+) ([01]) (%S+) (%d+) (%d+) %S+$')
 if who == '-' then
     who = ''
@@ -44,16 +44,16 @@ end
 local function acquired()
     if who ~= '' then
         if next_start ~= '-' then
-            line_up(queue, leases, who, next_start, lease, now_ms())
+            line_up(queue, deadlines, who, next_start, ttl, now_ms())
         else
-            leave(queue, leases, who)
+            leave(queue, deadlines, who)
         end
     end
     return {1, next_token(KEYS[2])}
 end
 local function refused(pttl)
     if who ~= '' then
-        line_up(queue, leases, who, start, lease, now_ms())
+        line_up(queue, deadlines, who, start, ttl, now_ms())
     end
     return {0, pttl}
 end
@@ -65,7 +65,7 @@ if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
     return acquired()
 end
 if redis.call('EXISTS', queue) == 1 then
-    local first = first_waiter(queue, leases, now_ms())
+    local first = first_waiter(queue, deadlines, now_ms())
     if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0 then
         return refused(FREE_BUT_WAITED_FOR)
     end

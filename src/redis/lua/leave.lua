@@ -1,6 +1,6 @@
 -- Take a process out of a name's wait queue on this node: see `LEAVE` in
 -- scripts.rs for KEYS, ARGV and the reply.
--- include: queue.lua
+-- include: wait_queue.lua
 local since = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not since or tonumber(since) > tonumber(ARGV[2]) then
     return 0

@@ -9,12 +9,12 @@ end
 if not requeue and (not mine or ARGV[2] == '' or redis.call('EXISTS', KEYS[2]) == 0) then
     return mine and 1 or 0
 end
--- include: queue.lua
+-- include: wait_queue.lua
 local who = false
 if requeue then
-    local since, lease
-    who, since, lease = string.match(ARGV[4], '^(%S+) (%d+) (%d+)$')
-    line_up(KEYS[2], KEYS[3], who, since, lease, now_ms())
+    local since, ttl
+    who, since, ttl = string.match(ARGV[4], '^(%S+) (%d+) (%d+)$')
+    line_up(KEYS[2], KEYS[3], who, since, ttl, now_ms())
 end
 if mine and ARGV[2] ~= '' then
     local first = first_waiter(KEYS[2], KEYS[3], now_ms())

@@ -1,0 +1,52 @@
+//! What every mutex of a `RedisSync` shares: the nodes, the wake-ups, this
+//! process's waiters, and the settings.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use super::keys::Keys;
+use super::local_waiters::LocalWaiters;
+use super::node::Node;
+use super::wakeups::Wakeups;
+use crate::queue::LocalQueues;
+
+/// This process's waiters, lined up per name.
+pub(crate) type Queues = Arc<LocalQueues<LocalWaiters>>;
+
+/// The state of one `RedisSync`, shared by its clones and its mutexes.
+pub(crate) struct RedisState {
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) wakeups: Wakeups,
+    /// Waiters of this process, lined up per name.
+    pub(crate) queues: Queues,
+    /// This process's id in the nodes' wait queues (random per `RedisSync`).
+    pub(crate) client_id: Arc<str>,
+    /// The start (ms since the epoch) of this process's latest waiter.
+    pub(crate) last_start: AtomicU64,
+    pub(crate) quorum: usize,
+    pub(crate) key_prefix: String,
+    pub(crate) separator: String,
+    pub(crate) set_nx_on_extend: bool,
+    pub(crate) fail_fast: bool,
+    /// How long a node that lost its state refuses new locks, at least.
+    pub(crate) restart_delay: Duration,
+}
+
+impl RedisState {
+    /// How long a node that lost its state refuses new locks of a mutex
+    /// with `expiry`; `None` on one node or a Redis Cluster, where no other
+    /// node could still hold a lock it forgot.
+    pub(crate) fn recovery(&self, expiry: Duration) -> Option<Duration> {
+        (self.nodes.len() > 1 && !self.wakeups.on_cluster()).then(|| expiry.max(self.restart_delay))
+    }
+
+    /// The keys of the lock `name`.
+    pub(crate) fn keys(&self, name: &str) -> Keys {
+        if self.wakeups.on_cluster() {
+            Keys::tagged(&self.key_prefix, name)
+        } else {
+            Keys::plain(&self.key_prefix, name)
+        }
+    }
+}
