@@ -12,10 +12,11 @@ use tokio::time::{Instant, timeout_at};
 
 use super::LayerState;
 use super::held::{HeldLock, LockView};
-use super::keeper::{Keeper, Live};
-use super::lease::{Lease, ReleaseGuard};
+use super::keeper::Keeper;
+use super::lease::Lease;
 use super::queue::{Place, Turn};
 use super::rejection::{Rejection, RejectionKind};
+use super::release::{HeldMutex, Live, ReleaseGuard};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
 
@@ -165,19 +166,16 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
     let now = until
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
+    let live = Live::new(shared.keepers.clone());
     let keeper = Keeper {
-        mutex,
-        turn,
-        place,
+        held: HeldMutex::new(mutex, turn, place, shared.options.expiry(), live),
         interval: shared.extend_every,
         extend_takes: shared.options.node_timeout(),
         last_attempt: None,
-        release_timeout: shared.options.expiry(),
         first_extend: now
             .checked_add(shared.extend_every)
             .unwrap_or_else(far_future),
         hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
-        live: Live::new(shared.keepers.clone()),
     };
     let (guard, held) = Lease::hold(view, keeper);
     Holding { guard, held }

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::lease::ReleaseGuard;
+use super::release::ReleaseGuard;
 use crate::error::BoxError;
 
 pin_project! {

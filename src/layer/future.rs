@@ -14,8 +14,8 @@ use tower_service::Service;
 use super::LayerState;
 use super::acquire::Holding;
 use super::body::LockBody;
-use super::lease::ReleaseGuard;
 use super::rejection::{Rejection, RejectionKind, RejectionMapper};
+use super::release::ReleaseGuard;
 use crate::sync::DistSync;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Holding, Rejection>> + Send>>;

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lease::DynLease;
+use super::release::LetGo;
 
 /// The lock a request holds, found in the request's extensions by the inner
 /// service.
@@ -34,7 +34,7 @@ use super::lease::DynLease;
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    lease: Arc<dyn DynLease>,
+    lease: Arc<dyn LetGo>,
 }
 
 /// What can be seen of a held lock: fixed facts, and a status that the
@@ -186,7 +186,7 @@ impl fmt::Debug for HeldLock {
 
 impl HeldLock {
     /// The view of `lease`.
-    pub(crate) fn new(lease: Arc<dyn DynLease>) -> Self {
+    pub(crate) fn new(lease: Arc<dyn LetGo>) -> Self {
         HeldLock { lease }
     }
 

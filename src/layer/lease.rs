@@ -28,17 +28,15 @@
 //!
 //! # Release
 //!
-//! A request that lets go before the deadline cancels the timer and
-//! releases inline when the backend answers at once
-//! ([`Keeper::release_now`]), else in a task ([`Keeper::release_later`]):
-//! no keeper, no extension. A request that lets go after its keeper started
+//! A request that lets go before the deadline cancels the timer and hands
+//! the lock to [`release`](super::release) ([`HeldMutex::let_go`](super::release::HeldMutex::let_go)): no
+//! keeper, no extension. A request that lets go after its keeper started
 //! tells the keeper (a stored notification, so it is not missed if the task
 //! has not run yet), which releases before anything else. A keeper that
 //! would start after the request let go does not start.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
@@ -47,6 +45,7 @@ use super::alarm::Alarm;
 use super::held::{HeldLock, LockView};
 use super::keeper::Keeper;
 use super::queue::HintsRef;
+use super::release::{LetGo, ReleaseGuard};
 use crate::sync::DistMutex;
 
 /// The lease of one held lock, shared by the handler's [`HeldLock`], the
@@ -79,17 +78,6 @@ enum Stage<M> {
     Kept(HintsRef),
     /// The request let go.
     Done,
-}
-
-/// What the guard and the handler's view need of a lease, whatever the
-/// backend.
-pub(crate) trait DynLease: Send + Sync + 'static {
-    /// The part the handler sees.
-    fn view(&self) -> &LockView;
-    /// The request no longer needs the lock: release it, inline if the
-    /// keeper has not started and the backend's unlock is done at once,
-    /// else in the background.
-    fn let_go(self: Arc<Self>);
 }
 
 impl<M: DistMutex> Lease<M> {
@@ -126,13 +114,8 @@ impl<M: DistMutex> Lease<M> {
 
     /// The response's guard and the handler's view.
     fn handles(lease: Arc<Self>) -> (ReleaseGuard, HeldLock) {
-        let dynamic: Arc<dyn DynLease> = lease;
-        (
-            ReleaseGuard {
-                lease: Some(dynamic.clone()),
-            },
-            HeldLock::new(dynamic),
-        )
+        let dynamic: Arc<dyn LetGo> = lease;
+        (ReleaseGuard::new(dynamic.clone()), HeldLock::new(dynamic))
     }
 
     pub(crate) fn view(&self) -> &LockView {
@@ -153,10 +136,6 @@ impl<M: DistMutex> Lease<M> {
         }
     }
 
-    pub(crate) fn runtime(&self) -> &Handle {
-        &self.runtime
-    }
-
     fn state(&self) -> MutexGuard<'_, State<M>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -172,7 +151,7 @@ impl<M: DistMutex> Lease<M> {
             let Stage::Armed(keeper) = std::mem::replace(&mut state.stage, Stage::Done) else {
                 unreachable!("armed above");
             };
-            state.stage = Stage::Kept(keeper.place.share());
+            state.stage = Stage::Kept(keeper.held.place.share());
             // Fired already, unless the wake-up came early.
             state.alarm.cancel();
             keeper
@@ -192,7 +171,7 @@ impl<M: DistMutex> Wake for Lease<M> {
     }
 }
 
-impl<M: DistMutex> DynLease for Lease<M> {
+impl<M: DistMutex> LetGo for Lease<M> {
     fn view(&self) -> &LockView {
         &self.view
     }
@@ -200,63 +179,19 @@ impl<M: DistMutex> DynLease for Lease<M> {
     fn let_go(self: Arc<Self>) {
         let mut state = self.state();
         let State { stage, alarm } = &mut *state;
-        match stage {
+        match std::mem::replace(stage, Stage::Done) {
             Stage::Armed(keeper) => {
-                // Waiting requests learn at once that the release is under
-                // way.
-                keeper.place.shared().releasing();
-                // No keeper will start.
+                // No keeper will start: the release is done here.
                 alarm.cancel();
-                if keeper.release_now(&self.view) {
-                    // Dropped in place: its turn passes on.
-                    *stage = Stage::Done;
-                    return;
-                }
-                let Stage::Armed(keeper) = std::mem::replace(stage, Stage::Done) else {
-                    unreachable!("armed above");
-                };
                 drop(state);
-                keeper.release_later(&self);
+                keeper.held.let_go(&self, &self.runtime);
             }
             Stage::Kept(holder) => {
                 holder.releasing();
-                *stage = Stage::Done;
                 drop(state);
                 self.let_go.notify_one();
             }
             Stage::Done => {}
-        }
-    }
-}
-
-/// Dropping the guard lets go of the lock (see [`DynLease::let_go`]); the
-/// response future, then its body, carries it.
-pub(crate) struct ReleaseGuard {
-    lease: Option<Arc<dyn DynLease>>,
-}
-
-impl ReleaseGuard {
-    /// Ready once the lock is lost (for the abort option).
-    pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.lease {
-            Some(lease) => lease.view().poll_lost(cx),
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl fmt::Debug for ReleaseGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReleaseGuard")
-            .field("name", &self.lease.as_ref().map(|l| l.view().name()))
-            .finish()
-    }
-}
-
-impl Drop for ReleaseGuard {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.let_go();
         }
     }
 }
@@ -269,6 +204,7 @@ mod tests {
 
     use super::*;
     use crate::layer::queue::LocalQueues;
+    use crate::layer::release::{HeldMutex, Live};
     use crate::{DistMutexOptions, DistSync, MemorySync};
 
     /// A freshly taken lock on `name` (expiry 3 s, extended every 1 s)
@@ -285,17 +221,14 @@ mod tests {
         let mut mutex = sync.new_mutex(name, options).unwrap();
         assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
+        let live = Live::new(Arc::default());
         let keeper = Keeper {
-            mutex,
-            turn,
-            place,
+            held: HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live),
             interval: Duration::from_secs(1),
             extend_takes: Duration::ZERO,
             last_attempt: None,
-            release_timeout: Duration::from_secs(3),
             first_extend,
             hold_until: None,
-            live: crate::layer::keeper::Live::new(Arc::default()),
         };
         (view, keeper)
     }

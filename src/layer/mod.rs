@@ -93,6 +93,7 @@ mod lease;
 mod name;
 mod queue;
 mod rejection;
+mod release;
 mod service;
 
 use std::fmt;
