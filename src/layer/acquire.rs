@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
 use super::LayerState;
+use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
-use super::keeper::Keeper;
 use super::lease::Lease;
 use super::queue::{Place, Turn};
 use super::rejection::{Rejection, RejectionKind};
@@ -147,7 +147,7 @@ pub(crate) async fn acquire<D: DistSync>(
 }
 
 /// Holds the lock just acquired: the handler's view of it, and a lease
-/// whose keeper extends it if the request is still served when the first
+/// whose extend loop extends it if the request is still served when the first
 /// extension falls due.
 fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
@@ -158,7 +158,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
         mutex.fencing_token(),
         until,
     );
-    // The keeper's clock starts at acquisition, which `until` tells
+    // The extend loop's clock starts at acquisition, which `until` tells
     // without a clock read: `until - validity` is the acquisition for the
     // in-process backend, and the start of the attempt (sooner) for Redis,
     // whose validity also subtracts the attempt's duration. Sooner only
@@ -167,7 +167,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
     let live = Live::new(shared.keepers.clone());
-    let keeper = Keeper {
+    let extend_loop = ExtendLoop {
         held: HeldMutex::new(mutex, turn, place, shared.options.expiry(), live),
         interval: shared.extend_every,
         extend_takes: shared.options.node_timeout(),
@@ -177,7 +177,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
             .unwrap_or_else(far_future),
         hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
     };
-    let (guard, held) = Lease::hold(view, keeper);
+    let (guard, held) = Lease::hold(view, extend_loop);
     Holding { guard, held }
 }
 

@@ -38,7 +38,7 @@ pub struct HeldLock {
 }
 
 /// What can be seen of a held lock: fixed facts, and a status that the
-/// keeper and the release change.
+/// extend loop and the release change.
 pub(crate) struct LockView {
     name: Arc<str>,
     value: Value,

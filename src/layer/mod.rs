@@ -85,10 +85,10 @@
 mod acquire;
 mod alarm;
 mod body;
+mod extend_loop;
 pub(crate) mod extract;
 mod future;
 mod held;
-mod keeper;
 mod lease;
 mod name;
 mod queue;

@@ -1,4 +1,4 @@
-//! The keeper of a request's lock: once started (see [`lease`](super::lease)),
+//! The extend loop of a request's lock: once started (see [`lease`](super::lease)),
 //! it extends the lock every interval while the request is in flight and
 //! reports a failed extension; when the request lets go, or the lock is
 //! lost, it hands the lock to [`release`](super::release).
@@ -14,8 +14,8 @@ use super::release::HeldMutex;
 use crate::error::Error;
 use crate::sync::DistMutex;
 
-/// Everything the keeper owns while the lock is held.
-pub(crate) struct Keeper<M> {
+/// Everything the extend loop owns while the lock is held.
+pub(crate) struct ExtendLoop<M> {
     /// The lock, released when the request lets go or the lock is lost.
     pub(crate) held: HeldMutex<M>,
     pub(crate) interval: Duration,
@@ -41,8 +41,8 @@ enum Extension {
     Lost(String),
 }
 
-impl<M: DistMutex> Keeper<M> {
-    /// When the keeper must first act: the first extension (see
+impl<M: DistMutex> ExtendLoop<M> {
+    /// When the extend loop must first act: the first extension (see
     /// [`due`](Self::due)), or the end of `max_hold` if that comes sooner.
     pub(crate) fn first_deadline(&self) -> Instant {
         self.due(self.first_extend)
@@ -50,7 +50,7 @@ impl<M: DistMutex> Keeper<M> {
 
     /// Extends the lock until the request lets go of `lease`, then releases
     /// it. Runs in a task of its own.
-    pub(crate) async fn keep(mut self, lease: Arc<Lease<M>>) {
+    pub(crate) async fn run(mut self, lease: Arc<Lease<M>>) {
         let view = lease.view();
         let mut next = self.first_extend;
         let mut lost = false;
@@ -77,7 +77,7 @@ impl<M: DistMutex> Keeper<M> {
                             view.set_lost();
                             // The key is freed for this process's next
                             // request now, not when this one lets go.
-                            lease.keeper_gone();
+                            lease.extend_loop_gave_up();
                             self.held.place.shared().releasing();
                             break;
                         }
