@@ -167,16 +167,15 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
     let live = Live::new(shared.keepers.clone());
-    let extend_loop = ExtendLoop {
-        held: HeldMutex::new(mutex, turn, place, shared.options.expiry(), live),
-        interval: shared.extend_every,
-        extend_takes: shared.options.node_timeout(),
-        last_attempt: None,
-        first_extend: now
-            .checked_add(shared.extend_every)
+    let held = HeldMutex::new(mutex, turn, place, shared.options.expiry(), live);
+    let extend_loop = ExtendLoop::new(
+        held,
+        shared.extend_every,
+        shared.options.node_timeout(),
+        now.checked_add(shared.extend_every)
             .unwrap_or_else(far_future),
-        hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
-    };
+        shared.max_hold.and_then(|limit| now.checked_add(limit)),
+    );
     let (guard, held) = Lease::hold(view, extend_loop);
     Holding { guard, held }
 }

@@ -1,34 +1,34 @@
-//! The extend loop of a request's lock: once started (see [`lease`](super::lease)),
-//! it extends the lock every interval while the request is in flight and
-//! reports a failed extension; when the request lets go, or the lock is
-//! lost, it hands the lock to [`release`](super::release).
+//! The extend loop of a held lock: once started (by the
+//! [`lease`](super::lease), when the first extension falls due), it extends
+//! the lock every interval while the request is in flight, until the
+//! request lets go or the lock is lost.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use super::MIN_EXTEND_EVERY;
-use super::lease::Lease;
+use super::held::LockView;
 use super::release::HeldMutex;
 use crate::error::Error;
 use crate::sync::DistMutex;
 
-/// Everything the extend loop owns while the lock is held.
+/// A held lock and when to extend it.
 pub(crate) struct ExtendLoop<M> {
     /// The lock, released when the request lets go or the lock is lost.
     pub(crate) held: HeldMutex<M>,
-    pub(crate) interval: Duration,
+    interval: Duration,
     /// How long an extension may take, so that it starts early enough to
     /// be done before the validity ends: a node timeout at first, then the
     /// slowest extension seen.
-    pub(crate) extend_takes: Duration,
+    extend_takes: Duration,
     /// When the last extension started (none yet: `None`).
-    pub(crate) last_attempt: Option<Instant>,
+    last_attempt: Option<Instant>,
     /// When the first extension falls due: acquisition + interval.
-    pub(crate) first_extend: Instant,
+    first_extend: Instant,
     /// No extension past this instant: the lock is then given up as lost.
-    pub(crate) hold_until: Option<Instant>,
+    hold_until: Option<Instant>,
 }
 
 /// How an extension attempt ended.
@@ -41,51 +41,70 @@ enum Extension {
     Lost(String),
 }
 
+/// Why the extend loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The request let go.
+    LetGo,
+    /// The lock is lost, and the handler was told.
+    Lost,
+}
+
 impl<M: DistMutex> ExtendLoop<M> {
+    /// Extends `held` every `interval` from `first_extend`, each extension
+    /// started early enough to be done in time (`extend_takes` at first),
+    /// none past `hold_until`.
+    pub(crate) fn new(
+        held: HeldMutex<M>,
+        interval: Duration,
+        extend_takes: Duration,
+        first_extend: Instant,
+        hold_until: Option<Instant>,
+    ) -> Self {
+        ExtendLoop {
+            held,
+            interval,
+            extend_takes,
+            last_attempt: None,
+            first_extend,
+            hold_until,
+        }
+    }
+
     /// When the extend loop must first act: the first extension (see
     /// [`due`](Self::due)), or the end of `max_hold` if that comes sooner.
     pub(crate) fn first_deadline(&self) -> Instant {
         self.due(self.first_extend)
     }
 
-    /// Extends the lock until the request lets go of `lease`, then releases
-    /// it. Runs in a task of its own.
-    pub(crate) async fn run(mut self, lease: Arc<Lease<M>>) {
-        let view = lease.view();
+    /// Extends the lock until `let_go` is notified (the request let go) or
+    /// the lock is lost; tells `view` of every extension and of a loss.
+    pub(crate) async fn run(&mut self, view: &LockView, let_go: &Notify) -> Ended {
         let mut next = self.first_extend;
-        let mut lost = false;
         loop {
             tokio::select! {
                 biased;
-                () = lease.let_go_signal() => break,
-                () = sleep_until(self.due(next)), if !lost => {
-                    match self.extend_once().await {
-                        Extension::Done { started } => {
-                            let until = self.held.mutex.until();
-                            self.held.place.set_holder_until(until);
-                            view.set_until(until);
-                            tracing::trace!(name = view.name(), "lock extended");
-                            next = started + self.interval;
-                        }
-                        Extension::Retry(error) => {
-                            tracing::debug!(name = view.name(), %error, "lock not extended; retrying");
-                            next = Instant::now() + self.retry_every();
-                        }
-                        Extension::Lost(error) => {
-                            tracing::warn!(name = view.name(), %error, "lock lost: not extended");
-                            lost = true;
-                            view.set_lost();
-                            // The key is freed for this process's next
-                            // request now, not when this one lets go.
-                            lease.extend_loop_gave_up();
-                            self.held.place.shared().releasing();
-                            break;
-                        }
+                () = let_go.notified() => return Ended::LetGo,
+                () = sleep_until(self.due(next)) => match self.extend_once().await {
+                    Extension::Done { started } => {
+                        let until = self.held.mutex.until();
+                        self.held.place.set_holder_until(until);
+                        view.set_until(until);
+                        tracing::trace!(name = view.name(), "lock extended");
+                        next = started + self.interval;
                     }
-                }
+                    Extension::Retry(error) => {
+                        tracing::debug!(name = view.name(), %error, "lock not extended; retrying");
+                        next = Instant::now() + self.retry_every();
+                    }
+                    Extension::Lost(error) => {
+                        tracing::warn!(name = view.name(), %error, "lock lost: not extended");
+                        view.set_lost();
+                        return Ended::Lost;
+                    }
+                },
             }
         }
-        self.held.release(view, lost).await;
     }
 
     /// When the next extension starts: `next` (an interval after the start

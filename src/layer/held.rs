@@ -9,8 +9,6 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::release::LetGo;
-
 /// The lock a request holds, found in the request's extensions by the inner
 /// service.
 ///
@@ -34,7 +32,14 @@ use super::release::LetGo;
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    lease: Arc<dyn LetGo>,
+    lease: Arc<dyn ViewSource>,
+}
+
+/// What shows a [`LockView`]: the state of a held lock (its lease),
+/// whatever the backend.
+pub(crate) trait ViewSource: Send + Sync + 'static {
+    /// The part the handler sees.
+    fn view(&self) -> &LockView;
 }
 
 /// What can be seen of a held lock: fixed facts, and a status that the
@@ -186,7 +191,7 @@ impl fmt::Debug for HeldLock {
 
 impl HeldLock {
     /// The view of `lease`.
-    pub(crate) fn new(lease: Arc<dyn LetGo>) -> Self {
+    pub(crate) fn new(lease: Arc<dyn ViewSource>) -> Self {
         HeldLock { lease }
     }
 

@@ -42,8 +42,8 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::alarm::Alarm;
-use super::extend_loop::ExtendLoop;
-use super::held::{HeldLock, LockView};
+use super::extend_loop::{Ended, ExtendLoop};
+use super::held::{HeldLock, LockView, ViewSource};
 use super::queue::HintsRef;
 use super::release::{LetGo, ReleaseGuard};
 use crate::sync::DistMutex;
@@ -114,26 +114,28 @@ impl<M: DistMutex> Lease<M> {
 
     /// The response's guard and the handler's view.
     fn handles(lease: Arc<Self>) -> (ReleaseGuard, HeldLock) {
-        let dynamic: Arc<dyn LetGo> = lease;
-        (ReleaseGuard::new(dynamic.clone()), HeldLock::new(dynamic))
+        (ReleaseGuard::new(lease.clone()), HeldLock::new(lease))
     }
 
-    pub(crate) fn view(&self) -> &LockView {
-        &self.view
-    }
-
-    /// Resolves once the request has let go (for the running extend loop).
-    pub(crate) async fn let_go_signal(&self) {
-        self.let_go.notified().await;
-    }
-
-    /// The extend loop has given the lock up (lost) and releases what remains
-    /// of it: the request's letting go later has nothing left to do.
-    pub(crate) fn extend_loop_gave_up(&self) {
-        let mut state = self.state();
-        if let Stage::Extending(_) = state.stage {
-            state.stage = Stage::Done;
+    /// The extend loop's task: extends the lock until the request lets go
+    /// or the lock is lost, then releases it.
+    async fn extend_then_release(self: Arc<Self>, mut extend_loop: ExtendLoop<M>) {
+        let ended = extend_loop.run(&self.view, &self.let_go).await;
+        let lost = ended == Ended::Lost;
+        if lost {
+            // What remains of the lock is released here: the request's
+            // letting go later has nothing left to do.
+            {
+                let mut state = self.state();
+                if let Stage::Extending(_) = state.stage {
+                    state.stage = Stage::Done;
+                }
+            }
+            // The key is freed for this process's next request now, not
+            // when this one lets go.
+            extend_loop.held.place.shared().releasing();
         }
+        extend_loop.held.release(&self.view, lost).await;
     }
 
     fn state(&self) -> MutexGuard<'_, State<M>> {
@@ -156,7 +158,8 @@ impl<M: DistMutex> Lease<M> {
             state.alarm.cancel();
             extend_loop
         };
-        self.runtime.spawn(extend_loop.run(self.clone()));
+        self.runtime
+            .spawn(self.clone().extend_then_release(extend_loop));
     }
 }
 
@@ -171,11 +174,13 @@ impl<M: DistMutex> Wake for Lease<M> {
     }
 }
 
-impl<M: DistMutex> LetGo for Lease<M> {
+impl<M: DistMutex> ViewSource for Lease<M> {
     fn view(&self) -> &LockView {
         &self.view
     }
+}
 
+impl<M: DistMutex> LetGo for Lease<M> {
     fn let_go(self: Arc<Self>) {
         let mut state = self.state();
         let State { stage, alarm } = &mut *state;
@@ -222,14 +227,14 @@ mod tests {
         assert!(matches!(mutex.try_lock_now(), Some(Ok(()))));
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
         let live = Live::new(Arc::default());
-        let extend_loop = ExtendLoop {
-            held: HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live),
-            interval: Duration::from_secs(1),
-            extend_takes: Duration::ZERO,
-            last_attempt: None,
+        let held = HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live);
+        let extend_loop = ExtendLoop::new(
+            held,
+            Duration::from_secs(1),
+            Duration::ZERO,
             first_extend,
-            hold_until: None,
-        };
+            None,
+        );
         (view, extend_loop)
     }
 

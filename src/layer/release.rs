@@ -11,15 +11,13 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::time::timeout;
 
-use super::held::LockView;
+use super::held::{LockView, ViewSource};
 use super::queue::{Place, Turn};
 use crate::error::Error;
 use crate::sync::DistMutex;
 
 /// What the guard needs of a held lock's state, whatever the backend.
-pub(crate) trait LetGo: Send + Sync + 'static {
-    /// The part the handler sees.
-    fn view(&self) -> &LockView;
+pub(crate) trait LetGo: ViewSource {
     /// The request no longer needs the lock: release it, at once if nothing
     /// extends it and the backend's unlock is done at once, else in the
     /// background.
