@@ -15,7 +15,7 @@ use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
 use super::lease::Lease;
 use super::queue::{Place, Turn};
-use super::rejection::{Rejection, RejectionKind};
+use super::rejection::Rejection;
 use super::release::{HeldMutex, Live, ReleaseGuard};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
@@ -30,7 +30,8 @@ pub(crate) struct Holding {
 pub(crate) enum Start<D: DistSync> {
     /// It holds its lock.
     Held(Holding),
-    /// The backend said no: the error, to make a [`rejection`] of.
+    /// The backend said no: the error, to make a
+    /// [`Rejection::for_lock_error`] of.
     Failed(Arc<str>, Error),
     /// It has to wait: [`acquire`] goes on from here.
     Wait(Waiting<D>),
@@ -111,12 +112,7 @@ pub(crate) async fn acquire<D: DistSync>(
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
         let retry_after = place.holder_remaining().unwrap_or(shared.options.expiry());
-        return Err(Rejection::new(
-            RejectionKind::Busy,
-            "the key is locked by another request",
-            grpc,
-        )
-        .with_retry_after(retry_after));
+        return Err(Rejection::busy(retry_after, grpc));
     };
     place.start_turn();
 
@@ -136,7 +132,8 @@ pub(crate) async fn acquire<D: DistSync>(
         }
         first => first,
     };
-    let mutex = locked.map_err(|error| rejection(name, error, grpc, &shared))?;
+    let expiry = shared.options.expiry();
+    let mutex = locked.map_err(|error| Rejection::for_lock_error(name, error, grpc, expiry))?;
     tracing::debug!(
         name,
         waited_ms = budget.waited().as_millis() as u64,
@@ -256,43 +253,6 @@ async fn lock_once<D: DistSync>(shared: &LayerState<D>, name: &str) -> Result<D:
     let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;
     Ok(mutex)
-}
-
-/// The rejection of a request whose lock on `name` failed with `error`.
-pub(crate) fn rejection<D: DistSync>(
-    name: &str,
-    error: Error,
-    grpc: bool,
-    shared: &LayerState<D>,
-) -> Rejection {
-    match error {
-        Error::Held { remaining } => {
-            tracing::debug!(name, "lock busy");
-            Rejection::new(
-                RejectionKind::Busy,
-                "the key is locked by another request",
-                grpc,
-            )
-            .with_retry_after(remaining.unwrap_or(shared.options.expiry()))
-        }
-        Error::InvalidName { reason } => Rejection::new(
-            RejectionKind::InvalidKey,
-            format!("invalid lock key: {reason}"),
-            grpc,
-        ),
-        Error::InvalidOptions { .. } | Error::GenValue(_) | Error::InvalidConfig { .. } => {
-            tracing::error!(name, %error, "lock layer misconfigured");
-            Rejection::new(RejectionKind::Misconfigured, error.to_string(), grpc)
-        }
-        error => {
-            tracing::warn!(name, %error, "lock backend unavailable");
-            Rejection::new(
-                RejectionKind::Unavailable,
-                "the lock service is unavailable",
-                grpc,
-            )
-        }
-    }
 }
 
 /// About 30 years from now, as tokio does for "never".

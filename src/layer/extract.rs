@@ -8,8 +8,6 @@ use std::sync::Arc;
 use http::header::HeaderName;
 use http::{HeaderMap, Request};
 
-use super::rejection::RejectionKind;
-
 /// Finds the key of a request: `Ok(Some(key))` to lock it, `Ok(None)` when
 /// the request has no key (passed through unlocked, or rejected, as the layer
 /// is configured), `Err` when the key is malformed (rejected with 400 or
@@ -80,20 +78,6 @@ pub enum KeyError {
     /// sends: it is set up wrong for the service it is in front of (say, a
     /// path parameter that the matched route does not have).
     Misconfigured(String),
-}
-
-impl KeyError {
-    /// The kind of rejection a request gets for this error. A
-    /// misconfiguration is logged at `ERROR`: no request can fix it.
-    pub(crate) fn rejection_kind(&self) -> RejectionKind {
-        match self {
-            KeyError::Misconfigured(reason) => {
-                tracing::error!(reason = reason.as_str(), "lock key extractor misconfigured");
-                RejectionKind::Misconfigured
-            }
-            _ => RejectionKind::InvalidKey,
-        }
-    }
 }
 
 impl fmt::Display for KeyError {

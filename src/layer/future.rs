@@ -14,7 +14,7 @@ use tower_service::Service;
 use super::LayerState;
 use super::acquire::Holding;
 use super::body::LockBody;
-use super::rejection::{Rejection, RejectionKind, RejectionMapper};
+use super::rejection::{Rejection, RejectionMapper};
 use super::release::ReleaseGuard;
 use crate::sync::DistSync;
 
@@ -240,11 +240,7 @@ where
     /// state drops the handler (or the request not yet handed to it), then
     /// lets go of the lock.
     fn abort<B>(mut self: Pin<&mut Self>) -> Response<LockBody<B>> {
-        let rejection = Rejection::new(
-            RejectionKind::Lost,
-            "the lock was lost while the request was served",
-            self.grpc,
-        );
+        let rejection = Rejection::lost(self.grpc);
         let mapper = self.mapper.clone();
         self.as_mut()
             .project()

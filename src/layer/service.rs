@@ -10,11 +10,11 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::LayerState;
-use super::acquire::{Start, acquire, rejection, start};
+use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
 use super::extract::{KeyExtractor, key_of};
 use super::future::ResponseFuture;
-use super::rejection::{Rejection, RejectionKind};
+use super::rejection::Rejection;
 use crate::sync::DistSync;
 
 /// Holds a distributed lock per request key around an inner service. Made
@@ -83,30 +83,23 @@ where
         let inner = self.inner.clone();
         let shared = &self.shared;
         // Read when needed: for a rejection, the abort option or a wait.
-        let reject = |kind, message: String, request: &Request<ReqB>| {
-            let rejection = Rejection::new(kind, message, is_grpc(request));
-            ResponseFuture::rejected(rejection, shared.mapper.clone())
-        };
+        let reject = |rejection| ResponseFuture::rejected(rejection, shared.mapper.clone());
         let key = match key_of(&self.extractor, &request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.reject_missing => {
-                return reject(
-                    RejectionKind::MissingKey,
-                    "the request has no lock key".into(),
-                    &request,
-                );
+                return reject(Rejection::missing_key(is_grpc(&request)));
             }
             Ok(None) => return ResponseFuture::unlocked(inner, request),
-            Err(error) => return reject(error.rejection_kind(), error.to_string(), &request),
+            Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };
         // Before naming: a namespace that leaves no room for a key is the
         // server's fault, not the client's.
         if let Some(reason) = &shared.misconfigured {
-            return reject(RejectionKind::Misconfigured, reason.clone(), &request);
+            return reject(Rejection::misconfigured(reason.clone(), is_grpc(&request)));
         }
         let name = match shared.namer.name(&key) {
             Ok(name) => name,
-            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
+            Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };
         // A free key on a backend that answers at once is locked here, and
         // the inner service called at once; otherwise the response future
@@ -119,8 +112,13 @@ where
                 ResponseFuture::serving(inner, request, holding.guard, shared, grpc)
             }
             Start::Failed(name, error) => {
-                let rejection = rejection(&name, error, is_grpc(&request), shared);
-                ResponseFuture::rejected(rejection, shared.mapper.clone())
+                let expiry = shared.options.expiry();
+                reject(Rejection::for_lock_error(
+                    &name,
+                    error,
+                    is_grpc(&request),
+                    expiry,
+                ))
             }
             Start::Wait(waiting) => {
                 let grpc = is_grpc(&request);
