@@ -173,8 +173,11 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
             .unwrap_or_else(far_future),
         shared.max_hold.and_then(|limit| now.checked_add(limit)),
     );
-    let (guard, held) = Lease::hold(view, extend_loop);
-    Holding { guard, held }
+    let lease = Lease::hold(view, extend_loop);
+    Holding {
+        guard: ReleaseGuard::new(lease.clone(), shared.release, shared.lost),
+        held: HeldLock::new(lease),
+    }
 }
 
 /// The wait budget of a request. It runs from the first moment the request

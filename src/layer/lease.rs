@@ -43,13 +43,15 @@ use tokio::sync::Notify;
 
 use super::alarm::Alarm;
 use super::extend_loop::{Ended, ExtendLoop};
-use super::held::{HeldLock, LockView, ViewSource};
+use super::held::{LockView, ViewSource};
 use super::queue::HintsRef;
-use super::release::{LetGo, ReleaseGuard};
+use super::release::LetGo;
 use crate::sync::DistMutex;
 
-/// The lease of one held lock, shared by the handler's [`HeldLock`], the
-/// response's [`ReleaseGuard`], the armed timer and the extend loop's task.
+/// The lease of one held lock, shared by the handler's
+/// [`HeldLock`](super::HeldLock), the response's
+/// [`ReleaseGuard`](super::release::ReleaseGuard), the armed timer and the
+/// extend loop's task.
 ///
 /// Always in an `Arc`, which is never unwrapped: the alarm stays in place.
 pub(crate) struct Lease<M> {
@@ -84,7 +86,7 @@ impl<M: DistMutex> Lease<M> {
     /// Starts holding the lock kept by `extend_loop`: arms the timer that starts
     /// the extend loop when the first extension falls due. Call it within the
     /// Tokio runtime that should keep the lock.
-    pub(crate) fn hold(view: LockView, extend_loop: ExtendLoop<M>) -> (ReleaseGuard, HeldLock) {
+    pub(crate) fn hold(view: LockView, extend_loop: ExtendLoop<M>) -> Arc<Self> {
         let deadline = extend_loop.first_deadline();
         let lease = Self::new(view, extend_loop);
         let waker = Waker::from(lease.clone());
@@ -96,7 +98,7 @@ impl<M: DistMutex> Lease<M> {
         if elapsed {
             lease.start_extend_loop();
         }
-        Self::handles(lease)
+        lease
     }
 
     /// A lease of `extend_loop`'s lock, not armed yet.
@@ -110,11 +112,6 @@ impl<M: DistMutex> Lease<M> {
             let_go: Notify::new(),
             runtime: Handle::current(),
         })
-    }
-
-    /// The response's guard and the handler's view.
-    fn handles(lease: Arc<Self>) -> (ReleaseGuard, HeldLock) {
-        (ReleaseGuard::new(lease.clone()), HeldLock::new(lease))
     }
 
     /// The extend loop's task: extends the lock until the request lets go
@@ -208,8 +205,10 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+    use crate::layer::held::HeldLock;
     use crate::layer::queue::LocalQueues;
-    use crate::layer::release::{HeldMutex, Live};
+    use crate::layer::release::{HeldMutex, Live, ReleaseGuard};
+    use crate::layer::{OnLost, ReleaseOn};
     use crate::{DistMutexOptions, DistSync, MemorySync};
 
     /// A freshly taken lock on `name` (expiry 3 s, extended every 1 s)
@@ -238,6 +237,12 @@ mod tests {
         (view, extend_loop)
     }
 
+    /// The response's guard and the handler's view of `lease`.
+    fn handles(lease: &Arc<Lease<crate::memory::MemoryMutex>>) -> (ReleaseGuard, HeldLock) {
+        let guard = ReleaseGuard::new(lease.clone(), ReleaseOn::BodyEnd, OnLost::Notify);
+        (guard, HeldLock::new(lease.clone()))
+    }
+
     /// A lease of a freshly taken lock on `name`: the first extension is
     /// due 1 s after acquisition. Not armed.
     fn lease(sync: &MemorySync, name: &str) -> Arc<Lease<crate::memory::MemoryMutex>> {
@@ -251,7 +256,7 @@ mod tests {
     async fn an_early_start_extends_only_when_due() {
         let sync = MemorySync::new();
         let lease = lease(&sync, "early");
-        let (guard, held) = Lease::handles(lease.clone());
+        let (guard, held) = handles(&lease);
         let first = held.until().unwrap();
         lease.start_extend_loop();
         tokio::time::sleep(Duration::from_millis(999)).await;
@@ -270,7 +275,7 @@ mod tests {
     async fn letting_go_as_the_extend_loop_starts_releases_without_extending() {
         let sync = MemorySync::new();
         let lease = lease(&sync, "race");
-        let (guard, held) = Lease::handles(lease.clone());
+        let (guard, held) = handles(&lease);
         let first = held.until();
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Due now: the extend loop starts, and the request lets go before the
@@ -295,7 +300,7 @@ mod tests {
         let (view, extend_loop) = taken(&sync, "late", Instant::now() - Duration::from_millis(1));
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);
-        let (guard, held) = Lease::hold(view, extend_loop);
+        let (guard, held) = handles(&Lease::hold(view, extend_loop));
         assert_eq!(metrics.num_alive_tasks(), 1, "the extend loop started");
         drop(guard);
         held.lost().await;

@@ -13,6 +13,7 @@ use tokio::time::timeout;
 
 use super::held::{LockView, ViewSource};
 use super::queue::{Place, Turn};
+use super::{OnLost, ReleaseOn};
 use crate::error::Error;
 use crate::sync::DistMutex;
 
@@ -24,23 +25,53 @@ pub(crate) trait LetGo: ViewSource {
     fn let_go(self: Arc<Self>);
 }
 
-/// Dropping the guard lets go of the lock (see [`LetGo::let_go`]); the
-/// response future, then its body, carries it.
+/// A request's hold on its lock: the response future, then its body,
+/// carries it, and dropping it (or [`release`](Self::release)) lets go of
+/// the lock (see [`LetGo::let_go`]). It also carries the layer's choices of
+/// when to let go and what a lost lock does. The default guard holds
+/// nothing (a request without a key, a lock already let go).
+#[must_use = "dropping the guard releases the lock"]
+#[derive(Default)]
 pub(crate) struct ReleaseGuard {
     lease: Option<Arc<dyn LetGo>>,
+    release_on: ReleaseOn,
+    on_lost: OnLost,
 }
 
 impl ReleaseGuard {
     /// The guard of the held lock `lease`.
-    pub(crate) fn new(lease: Arc<dyn LetGo>) -> Self {
-        ReleaseGuard { lease: Some(lease) }
+    pub(crate) fn new(lease: Arc<dyn LetGo>, release_on: ReleaseOn, on_lost: OnLost) -> Self {
+        ReleaseGuard {
+            lease: Some(lease),
+            release_on,
+            on_lost,
+        }
     }
 
-    /// Ready once the lock is lost (for the abort option).
-    pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.lease {
-            Some(lease) => lease.view().poll_lost(cx),
-            None => Poll::Pending,
+    /// When the lock is to be let go.
+    pub(crate) fn release_on(&self) -> ReleaseOn {
+        self.release_on
+    }
+
+    /// Whether this guard still holds a lock.
+    pub(crate) fn is_held(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// Ready when the request is to be cut short: the layer aborts on a lost
+    /// lock ([`OnLost::Abort`]) and this guard's lock is lost. Until then,
+    /// `cx` is woken when the lock is lost.
+    pub(crate) fn poll_abort(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match (&self.lease, self.on_lost) {
+            (Some(lease), OnLost::Abort) => lease.view().poll_lost(cx),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Lets go of the lock now.
+    pub(crate) fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.let_go();
         }
     }
 }
@@ -49,15 +80,15 @@ impl fmt::Debug for ReleaseGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReleaseGuard")
             .field("name", &self.lease.as_ref().map(|l| l.view().name()))
+            .field("release_on", &self.release_on)
+            .field("on_lost", &self.on_lost)
             .finish()
     }
 }
 
 impl Drop for ReleaseGuard {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.let_go();
-        }
+        self.release();
     }
 }
 

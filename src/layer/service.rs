@@ -9,12 +9,12 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::LayerState;
 use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
 use super::extract::{KeyExtractor, key_of};
 use super::future::ResponseFuture;
 use super::rejection::Rejection;
+use super::{LayerState, OnLost};
 use crate::sync::DistSync;
 
 /// Holds a distributed lock per request key around an inner service. Made
@@ -106,10 +106,11 @@ where
         // waits for the lock.
         match start(shared, name) {
             Start::Held(holding) => {
-                let grpc = shared.abort_on_lost && is_grpc(&request);
+                let grpc = shared.lost == OnLost::Abort && is_grpc(&request);
                 let mut request = request;
                 request.extensions_mut().insert(holding.held);
-                ResponseFuture::serving(inner, request, holding.guard, shared, grpc)
+                let mapper = shared.mapper.clone();
+                ResponseFuture::serving(inner, request, holding.guard, mapper, grpc)
             }
             Start::Failed(name, error) => {
                 let expiry = shared.options.expiry();
@@ -127,8 +128,6 @@ where
                     inner,
                     request,
                     shared.mapper.clone(),
-                    shared.release_on_head,
-                    shared.abort_on_lost,
                     grpc,
                 )
             }
