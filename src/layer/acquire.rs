@@ -14,7 +14,7 @@ use super::LayerState;
 use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
 use super::lease::Lease;
-use super::queue::{Place, Turn};
+use super::local_queue::{Place, Turn};
 use super::rejection::Rejection;
 use super::release::{HeldMutex, Live, ReleaseGuard};
 use crate::error::Error;

@@ -44,7 +44,7 @@ use tokio::sync::Notify;
 use super::alarm::Alarm;
 use super::extend_loop::{Ended, ExtendLoop};
 use super::held::{LockView, ViewSource};
-use super::queue::HintsRef;
+use super::local_queue::HintsRef;
 use super::release::LetGo;
 use crate::sync::DistMutex;
 
@@ -206,7 +206,7 @@ mod tests {
 
     use super::*;
     use crate::layer::held::HeldLock;
-    use crate::layer::queue::LocalQueues;
+    use crate::layer::local_queue::LocalQueues;
     use crate::layer::release::{HeldMutex, Live, ReleaseGuard};
     use crate::layer::{OnLost, ReleaseOn};
     use crate::{DistMutexOptions, DistSync, MemorySync};

@@ -90,8 +90,8 @@ pub(crate) mod extract;
 mod future;
 mod held;
 mod lease;
+mod local_queue;
 mod name;
-mod queue;
 mod rejection;
 mod release;
 mod service;
@@ -114,8 +114,8 @@ pub use held::HeldLock;
 pub use rejection::{Rejection, RejectionKind};
 pub use service::DistLock;
 
+use local_queue::LocalQueues;
 use name::Namer;
-use queue::LocalQueues;
 use rejection::RejectionMapper;
 
 use crate::error::Error;

@@ -12,7 +12,7 @@ use tokio::runtime::Handle;
 use tokio::time::timeout;
 
 use super::held::{LockView, ViewSource};
-use super::queue::{Place, Turn};
+use super::local_queue::{Place, Turn};
 use super::{OnLost, ReleaseOn};
 use crate::error::Error;
 use crate::sync::DistMutex;

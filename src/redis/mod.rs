@@ -278,7 +278,7 @@ pub(crate) struct RedisState {
     nodes: Vec<Node>,
     wakeups: wakeups::Wakeups,
     /// Waiters of this process, lined up per name.
-    queues: Arc<crate::queue::LocalQueues<waiters::NameState>>,
+    queues: Arc<crate::local_queue::LocalQueues<waiters::NameState>>,
     /// This process's id in the nodes' wait queues (random per `RedisSync`).
     client_id: Arc<str>,
     /// The start (ms since the epoch) of this process's latest waiter.
@@ -682,7 +682,7 @@ impl RedisSyncBuilder {
     }
 }
 
-type Queues = Arc<crate::queue::LocalQueues<waiters::NameState>>;
+type Queues = Arc<crate::local_queue::LocalQueues<waiters::NameState>>;
 
 /// What every mode's connections are set up with.
 struct Setup<'a> {

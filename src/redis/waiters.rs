@@ -29,8 +29,8 @@ use tokio::sync::Notify;
 use super::RedisState;
 use super::keys::Keys;
 use super::node::Lineup;
+use crate::local_queue::{Place, Turn};
 use crate::options::DistMutexOptions;
-use crate::queue::{Place, Turn};
 
 /// What the waiters of one process share for one name.
 #[derive(Default)]

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
 use super::waiters::NameState;
-use crate::queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// How long connecting, or subscribing, may take before the node's
 /// subscriber starts over.

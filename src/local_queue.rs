@@ -1,8 +1,8 @@
-//! Local FIFO queues, one per lock name: callers in one process that want the
-//! same name line up here, first come first served, so that only the first
-//! of them talks to the backend. An entry lives exactly as long as some
-//! caller uses it. Used by the Tower layer (per request key) and by the
-//! Redis backend (per `lock()` call).
+//! The in-process line: one FIFO queue per lock name, where the callers in
+//! one process that want the same name wait their turn, so that only the
+//! first of them talks to the backend. A name's queue lives exactly as long
+//! as some caller uses it. Used by the Tower layer (per request key) and by
+//! the Redis backend (per `lock()` call).
 
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
@@ -21,25 +21,25 @@ pub(crate) struct LocalQueues<T = ()> {
     hashing: Hashing,
 }
 
-/// The queues in use, and a few gates kept from names gone out of use, for
+/// The queues in use, and a few queues kept from names gone out of use, for
 /// the next names (one allocation less per new name).
 struct Registry<T> {
-    entries: HashedMap<Registered<T>>,
-    spare: Vec<Arc<Gate<T>>>,
+    entries: HashedMap<InUse<T>>,
+    spare: Vec<Arc<Queue<T>>>,
 }
 
-/// How many gates are kept for new names.
-const SPARE_GATES: usize = 32;
+/// How many queues are kept for new names.
+const SPARE_QUEUES: usize = 32;
 
-/// A name's gate and how many callers use it.
-struct Registered<T> {
-    gate: Arc<Gate<T>>,
+/// A name's queue and how many callers use it.
+struct InUse<T> {
+    queue: Arc<Queue<T>>,
     users: usize,
 }
 
 /// One name's queue: its line, and what the name's users share, in one
 /// allocation.
-struct Gate<T> {
+struct Queue<T> {
     line: Mutex<Line>,
     shared: T,
 }
@@ -85,25 +85,25 @@ impl Line {
     }
 }
 
-impl<T: Default> Gate<T> {
+impl<T: Default> Queue<T> {
     fn new() -> Self {
-        Gate {
+        Queue {
             line: Mutex::default(),
             shared: T::default(),
         }
     }
 }
 
-impl<T> Gate<T> {
+impl<T> Queue<T> {
     fn line(&self) -> MutexGuard<'_, Line> {
         self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// A fresh gate: a spare one, as new, if one is free, else a new one.
-fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
-    while let Some(mut gate) = spare.pop() {
-        if let Some(unused) = Arc::get_mut(&mut gate) {
+/// A fresh queue: a spare one, as new, if one is free, else a new one.
+fn fresh_queue<T: Default>(spare: &mut Vec<Arc<Queue<T>>>) -> Arc<Queue<T>> {
+    while let Some(mut queue) = spare.pop() {
+        if let Some(unused) = Arc::get_mut(&mut queue) {
             // The line keeps its buffer: no allocation for the next name.
             let line = unused
                 .line
@@ -112,11 +112,11 @@ fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
             line.taken = false;
             line.waiting.clear();
             unused.shared = T::default();
-            return gate;
+            return queue;
         }
         // The place that left it still holds it: let it go.
     }
-    Arc::new(Gate::new())
+    Arc::new(Queue::new())
 }
 
 impl<T> Default for LocalQueues<T> {
@@ -156,7 +156,7 @@ impl<T> LocalQueues<T> {
         names
             .entries
             .get(&name)
-            .map(|entry| PerName(entry.gate.clone()))
+            .map(|entry| PerName(entry.queue.clone()))
     }
 
     fn leave(&self, name: &HashedName) {
@@ -164,11 +164,11 @@ impl<T> LocalQueues<T> {
         if let MapEntry::Occupied(mut entry) = names.entries.entry(name.clone()) {
             entry.get_mut().users -= 1;
             if entry.get().users == 0 {
-                let gate = entry.remove().gate;
+                let queue = entry.remove().queue;
                 // Held by the leaving place alone besides: no turn, no
                 // waiter is left on it, so it can serve another name.
-                if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
-                    names.spare.push(gate);
+                if Arc::strong_count(&queue) == 2 && names.spare.len() < SPARE_QUEUES {
+                    names.spare.push(queue);
                 }
                 // A burst of names must not keep its peak capacity for good:
                 // shrink once the map is a quarter full, to twice what is in
@@ -189,13 +189,13 @@ impl<T: Default> LocalQueues<T> {
         let name = self.hashing.name(name);
         let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let Registry { entries, spare } = &mut *names;
-        let entry = entries.entry(name.clone()).or_insert_with(|| Registered {
-            gate: fresh_gate(spare),
+        let entry = entries.entry(name.clone()).or_insert_with(|| InUse {
+            queue: fresh_queue(spare),
             users: 0,
         });
         entry.users += 1;
         let ticket = {
-            let mut line = entry.gate.line();
+            let mut line = entry.queue.line();
             let ticket = line.next;
             line.next += 1;
             line.waiting.push_back((ticket, None));
@@ -204,7 +204,7 @@ impl<T: Default> LocalQueues<T> {
         Place {
             queues: self.clone(),
             name,
-            gate: entry.gate.clone(),
+            queue: entry.queue.clone(),
             ticket,
         }
     }
@@ -216,7 +216,7 @@ impl<T: Default> LocalQueues<T> {
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
     name: HashedName,
-    gate: Arc<Gate<T>>,
+    queue: Arc<Queue<T>>,
     ticket: u64,
 }
 
@@ -238,7 +238,7 @@ impl<T> Place<T> {
             served: false,
         };
         let turn = poll_fn(|cx| {
-            let mut line = self.gate.line();
+            let mut line = self.queue.line();
             if line.is_next(self.ticket) {
                 return Poll::Ready(self.take(&mut line));
             }
@@ -258,7 +258,7 @@ impl<T> Place<T> {
     /// This caller's turn, if nobody holds it and nobody who joined before
     /// waits for it.
     pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
-        let mut line = self.gate.line();
+        let mut line = self.queue.line();
         line.is_next(self.ticket).then(|| self.take(&mut line))
     }
 
@@ -267,7 +267,7 @@ impl<T> Place<T> {
         line.waiting.pop_front();
         line.taken = true;
         Turn {
-            gate: self.gate.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -278,18 +278,18 @@ impl<T> Place<T> {
 
     /// What the users of this name share.
     pub(crate) fn shared(&self) -> &T {
-        &self.gate.shared
+        &self.queue.shared
     }
 
     /// What the users of this name share, to keep beyond this place.
     pub(crate) fn share(&self) -> PerName<T> {
-        PerName(self.gate.clone())
+        PerName(self.queue.clone())
     }
 }
 
 impl<T> Drop for Place<T> {
     fn drop(&mut self) {
-        self.gate.line().leave(self.ticket);
+        self.queue.line().leave(self.ticket);
         self.queues.leave(&self.name);
     }
 }
@@ -303,14 +303,14 @@ struct LeaveUnlessServed<'p, T> {
 impl<T> Drop for LeaveUnlessServed<'_, T> {
     fn drop(&mut self) {
         if !self.served {
-            self.place.gate.line().leave(self.place.ticket);
+            self.place.queue.line().leave(self.place.ticket);
         }
     }
 }
 
 /// A caller's turn: the next caller in the queue goes when it is dropped.
 pub(crate) struct Turn<T> {
-    gate: Arc<Gate<T>>,
+    queue: Arc<Queue<T>>,
 }
 
 impl<T> fmt::Debug for Turn<T> {
@@ -321,14 +321,14 @@ impl<T> fmt::Debug for Turn<T> {
 
 impl<T> Drop for Turn<T> {
     fn drop(&mut self) {
-        let mut line = self.gate.line();
+        let mut line = self.queue.line();
         line.taken = false;
         line.wake_first();
     }
 }
 
 /// What the users of a name share (see [`Place::share`]).
-pub(crate) struct PerName<T>(Arc<Gate<T>>);
+pub(crate) struct PerName<T>(Arc<Queue<T>>);
 
 impl<T> Deref for PerName<T> {
     type Target = T;
@@ -432,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn gates_of_names_gone_are_reused_fresh() {
+    fn queues_of_names_gone_are_reused_fresh() {
         use std::sync::atomic::{AtomicUsize, Ordering};
 
         let queues: Arc<LocalQueues<AtomicUsize>> = Arc::default();
@@ -447,14 +447,14 @@ mod tests {
         assert_eq!(b.shared().load(Ordering::Relaxed), 0, "as new");
         assert!(b.try_turn().is_some());
         drop(b);
-        // A turn that outlives its place keeps its gate out of the spares.
+        // A turn that outlives its place keeps its queue out of the spares.
         let c = queues.join("c".into());
         let c_turn = c.try_turn().unwrap();
         let spares = queues.map.lock().unwrap().spare.len();
         drop(c);
         assert_eq!(queues.map.lock().unwrap().spare.len(), spares);
         let d = queues.join("d".into());
-        assert!(d.try_turn().is_some(), "d has a gate of its own");
+        assert!(d.try_turn().is_some(), "d has a queue of its own");
         drop(c_turn);
         assert_eq!(queues.len(), 1);
     }
