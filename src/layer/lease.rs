@@ -52,8 +52,6 @@ use crate::sync::DistMutex;
 /// [`HeldLock`](super::HeldLock), the response's
 /// [`ReleaseGuard`](super::release::ReleaseGuard), the armed timer and the
 /// extend loop's task.
-///
-/// Always in an `Arc`, which is never unwrapped: the alarm stays in place.
 pub(crate) struct Lease<M> {
     view: LockView,
     state: Mutex<State<M>>,
@@ -66,8 +64,7 @@ pub(crate) struct Lease<M> {
 /// What changes, under one lock.
 struct State<M> {
     stage: Stage<M>,
-    /// Starts the extend loop when the first extension falls due. Never moved
-    /// out of the lease.
+    /// Starts the extend loop when the first extension falls due.
     alarm: Alarm,
 }
 
@@ -91,9 +88,7 @@ impl<M: DistMutex> Lease<M> {
         let lease = Self::new(view, extend_loop);
         let waker = Waker::from(lease.clone());
         let mut state = lease.state();
-        // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped,
-        // and is never moved out of its field.
-        let elapsed = unsafe { state.alarm.arm(deadline, &waker) };
+        let elapsed = state.alarm.arm(deadline, &waker);
         drop(state);
         if elapsed {
             lease.start_extend_loop();
