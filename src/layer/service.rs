@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
-use super::extract::{KeyExtractor, key_of};
+use super::extract::KeyExtractor;
 use super::future::ResponseFuture;
 use super::rejection::Rejection;
 use super::{LayerState, OnLost};
@@ -84,7 +84,7 @@ where
         let shared = &self.shared;
         // Read when needed: for a rejection, the abort option or a wait.
         let reject = |rejection| ResponseFuture::rejected(rejection, shared.mapper.clone());
-        let key = match key_of(&self.extractor, &request) {
+        let key = match self.extractor.extract(&request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.reject_missing => {
                 return reject(Rejection::missing_key(is_grpc(&request)));
