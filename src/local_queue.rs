@@ -17,19 +17,10 @@ use crate::hashed::{HashedMap, HashedName, Hashing};
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<Registry<T>>,
+    /// The queues of the names in use.
+    map: Mutex<HashedMap<InUse<T>>>,
     hashing: Hashing,
 }
-
-/// The queues in use, and a few queues kept from names gone out of use, for
-/// the next names (one allocation less per new name).
-struct Registry<T> {
-    entries: HashedMap<InUse<T>>,
-    spare: Vec<Arc<Queue<T>>>,
-}
-
-/// How many queues are kept for new names.
-const SPARE_QUEUES: usize = 32;
 
 /// A name's queue and how many callers use it.
 struct InUse<T> {
@@ -100,32 +91,10 @@ impl<T> Queue<T> {
     }
 }
 
-/// A fresh queue: a spare one, as new, if one is free, else a new one.
-fn fresh_queue<T: Default>(spare: &mut Vec<Arc<Queue<T>>>) -> Arc<Queue<T>> {
-    while let Some(mut queue) = spare.pop() {
-        if let Some(unused) = Arc::get_mut(&mut queue) {
-            // The line keeps its buffer: no allocation for the next name.
-            let line = unused
-                .line
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner);
-            line.taken = false;
-            line.waiting.clear();
-            unused.shared = T::default();
-            return queue;
-        }
-        // The place that left it still holds it: let it go.
-    }
-    Arc::new(Queue::new())
-}
-
 impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
-            map: Mutex::new(Registry {
-                entries: HashedMap::default(),
-                spare: Vec::new(),
-            }),
+            map: Mutex::default(),
             hashing: Hashing::default(),
         }
     }
@@ -142,40 +111,32 @@ impl<T> fmt::Debug for LocalQueues<T> {
 impl<T> LocalQueues<T> {
     /// The number of names in use.
     pub(crate) fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entries
-            .len()
+        self.names().len()
     }
 
     /// What the users of `name` share, while anyone uses it.
     pub(crate) fn get(&self, name: &str) -> Option<PerName<T>> {
         let name = self.hashing.name(Arc::from(name));
-        let names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        names
-            .entries
-            .get(&name)
-            .map(|entry| PerName(entry.queue.clone()))
+        let names = self.names();
+        names.get(&name).map(|entry| PerName(entry.queue.clone()))
+    }
+
+    fn names(&self) -> MutexGuard<'_, HashedMap<InUse<T>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn leave(&self, name: &HashedName) {
-        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let MapEntry::Occupied(mut entry) = names.entries.entry(name.clone()) {
+        let mut names = self.names();
+        if let MapEntry::Occupied(mut entry) = names.entry(name.clone()) {
             entry.get_mut().users -= 1;
             if entry.get().users == 0 {
-                let queue = entry.remove().queue;
-                // Held by the leaving place alone besides: no turn, no
-                // waiter is left on it, so it can serve another name.
-                if Arc::strong_count(&queue) == 2 && names.spare.len() < SPARE_QUEUES {
-                    names.spare.push(queue);
-                }
+                entry.remove();
                 // A burst of names must not keep its peak capacity for good:
                 // shrink once the map is a quarter full, to twice what is in
                 // use, so the rehash is paid for by the removals before it.
-                let (len, capacity) = (names.entries.len(), names.entries.capacity());
+                let (len, capacity) = (names.len(), names.capacity());
                 if capacity > 64 && len * 4 < capacity {
-                    names.entries.shrink_to(len * 2);
+                    names.shrink_to(len * 2);
                 }
             }
         }
@@ -187,10 +148,9 @@ impl<T: Default> LocalQueues<T> {
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let name = self.hashing.name(name);
-        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let Registry { entries, spare } = &mut *names;
-        let entry = entries.entry(name.clone()).or_insert_with(|| InUse {
-            queue: fresh_queue(spare),
+        let mut names = self.names();
+        let entry = names.entry(name.clone()).or_insert_with(|| InUse {
+            queue: Arc::new(Queue::new()),
             users: 0,
         });
         entry.users += 1;
@@ -420,11 +380,11 @@ mod tests {
         let burst: Vec<_> = (0..20_000)
             .map(|i| queues.join(i.to_string().into()))
             .collect();
-        let peak = queues.map.lock().unwrap().entries.capacity();
+        let peak = queues.names().capacity();
         assert!(peak >= 20_000);
         drop(burst);
         assert_eq!(queues.len(), 0);
-        let left = queues.map.lock().unwrap().entries.capacity();
+        let left = queues.names().capacity();
         assert!(
             left <= 128,
             "capacity {left} of {peak} kept with no name in use"
@@ -432,27 +392,12 @@ mod tests {
     }
 
     #[test]
-    fn queues_of_names_gone_are_reused_fresh() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-
-        let queues: Arc<LocalQueues<AtomicUsize>> = Arc::default();
-        let a = queues.join("a".into());
-        let turn = a.try_turn().unwrap();
-        a.shared().store(5, Ordering::Relaxed);
-        drop(turn);
-        drop(a);
-        assert_eq!(queues.map.lock().unwrap().spare.len(), 1);
-        let b = queues.join("b".into());
-        assert_eq!(queues.map.lock().unwrap().spare.len(), 0, "reused");
-        assert_eq!(b.shared().load(Ordering::Relaxed), 0, "as new");
-        assert!(b.try_turn().is_some());
-        drop(b);
-        // A turn that outlives its place keeps its queue out of the spares.
+    fn a_turn_that_outlives_its_place_keeps_its_queue() {
+        let queues: Arc<LocalQueues> = Arc::default();
         let c = queues.join("c".into());
         let c_turn = c.try_turn().unwrap();
-        let spares = queues.map.lock().unwrap().spare.len();
         drop(c);
-        assert_eq!(queues.map.lock().unwrap().spare.len(), spares);
+        assert_eq!(queues.len(), 0);
         let d = queues.join("d".into());
         assert!(d.try_turn().is_some(), "d has a queue of its own");
         drop(c_turn);
