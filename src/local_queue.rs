@@ -4,7 +4,6 @@
 //! as some caller uses it. Used by the Tower layer (per request key) and by
 //! the Redis backend (per `lock()` call).
 
-use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::future::poll_fn;
@@ -35,41 +34,87 @@ struct Queue<T> {
     shared: T,
 }
 
-/// Whether a name's turn is taken, and who waits for it: places in the
-/// order they joined (not the order they first waited), each with the
-/// waker of its wait once it waits.
+/// Whether a name's turn is taken, and whose it is next. Places hold
+/// tickets in the order they joined, and the turn goes in ticket order (not
+/// the order of the first wait), skipping the places that left: a place
+/// costs the line nothing until it waits or leaves out of order.
 #[derive(Default)]
 struct Line {
     taken: bool,
-    waiting: VecDeque<(u64, Option<Waker>)>,
+    /// The ticket of the next place to join.
     next: u64,
+    /// The first ticket neither served nor gone: the turn's next taker.
+    head: u64,
+    /// Tickets after `head` whose places left before their turn.
+    gone: Vec<u64>,
+    /// The waker of each place that waits, by ticket.
+    wakers: Vec<(u64, Waker)>,
 }
 
 impl Line {
+    /// A ticket for a place that joins.
+    fn join(&mut self) -> u64 {
+        let ticket = self.next;
+        self.next += 1;
+        ticket
+    }
+
     /// Whether `ticket` may take the turn now: it is free and `ticket` is
     /// first in line.
     fn is_next(&self, ticket: u64) -> bool {
-        !self.taken
-            && self
-                .waiting
-                .front()
-                .is_some_and(|(first, _)| *first == ticket)
+        !self.taken && self.head == ticket
+    }
+
+    /// Takes the turn for `ticket`, first in line.
+    fn take(&mut self, ticket: u64) {
+        self.taken = true;
+        self.forget_waker(ticket);
+        self.pass(ticket);
+    }
+
+    /// Keeps `waker`, to wake when `ticket` is first in line and the turn
+    /// is free. Nothing for a place that has left or been served.
+    fn set_waker(&mut self, ticket: u64, waker: &Waker) {
+        if ticket < self.head || self.gone.contains(&ticket) {
+            return;
+        }
+        match self.wakers.iter_mut().find(|(t, _)| *t == ticket) {
+            Some((_, known)) => known.clone_from(waker),
+            None => self.wakers.push((ticket, waker.clone())),
+        }
     }
 
     /// Takes `ticket` out of the line; when that makes another place first
     /// while the turn is free, wakes it.
     fn leave(&mut self, ticket: u64) {
-        if let Some(at) = self.waiting.iter().position(|(t, _)| *t == ticket) {
-            self.waiting.remove(at);
-            if at == 0 {
-                self.wake_first();
-            }
+        self.forget_waker(ticket);
+        if ticket == self.head {
+            self.pass(ticket);
+            self.wake_first();
+        } else if ticket > self.head && !self.gone.contains(&ticket) {
+            self.gone.push(ticket);
         }
     }
 
-    fn wake_first(&mut self) {
+    /// Moves the head past `ticket`, and past the places gone after it.
+    fn pass(&mut self, ticket: u64) {
+        self.head = ticket + 1;
+        while let Some(at) = self.gone.iter().position(|t| *t == self.head) {
+            self.gone.swap_remove(at);
+            self.head += 1;
+        }
+    }
+
+    fn forget_waker(&mut self, ticket: u64) {
+        if let Some(at) = self.wakers.iter().position(|(t, _)| *t == ticket) {
+            self.wakers.swap_remove(at);
+        }
+    }
+
+    /// Wakes the first in line if the turn is free and it waits.
+    fn wake_first(&self) {
         if !self.taken
-            && let Some((_, Some(waker))) = self.waiting.front_mut()
+            && let Some((_, waker)) = self.wakers.iter().find(|(t, _)| *t == self.head)
         {
             waker.wake_by_ref();
         }
@@ -154,13 +199,7 @@ impl<T: Default> LocalQueues<T> {
             users: 0,
         });
         entry.users += 1;
-        let ticket = {
-            let mut line = entry.queue.line();
-            let ticket = line.next;
-            line.next += 1;
-            line.waiting.push_back((ticket, None));
-            ticket
-        };
+        let ticket = entry.queue.line().join();
         Place {
             queues: self.clone(),
             name,
@@ -202,12 +241,7 @@ impl<T> Place<T> {
             if line.is_next(self.ticket) {
                 return Poll::Ready(self.take(&mut line));
             }
-            if let Some((_, waker)) = line.waiting.iter_mut().find(|(t, _)| *t == self.ticket) {
-                match waker {
-                    Some(waker) if waker.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-            }
+            line.set_waker(self.ticket, cx.waker());
             Poll::Pending
         })
         .await;
@@ -224,8 +258,7 @@ impl<T> Place<T> {
 
     /// Takes the turn, first in line.
     fn take(&self, line: &mut Line) -> Turn<T> {
-        line.waiting.pop_front();
-        line.taken = true;
+        line.take(self.ticket);
         Turn {
             queue: self.queue.clone(),
         }
@@ -372,6 +405,27 @@ mod tests {
         };
         drop(a_turn);
         assert!(b_waits.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn places_that_leave_out_of_order_are_skipped() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let queues: Arc<LocalQueues> = Arc::default();
+        let [holder, a, b, c] = ["k"; 4].map(|name| queues.join(name.into()));
+        let turn = holder.try_turn().expect("free");
+        let mut c_waits = Box::pin(c.wait());
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending());
+        // b leaves while a, before it, still waits.
+        drop(b);
+        drop(turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending(), "a is first");
+        let a_turn = a.try_turn().expect("a's turn");
+        drop(a);
+        drop(a_turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_ready(), "b is skipped");
     }
 
     #[test]
