@@ -1,11 +1,11 @@
-//! The layer's extend loop (the background task that extends a held lock) under
-//! failure: extensions land before the validity ends, a refused extension
-//! is reported at once and one that fails with time left is retried until
-//! the validity ends, nothing is extended after a release or a loss,
-//! releasing an expired lock is prompt and reports the documented error,
-//! and tiny expiries are refused or kept correctly. In-process cases run on tokio's paused clock and move it by
-//! hand; Redis cases run on real `redis-server` processes and order events
-//! with counters and channels.
+//! The layer's extend loop (the background task that extends a held lock)
+//! under failure: extensions land before the validity ends, a refused
+//! extension is reported at once and one that fails with time left is
+//! retried until the validity ends, nothing is extended after a release or
+//! a loss, releasing an expired lock is prompt and reports the documented
+//! error, and tiny expiries are refused or kept correctly. In-process cases
+//! run on tokio's paused clock and move it by hand; Redis cases run on real
+//! `redis-server` processes and order events with counters and channels.
 
 mod conformance;
 mod support;

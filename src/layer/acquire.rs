@@ -144,8 +144,8 @@ pub(crate) async fn acquire<D: DistSync>(
 }
 
 /// Holds the lock just acquired: the handler's view of it, and a lease
-/// whose extend loop extends it if the request is still served when the first
-/// extension falls due.
+/// whose extend loop extends it if the request is still served when the
+/// first extension falls due.
 fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
     place.set_holder_until(until);
@@ -235,6 +235,8 @@ async fn lock_until<D: DistSync>(
     }
 }
 
+/// A mutex on `name` that tries `tries` times; `retries`, if given, counts
+/// its retries.
 fn new_mutex<D: DistSync>(
     shared: &LayerState<D>,
     name: &str,
@@ -252,6 +254,7 @@ fn new_mutex<D: DistSync>(
     shared.sync.new_mutex(name, options)
 }
 
+/// One try at the lock on `name`.
 async fn lock_once<D: DistSync>(shared: &LayerState<D>, name: &str) -> Result<D::Mutex, Error> {
     let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;

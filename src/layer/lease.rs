@@ -1,39 +1,6 @@
-//! One shared state per held lock (a lease): what the handler sees of it,
-//! the extend loop until it starts, and the release guard that the response
-//! carries. The extend loop starts lazily, in a task of its own, only if the
-//! request is still in flight when the first extension falls due.
-//!
-//! # Why the first extension is never late
-//!
-//! The lease arms a Tokio timer at acquisition, set to the instant the
-//! first extension falls due: acquisition + `extend_every` (or the end of
-//! `max_hold`, if sooner). The timer's waker is the lease itself, so the
-//! runtime's time driver, not a poll of the response future or body, starts
-//! the extend loop: a handler that waits for minutes, or a body whose next chunk
-//! comes much later, is kept all the same; so is a handler that blocks its
-//! thread, on a multi-threaded runtime, where another worker drives the
-//! timer. When the timer fires, the extend loop's task is spawned and extends at
-//! once (its first deadline is the same instant, computed at acquisition,
-//! not when the task starts), then every interval.
-//!
-//! This is the same time driver and the same deadline that the extend loop's task,
-//! when it was spawned for every request, slept on; the task is now
-//! scheduled when the timer fires instead of being woken then, so the first
-//! extension comes as early as it did. A wake-up before the deadline (the
-//! timer is polled unconstrained by the task budget, so none is expected)
-//! only starts the extend loop early: it still extends at the deadline, never
-//! before. Acquisition is read from the lock's `until` (see
-//! `acquire::hold`), which can only put it earlier: extensions come sooner,
-//! never later.
-//!
-//! # Release
-//!
-//! A request that lets go before the deadline cancels the timer and hands
-//! the lock to [`release`](super::release) ([`HeldMutex::let_go`](super::release::HeldMutex::let_go)): no
-//! extend loop, no extension. A request that lets go after its extend loop started
-//! tells the extend loop (a stored notification, so it is not missed if the task
-//! has not run yet), which releases before anything else. An extend loop that
-//! would start after the request let go does not start.
+//! The state of one held lock, its lease: what the handler sees of it, the
+//! extend loop until its task starts, and what the response's guard lets
+//! go of.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Wake, Waker};
@@ -68,21 +35,42 @@ struct State<M> {
     alarm: Alarm,
 }
 
+/// Who has the held lock.
 enum Stage<M> {
-    /// No task yet: the alarm starts the extend loop when the first extension
-    /// falls due.
+    /// The lease: no task yet, and the alarm starts the extend loop when
+    /// the first extension falls due.
     Armed(ExtendLoop<M>),
-    /// The extend loop's task owns the extend loop; the lease keeps what the key's
-    /// local queue shares, to tell it at once that the release is under way.
+    /// The extend loop's task; the lease keeps what the key's local queue
+    /// shares, to tell waiting requests at once that the release is under
+    /// way.
     Extending(HintsRef),
-    /// The request let go.
+    /// Nobody: the request let go, or the extend loop gave the lock up as
+    /// lost.
     Done,
 }
 
 impl<M: DistMutex> Lease<M> {
-    /// Starts holding the lock kept by `extend_loop`: arms the timer that starts
-    /// the extend loop when the first extension falls due. Call it within the
-    /// Tokio runtime that should keep the lock.
+    /// Starts holding the lock of `extend_loop`: arms the timer that starts
+    /// the extend loop when the first extension falls due. Call it within
+    /// the Tokio runtime that should keep the lock.
+    ///
+    /// # Why the first extension is never late
+    ///
+    /// The timer is set to the instant the first extension falls due
+    /// (acquisition + `extend_every`, or the end of `max_hold` if sooner),
+    /// and its waker is the lease: the runtime's time driver, not a poll of
+    /// the response future or body, starts the extend loop. A handler that
+    /// waits for minutes, or a body whose next chunk comes much later, is
+    /// kept all the same; so is a handler that blocks its thread on a
+    /// multi-threaded runtime, where another worker drives the timer. The
+    /// extend loop's first deadline is that same instant, computed here,
+    /// so its task extends at once when it starts, then every interval.
+    ///
+    /// A wake-up before the deadline (the timer is polled unconstrained by
+    /// the task budget, so none is expected) only starts the extend loop
+    /// early: it still extends at the deadline, never before. Acquisition
+    /// is read from the lock's `until` (see `acquire::hold`), which can only
+    /// put it earlier: extensions come sooner, never later.
     pub(crate) fn hold(view: LockView, extend_loop: ExtendLoop<M>) -> Arc<Self> {
         let deadline = extend_loop.first_deadline();
         let lease = Self::new(view, extend_loop);
@@ -173,6 +161,12 @@ impl<M: DistMutex> ViewSource for Lease<M> {
 }
 
 impl<M: DistMutex> LetGo for Lease<M> {
+    /// Before the first extension falls due, the timer is cancelled and the
+    /// lock goes to [`HeldMutex::let_go`](super::release::HeldMutex::let_go):
+    /// no extend loop, no extension. Once the extend loop runs, it is told
+    /// (a stored notification, not missed if its task has not run yet) and
+    /// releases before anything else. An extend loop that would start after
+    /// the request let go does not start.
     fn let_go(self: Arc<Self>) {
         let mut state = self.state();
         let State { stage, alarm } = &mut *state;
