@@ -82,9 +82,9 @@ pub mod axum;
 mod error;
 mod hashed;
 pub mod layer;
+mod local_queue;
 mod memory;
 mod options;
-mod queue;
 #[cfg(feature = "redis")]
 mod redis;
 mod sync;

@@ -1105,10 +1105,10 @@ fn keyed(key: &str) -> http::Request<()> {
     http::Request::get("/").header(KEY, key).body(()).unwrap()
 }
 
-/// A short request on a backend that answers at once: no keeper task is
+/// A short request on a backend that answers at once: no extend loop task is
 /// ever spawned, no extension is made, and the lock is released inline: it
 /// is free the moment the body has ended, before any task runs. Time that
-/// passes afterwards starts no keeper either.
+/// passes afterwards starts no extend loop either.
 #[tokio::test(start_paused = true)]
 async fn short_request_spawns_no_task_and_releases_inline() {
     let sync = Counting::new(MemorySync::new());
@@ -1131,20 +1131,24 @@ async fn short_request_spawns_no_task_and_releases_inline() {
         // No await since the last frame: released inline.
         assert_eq!(sync.inner.names_in_use(), 0, "released with the body's end");
         assert_eq!(layer.stats().local_keys(), 0);
-        assert_eq!(metrics.num_alive_tasks(), 0, "no keeper, no release task");
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            0,
+            "no extend loop, no release task"
+        );
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(metrics.num_alive_tasks(), 0, "no keeper started later");
+    assert_eq!(metrics.num_alive_tasks(), 0, "no extend loop started later");
     assert_eq!(sync.counts.extends(), 0);
     assert_eq!(sync.counts.locks(), 10);
     assert_eq!(sync.counts.unlocks(), 10);
 }
 
 /// A response whose body is not polled for a long time (a slow client, a
-/// long stream) is kept all the same: the keeper starts when the first
+/// long stream) is kept all the same: the extend loop starts when the first
 /// extension falls due, driven by the runtime's timer, not by polls, and
 /// extends every interval; the key stays taken. Dropping the body then
-/// releases the lock through the keeper.
+/// releases the lock through the extend loop.
 #[tokio::test(start_paused = true)]
 async fn response_whose_body_is_not_polled_is_kept() {
     let sync = Counting::new(MemorySync::new());
@@ -1337,8 +1341,8 @@ async fn tries_do_not_change_how_long_a_request_waits() {
         release.await.unwrap();
 
         let forever = options.clone().with_expiry(Duration::from_secs(3600));
-        let mut keeper = sync.new_mutex("lock:busy", forever).unwrap();
-        keeper.lock().await.unwrap();
+        let mut blocker = sync.new_mutex("lock:busy", forever).unwrap();
+        blocker.lock().await.unwrap();
         let started = Instant::now();
         let response = service.clone().oneshot(keyed("busy")).await.unwrap();
         assert_eq!(response.status(), StatusCode::CONFLICT, "tries {tries}");

@@ -11,11 +11,12 @@ use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
 use super::LayerState;
+use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
-use super::keeper::{Keeper, Live};
-use super::lease::{Lease, ReleaseGuard};
-use super::queue::{Place, Turn};
-use super::rejection::{Rejection, RejectionKind};
+use super::lease::Lease;
+use super::local_queue::{Place, Turn};
+use super::rejection::Rejection;
+use super::release::{HeldMutex, Live, ReleaseGuard};
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
 
@@ -29,7 +30,8 @@ pub(crate) struct Holding {
 pub(crate) enum Start<D: DistSync> {
     /// It holds its lock.
     Held(Holding),
-    /// The backend said no: the error, to make a [`rejection`] of.
+    /// The backend said no: the error, to make a
+    /// [`Rejection::for_lock_error`] of.
     Failed(Arc<str>, Error),
     /// It has to wait: [`acquire`] goes on from here.
     Wait(Waiting<D>),
@@ -110,12 +112,7 @@ pub(crate) async fn acquire<D: DistSync>(
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
         let retry_after = place.holder_remaining().unwrap_or(shared.options.expiry());
-        return Err(Rejection::new(
-            RejectionKind::Busy,
-            "the key is locked by another request",
-            grpc,
-        )
-        .with_retry_after(retry_after));
+        return Err(Rejection::busy(retry_after, grpc));
     };
     place.start_turn();
 
@@ -135,7 +132,8 @@ pub(crate) async fn acquire<D: DistSync>(
         }
         first => first,
     };
-    let mutex = locked.map_err(|error| rejection(name, error, grpc, &shared))?;
+    let expiry = shared.options.expiry();
+    let mutex = locked.map_err(|error| Rejection::for_lock_error(name, error, grpc, expiry))?;
     tracing::debug!(
         name,
         waited_ms = budget.waited().as_millis() as u64,
@@ -146,8 +144,8 @@ pub(crate) async fn acquire<D: DistSync>(
 }
 
 /// Holds the lock just acquired: the handler's view of it, and a lease
-/// whose keeper extends it if the request is still served when the first
-/// extension falls due.
+/// whose extend loop extends it if the request is still served when the
+/// first extension falls due.
 fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
     place.set_holder_until(until);
@@ -157,7 +155,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
         mutex.fencing_token(),
         until,
     );
-    // The keeper's clock starts at acquisition, which `until` tells
+    // The extend loop's clock starts at acquisition, which `until` tells
     // without a clock read: `until - validity` is the acquisition for the
     // in-process backend, and the start of the attempt (sooner) for Redis,
     // whose validity also subtracts the attempt's duration. Sooner only
@@ -165,22 +163,21 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
     let now = until
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
-    let keeper = Keeper {
-        mutex,
-        turn,
-        place,
-        interval: shared.extend_every,
-        extend_takes: shared.options.node_timeout(),
-        last_attempt: None,
-        release_timeout: shared.options.expiry(),
-        first_extend: now
-            .checked_add(shared.extend_every)
+    let live = Live::new(shared.keepers.clone());
+    let held = HeldMutex::new(mutex, turn, place, shared.options.expiry(), live);
+    let extend_loop = ExtendLoop::new(
+        held,
+        shared.extend_every,
+        shared.options.node_timeout(),
+        now.checked_add(shared.extend_every)
             .unwrap_or_else(far_future),
-        hold_until: shared.max_hold.and_then(|limit| now.checked_add(limit)),
-        live: Live::new(shared.keepers.clone()),
-    };
-    let (guard, held) = Lease::hold(view, keeper);
-    Holding { guard, held }
+        shared.max_hold.and_then(|limit| now.checked_add(limit)),
+    );
+    let lease = Lease::hold(view, extend_loop);
+    Holding {
+        guard: ReleaseGuard::new(lease.clone(), shared.release, shared.lost),
+        held: HeldLock::new(lease),
+    }
 }
 
 /// The wait budget of a request. It runs from the first moment the request
@@ -238,6 +235,8 @@ async fn lock_until<D: DistSync>(
     }
 }
 
+/// A mutex on `name` that tries `tries` times; `retries`, if given, counts
+/// its retries.
 fn new_mutex<D: DistSync>(
     shared: &LayerState<D>,
     name: &str,
@@ -255,47 +254,11 @@ fn new_mutex<D: DistSync>(
     shared.sync.new_mutex(name, options)
 }
 
+/// One try at the lock on `name`.
 async fn lock_once<D: DistSync>(shared: &LayerState<D>, name: &str) -> Result<D::Mutex, Error> {
     let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;
     Ok(mutex)
-}
-
-/// The rejection of a request whose lock on `name` failed with `error`.
-pub(crate) fn rejection<D: DistSync>(
-    name: &str,
-    error: Error,
-    grpc: bool,
-    shared: &LayerState<D>,
-) -> Rejection {
-    match error {
-        Error::Held { remaining } => {
-            tracing::debug!(name, "lock busy");
-            Rejection::new(
-                RejectionKind::Busy,
-                "the key is locked by another request",
-                grpc,
-            )
-            .with_retry_after(remaining.unwrap_or(shared.options.expiry()))
-        }
-        Error::InvalidName { reason } => Rejection::new(
-            RejectionKind::InvalidKey,
-            format!("invalid lock key: {reason}"),
-            grpc,
-        ),
-        Error::InvalidOptions { .. } | Error::GenValue(_) | Error::InvalidConfig { .. } => {
-            tracing::error!(name, %error, "lock layer misconfigured");
-            Rejection::new(RejectionKind::Misconfigured, error.to_string(), grpc)
-        }
-        error => {
-            tracing::warn!(name, %error, "lock backend unavailable");
-            Rejection::new(
-                RejectionKind::Unavailable,
-                "the lock service is unavailable",
-                grpc,
-            )
-        }
-    }
 }
 
 /// About 30 years from now, as tokio does for "never".

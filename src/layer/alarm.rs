@@ -1,6 +1,6 @@
-//! A one-shot Tokio timer kept in place inside a lease, so that arming it
-//! costs no allocation of its own: it wakes a given waker at a deadline,
-//! unless it is cancelled first.
+//! A one-shot Tokio timer that wakes a given waker at a deadline, from the
+//! runtime's time driver, unless it is cancelled first: what starts a held
+//! lock's extend loop when the first extension falls due.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,12 +9,9 @@ use std::task::{Context, Waker};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 /// A one-shot timer, armed at most once.
-///
-/// The [`Sleep`] inside is never moved once armed: it is only ever dropped
-/// in place (by [`cancel`](Self::cancel) or with the alarm). Nothing here
-/// takes it out of its slot.
 pub(crate) struct Alarm {
-    sleep: Option<Sleep>,
+    /// Boxed: the timer stays in place while the alarm moves.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Alarm {
@@ -25,21 +22,11 @@ impl Alarm {
     /// Wakes `waker` at `deadline`, from the runtime's time driver. True if
     /// the deadline has passed already: then nothing is armed, and the
     /// caller acts at once. Call it within a Tokio runtime with timers.
-    ///
-    /// # Safety
-    ///
-    /// The alarm must stay where it is until it is dropped: it lives in the
-    /// heap allocation of an `Arc` that is never unwrapped, in a field that
-    /// is never moved out.
-    pub(crate) unsafe fn arm(&mut self, deadline: Instant, waker: &Waker) -> bool {
-        let sleep = self.sleep.insert(sleep_until(deadline));
-        // SAFETY: the caller keeps the alarm in place, and the `Sleep` is
-        // never moved out of its slot (see the type's documentation), so it
-        // stays at this address until it is dropped.
-        let sleep = unsafe { Pin::new_unchecked(sleep) };
+    pub(crate) fn arm(&mut self, deadline: Instant, waker: &Waker) -> bool {
+        let sleep = self.sleep.insert(Box::pin(sleep_until(deadline)));
         // Unconstrained: with the task's budget spent, the poll would wake
         // the waker at once instead of registering the timer.
-        let mut first = tokio::task::unconstrained(sleep);
+        let mut first = tokio::task::unconstrained(sleep.as_mut());
         let elapsed = Pin::new(&mut first)
             .poll(&mut Context::from_waker(waker))
             .is_ready();
@@ -52,7 +39,6 @@ impl Alarm {
     /// Disarms the alarm: its waker is not woken (unless it is being woken
     /// right now) and is dropped.
     pub(crate) fn cancel(&mut self) {
-        // Dropped in place.
         self.sleep = None;
     }
 }

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::lease::ReleaseGuard;
+use super::release::ReleaseGuard;
 use crate::error::BoxError;
 
 pin_project! {
@@ -39,9 +39,7 @@ pin_project! {
         Inner {
             #[pin]
             body: B,
-            guard: Option<ReleaseGuard>,
-            // With the abort option: a lost lock ends the body.
-            abort_on_lost: bool,
+            guard: ReleaseGuard,
             // A gRPC response ends with `UNAVAILABLE` trailers on abort.
             grpc: bool,
             // Set once the body was cut short: nothing follows.
@@ -55,17 +53,11 @@ pin_project! {
 
 impl<B> LockBody<B> {
     /// A body of the inner service, holding `guard` until it ends.
-    pub(crate) fn inner(
-        body: B,
-        guard: Option<ReleaseGuard>,
-        abort_on_lost: bool,
-        grpc: bool,
-    ) -> Self {
+    pub(crate) fn inner(body: B, guard: ReleaseGuard, grpc: bool) -> Self {
         LockBody {
             kind: Kind::Inner {
                 body,
                 guard,
-                abort_on_lost,
                 grpc,
                 aborted: false,
             },
@@ -87,7 +79,7 @@ impl<B> fmt::Debug for LockBody<B> {
         match &self.kind {
             Kind::Inner { guard, .. } => f
                 .debug_struct("LockBody")
-                .field("holds_lock", &guard.is_some())
+                .field("holds_lock", &guard.is_held())
                 .finish_non_exhaustive(),
             Kind::Full { data } => f.debug_struct("LockBody").field("data", data).finish(),
         }
@@ -134,18 +126,14 @@ where
             KindProj::Inner {
                 body,
                 guard,
-                abort_on_lost,
                 grpc,
                 aborted,
             } => {
                 if *aborted {
                     return Poll::Ready(None);
                 }
-                if *abort_on_lost
-                    && let Some(held) = guard
-                    && held.poll_lost(cx).is_ready()
-                {
-                    guard.take();
+                if guard.poll_abort(cx).is_ready() {
+                    guard.release();
                     *aborted = true;
                     if *grpc {
                         return Poll::Ready(Some(Ok(Frame::trailers(unavailable_trailers()))));
@@ -156,13 +144,13 @@ where
                 match frame {
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
                     Some(Err(error)) => {
-                        guard.take();
+                        guard.release();
                         Poll::Ready(Some(Err(error.into())))
                     }
                     None => {
                         // The last frame is out: release now, not when the
                         // connection gets around to dropping the body.
-                        guard.take();
+                        guard.release();
                         Poll::Ready(None)
                     }
                 }

@@ -1,14 +1,10 @@
 //! Turning a request into the key of the resource it works on.
 
-use std::any::Any;
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::{HeaderMap, Request};
-
-use super::rejection::RejectionKind;
 
 /// Finds the key of a request: `Ok(Some(key))` to lock it, `Ok(None)` when
 /// the request has no key (passed through unlocked, or rejected, as the layer
@@ -80,20 +76,6 @@ pub enum KeyError {
     /// sends: it is set up wrong for the service it is in front of (say, a
     /// path parameter that the matched route does not have).
     Misconfigured(String),
-}
-
-impl KeyError {
-    /// The kind of rejection a request gets for this error. A
-    /// misconfiguration is logged at `ERROR`: no request can fix it.
-    pub(crate) fn rejection_kind(&self) -> RejectionKind {
-        match self {
-            KeyError::Misconfigured(reason) => {
-                tracing::error!(reason = reason.as_str(), "lock key extractor misconfigured");
-                RejectionKind::Misconfigured
-            }
-            _ => RejectionKind::InvalidKey,
-        }
-    }
 }
 
 impl fmt::Display for KeyError {
@@ -198,25 +180,8 @@ impl<B> KeyExtractor<B> for GrpcMetadataKey {
     }
 }
 
-/// The key that `extractor` finds in `request`, borrowed from the request
-/// when the extractor is a built-in one that reads it as it is (a header, a
-/// gRPC metadata entry): the layer then makes no copy of it. The check is
-/// on the extractor's type, decided at compile time.
-pub(crate) fn key_of<'r, B, K: KeyExtractor<B>>(
-    extractor: &K,
-    request: &'r Request<B>,
-) -> Result<Option<Cow<'r, str>>, KeyError> {
-    let any: &dyn Any = extractor;
-    let borrowed = if let Some(header) = any.downcast_ref::<HeaderKey>() {
-        header_value(request.headers(), &header.name, "header")?
-    } else if let Some(metadata) = any.downcast_ref::<GrpcMetadataKey>() {
-        header_value(request.headers(), &metadata.name, "metadata")?
-    } else {
-        return Ok(extractor.extract(request)?.map(Cow::Owned));
-    };
-    Ok(borrowed.map(Cow::Borrowed))
-}
-
+/// The value of the header `name`, if present, as text; `what` says in
+/// the error where it came from (`header`, `metadata`).
 fn header_value<'r>(
     headers: &'r HeaderMap,
     name: &HeaderName,
@@ -373,25 +338,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn built_in_keys_are_borrowed_others_owned() {
+    fn header_and_metadata_keys() {
         let request = Request::builder()
             .header("x-id", "a1")
             .header("x-bad", &b"\xff"[..])
             .body(())
             .unwrap();
-        let header = key_of(&HeaderKey::new("x-id"), &request).unwrap();
-        assert!(matches!(header, Some(Cow::Borrowed("a1"))));
-        let metadata = key_of(&GrpcMetadataKey::new("x-id"), &request).unwrap();
-        assert!(matches!(metadata, Some(Cow::Borrowed("a1"))));
-        let closure = |_: &Request<()>| Some("c".to_owned());
-        assert!(matches!(
-            key_of(&closure, &request).unwrap(),
-            Some(Cow::Owned(_))
-        ));
-        assert_eq!(key_of(&HeaderKey::new("x-none"), &request).unwrap(), None);
+        let header = HeaderKey::new("x-id").extract(&request).unwrap();
+        assert_eq!(header.as_deref(), Some("a1"));
+        let metadata = GrpcMetadataKey::new("x-id").extract(&request).unwrap();
+        assert_eq!(metadata.as_deref(), Some("a1"));
+        assert_eq!(HeaderKey::new("x-none").extract(&request).unwrap(), None);
         assert_eq!(
-            key_of(&HeaderKey::new("x-bad"), &request).unwrap_err(),
-            KeyExtractor::<()>::extract(&HeaderKey::new("x-bad"), &request).unwrap_err()
+            HeaderKey::new("x-bad").extract(&request).unwrap_err(),
+            KeyError::NotText {
+                source: "header x-bad".to_owned()
+            }
         );
     }
 

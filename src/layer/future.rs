@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -11,12 +12,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::LayerState;
+use super::ReleaseOn;
 use super::acquire::Holding;
 use super::body::LockBody;
-use super::lease::ReleaseGuard;
-use super::rejection::{Rejection, RejectionKind, RejectionMapper};
-use crate::sync::DistSync;
+use super::rejection::{Rejection, RejectionMapper};
+use super::release::ReleaseGuard;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Holding, Rejection>> + Send>>;
 
@@ -29,9 +29,7 @@ pin_project! {
         #[pin]
         state: State<S, ReqB>,
         mapper: Option<RejectionMapper>,
-        release_on_head: bool,
-        // With the abort option: a lost lock cuts the response short.
-        abort_on_lost: bool,
+        // A gRPC call: cut short, it gets a gRPC status.
         grpc: bool,
     }
 }
@@ -53,12 +51,12 @@ pin_project! {
         Calling {
             inner: S,
             request: Option<Request<ReqB>>,
-            guard: Option<ReleaseGuard>,
+            guard: ReleaseGuard,
         },
         Serving {
             #[pin]
             future: S::Future,
-            guard: Option<ReleaseGuard>,
+            guard: ReleaseGuard,
         },
         Rejected {
             rejection: Option<Rejection>,
@@ -70,13 +68,13 @@ impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
 {
+    /// A request that waits for its lock (`acquire`), then is served once
+    /// the inner service is ready.
     pub(crate) fn acquiring(
         acquire: AcquireFuture,
         inner: S,
         request: Request<ReqB>,
         mapper: Option<RejectionMapper>,
-        release_on_head: bool,
-        abort_on_lost: bool,
         grpc: bool,
     ) -> Self {
         ResponseFuture {
@@ -86,30 +84,26 @@ where
                 request: Some(request),
             },
             mapper,
-            release_on_head,
-            abort_on_lost,
             grpc,
         }
     }
 
     /// A request that got its lock at once: it is served once the inner
     /// service is ready.
-    pub(crate) fn serving<D: DistSync>(
+    pub(crate) fn serving(
         inner: S,
         request: Request<ReqB>,
         guard: ReleaseGuard,
-        shared: &LayerState<D>,
+        mapper: Option<RejectionMapper>,
         grpc: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Calling {
                 inner,
                 request: Some(request),
-                guard: Some(guard),
+                guard,
             },
-            mapper: shared.mapper.clone(),
-            release_on_head: shared.release_on_head,
-            abort_on_lost: shared.abort_on_lost,
+            mapper,
             grpc,
         }
     }
@@ -117,19 +111,10 @@ where
     /// A request that goes through unlocked, once the inner service is
     /// ready.
     pub(crate) fn unlocked(inner: S, request: Request<ReqB>) -> Self {
-        ResponseFuture {
-            state: State::Calling {
-                inner,
-                request: Some(request),
-                guard: None,
-            },
-            mapper: None,
-            release_on_head: true,
-            abort_on_lost: false,
-            grpc: false,
-        }
+        ResponseFuture::serving(inner, request, ReleaseGuard::default(), None, false)
     }
 
+    /// A request answered with `rejection` (mapped by `mapper`, if any).
     pub(crate) fn rejected(rejection: Rejection, mapper: Option<RejectionMapper>) -> Self {
         ResponseFuture {
             grpc: rejection.is_grpc(),
@@ -137,8 +122,6 @@ where
                 rejection: Some(rejection),
             },
             mapper,
-            release_on_head: true,
-            abort_on_lost: false,
         }
     }
 }
@@ -161,32 +144,32 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let this = self.as_mut().project();
-            match this.state.project() {
+            let next = match this.state.project() {
                 StateProj::Acquiring {
                     acquire,
                     inner,
                     request,
-                } => {
-                    let holding = match ready!(acquire.as_mut().poll(cx)) {
-                        Ok(holding) => holding,
-                        Err(rejection) => return Poll::Ready(Ok(respond(this.mapper, rejection))),
-                    };
-                    let (Some(inner), Some(mut request)) = (inner.take(), request.take()) else {
-                        unreachable!("the request is taken once");
-                    };
-                    request.extensions_mut().insert(holding.held);
-                    self.as_mut().project().state.set(State::Calling {
-                        inner,
-                        request: Some(request),
-                        guard: Some(holding.guard),
-                    });
-                }
+                } => match ready!(acquire.as_mut().poll(cx)) {
+                    Ok(holding) => {
+                        let (Some(inner), Some(mut request)) = (inner.take(), request.take())
+                        else {
+                            unreachable!("the request is taken once");
+                        };
+                        request.extensions_mut().insert(holding.held);
+                        State::Calling {
+                            inner,
+                            request: Some(request),
+                            guard: holding.guard,
+                        }
+                    }
+                    Err(rejection) => return Poll::Ready(Ok(respond(this.mapper, rejection))),
+                },
                 StateProj::Calling {
                     inner,
                     request,
                     guard,
                 } => {
-                    if *this.abort_on_lost && lost(guard.as_ref(), cx) {
+                    if guard.poll_abort(cx).is_ready() {
                         return Poll::Ready(Ok(self.abort()));
                     }
                     if let Err(error) = ready!(inner.poll_ready(cx)) {
@@ -198,36 +181,32 @@ where
                         return Poll::Ready(Err(error));
                     }
                     let request = request.take().expect("the request is taken once");
-                    let future = inner.call(request);
-                    let guard = guard.take();
-                    self.as_mut()
-                        .project()
-                        .state
-                        .set(State::Serving { future, guard });
+                    State::Serving {
+                        future: inner.call(request),
+                        guard: mem::take(guard),
+                    }
                 }
                 StateProj::Serving { future, guard } => {
-                    if *this.abort_on_lost && lost(guard.as_ref(), cx) {
+                    if guard.poll_abort(cx).is_ready() {
                         return Poll::Ready(Ok(self.abort()));
                     }
                     let response = ready!(future.poll(cx))?;
-                    let guard = guard.take();
-                    let guard = if *this.release_on_head {
+                    let mut guard = mem::take(guard);
+                    if guard.release_on() == ReleaseOn::Head {
                         // Released now that the head is ready.
-                        drop(guard);
-                        None
-                    } else {
-                        guard
-                    };
-                    let (abort, grpc) = (*this.abort_on_lost, *this.grpc);
-                    return Poll::Ready(Ok(
-                        response.map(|body| LockBody::inner(body, guard, abort, grpc))
-                    ));
+                        guard.release();
+                    }
+                    let grpc = *this.grpc;
+                    return Poll::Ready(
+                        Ok(response.map(|body| LockBody::inner(body, guard, grpc))),
+                    );
                 }
                 StateProj::Rejected { rejection } => {
                     let rejection = rejection.take().expect("polled after completion");
                     return Poll::Ready(Ok(respond(this.mapper, rejection)));
                 }
-            }
+            };
+            self.as_mut().project().state.set(next);
         }
     }
 }
@@ -240,11 +219,7 @@ where
     /// state drops the handler (or the request not yet handed to it), then
     /// lets go of the lock.
     fn abort<B>(mut self: Pin<&mut Self>) -> Response<LockBody<B>> {
-        let rejection = Rejection::new(
-            RejectionKind::Lost,
-            "the lock was lost while the request was served",
-            self.grpc,
-        );
+        let rejection = Rejection::lost(self.grpc);
         let mapper = self.mapper.clone();
         self.as_mut()
             .project()
@@ -252,11 +227,6 @@ where
             .set(State::Rejected { rejection: None });
         respond(&mapper, rejection)
     }
-}
-
-/// Whether the lock behind `guard` is lost (registers the waker if not).
-fn lost(guard: Option<&ReleaseGuard>, cx: &mut Context<'_>) -> bool {
-    guard.is_some_and(|guard| guard.poll_lost(cx).is_ready())
 }
 
 fn respond<B>(mapper: &Option<RejectionMapper>, rejection: Rejection) -> Response<LockBody<B>> {

@@ -9,8 +9,6 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lease::DynLease;
-
 /// The lock a request holds, found in the request's extensions by the inner
 /// service.
 ///
@@ -34,49 +32,25 @@ use super::lease::DynLease;
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    lease: Arc<dyn DynLease>,
+    lease: Arc<dyn ViewSource>,
+}
+
+/// What shows a [`LockView`]: the state of a held lock (its lease),
+/// whatever the backend.
+pub(crate) trait ViewSource: Send + Sync + 'static {
+    /// The part the handler sees.
+    fn view(&self) -> &LockView;
 }
 
 /// What can be seen of a held lock: fixed facts, and a status that the
-/// keeper and the release change.
+/// extend loop and the release change.
 pub(crate) struct LockView {
     name: Arc<str>,
-    value: Value,
+    value: Box<str>,
     token: Option<u64>,
     status: Mutex<Status>,
     /// Told of every change of `lost` or `released`.
     changed: Notify,
-}
-
-/// The lock's value, kept inline when short (the default is 32 hex
-/// digits), so that a request's view of it costs no allocation.
-enum Value {
-    Inline { len: u8, bytes: [u8; INLINE] },
-    Heap(Box<str>),
-}
-
-const INLINE: usize = 48;
-
-impl Value {
-    fn new(value: &str) -> Self {
-        match u8::try_from(value.len()) {
-            Ok(len) if value.len() <= INLINE => {
-                let mut bytes = [0; INLINE];
-                bytes[..value.len()].copy_from_slice(value.as_bytes());
-                Value::Inline { len, bytes }
-            }
-            _ => Value::Heap(value.into()),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            Value::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
-            }
-            Value::Heap(value) => value,
-        }
-    }
 }
 
 /// What changes while the lock is held.
@@ -101,7 +75,7 @@ impl LockView {
     ) -> Self {
         LockView {
             name,
-            value: Value::new(value),
+            value: value.into(),
             token,
             status: Mutex::new(Status {
                 until,
@@ -186,7 +160,7 @@ impl fmt::Debug for HeldLock {
 
 impl HeldLock {
     /// The view of `lease`.
-    pub(crate) fn new(lease: Arc<dyn DynLease>) -> Self {
+    pub(crate) fn new(lease: Arc<dyn ViewSource>) -> Self {
         HeldLock { lease }
     }
 
@@ -201,7 +175,7 @@ impl HeldLock {
 
     /// The random value that owns the lock.
     pub fn value(&self) -> &str {
-        self.view().value.as_str()
+        &self.view().value
     }
 
     /// The fencing token of this acquisition, when the backend gives one.

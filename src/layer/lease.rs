@@ -1,122 +1,95 @@
-//! One shared state per held lock (a lease): what the handler sees of it,
-//! the keeper until it starts, and the release guard that the response
-//! carries. The keeper starts lazily, in a task of its own, only if the
-//! request is still in flight when the first extension falls due.
-//!
-//! # Why the first extension is never late
-//!
-//! The lease arms a Tokio timer at acquisition, set to the instant the
-//! first extension falls due: acquisition + `extend_every` (or the end of
-//! `max_hold`, if sooner). The timer's waker is the lease itself, so the
-//! runtime's time driver, not a poll of the response future or body, starts
-//! the keeper: a handler that waits for minutes, or a body whose next chunk
-//! comes much later, is kept all the same; so is a handler that blocks its
-//! thread, on a multi-threaded runtime, where another worker drives the
-//! timer. When the timer fires, the keeper task is spawned and extends at
-//! once (its first deadline is the same instant, computed at acquisition,
-//! not when the task starts), then every interval.
-//!
-//! This is the same time driver and the same deadline that the keeper task,
-//! when it was spawned for every request, slept on; the task is now
-//! scheduled when the timer fires instead of being woken then, so the first
-//! extension comes as early as it did. A wake-up before the deadline (the
-//! timer is polled unconstrained by the task budget, so none is expected)
-//! only starts the keeper early: it still extends at the deadline, never
-//! before. Acquisition is read from the lock's `until` (see
-//! `acquire::hold`), which can only put it earlier: extensions come sooner,
-//! never later.
-//!
-//! # Release
-//!
-//! A request that lets go before the deadline cancels the timer and
-//! releases inline when the backend answers at once
-//! ([`Keeper::release_now`]), else in a task ([`Keeper::release_later`]):
-//! no keeper, no extension. A request that lets go after its keeper started
-//! tells the keeper (a stored notification, so it is not missed if the task
-//! has not run yet), which releases before anything else. A keeper that
-//! would start after the request let go does not start.
+//! The state of one held lock, its lease: what the handler sees of it, the
+//! extend loop until its task starts, and what the response's guard lets
+//! go of.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Wake, Waker};
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::alarm::Alarm;
-use super::held::{HeldLock, LockView};
-use super::keeper::Keeper;
-use super::queue::HintsRef;
+use super::extend_loop::{Ended, ExtendLoop};
+use super::held::{LockView, ViewSource};
+use super::local_queue::HintsRef;
+use super::release::LetGo;
 use crate::sync::DistMutex;
 
-/// The lease of one held lock, shared by the handler's [`HeldLock`], the
-/// response's [`ReleaseGuard`], the armed timer and the keeper task.
-///
-/// Always in an `Arc`, which is never unwrapped: the alarm stays in place.
+/// The lease of one held lock, shared by the handler's
+/// [`HeldLock`](super::HeldLock), the response's
+/// [`ReleaseGuard`](super::release::ReleaseGuard), the armed timer and the
+/// extend loop's task.
 pub(crate) struct Lease<M> {
     view: LockView,
     state: Mutex<State<M>>,
-    /// Tells a running keeper that the request has let go.
+    /// Tells a running extend loop that the request has let go.
     let_go: Notify,
-    /// Where the keeper and a deferred release run.
+    /// Where the extend loop and a deferred release run.
     runtime: Handle,
 }
 
 /// What changes, under one lock.
 struct State<M> {
     stage: Stage<M>,
-    /// Starts the keeper when the first extension falls due. Never moved
-    /// out of the lease.
+    /// Starts the extend loop when the first extension falls due.
     alarm: Alarm,
 }
 
+/// Who has the held lock.
 enum Stage<M> {
-    /// No task yet: the alarm starts the keeper when the first extension
-    /// falls due.
-    Armed(Keeper<M>),
-    /// The keeper task owns the keeper; the lease keeps what the key's
-    /// local queue shares, to tell it at once that the release is under way.
-    Kept(HintsRef),
-    /// The request let go.
+    /// The lease: no task yet, and the alarm starts the extend loop when
+    /// the first extension falls due.
+    Armed(ExtendLoop<M>),
+    /// The extend loop's task; the lease keeps what the key's local queue
+    /// shares, to tell waiting requests at once that the release is under
+    /// way.
+    Extending(HintsRef),
+    /// Nobody: the request let go, or the extend loop gave the lock up as
+    /// lost.
     Done,
 }
 
-/// What the guard and the handler's view need of a lease, whatever the
-/// backend.
-pub(crate) trait DynLease: Send + Sync + 'static {
-    /// The part the handler sees.
-    fn view(&self) -> &LockView;
-    /// The request no longer needs the lock: release it, inline if the
-    /// keeper has not started and the backend's unlock is done at once,
-    /// else in the background.
-    fn let_go(self: Arc<Self>);
-}
-
 impl<M: DistMutex> Lease<M> {
-    /// Starts holding the lock kept by `keeper`: arms the timer that starts
-    /// the keeper when the first extension falls due. Call it within the
-    /// Tokio runtime that should keep the lock.
-    pub(crate) fn hold(view: LockView, keeper: Keeper<M>) -> (ReleaseGuard, HeldLock) {
-        let deadline = keeper.first_deadline();
-        let lease = Self::new(view, keeper);
+    /// Starts holding the lock of `extend_loop`: arms the timer that starts
+    /// the extend loop when the first extension falls due. Call it within
+    /// the Tokio runtime that should keep the lock.
+    ///
+    /// # Why the first extension is never late
+    ///
+    /// The timer is set to the instant the first extension falls due
+    /// (acquisition + `extend_every`, or the end of `max_hold` if sooner),
+    /// and its waker is the lease: the runtime's time driver, not a poll of
+    /// the response future or body, starts the extend loop. A handler that
+    /// waits for minutes, or a body whose next chunk comes much later, is
+    /// kept all the same; so is a handler that blocks its thread on a
+    /// multi-threaded runtime, where another worker drives the timer. The
+    /// extend loop's first deadline is that same instant, computed here,
+    /// so its task extends at once when it starts, then every interval.
+    ///
+    /// A wake-up before the deadline (the timer is polled unconstrained by
+    /// the task budget, so none is expected) only starts the extend loop
+    /// early: it still extends at the deadline, never before. Acquisition
+    /// is read from the lock's `until` (see `acquire::hold`), which can only
+    /// put it earlier: extensions come sooner, never later.
+    pub(crate) fn hold(view: LockView, extend_loop: ExtendLoop<M>) -> Arc<Self> {
+        let deadline = extend_loop.first_deadline();
+        let lease = Self::new(view, extend_loop);
         let waker = Waker::from(lease.clone());
         let mut state = lease.state();
-        // SAFETY: the alarm lives in the lease's `Arc`, never unwrapped,
-        // and is never moved out of its field.
-        let elapsed = unsafe { state.alarm.arm(deadline, &waker) };
+        let elapsed = state.alarm.arm(deadline, &waker);
         drop(state);
         if elapsed {
-            lease.start_keeper();
+            lease.start_extend_loop();
         }
-        Self::handles(lease)
+        lease
     }
 
-    /// A lease of `keeper`'s lock, not armed yet.
-    fn new(view: LockView, keeper: Keeper<M>) -> Arc<Self> {
+    /// A lease of `extend_loop`'s lock, not armed yet.
+    fn new(view: LockView, extend_loop: ExtendLoop<M>) -> Arc<Self> {
         Arc::new(Lease {
             view,
             state: Mutex::new(State {
-                stage: Stage::Armed(keeper),
+                stage: Stage::Armed(extend_loop),
                 alarm: Alarm::new(),
             }),
             let_go: Notify::new(),
@@ -124,139 +97,92 @@ impl<M: DistMutex> Lease<M> {
         })
     }
 
-    /// The response's guard and the handler's view.
-    fn handles(lease: Arc<Self>) -> (ReleaseGuard, HeldLock) {
-        let dynamic: Arc<dyn DynLease> = lease;
-        (
-            ReleaseGuard {
-                lease: Some(dynamic.clone()),
-            },
-            HeldLock::new(dynamic),
-        )
-    }
-
-    pub(crate) fn view(&self) -> &LockView {
-        &self.view
-    }
-
-    /// Resolves once the request has let go (for the running keeper).
-    pub(crate) async fn let_go_signal(&self) {
-        self.let_go.notified().await;
-    }
-
-    /// The keeper has given the lock up (lost) and releases what remains
-    /// of it: the request's letting go later has nothing left to do.
-    pub(crate) fn keeper_gone(&self) {
-        let mut state = self.state();
-        if let Stage::Kept(_) = state.stage {
-            state.stage = Stage::Done;
+    /// The extend loop's task: extends the lock until the request lets go
+    /// or the lock is lost, then releases it.
+    async fn extend_then_release(self: Arc<Self>, mut extend_loop: ExtendLoop<M>) {
+        let ended = extend_loop.run(&self.view, &self.let_go).await;
+        let lost = ended == Ended::Lost;
+        if lost {
+            // What remains of the lock is released here: the request's
+            // letting go later has nothing left to do.
+            {
+                let mut state = self.state();
+                if let Stage::Extending(_) = state.stage {
+                    state.stage = Stage::Done;
+                }
+            }
+            // The key is freed for this process's next request now, not
+            // when this one lets go.
+            extend_loop.held.place.shared().releasing();
         }
-    }
-
-    pub(crate) fn runtime(&self) -> &Handle {
-        &self.runtime
+        extend_loop.held.release(&self.view, lost).await;
     }
 
     fn state(&self) -> MutexGuard<'_, State<M>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Spawns the keeper task, unless it runs already or the request has
+    /// Spawns the extend loop's task, unless it runs already or the request has
     /// let go.
-    fn start_keeper(self: &Arc<Self>) {
-        let keeper = {
+    fn start_extend_loop(self: &Arc<Self>) {
+        let extend_loop = {
             let mut state = self.state();
             let Stage::Armed(_) = state.stage else {
                 return;
             };
-            let Stage::Armed(keeper) = std::mem::replace(&mut state.stage, Stage::Done) else {
+            let Stage::Armed(extend_loop) = std::mem::replace(&mut state.stage, Stage::Done) else {
                 unreachable!("armed above");
             };
-            state.stage = Stage::Kept(keeper.place.share());
+            state.stage = Stage::Extending(extend_loop.held.place.share());
             // Fired already, unless the wake-up came early.
             state.alarm.cancel();
-            keeper
+            extend_loop
         };
-        self.runtime.spawn(keeper.keep(self.clone()));
+        self.runtime
+            .spawn(self.clone().extend_then_release(extend_loop));
     }
 }
 
 /// The armed timer wakes the lease: the first extension is due.
 impl<M: DistMutex> Wake for Lease<M> {
     fn wake(self: Arc<Self>) {
-        self.start_keeper();
+        self.start_extend_loop();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.start_keeper();
+        self.start_extend_loop();
     }
 }
 
-impl<M: DistMutex> DynLease for Lease<M> {
+impl<M: DistMutex> ViewSource for Lease<M> {
     fn view(&self) -> &LockView {
         &self.view
     }
+}
 
+impl<M: DistMutex> LetGo for Lease<M> {
+    /// Before the first extension falls due, the timer is cancelled and the
+    /// lock goes to [`HeldMutex::let_go`](super::release::HeldMutex::let_go):
+    /// no extend loop, no extension. Once the extend loop runs, it is told
+    /// (a stored notification, not missed if its task has not run yet) and
+    /// releases before anything else. An extend loop that would start after
+    /// the request let go does not start.
     fn let_go(self: Arc<Self>) {
         let mut state = self.state();
         let State { stage, alarm } = &mut *state;
-        match stage {
-            Stage::Armed(keeper) => {
-                // Waiting requests learn at once that the release is under
-                // way.
-                keeper.place.shared().releasing();
-                // No keeper will start.
+        match std::mem::replace(stage, Stage::Done) {
+            Stage::Armed(extend_loop) => {
+                // No extend loop will start: the release is done here.
                 alarm.cancel();
-                if keeper.release_now(&self.view) {
-                    // Dropped in place: its turn passes on.
-                    *stage = Stage::Done;
-                    return;
-                }
-                let Stage::Armed(keeper) = std::mem::replace(stage, Stage::Done) else {
-                    unreachable!("armed above");
-                };
                 drop(state);
-                keeper.release_later(&self);
+                extend_loop.held.let_go(&self, &self.runtime);
             }
-            Stage::Kept(holder) => {
+            Stage::Extending(holder) => {
                 holder.releasing();
-                *stage = Stage::Done;
                 drop(state);
                 self.let_go.notify_one();
             }
             Stage::Done => {}
-        }
-    }
-}
-
-/// Dropping the guard lets go of the lock (see [`DynLease::let_go`]); the
-/// response future, then its body, carries it.
-pub(crate) struct ReleaseGuard {
-    lease: Option<Arc<dyn DynLease>>,
-}
-
-impl ReleaseGuard {
-    /// Ready once the lock is lost (for the abort option).
-    pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.lease {
-            Some(lease) => lease.view().poll_lost(cx),
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl fmt::Debug for ReleaseGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReleaseGuard")
-            .field("name", &self.lease.as_ref().map(|l| l.view().name()))
-            .finish()
-    }
-}
-
-impl Drop for ReleaseGuard {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.let_go();
         }
     }
 }
@@ -268,16 +194,19 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::layer::queue::LocalQueues;
+    use crate::layer::held::HeldLock;
+    use crate::layer::local_queue::LocalQueues;
+    use crate::layer::release::{HeldMutex, Live, ReleaseGuard};
+    use crate::layer::{OnLost, ReleaseOn};
     use crate::{DistMutexOptions, DistSync, MemorySync};
 
     /// A freshly taken lock on `name` (expiry 3 s, extended every 1 s)
-    /// and its keeper, whose first extension falls due at `first_extend`.
+    /// and its extend loop, whose first extension falls due at `first_extend`.
     fn taken(
         sync: &MemorySync,
         name: &str,
         first_extend: Instant,
-    ) -> (LockView, Keeper<crate::memory::MemoryMutex>) {
+    ) -> (LockView, ExtendLoop<crate::memory::MemoryMutex>) {
         let queues: Arc<LocalQueues> = Arc::default();
         let place = queues.join(name.into());
         let turn = place.try_turn().unwrap();
@@ -288,37 +217,40 @@ mod tests {
             Some(Ok(()))
         ));
         let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
-        let keeper = Keeper {
-            mutex,
-            turn,
-            place,
-            interval: Duration::from_secs(1),
-            extend_takes: Duration::ZERO,
-            last_attempt: None,
-            release_timeout: Duration::from_secs(3),
+        let live = Live::new(Arc::default());
+        let held = HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live);
+        let extend_loop = ExtendLoop::new(
+            held,
+            Duration::from_secs(1),
+            Duration::ZERO,
             first_extend,
-            hold_until: None,
-            live: crate::layer::keeper::Live::new(Arc::default()),
-        };
-        (view, keeper)
+            None,
+        );
+        (view, extend_loop)
+    }
+
+    /// The response's guard and the handler's view of `lease`.
+    fn handles(lease: &Arc<Lease<crate::memory::MemoryMutex>>) -> (ReleaseGuard, HeldLock) {
+        let guard = ReleaseGuard::new(lease.clone(), ReleaseOn::BodyEnd, OnLost::Notify);
+        (guard, HeldLock::new(lease.clone()))
     }
 
     /// A lease of a freshly taken lock on `name`: the first extension is
     /// due 1 s after acquisition. Not armed.
     fn lease(sync: &MemorySync, name: &str) -> Arc<Lease<crate::memory::MemoryMutex>> {
-        let (view, keeper) = taken(sync, name, Instant::now() + Duration::from_secs(1));
-        Lease::new(view, keeper)
+        let (view, extend_loop) = taken(sync, name, Instant::now() + Duration::from_secs(1));
+        Lease::new(view, extend_loop)
     }
 
-    /// A keeper started early (a wake-up before the deadline) extends at
+    /// An extend loop started early (a wake-up before the deadline) extends at
     /// the deadline set at acquisition, not before.
     #[tokio::test(start_paused = true)]
     async fn an_early_start_extends_only_when_due() {
         let sync = MemorySync::new();
         let lease = lease(&sync, "early");
-        let (guard, held) = Lease::handles(lease.clone());
+        let (guard, held) = handles(&lease);
         let first = held.until().unwrap();
-        lease.start_keeper();
+        lease.start_extend_loop();
         tokio::time::sleep(Duration::from_millis(999)).await;
         assert_eq!(held.until(), Some(first), "nothing extended before 1 s");
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -329,35 +261,39 @@ mod tests {
         assert_eq!(sync.names_in_use(), 0);
     }
 
-    /// A request that lets go while its keeper is starting is released by
-    /// the keeper, without an extension.
+    /// A request that lets go while its extend loop is starting is released by
+    /// the extend loop, without an extension.
     #[tokio::test(start_paused = true)]
-    async fn letting_go_as_the_keeper_starts_releases_without_extending() {
+    async fn letting_go_as_the_extend_loop_starts_releases_without_extending() {
         let sync = MemorySync::new();
         let lease = lease(&sync, "race");
-        let (guard, held) = Lease::handles(lease.clone());
+        let (guard, held) = handles(&lease);
         let first = held.until();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        // Due now: the keeper starts, and the request lets go before the
-        // keeper task runs.
-        lease.start_keeper();
+        // Due now: the extend loop starts, and the request lets go before the
+        // extend loop task runs.
+        lease.start_extend_loop();
         drop(guard);
-        assert_eq!(sync.names_in_use(), 1, "the keeper releases, in its task");
+        assert_eq!(
+            sync.names_in_use(),
+            1,
+            "the extend loop releases, in its task"
+        );
         held.lost().await;
         assert!(!held.is_lost());
         assert_eq!(held.until(), first, "no extension");
         assert_eq!(sync.names_in_use(), 0);
     }
 
-    /// An armed lease whose deadline has passed starts its keeper at once.
+    /// An armed lease whose deadline has passed starts its extend loop at once.
     #[tokio::test(start_paused = true)]
-    async fn a_deadline_already_passed_starts_the_keeper_at_once() {
+    async fn a_deadline_already_passed_starts_the_extend_loop_at_once() {
         let sync = MemorySync::new();
-        let (view, keeper) = taken(&sync, "late", Instant::now() - Duration::from_millis(1));
+        let (view, extend_loop) = taken(&sync, "late", Instant::now() - Duration::from_millis(1));
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);
-        let (guard, held) = Lease::hold(view, keeper);
-        assert_eq!(metrics.num_alive_tasks(), 1, "the keeper started");
+        let (guard, held) = handles(&Lease::hold(view, extend_loop));
+        assert_eq!(metrics.num_alive_tasks(), 1, "the extend loop started");
         drop(guard);
         held.lost().await;
         assert_eq!(sync.names_in_use(), 0);

@@ -88,14 +88,15 @@ mod acquire;
 mod alarm;
 mod body;
 mod builder;
+mod extend_loop;
 pub(crate) mod extract;
 mod future;
 mod held;
-mod keeper;
 mod lease;
+mod local_queue;
 mod name;
-mod queue;
 mod rejection;
+mod release;
 mod service;
 mod stats;
 
@@ -118,8 +119,8 @@ pub use rejection::{Rejection, RejectionKind};
 pub use service::DistLock;
 pub use stats::LockStats;
 
+use local_queue::LocalQueues;
 use name::Namer;
-use queue::LocalQueues;
 use rejection::RejectionMapper;
 
 use crate::options::DistMutexOptions;
@@ -247,8 +248,8 @@ pub(crate) struct LayerState<D> {
     options: DistMutexOptions,
     wait: Duration,
     reject_missing: bool,
-    release_on_head: bool,
-    abort_on_lost: bool,
+    release: ReleaseOn,
+    lost: OnLost,
     extend_every: Duration,
     /// The longest validity of an acquisition: `options.validity()`.
     validity: Duration,

@@ -1,5 +1,7 @@
-//! What a request gets when the layer does not let it through, and how that
-//! becomes an HTTP or a gRPC response.
+//! What a request gets when the layer does not let it through: the
+//! rejection of each cause (a busy key, a backend down, a bad or missing
+//! key, a lost lock, a misconfiguration), and how it becomes an HTTP or a
+//! gRPC response.
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,6 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
+
+use super::extract::KeyError;
+use crate::error::Error;
 
 /// Why a request was rejected.
 ///
@@ -72,6 +77,88 @@ impl Rejection {
             message: message.into(),
             grpc,
             retry_after: None,
+        }
+    }
+
+    /// The key stayed held by another request beyond the wait budget; a
+    /// retry makes sense after `retry_after` (the holder's remaining time).
+    pub(crate) fn busy(retry_after: Duration, grpc: bool) -> Self {
+        Rejection::new(
+            RejectionKind::Busy,
+            "the key is locked by another request",
+            grpc,
+        )
+        .with_retry_after(retry_after)
+    }
+
+    /// The lock backend could not answer, or not with a quorum.
+    pub(crate) fn unavailable(grpc: bool) -> Self {
+        Rejection::new(
+            RejectionKind::Unavailable,
+            "the lock service is unavailable",
+            grpc,
+        )
+    }
+
+    /// The request's key is malformed: `reason` says how.
+    pub(crate) fn invalid_key(reason: String, grpc: bool) -> Self {
+        Rejection::new(RejectionKind::InvalidKey, reason, grpc)
+    }
+
+    /// The request has no key, and the layer rejects such requests.
+    pub(crate) fn missing_key(grpc: bool) -> Self {
+        Rejection::new(
+            RejectionKind::MissingKey,
+            "the request has no lock key",
+            grpc,
+        )
+    }
+
+    /// The lock was lost while the request was served, and the layer was
+    /// set to abort it.
+    pub(crate) fn lost(grpc: bool) -> Self {
+        Rejection::new(
+            RejectionKind::Lost,
+            "the lock was lost while the request was served",
+            grpc,
+        )
+    }
+
+    /// The server is set up wrong: `reason` says how.
+    pub(crate) fn misconfigured(reason: String, grpc: bool) -> Self {
+        Rejection::new(RejectionKind::Misconfigured, reason, grpc)
+    }
+
+    /// The rejection of a request whose key could not be read. A
+    /// misconfigured extractor is logged at `ERROR`: no request can fix it.
+    pub(crate) fn for_key_error(error: &KeyError, grpc: bool) -> Self {
+        if let KeyError::Misconfigured(reason) = error {
+            tracing::error!(reason = reason.as_str(), "lock key extractor misconfigured");
+            return Rejection::misconfigured(error.to_string(), grpc);
+        }
+        Rejection::invalid_key(error.to_string(), grpc)
+    }
+
+    /// The rejection of a request whose lock on `name` failed with `error`;
+    /// a busy key without a known remaining time is retried after
+    /// `expiry`, the longest it can stay held without an extension.
+    pub(crate) fn for_lock_error(name: &str, error: Error, grpc: bool, expiry: Duration) -> Self {
+        match error {
+            Error::Held { remaining } => {
+                tracing::debug!(name, "lock busy");
+                Rejection::busy(remaining.unwrap_or(expiry), grpc)
+            }
+            Error::InvalidName { reason } => {
+                Rejection::invalid_key(format!("invalid lock key: {reason}"), grpc)
+            }
+            Error::InvalidOptions { .. } | Error::GenValue(_) | Error::InvalidConfig { .. } => {
+                tracing::error!(name, %error, "lock layer misconfigured");
+                Rejection::misconfigured(error.to_string(), grpc)
+            }
+            error => {
+                tracing::warn!(name, %error, "lock backend unavailable");
+                Rejection::unavailable(grpc)
+            }
         }
     }
 

@@ -8,12 +8,12 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::acquire::{Start, acquire, rejection, start};
+use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
-use super::extract::{KeyExtractor, key_of};
+use super::extract::KeyExtractor;
 use super::future::ResponseFuture;
-use super::rejection::{Rejection, RejectionKind};
-use super::{DistLockLayer, DistLockLayerBuilder, LayerState, LockStats};
+use super::rejection::Rejection;
+use super::{DistLockLayer, DistLockLayerBuilder, LayerState, LockStats, OnLost};
 use crate::sync::DistSync;
 
 /// Holds a distributed lock per request key around an inner service. Made
@@ -179,39 +179,38 @@ where
         let inner = self.inner.clone();
         let shared = &self.shared;
         // Read when needed: for a rejection, the abort option or a wait.
-        let reject = |kind, message: String, request: &Request<ReqB>| {
-            let rejection = Rejection::new(kind, message, is_grpc(request));
-            ResponseFuture::rejected(rejection, shared.mapper.clone())
-        };
-        let key = match key_of(&self.extractor, &request) {
+        let reject = |rejection| ResponseFuture::rejected(rejection, shared.mapper.clone());
+        let key = match self.extractor.extract(&request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.reject_missing => {
-                return reject(
-                    RejectionKind::MissingKey,
-                    "the request has no lock key".into(),
-                    &request,
-                );
+                return reject(Rejection::missing_key(is_grpc(&request)));
             }
             Ok(None) => return ResponseFuture::unlocked(inner, request),
-            Err(error) => return reject(error.rejection_kind(), error.to_string(), &request),
+            Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };
         let name = match shared.namer.name(&key) {
             Ok(name) => name,
-            Err(error) => return reject(RejectionKind::InvalidKey, error.to_string(), &request),
+            Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };
         // A free key on a backend that answers at once is locked here, and
         // the inner service called at once; otherwise the response future
         // waits for the lock.
         match start(shared, name) {
             Start::Held(holding) => {
-                let grpc = shared.abort_on_lost && is_grpc(&request);
+                let grpc = shared.lost == OnLost::Abort && is_grpc(&request);
                 let mut request = request;
                 request.extensions_mut().insert(holding.held);
-                ResponseFuture::serving(inner, request, holding.guard, shared, grpc)
+                let mapper = shared.mapper.clone();
+                ResponseFuture::serving(inner, request, holding.guard, mapper, grpc)
             }
             Start::Failed(name, error) => {
-                let rejection = rejection(&name, error, is_grpc(&request), shared);
-                ResponseFuture::rejected(rejection, shared.mapper.clone())
+                let expiry = shared.options.expiry();
+                reject(Rejection::for_lock_error(
+                    &name,
+                    error,
+                    is_grpc(&request),
+                    expiry,
+                ))
             }
             Start::Wait(waiting) => {
                 let grpc = is_grpc(&request);
@@ -220,8 +219,6 @@ where
                     inner,
                     request,
                     shared.mapper.clone(),
-                    shared.release_on_head,
-                    shared.abort_on_lost,
                     grpc,
                 )
             }

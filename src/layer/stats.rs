@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::queue::LocalQueues;
+use super::local_queue::LocalQueues;
 
 /// A handle on the counters of one [`DistLockLayer`](super::DistLockLayer)
 /// and of every service it made: reading them takes no lock and costs no

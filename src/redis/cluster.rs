@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::keys::{Keys, slot};
 use super::local_waiters::{LocalWaiters, deliver};
-use crate::queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// The connections to a cluster, made lazily: one for the locks'
 /// commands, one for the wake-up subscriptions, whose push messages

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::sync::Notify;
 
-use crate::queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// What the waiters of one process share for one name, next to their
 /// local queue.

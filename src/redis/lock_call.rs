@@ -16,8 +16,8 @@ use super::state::RedisState;
 use super::wait_queue::Waiter;
 use crate::acquisition::{Acquisition, validity_end};
 use crate::error::{Error, NodeError, Recovering, Result};
+use crate::local_queue::Turn;
 use crate::options::DistMutexOptions;
-use crate::queue::Turn;
 
 /// One call of [`RedisMutex::lock`](crate::DistMutex::lock): its place in
 /// the process's line, and what its attempts have learned so far.

@@ -9,7 +9,7 @@ use super::keys::Keys;
 use super::local_waiters::LocalWaiters;
 use super::node::Node;
 use super::wakeups::Wakeups;
-use crate::queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// This process's waiters, lined up per name.
 pub(crate) type Queues = Arc<LocalQueues<LocalWaiters>>;

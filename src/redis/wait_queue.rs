@@ -14,8 +14,8 @@ use super::keys::Keys;
 use super::local_waiters::LocalWaiters;
 use super::node::QueueEntry;
 use super::state::RedisState;
+use crate::local_queue::{Place, Turn};
 use crate::options::DistMutexOptions;
-use crate::queue::{Place, Turn};
 
 /// One `lock()` call that may wait: its place in the process's line for
 /// the name. Dropped, it leaves the line, and takes the process out of the

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
 use super::local_waiters::{LocalWaiters, deliver};
-use crate::queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// How long connecting, or subscribing, may take before the node's
 /// subscriber starts over.

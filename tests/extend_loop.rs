@@ -1,11 +1,11 @@
-//! The layer's keeper (the watchdog that extends a held lock) under
-//! failure: extensions land before the validity ends, a refused extension
-//! is reported at once and one that fails with time left is retried until
-//! the validity ends, nothing is extended after a release or a loss,
-//! releasing an expired lock is prompt and reports the documented error,
-//! and tiny expiries are refused or kept correctly. In-process cases run on tokio's paused clock and move it by
-//! hand; Redis cases run on real `redis-server` processes and order events
-//! with counters and channels.
+//! The layer's extend loop (the background task that extends a held lock)
+//! under failure: extensions land before the validity ends, a refused
+//! extension is reported at once and one that fails with time left is
+//! retried until the validity ends, nothing is extended after a release or
+//! a loss, releasing an expired lock is prompt and reports the documented
+//! error, and tiny expiries are refused or kept correctly. In-process cases
+//! run on tokio's paused clock and move it by hand; Redis cases run on real
+//! `redis-server` processes and order events with counters and channels.
 
 mod conformance;
 mod support;
@@ -88,7 +88,7 @@ async fn settle() {
     }
 }
 
-/// Moves the paused clock by `step`, `times` times, letting the keeper run
+/// Moves the paused clock by `step`, `times` times, letting the extend loop run
 /// Takes `lock` away from its holder behind the layer's back: another
 /// mutex with its value unlocks it on `sync`.
 async fn steal<D: DistSync>(sync: &D, lock: &HeldLock, options: DistMutexOptions) {
@@ -115,7 +115,7 @@ async fn step_clock(step: Duration, times: u32, mut check: impl AsyncFnMut()) {
 }
 
 /// An expiry of 1 ms leaves no validity, and one of 2.5 ms without drift
-/// factor leaves 0.5 ms, less than two of the keeper's shortest interval
+/// factor leaves 0.5 ms, less than two of the extend loop's shortest interval
 /// (1 ms): both are refused with `InvalidOptions` naming the problem when
 /// the layer is built, so no request ever takes a lock whose validity ends
 /// before its first extension.
@@ -202,11 +202,11 @@ fn script_calls(node: &RedisServer) -> u64 {
         .sum()
 }
 
-/// On the paused clock: while a request holds its lock, the keeper extends
+/// On the paused clock: while a request holds its lock, the extend loop extends
 /// it once per interval; after the request ended and the lock was released
 /// (one unlock), ten more intervals pass without a single extension, and
 /// the name is free. After a loss (another owner with the value unlocked
-/// it), the keeper reports it at the first extension that fails, sends no
+/// it), the extend loop reports it at the first extension that fails, sends no
 /// further extension, and still releases (one unlock attempt) when the
 /// request ends.
 #[tokio::test(start_paused = true)]
@@ -536,7 +536,7 @@ async fn tiny_expiry_on_redis_is_handled() {
 
 /// A backend whose extensions answer `delay` after they took effect, as a
 /// slow network does: the validity of an extension counts from its start
-/// (as on Redis), but the keeper learns it only at the end. While `failing`
+/// (as on Redis), but the extend loop learns it only at the end. While `failing`
 /// is set, an extension does not reach the backend and fails with a
 /// timeout after `delay`.
 #[derive(Debug, Clone)]
@@ -638,7 +638,7 @@ impl<M: DistMutex> DistMutex for SlowMutex<M> {
     }
 }
 
-/// Extensions that take 40% of the expiry to answer: the keeper starts
+/// Extensions that take 40% of the expiry to answer: the extend loop starts
 /// each one early enough to learn of it before the validity it extends
 /// ends, so through twenty expiries (the clock moved in tenths of a
 /// second) the lock is never lost, its validity end is always ahead, and
@@ -754,7 +754,7 @@ async fn failed_extensions_are_retried_until_the_validity_ends() {
 }
 
 /// A lost lock frees the key in this process at once: with the response
-/// body never polled, the keeper releases what remains of the lock and
+/// body never polled, the extend loop releases what remains of the lock and
 /// passes the turn on, so `held_locks()` drops to zero and the next
 /// request for the key is served (not 409) while the first response still
 /// exists.

@@ -12,16 +12,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A request's place in its key's queue.
-pub(crate) type Place = crate::queue::Place<HolderHints>;
+pub(crate) type Place = crate::local_queue::Place<HolderHints>;
 
 /// The registry of the layer's queues.
-pub(crate) type LocalQueues = crate::queue::LocalQueues<HolderHints>;
+pub(crate) type LocalQueues = crate::local_queue::LocalQueues<HolderHints>;
 
 /// A request's turn for its key.
-pub(crate) type Turn = crate::queue::Turn<HolderHints>;
+pub(crate) type Turn = crate::local_queue::Turn<HolderHints>;
 
 /// The holder hints of a key, kept by a held lock's lease.
-pub(crate) type HintsRef = crate::queue::PerName<HolderHints>;
+pub(crate) type HintsRef = crate::local_queue::PerName<HolderHints>;
 
 /// What the requests of one key know about the request that holds it.
 #[derive(Debug, Default)]

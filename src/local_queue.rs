@@ -1,10 +1,9 @@
-//! Local FIFO queues, one per lock name: callers in one process that want the
-//! same name line up here, first come first served, so that only the first
-//! of them talks to the backend. An entry lives exactly as long as some
-//! caller uses it. Used by the Tower layer (per request key) and by the
-//! Redis backend (per `lock()` call).
+//! The in-process line: one FIFO queue per lock name, where the callers in
+//! one process that want the same name wait their turn, so that only the
+//! first of them talks to the backend. A name's queue lives exactly as long
+//! as some caller uses it. Used by the Tower layer (per request key) and by
+//! the Redis backend (per `lock()` call).
 
-use std::collections::VecDeque;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::future::poll_fn;
@@ -17,115 +16,130 @@ use crate::hashed::{HashedMap, HashedName, Hashing};
 /// The registry of queues, one per name in use; `T` is what the users of a
 /// name share besides the queue itself.
 pub(crate) struct LocalQueues<T = ()> {
-    map: Mutex<Registry<T>>,
+    /// The queues of the names in use.
+    map: Mutex<HashedMap<InUse<T>>>,
     hashing: Hashing,
 }
 
-/// The queues in use, and a few gates kept from names gone out of use, for
-/// the next names (one allocation less per new name).
-struct Registry<T> {
-    entries: HashedMap<Registered<T>>,
-    spare: Vec<Arc<Gate<T>>>,
-}
-
-/// How many gates are kept for new names.
-const SPARE_GATES: usize = 32;
-
-/// A name's gate and how many callers use it.
-struct Registered<T> {
-    gate: Arc<Gate<T>>,
+/// A name's queue and how many callers use it.
+struct InUse<T> {
+    queue: Arc<Queue<T>>,
     users: usize,
 }
 
 /// One name's queue: its line, and what the name's users share, in one
 /// allocation.
-struct Gate<T> {
+struct Queue<T> {
     line: Mutex<Line>,
     shared: T,
 }
 
-/// Whether a name's turn is taken, and who waits for it: places in the
-/// order they joined (not the order they first waited), each with the
-/// waker of its wait once it waits.
+/// Whether a name's turn is taken, and whose it is next. Places hold
+/// tickets in the order they joined, and the turn goes in ticket order (not
+/// the order of the first wait), skipping the places that left: a place
+/// costs the line nothing until it waits or leaves out of order.
 #[derive(Default)]
 struct Line {
     taken: bool,
-    waiting: VecDeque<(u64, Option<Waker>)>,
+    /// The ticket of the next place to join.
     next: u64,
+    /// The first ticket neither served nor gone: the turn's next taker.
+    head: u64,
+    /// Tickets after `head` whose places left before their turn.
+    gone: Vec<u64>,
+    /// The waker of each place that waits, by ticket.
+    wakers: Vec<(u64, Waker)>,
 }
 
 impl Line {
+    /// A ticket for a place that joins.
+    fn join(&mut self) -> u64 {
+        let ticket = self.next;
+        self.next += 1;
+        ticket
+    }
+
     /// Whether `ticket` may take the turn now: it is free and `ticket` is
     /// first in line.
     fn is_next(&self, ticket: u64) -> bool {
-        !self.taken
-            && self
-                .waiting
-                .front()
-                .is_some_and(|(first, _)| *first == ticket)
+        !self.taken && self.head == ticket
+    }
+
+    /// Takes the turn for `ticket`, first in line.
+    fn take(&mut self, ticket: u64) {
+        self.taken = true;
+        self.forget_waker(ticket);
+        self.pass(ticket);
+    }
+
+    /// Keeps `waker`, to wake when `ticket` is first in line and the turn
+    /// is free. Nothing for a place that has left or been served.
+    fn set_waker(&mut self, ticket: u64, waker: &Waker) {
+        if ticket < self.head || self.gone.contains(&ticket) {
+            return;
+        }
+        match self.wakers.iter_mut().find(|(t, _)| *t == ticket) {
+            Some((_, known)) => known.clone_from(waker),
+            None => self.wakers.push((ticket, waker.clone())),
+        }
     }
 
     /// Takes `ticket` out of the line; when that makes another place first
     /// while the turn is free, wakes it.
     fn leave(&mut self, ticket: u64) {
-        if let Some(at) = self.waiting.iter().position(|(t, _)| *t == ticket) {
-            self.waiting.remove(at);
-            if at == 0 {
-                self.wake_first();
-            }
+        self.forget_waker(ticket);
+        if ticket == self.head {
+            self.pass(ticket);
+            self.wake_first();
+        } else if ticket > self.head && !self.gone.contains(&ticket) {
+            self.gone.push(ticket);
         }
     }
 
-    fn wake_first(&mut self) {
+    /// Moves the head past `ticket`, and past the places gone after it.
+    fn pass(&mut self, ticket: u64) {
+        self.head = ticket + 1;
+        while let Some(at) = self.gone.iter().position(|t| *t == self.head) {
+            self.gone.swap_remove(at);
+            self.head += 1;
+        }
+    }
+
+    fn forget_waker(&mut self, ticket: u64) {
+        if let Some(at) = self.wakers.iter().position(|(t, _)| *t == ticket) {
+            self.wakers.swap_remove(at);
+        }
+    }
+
+    /// Wakes the first in line if the turn is free and it waits.
+    fn wake_first(&self) {
         if !self.taken
-            && let Some((_, Some(waker))) = self.waiting.front_mut()
+            && let Some((_, waker)) = self.wakers.iter().find(|(t, _)| *t == self.head)
         {
             waker.wake_by_ref();
         }
     }
 }
 
-impl<T: Default> Gate<T> {
+impl<T: Default> Queue<T> {
     fn new() -> Self {
-        Gate {
+        Queue {
             line: Mutex::default(),
             shared: T::default(),
         }
     }
 }
 
-impl<T> Gate<T> {
+impl<T> Queue<T> {
     fn line(&self) -> MutexGuard<'_, Line> {
         self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// A fresh gate: a spare one, as new, if one is free, else a new one.
-fn fresh_gate<T: Default>(spare: &mut Vec<Arc<Gate<T>>>) -> Arc<Gate<T>> {
-    while let Some(mut gate) = spare.pop() {
-        if let Some(unused) = Arc::get_mut(&mut gate) {
-            // The line keeps its buffer: no allocation for the next name.
-            let line = unused
-                .line
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner);
-            line.taken = false;
-            line.waiting.clear();
-            unused.shared = T::default();
-            return gate;
-        }
-        // The place that left it still holds it: let it go.
-    }
-    Arc::new(Gate::new())
-}
-
 impl<T> Default for LocalQueues<T> {
     fn default() -> Self {
         LocalQueues {
-            map: Mutex::new(Registry {
-                entries: HashedMap::default(),
-                spare: Vec::new(),
-            }),
+            map: Mutex::default(),
             hashing: Hashing::default(),
         }
     }
@@ -142,40 +156,32 @@ impl<T> fmt::Debug for LocalQueues<T> {
 impl<T> LocalQueues<T> {
     /// The number of names in use.
     pub(crate) fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entries
-            .len()
+        self.names().len()
     }
 
     /// What the users of `name` share, while anyone uses it.
     pub(crate) fn get(&self, name: &str) -> Option<PerName<T>> {
         let name = self.hashing.name(Arc::from(name));
-        let names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        names
-            .entries
-            .get(&name)
-            .map(|entry| PerName(entry.gate.clone()))
+        let names = self.names();
+        names.get(&name).map(|entry| PerName(entry.queue.clone()))
+    }
+
+    fn names(&self) -> MutexGuard<'_, HashedMap<InUse<T>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn leave(&self, name: &HashedName) {
-        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let MapEntry::Occupied(mut entry) = names.entries.entry(name.clone()) {
+        let mut names = self.names();
+        if let MapEntry::Occupied(mut entry) = names.entry(name.clone()) {
             entry.get_mut().users -= 1;
             if entry.get().users == 0 {
-                let gate = entry.remove().gate;
-                // Held by the leaving place alone besides: no turn, no
-                // waiter is left on it, so it can serve another name.
-                if Arc::strong_count(&gate) == 2 && names.spare.len() < SPARE_GATES {
-                    names.spare.push(gate);
-                }
+                entry.remove();
                 // A burst of names must not keep its peak capacity for good:
                 // shrink once the map is a quarter full, to twice what is in
                 // use, so the rehash is paid for by the removals before it.
-                let (len, capacity) = (names.entries.len(), names.entries.capacity());
+                let (len, capacity) = (names.len(), names.capacity());
                 if capacity > 64 && len * 4 < capacity {
-                    names.entries.shrink_to(len * 2);
+                    names.shrink_to(len * 2);
                 }
             }
         }
@@ -187,24 +193,17 @@ impl<T: Default> LocalQueues<T> {
     /// turn.
     pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
         let name = self.hashing.name(name);
-        let mut names = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let Registry { entries, spare } = &mut *names;
-        let entry = entries.entry(name.clone()).or_insert_with(|| Registered {
-            gate: fresh_gate(spare),
+        let mut names = self.names();
+        let entry = names.entry(name.clone()).or_insert_with(|| InUse {
+            queue: Arc::new(Queue::new()),
             users: 0,
         });
         entry.users += 1;
-        let ticket = {
-            let mut line = entry.gate.line();
-            let ticket = line.next;
-            line.next += 1;
-            line.waiting.push_back((ticket, None));
-            ticket
-        };
+        let ticket = entry.queue.line().join();
         Place {
             queues: self.clone(),
             name,
-            gate: entry.gate.clone(),
+            queue: entry.queue.clone(),
             ticket,
         }
     }
@@ -216,7 +215,7 @@ impl<T: Default> LocalQueues<T> {
 pub(crate) struct Place<T> {
     queues: Arc<LocalQueues<T>>,
     name: HashedName,
-    gate: Arc<Gate<T>>,
+    queue: Arc<Queue<T>>,
     ticket: u64,
 }
 
@@ -238,16 +237,11 @@ impl<T> Place<T> {
             served: false,
         };
         let turn = poll_fn(|cx| {
-            let mut line = self.gate.line();
+            let mut line = self.queue.line();
             if line.is_next(self.ticket) {
                 return Poll::Ready(self.take(&mut line));
             }
-            if let Some((_, waker)) = line.waiting.iter_mut().find(|(t, _)| *t == self.ticket) {
-                match waker {
-                    Some(waker) if waker.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-            }
+            line.set_waker(self.ticket, cx.waker());
             Poll::Pending
         })
         .await;
@@ -258,16 +252,15 @@ impl<T> Place<T> {
     /// This caller's turn, if nobody holds it and nobody who joined before
     /// waits for it.
     pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
-        let mut line = self.gate.line();
+        let mut line = self.queue.line();
         line.is_next(self.ticket).then(|| self.take(&mut line))
     }
 
     /// Takes the turn, first in line.
     fn take(&self, line: &mut Line) -> Turn<T> {
-        line.waiting.pop_front();
-        line.taken = true;
+        line.take(self.ticket);
         Turn {
-            gate: self.gate.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -278,18 +271,18 @@ impl<T> Place<T> {
 
     /// What the users of this name share.
     pub(crate) fn shared(&self) -> &T {
-        &self.gate.shared
+        &self.queue.shared
     }
 
     /// What the users of this name share, to keep beyond this place.
     pub(crate) fn share(&self) -> PerName<T> {
-        PerName(self.gate.clone())
+        PerName(self.queue.clone())
     }
 }
 
 impl<T> Drop for Place<T> {
     fn drop(&mut self) {
-        self.gate.line().leave(self.ticket);
+        self.queue.line().leave(self.ticket);
         self.queues.leave(&self.name);
     }
 }
@@ -303,14 +296,14 @@ struct LeaveUnlessServed<'p, T> {
 impl<T> Drop for LeaveUnlessServed<'_, T> {
     fn drop(&mut self) {
         if !self.served {
-            self.place.gate.line().leave(self.place.ticket);
+            self.place.queue.line().leave(self.place.ticket);
         }
     }
 }
 
 /// A caller's turn: the next caller in the queue goes when it is dropped.
 pub(crate) struct Turn<T> {
-    gate: Arc<Gate<T>>,
+    queue: Arc<Queue<T>>,
 }
 
 impl<T> fmt::Debug for Turn<T> {
@@ -321,14 +314,14 @@ impl<T> fmt::Debug for Turn<T> {
 
 impl<T> Drop for Turn<T> {
     fn drop(&mut self) {
-        let mut line = self.gate.line();
+        let mut line = self.queue.line();
         line.taken = false;
         line.wake_first();
     }
 }
 
 /// What the users of a name share (see [`Place::share`]).
-pub(crate) struct PerName<T>(Arc<Gate<T>>);
+pub(crate) struct PerName<T>(Arc<Queue<T>>);
 
 impl<T> Deref for PerName<T> {
     type Target = T;
@@ -415,16 +408,37 @@ mod tests {
     }
 
     #[test]
+    fn places_that_leave_out_of_order_are_skipped() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let mut cx = Context::from_waker(Waker::noop());
+        let queues: Arc<LocalQueues> = Arc::default();
+        let [holder, a, b, c] = ["k"; 4].map(|name| queues.join(name.into()));
+        let turn = holder.try_turn().expect("free");
+        let mut c_waits = Box::pin(c.wait());
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending());
+        // b leaves while a, before it, still waits.
+        drop(b);
+        drop(turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_pending(), "a is first");
+        let a_turn = a.try_turn().expect("a's turn");
+        drop(a);
+        drop(a_turn);
+        assert!(c_waits.as_mut().poll(&mut cx).is_ready(), "b is skipped");
+    }
+
+    #[test]
     fn the_map_gives_memory_back_after_a_burst() {
         let queues: Arc<LocalQueues> = Arc::default();
         let burst: Vec<_> = (0..20_000)
             .map(|i| queues.join(i.to_string().into()))
             .collect();
-        let peak = queues.map.lock().unwrap().entries.capacity();
+        let peak = queues.names().capacity();
         assert!(peak >= 20_000);
         drop(burst);
         assert_eq!(queues.len(), 0);
-        let left = queues.map.lock().unwrap().entries.capacity();
+        let left = queues.names().capacity();
         assert!(
             left <= 128,
             "capacity {left} of {peak} kept with no name in use"
@@ -432,29 +446,14 @@ mod tests {
     }
 
     #[test]
-    fn gates_of_names_gone_are_reused_fresh() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-
-        let queues: Arc<LocalQueues<AtomicUsize>> = Arc::default();
-        let a = queues.join("a".into());
-        let turn = a.try_turn().unwrap();
-        a.shared().store(5, Ordering::Relaxed);
-        drop(turn);
-        drop(a);
-        assert_eq!(queues.map.lock().unwrap().spare.len(), 1);
-        let b = queues.join("b".into());
-        assert_eq!(queues.map.lock().unwrap().spare.len(), 0, "reused");
-        assert_eq!(b.shared().load(Ordering::Relaxed), 0, "as new");
-        assert!(b.try_turn().is_some());
-        drop(b);
-        // A turn that outlives its place keeps its gate out of the spares.
+    fn a_turn_that_outlives_its_place_keeps_its_queue() {
+        let queues: Arc<LocalQueues> = Arc::default();
         let c = queues.join("c".into());
         let c_turn = c.try_turn().unwrap();
-        let spares = queues.map.lock().unwrap().spare.len();
         drop(c);
-        assert_eq!(queues.map.lock().unwrap().spare.len(), spares);
+        assert_eq!(queues.len(), 0);
         let d = queues.join("d".into());
-        assert!(d.try_turn().is_some(), "d has a gate of its own");
+        assert!(d.try_turn().is_some(), "d has a queue of its own");
         drop(c_turn);
         assert_eq!(queues.len(), 1);
     }
