@@ -71,7 +71,29 @@
 //! Cluster mode; `tls` for `rediss://`;
 //! `axum` for [`HeldLock`](layer::HeldLock) as an axum extractor and
 //! `axum::PathParam` keys.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![warn(
+    clippy::too_many_lines,
+    clippy::fn_params_excessive_bools,
+    clippy::dbg_macro,
+    clippy::todo,
+    clippy::mem_forget,
+    clippy::unused_self,
+    clippy::needless_continue,
+    clippy::match_wildcard_for_single_variants,
+    clippy::await_holding_lock,
+    clippy::if_let_mutex,
+    clippy::inefficient_to_string,
+    clippy::macro_use_imports,
+    clippy::option_option,
+    clippy::unnested_or_patterns,
+    clippy::rest_pat_in_fully_bound_structs,
+    rust_2018_idioms,
+    future_incompatible,
+    nonstandard_style,
+    missing_debug_implementations
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod acquisition;

@@ -12,7 +12,7 @@
 //!
 //! For each seed the test drives `REQUESTS` requests to both workers at
 //! once. One in `LONG_EVERY` holds its key for `LONG_HOLD`, two and a half
-//! expiries, so its lock lives on only through the keeper's extensions.
+//! expiries, so its lock lives on only through the extend loop's extensions.
 //! Meanwhile a fault schedule does what the design's fault model names, to
 //! at most two of the five nodes at a time (a minority):
 //!
@@ -46,8 +46,8 @@
 //!   the test must fail:
 //!   - `namespaces`: each worker locks in a namespace of its own, so the
 //!     two processes never exclude each other (overlaps, stale writes);
-//!   - `keeper`: the workers' backend answers every extension with success
-//!     and extends nothing, so long holds outlive their locks (the keeper
+//!   - `extend_loop`: the workers' backend answers every extension with success
+//!     and extends nothing, so long holds outlive their locks (the extend loop
 //!     reports them lost once their validity ends; overlaps, stale writes).
 
 mod support;
@@ -96,7 +96,7 @@ const WORKERS: usize = 2;
 /// Requests in flight at once, over both workers.
 const CLIENTS: usize = 16;
 /// One request in `LONG_EVERY` holds its key for `LONG_HOLD`, two and a
-/// half expiries: it keeps its lock only through the keeper's extensions,
+/// half expiries: it keeps its lock only through the extend loop's extensions,
 /// made while faults happen.
 const LONG_EVERY: usize = 100;
 const LONG_HOLD: Duration = Duration::from_millis(2_500);
@@ -131,15 +131,15 @@ enum Mutation {
     /// Each worker locks in a namespace of its own.
     Namespaces,
     /// Extensions succeed without extending anything.
-    Keeper,
+    ExtendLoop,
 }
 
 fn mutation() -> Option<Mutation> {
     match std::env::var(MUTATION).as_deref() {
         Err(_) | Ok("") => None,
         Ok("namespaces") => Some(Mutation::Namespaces),
-        Ok("keeper") => Some(Mutation::Keeper),
-        Ok(other) => panic!("{MUTATION}={other:?}: expected `namespaces` or `keeper`"),
+        Ok("extend_loop") => Some(Mutation::ExtendLoop),
+        Ok(other) => panic!("{MUTATION}={other:?}: expected `namespaces` or `extend_loop`"),
     }
 }
 
@@ -189,7 +189,7 @@ return 1
 /// (its validity, `HeldLock::until`, has passed: the holder stalled longer
 /// than the lease, which no lock library can prevent), or empty; 4 for a
 /// long hold, how its lock was kept: `extended` (its validity moved
-/// forward), `lost`, or `unkept` (neither: a keeper that failed silently).
+/// forward), `lost`, or `unkept` (neither: an extend loop that failed silently).
 static EXIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -254,7 +254,7 @@ async fn serve_worker(id: String) {
     let mutation = mutation();
     let sync = Counting::new(Mutant {
         inner: RedisSync::new(urls).expect("RedisSync"),
-        extends: mutation != Some(Mutation::Keeper),
+        extends: mutation != Some(Mutation::ExtendLoop),
     });
     let namespace = match mutation {
         Some(Mutation::Namespaces) => format!("faults-{id}"),
@@ -309,8 +309,8 @@ async fn serve_worker(id: String) {
     std::io::stdout().flush().expect("stdout");
 }
 
-/// The workers' backend: `RedisSync`, whose extensions, under the `keeper`
-/// mutation, succeed without extending anything (a keeper that believes it
+/// The workers' backend: `RedisSync`, whose extensions, under the `extend_loop`
+/// mutation, succeed without extending anything (an extend loop that believes it
 /// keeps its lock).
 #[derive(Debug, Clone)]
 struct Mutant<S> {
@@ -1310,7 +1310,7 @@ impl Run {
 /// - accepted tokens strictly grow per key, and no update was lost (each
 ///   key's record counts every write it accepted);
 /// - every long hold that was served was extended or told its lock was lost
-///   (no keeper failed silently);
+///   (no extend loop failed silently);
 /// - every request got 200, or 409 or 503 as the design documents;
 /// - no request is still marked inside; neither worker still holds a lock
 ///   or a local queue entry;

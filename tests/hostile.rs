@@ -79,7 +79,7 @@ enum Outcome {
 }
 
 /// Sends `request` through `service`, reads the whole response and, when a
-/// lock was held, waits until the layer released it (the keeper ran to its
+/// lock was held, waits until the layer released it (the extend loop ran to its
 /// end). Any other response fails the case.
 async fn send(service: &Svc, request: Request<()>) -> Result<Outcome, TestCaseError> {
     let grpc = request.headers().contains_key(http::header::CONTENT_TYPE);
@@ -813,7 +813,7 @@ fn hostile_names_reach_redis_intact() {
             Ok(())
         })
         .unwrap();
-    // The keeper leaves the local queue just after it reports the release.
+    // The extend loop leaves the local queue just after it reports the release.
     rt.block_on(conformance::eventually(
         Duration::from_secs(30),
         "the local queue is empty",

@@ -1,6 +1,6 @@
 //! Load (issue 7, item 2): many requests over many keys through an axum
 //! server with `DistLockLayer` over `RedisSync` on three spawned nodes, then
-//! a check that nothing is left behind: no per-key entry, no keeper task, no
+//! a check that nothing is left behind: no per-key entry, no extend loop task, no
 //! lock key, no extra Redis connection.
 
 mod support;
@@ -31,10 +31,10 @@ const CLIENTS: usize = 64;
 /// 503 (with the default factor, 0.05 of 600 ms, it did, now and then).
 const EXPIRY: Duration = Duration::from_secs(3);
 const TIMEOUT_FACTOR: f64 = 0.5;
-/// How often the keeper extends a held lock.
+/// How often the extend loop extends a held lock.
 const EXTEND_EVERY: Duration = Duration::from_millis(100);
 /// One request in `LONG_EVERY` holds its key for `LONG_HOLD`, past the
-/// extension interval, so that keepers extend while the load runs.
+/// extension interval, so that extend loops extend while the load runs.
 const LONG_EVERY: usize = 200;
 const LONG_HOLD: Duration = Duration::from_millis(250);
 /// Safety net around anything that waits.
@@ -112,7 +112,7 @@ async fn handler(Path(key): Path<String>, lock: axum::Extension<HeldLock>) -> St
 /// axum server with the layer over `RedisSync` on three nodes (one request
 /// in 200 held past the extension interval): every request gets 200, and
 /// afterwards nothing is left behind: the layer's per-key registry is
-/// empty (`local_keys`), no keeper task is alive (`held_locks`), every lock
+/// empty (`local_keys`), no extend loop task is alive (`held_locks`), every lock
 /// was released exactly once, no lock key or wait queue is left on any
 /// node, and each node has as many client connections (`CLIENT LIST`) as
 /// before the load: the multiplexed connection and the wake-up subscriber
@@ -210,9 +210,9 @@ async fn ten_thousand_requests_leave_nothing_behind() {
         .collect();
     assert_eq!(opened, [0, 0, 0], "connections opened during the load");
 
-    // Nothing left: entries, keepers, keys, connections.
+    // Nothing left: entries, extend loops, keys, connections.
     drop(client);
-    support::wait_until(BOUND, "no key in use, no keeper alive", || {
+    support::wait_until(BOUND, "no key in use, no extend loop alive", || {
         layer.stats().local_keys() == 0 && layer.stats().held_locks() == 0
     })
     .await;
@@ -251,5 +251,5 @@ async fn ten_thousand_requests_leave_nothing_behind() {
     println!(
         "connections per node (all, pubsub; the test's own included): before {before:?}, after {after:?}; opened during the load {opened:?}"
     );
-    assert!(sync.counts.extends() > 0, "no keeper extended a lock");
+    assert!(sync.counts.extends() > 0, "no extend loop extended a lock");
 }

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
 
-use super::LayerState;
 use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
 use super::lease::Lease;
 use super::local_queue::{Place, Turn};
 use super::rejection::Rejection;
 use super::release::{HeldMutex, Live, ReleaseGuard};
+use super::state::LayerState;
 use crate::error::Error;
 use crate::sync::{DistMutex, DistSync};
 
@@ -163,7 +163,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
     let now = until
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
-    let live = Live::new(shared.keepers.clone());
+    let live = Live::new(shared.held_count.clone());
     let held = HeldMutex::new(mutex, turn, place, shared.options.expiry(), live);
     let extend_loop = ExtendLoop::new(
         held,

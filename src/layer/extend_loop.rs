@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use super::MIN_EXTEND_EVERY;
 use super::held::LockView;
 use super::release::HeldMutex;
+use super::settings::MIN_EXTEND_EVERY;
 use crate::error::Error;
 use crate::sync::DistMutex;
 

@@ -12,11 +12,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::ReleaseOn;
 use super::acquire::Holding;
 use super::body::LockBody;
 use super::rejection::{Rejection, RejectionMapper};
 use super::release::ReleaseGuard;
+use super::settings::ReleaseOn;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Holding, Rejection>> + Send>>;
 

@@ -46,7 +46,7 @@
 //!    extension, or the backend refuses one
 //!    ([`Error::NotAcquired`](crate::Error::NotAcquired): a quorum says the
 //!    key is no longer ours), or `max_hold` passes, [`HeldLock`] reports
-//!    it, and the keeper releases what may remain of the lock and frees the
+//!    it, and the extend loop releases what may remain of the lock and frees the
 //!    key for this process's next request at once, without waiting for the
 //!    response to end or be polled. With
 //!    [`OnLost::Abort`], the next poll of the response future drops the
@@ -87,181 +87,30 @@
 mod acquire;
 mod alarm;
 mod body;
-mod builder;
 mod extend_loop;
 pub(crate) mod extract;
 mod future;
 mod held;
 mod lease;
 mod local_queue;
+mod lock_layer;
 mod name;
 mod rejection;
 mod release;
 mod service;
+mod settings;
+mod state;
 mod stats;
 
-use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
-
-use tower_layer::Layer;
-
 pub use body::{LockBody, LockLost};
-pub use builder::{DEFAULT_WAIT, DistLockLayerBuilder};
 pub use extract::{
     GrpcMetadataKey, HeaderKey, KeyError, KeyExtractor, MethodPath, PathSegment, TryKeyFn,
     try_key_fn,
 };
 pub use future::ResponseFuture;
 pub use held::HeldLock;
+pub use lock_layer::{DEFAULT_WAIT, DistLockLayer, DistLockLayerBuilder};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::DistLock;
+pub use settings::{MissingKey, OnLost, ReleaseOn};
 pub use stats::LockStats;
-
-use local_queue::LocalQueues;
-use name::Namer;
-use rejection::RejectionMapper;
-
-use crate::options::DistMutexOptions;
-use crate::sync::DistSync;
-
-/// What a request without a key gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MissingKey {
-    /// It passes through to the inner service, unlocked (the default).
-    #[default]
-    PassThrough,
-    /// It is rejected with 400 (or `INVALID_ARGUMENT`).
-    Reject,
-}
-
-/// When the lock is released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReleaseOn {
-    /// When the response body has been sent to its end, or dropped (the
-    /// default): a streaming response holds the lock until its last chunk.
-    #[default]
-    BodyEnd,
-    /// As soon as the response head is ready.
-    Head,
-}
-
-/// What happens when the lock is lost while the request is served: its
-/// validity ended without a successful extension, the backend refused an
-/// extension, or `max_hold` passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnLost {
-    /// The handler is told through [`HeldLock`] and keeps running (the
-    /// default).
-    #[default]
-    Notify,
-    /// The handler is dropped; the client gets 503 (or `UNAVAILABLE`) if the
-    /// response head was not sent yet, else the body ends with an error.
-    Abort,
-}
-
-/// The shortest interval between two extensions of a held lock (tokio's
-/// timers tick in milliseconds).
-const MIN_EXTEND_EVERY: Duration = Duration::from_millis(1);
-
-/// A [`Layer`] that holds a distributed lock per request key, for the life
-/// of the request. See the [module documentation](self) for the request
-/// lifecycle.
-///
-/// Made by [`builder`](Self::builder), whose `build` refuses a
-/// configuration that cannot work, so a layer always can. Works with any
-/// [`DistSync`] backend (generic, or [`AnySync`](crate::AnySync) chosen at
-/// run time). Cheap to clone; every service made by one layer (and its
-/// clones) shares one local queue per key, and the counters that
-/// [`stats`](Self::stats) reads.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_dsync::layer::{DistLockLayer, PathSegment};
-/// use tower_dsync::MemorySync;
-///
-/// let layer = DistLockLayer::builder(MemorySync::new(), PathSegment::new(1))
-///     .namespace("jobs")
-///     .wait(Duration::from_secs(2))
-///     .build()?;
-/// assert_eq!(layer.stats().local_keys(), 0);
-/// # Ok::<(), tower_dsync::Error>(())
-/// ```
-pub struct DistLockLayer<D: DistSync, K> {
-    shared: Arc<LayerState<D>>,
-    extractor: K,
-}
-
-impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
-    fn clone(&self) -> Self {
-        DistLockLayer {
-            shared: self.shared.clone(),
-            extractor: self.extractor.clone(),
-        }
-    }
-}
-
-impl<D: DistSync, K> fmt::Debug for DistLockLayer<D, K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DistLockLayer")
-            .field("sync", &self.shared.sync)
-            .field("options", &self.shared.options)
-            .field("wait", &self.shared.wait)
-            .field("extend_every", &self.shared.extend_every)
-            .field("max_hold", &self.shared.max_hold)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<D: DistSync, K> DistLockLayer<D, K> {
-    /// Starts the configuration of a layer that locks each request's key,
-    /// read by `extractor`, on `sync`; see [`DistLockLayerBuilder`] for the
-    /// settings and their defaults.
-    ///
-    /// There is no shortcut that skips [`build`](DistLockLayerBuilder::build):
-    /// even the defaults fail on a backend whose separator cannot keep
-    /// namespaces apart, and that is refused at start-up.
-    pub fn builder(sync: D, extractor: K) -> DistLockLayerBuilder<D, K> {
-        DistLockLayerBuilder::new(sync, extractor)
-    }
-
-    /// The counters of this layer's requests (keys in flight, locks held),
-    /// over every service it made; see [`LockStats`].
-    pub fn stats(&self) -> LockStats {
-        self.shared.stats()
-    }
-}
-
-impl<S, D: DistSync, K: Clone> Layer<S> for DistLockLayer<D, K> {
-    type Service = DistLock<S, D, K>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DistLock::new(inner, self.clone())
-    }
-}
-
-/// What every service of a layer shares.
-pub(crate) struct LayerState<D> {
-    sync: D,
-    namer: Namer,
-    options: DistMutexOptions,
-    wait: Duration,
-    reject_missing: bool,
-    release: ReleaseOn,
-    lost: OnLost,
-    extend_every: Duration,
-    /// The longest validity of an acquisition: `options.validity()`.
-    validity: Duration,
-    max_hold: Option<Duration>,
-    mapper: Option<RejectionMapper>,
-    queues: Arc<LocalQueues>,
-    /// Live keeper tasks (held locks).
-    keepers: Arc<AtomicUsize>,
-}
-
-impl<D> LayerState<D> {
-    fn stats(&self) -> LockStats {
-        LockStats::new(self.queues.clone(), self.keepers.clone())
-    }
-}

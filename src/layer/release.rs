@@ -13,7 +13,7 @@ use tokio::time::timeout;
 
 use super::held::{LockView, ViewSource};
 use super::local_queue::{Place, Turn};
-use super::{OnLost, ReleaseOn};
+use super::settings::{OnLost, ReleaseOn};
 use crate::error::Error;
 use crate::sync::DistMutex;
 

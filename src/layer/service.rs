@@ -6,14 +6,18 @@ use std::task::{Context, Poll};
 
 use http::header::CONTENT_TYPE;
 use http::{Request, Response};
+use tower_layer::Layer;
 use tower_service::Service;
 
 use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
 use super::extract::KeyExtractor;
 use super::future::ResponseFuture;
+use super::lock_layer::{DistLockLayer, DistLockLayerBuilder};
 use super::rejection::Rejection;
-use super::{DistLockLayer, DistLockLayerBuilder, LayerState, LockStats, OnLost};
+use super::settings::{MissingKey, OnLost};
+use super::state::LayerState;
+use super::stats::LockStats;
 use crate::sync::DistSync;
 
 /// Holds a distributed lock per request key around an inner service. Made
@@ -182,7 +186,7 @@ where
         let reject = |rejection| ResponseFuture::rejected(rejection, shared.mapper.clone());
         let key = match self.extractor.extract(&request) {
             Ok(Some(key)) => key,
-            Ok(None) if shared.reject_missing => {
+            Ok(None) if shared.missing == MissingKey::Reject => {
                 return reject(Rejection::missing_key(is_grpc(&request)));
             }
             Ok(None) => return ResponseFuture::unlocked(inner, request),
@@ -234,4 +238,12 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
             .strip_prefix(b"application/grpc")
             .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
     })
+}
+
+impl<S, D: DistSync, K: Clone> Layer<S> for DistLockLayer<D, K> {
+    type Service = DistLock<S, D, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DistLock::new(inner, self.clone())
+    }
 }

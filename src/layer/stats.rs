@@ -39,12 +39,12 @@ use super::local_queue::LocalQueues;
 #[derive(Clone)]
 pub struct LockStats {
     queues: Arc<LocalQueues>,
-    keepers: Arc<AtomicUsize>,
+    held_count: Arc<AtomicUsize>,
 }
 
 impl LockStats {
-    pub(super) fn new(queues: Arc<LocalQueues>, keepers: Arc<AtomicUsize>) -> Self {
-        LockStats { queues, keepers }
+    pub(super) fn new(queues: Arc<LocalQueues>, held_count: Arc<AtomicUsize>) -> Self {
+        LockStats { queues, held_count }
     }
 
     /// The number of keys with requests in flight in this process, waiting
@@ -58,7 +58,7 @@ impl LockStats {
     /// release is done (or has failed or timed out), so a lock counts here
     /// until the backend has let it go.
     pub fn held_locks(&self) -> usize {
-        self.keepers.load(Ordering::Acquire)
+        self.held_count.load(Ordering::Acquire)
     }
 }
 

@@ -168,7 +168,7 @@ use crate::sync::{DistSync, validate_name};
 ///   restart and its holder keeps it, however many nodes restarted. (On a
 ///   node that kept its state, a missing key counts only if the holder has
 ///   a quorum elsewhere: it was released or expired there.) A failed
-///   extension is retried within the validity (the layer's keeper does
+///   extension is retried within the validity (the layer's extend loop does
 ///   it).
 /// - **Why no second owner.** Let a holder's last acquisition or extension
 ///   leave its key on a quorum `Q` with validity until `u` (at most one

@@ -1,4 +1,4 @@
-//! The configuration of a [`DistLockLayer`], checked once when the layer is
+//! [`DistLockLayer`] and its builder: the configuration, checked once when the layer is
 //! built, so that a server with an invalid one fails at start-up instead of
 //! answering every request with an error.
 
@@ -10,13 +10,83 @@ use bytes::Bytes;
 
 use super::name::Namer;
 use super::rejection::{Rejection, RejectionMapper};
-use super::{DistLockLayer, LayerState, MIN_EXTEND_EVERY, MissingKey, OnLost, ReleaseOn};
+use super::settings::{MIN_EXTEND_EVERY, MissingKey, OnLost, ReleaseOn};
+use super::state::LayerState;
+use super::stats::LockStats;
 use crate::error::Error;
 use crate::options::DistMutexOptions;
 use crate::sync::{DistSync, MAX_NAME_LEN, validate_name};
 
 /// The default wait budget: how long a request may wait for a busy key.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+
+/// A [`Layer`](tower_layer::Layer) that holds a distributed lock per request key, for the life
+/// of the request. See the [module documentation](crate::layer) for the request
+/// lifecycle.
+///
+/// Made by [`builder`](Self::builder), whose `build` refuses a
+/// configuration that cannot work, so a layer always can. Works with any
+/// [`DistSync`] backend (generic, or [`AnySync`](crate::AnySync) chosen at
+/// run time). Cheap to clone; every service made by one layer (and its
+/// clones) shares one local queue per key, and the counters that
+/// [`stats`](Self::stats) reads.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_dsync::layer::{DistLockLayer, PathSegment};
+/// use tower_dsync::MemorySync;
+///
+/// let layer = DistLockLayer::builder(MemorySync::new(), PathSegment::new(1))
+///     .namespace("jobs")
+///     .wait(Duration::from_secs(2))
+///     .build()?;
+/// assert_eq!(layer.stats().local_keys(), 0);
+/// # Ok::<(), tower_dsync::Error>(())
+/// ```
+pub struct DistLockLayer<D: DistSync, K> {
+    pub(crate) shared: Arc<LayerState<D>>,
+    pub(crate) extractor: K,
+}
+
+impl<D: DistSync, K: Clone> Clone for DistLockLayer<D, K> {
+    fn clone(&self) -> Self {
+        DistLockLayer {
+            shared: self.shared.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<D: DistSync, K> fmt::Debug for DistLockLayer<D, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistLockLayer")
+            .field("sync", &self.shared.sync)
+            .field("options", &self.shared.options)
+            .field("wait", &self.shared.wait)
+            .field("extend_every", &self.shared.extend_every)
+            .field("max_hold", &self.shared.max_hold)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: DistSync, K> DistLockLayer<D, K> {
+    /// Starts the configuration of a layer that locks each request's key,
+    /// read by `extractor`, on `sync`; see [`DistLockLayerBuilder`] for the
+    /// settings and their defaults.
+    ///
+    /// There is no shortcut that skips [`build`](DistLockLayerBuilder::build):
+    /// even the defaults fail on a backend whose separator cannot keep
+    /// namespaces apart, and that is refused at start-up.
+    pub fn builder(sync: D, extractor: K) -> DistLockLayerBuilder<D, K> {
+        DistLockLayerBuilder::new(sync, extractor)
+    }
+
+    /// The counters of this layer's requests (keys in flight, locks held),
+    /// over every service it made; see [`LockStats`].
+    pub fn stats(&self) -> LockStats {
+        self.shared.stats()
+    }
+}
 
 /// Builds a [`DistLockLayer`]: made by [`DistLockLayer::builder`], each
 /// setter changes one setting, and [`build`](Self::build) checks them all
@@ -250,7 +320,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             sync: self.sync,
             options: self.options,
             wait: self.wait,
-            reject_missing: self.missing == MissingKey::Reject,
+            missing: self.missing,
             release: self.release,
             lost: self.lost,
             extend_every,
@@ -258,7 +328,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             max_hold: self.max_hold,
             mapper: self.mapper,
             queues: Arc::default(),
-            keepers: Arc::default(),
+            held_count: Arc::default(),
         };
         Ok(DistLockLayer {
             shared: Arc::new(shared),

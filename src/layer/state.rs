@@ -1,0 +1,38 @@
+//! What every service of one layer shares: the settings as built, the
+//! in-process line per key and the counters.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use super::local_queue::LocalQueues;
+use super::name::Namer;
+use super::rejection::RejectionMapper;
+use super::settings::{MissingKey, OnLost, ReleaseOn};
+use super::stats::LockStats;
+use crate::options::DistMutexOptions;
+
+/// What every service of a layer shares.
+pub(crate) struct LayerState<D> {
+    pub(crate) sync: D,
+    pub(crate) namer: Namer,
+    pub(crate) options: DistMutexOptions,
+    pub(crate) wait: Duration,
+    pub(crate) missing: MissingKey,
+    pub(crate) release: ReleaseOn,
+    pub(crate) lost: OnLost,
+    pub(crate) extend_every: Duration,
+    /// The longest validity of an acquisition: `options.validity()`.
+    pub(crate) validity: Duration,
+    pub(crate) max_hold: Option<Duration>,
+    pub(crate) mapper: Option<RejectionMapper>,
+    pub(crate) queues: Arc<LocalQueues>,
+    /// Locks held now: one per extend loop task.
+    pub(crate) held_count: Arc<AtomicUsize>,
+}
+
+impl<D> LayerState<D> {
+    pub(crate) fn stats(&self) -> LockStats {
+        LockStats::new(self.queues.clone(), self.held_count.clone())
+    }
+}
