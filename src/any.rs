@@ -72,6 +72,15 @@ impl DistSync for AnySync {
         self.0.new_any_mutex(name, options)
     }
 
+    fn new_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex> {
+        self.0.new_any_mutex_named(name, options, fast_path)
+    }
+
     fn separator(&self) -> &str {
         self.0.separator()
     }
@@ -138,17 +147,37 @@ impl DistMutex for AnyMutex {
     fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
         self.0.try_unlock_now(fast_path)
     }
+
+    fn shared_value(&self, fast_path: FastPath) -> Option<Arc<str>> {
+        self.0.shared_value(fast_path)
+    }
 }
 
 /// Object-safe mirror of [`DistSync`].
 trait ErasedSync: Send + Sync + 'static {
     fn new_any_mutex(&self, name: &str, options: DistMutexOptions) -> Result<AnyMutex>;
+    fn new_any_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex>;
     fn separator(&self) -> &str;
 }
 
 impl<S: DistSync> ErasedSync for S {
     fn new_any_mutex(&self, name: &str, options: DistMutexOptions) -> Result<AnyMutex> {
         let mutex = DistSync::new_mutex(self, name, options)?;
+        Ok(AnyMutex(Box::new(mutex)))
+    }
+
+    fn new_any_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex> {
+        let mutex = DistSync::new_mutex_named(self, name, options, fast_path)?;
         Ok(AnyMutex(Box::new(mutex)))
     }
 
@@ -169,6 +198,7 @@ trait ErasedMutex: Send + Sync + 'static {
     fn valid_boxed(&self) -> BoxFuture<'_, Result<bool>>;
     fn try_lock_now(&mut self, fast_path: FastPath) -> Option<Result<()>>;
     fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>>;
+    fn shared_value(&self, fast_path: FastPath) -> Option<Arc<str>>;
 }
 
 impl<M: DistMutex> ErasedMutex for M {
@@ -210,5 +240,9 @@ impl<M: DistMutex> ErasedMutex for M {
 
     fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
         DistMutex::try_unlock_now(self, fast_path)
+    }
+
+    fn shared_value(&self, fast_path: FastPath) -> Option<Arc<str>> {
+        DistMutex::shared_value(self, fast_path)
     }
 }

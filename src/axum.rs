@@ -45,6 +45,7 @@
 //! # Ok::<(), tower_dsync::Error>(())
 //! ```
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 
 use std::future::Future;
@@ -154,7 +155,7 @@ impl PathParam {
 }
 
 impl<B> KeyExtractor<B> for PathParam {
-    fn extract(&self, request: &http::Request<B>) -> Result<Option<String>, KeyError> {
+    fn extract<'r>(&self, request: &'r http::Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
         let name = self.name;
         let extensions = request.extensions();
         let Some(matched) = extensions.get::<MatchedPath>() else {
@@ -184,7 +185,7 @@ impl<B> KeyExtractor<B> for PathParam {
             }
         };
         match params.iter().find(|(param, _)| *param == name) {
-            Some((_, value)) => Ok(Some(value.to_owned())),
+            Some((_, value)) => Ok(Some(Cow::Owned(value.to_owned()))),
             None => Err(KeyError::Misconfigured(format!(
                 "the route {} has no path parameter {name:?} for PathParam",
                 matched.as_str()

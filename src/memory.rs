@@ -124,18 +124,35 @@ impl DistSync for MemorySync {
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<MemoryMutex> {
         validate_name(name)?;
-        let validity = options.validated_validity()?;
-        Ok(MemoryMutex {
-            shared: self.shared.clone(),
-            name: self.shared.hashing.name(Arc::from(name)),
-            record: LockRecord::new(&options),
-            validity,
-            options,
-        })
+        self.mutex_named(Arc::from(name), options)
+    }
+
+    fn new_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        _: FastPath,
+    ) -> Result<MemoryMutex> {
+        validate_name(name)?;
+        self.mutex_named(name.clone(), options)
     }
 
     fn separator(&self) -> &str {
         &self.separator
+    }
+}
+
+impl MemorySync {
+    /// A mutex on `name`, checked already.
+    fn mutex_named(&self, name: Arc<str>, options: DistMutexOptions) -> Result<MemoryMutex> {
+        let validity = options.validated_validity()?;
+        Ok(MemoryMutex {
+            shared: self.shared.clone(),
+            name: self.shared.hashing.name(name),
+            record: LockRecord::new(&options),
+            validity,
+            options,
+        })
     }
 }
 
@@ -316,6 +333,10 @@ impl DistMutex for MemoryMutex {
 
     fn try_unlock_now(&mut self, _: FastPath) -> Option<Result<()>> {
         Some(self.unlock_now())
+    }
+
+    fn shared_value(&self, _: FastPath) -> Option<Arc<str>> {
+        self.record.shared_value().cloned()
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -49,6 +50,21 @@ pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
     /// The separator between the parts of a hierarchical name
     /// (Go: `GetSeparator`); `:` unless configured otherwise.
     fn separator(&self) -> &str;
+
+    /// [`new_mutex`](Self::new_mutex) for a name the caller already keeps
+    /// in an `Arc`, which a backend may share instead of copying: the
+    /// layer's fast path, called with a [`FastPath`] as
+    /// [`DistMutex::try_lock_now`] is.
+    #[doc(hidden)]
+    fn new_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<Self::Mutex> {
+        let _ = fast_path;
+        self.new_mutex(name, options)
+    }
 }
 
 /// One distributed mutex (Go: `IDistMutex`).
@@ -155,6 +171,19 @@ pub trait DistMutex: fmt::Debug + Send + Sync + 'static {
     /// [`try_lock_now`](Self::try_lock_now).
     #[doc(hidden)]
     fn try_unlock_now(&mut self, fast_path: FastPath) -> Option<Result<()>> {
+        let _ = fast_path;
+        None
+    }
+
+    /// [`value`](Self::value) as the `Arc` the mutex keeps, for a caller
+    /// that keeps it longer than the borrow (the layer's [`HeldLock`]), or
+    /// `None` (the default) when the mutex keeps none: the caller copies
+    /// it then. Called with a [`FastPath`], as
+    /// [`try_lock_now`](Self::try_lock_now) is.
+    ///
+    /// [`HeldLock`]: crate::layer::HeldLock
+    #[doc(hidden)]
+    fn shared_value(&self, fast_path: FastPath) -> Option<Arc<str>> {
         let _ = fast_path;
         None
     }

@@ -18,7 +18,7 @@ use super::rejection::Rejection;
 use super::release::{HeldMutex, Live, ReleaseGuard};
 use super::state::LayerState;
 use crate::error::Error;
-use crate::sync::{DistMutex, DistSync};
+use crate::sync::{DistMutex, DistSync, FastPath};
 
 /// What a request that got its lock carries.
 pub(crate) struct Holding {
@@ -74,7 +74,7 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
         Ok(mutex) => mutex,
         Err(error) => return Start::Failed(place.name().clone(), error),
     };
-    let first = match mutex.try_lock_now(crate::FastPath::new()) {
+    let first = match mutex.try_lock_now(FastPath::new()) {
         Some(Ok(())) => {
             tracing::debug!(
                 name = &**place.name(),
@@ -119,7 +119,7 @@ pub(crate) async fn acquire<D: DistSync>(
     // One try first: a free key is taken at once, and a backend that is
     // down answers 503 at once instead of after the whole budget.
     let first = match first {
-        First::NotYet => lock_once(&shared, name).await,
+        First::NotYet => lock_once(&shared, place.name()).await,
         First::Lock(mut mutex) => mutex.lock().await.map(|()| mutex),
         First::Held(error) => Err(error),
     };
@@ -128,7 +128,7 @@ pub(crate) async fn acquire<D: DistSync>(
     let waited = matches!(first, Err(Error::Held { .. })) && !fail_fast;
     let locked = match first {
         Err(Error::Held { .. }) if !fail_fast => {
-            lock_until(&shared, name, budget.deadline(), retries.as_ref()).await
+            lock_until(&shared, place.name(), budget.deadline(), retries.as_ref()).await
         }
         first => first,
     };
@@ -149,12 +149,11 @@ pub(crate) async fn acquire<D: DistSync>(
 fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
     place.set_holder_until(until);
-    let view = LockView::new(
-        place.name().clone(),
-        mutex.value(),
-        mutex.fencing_token(),
-        until,
-    );
+    // The mutex's own value where it shares it, else a copy.
+    let value = mutex
+        .shared_value(FastPath::new())
+        .unwrap_or_else(|| Arc::from(mutex.value()));
+    let view = LockView::new(place.name().clone(), value, mutex.fencing_token(), until);
     // The extend loop's clock starts at acquisition, which `until` tells
     // without a clock read: `until - validity` is the acquisition for the
     // in-process backend, and the start of the attempt (sooner) for Redis,
@@ -219,7 +218,7 @@ async fn wait_turn(place: &Place, deadline: Instant, fail_fast: bool) -> Option<
 /// Waits for the lock on a held name until `deadline`.
 async fn lock_until<D: DistSync>(
     shared: &LayerState<D>,
-    name: &str,
+    name: &Arc<str>,
     deadline: Instant,
     retries: Option<&Arc<AtomicU32>>,
 ) -> Result<D::Mutex, Error> {
@@ -239,7 +238,7 @@ async fn lock_until<D: DistSync>(
 /// its retries.
 fn new_mutex<D: DistSync>(
     shared: &LayerState<D>,
-    name: &str,
+    name: &Arc<str>,
     tries: u32,
     retries: Option<&Arc<AtomicU32>>,
 ) -> Result<D::Mutex, Error> {
@@ -251,11 +250,14 @@ fn new_mutex<D: DistSync>(
             base.delay(retry)
         });
     }
-    shared.sync.new_mutex(name, options)
+    shared.sync.new_mutex_named(name, options, FastPath::new())
 }
 
 /// One try at the lock on `name`.
-async fn lock_once<D: DistSync>(shared: &LayerState<D>, name: &str) -> Result<D::Mutex, Error> {
+async fn lock_once<D: DistSync>(
+    shared: &LayerState<D>,
+    name: &Arc<str>,
+) -> Result<D::Mutex, Error> {
     let mut mutex = new_mutex(shared, name, 1, None)?;
     mutex.lock().await?;
     Ok(mutex)

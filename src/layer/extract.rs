@@ -1,5 +1,6 @@
 //! Turning a request into the key of the resource it works on.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -29,16 +30,18 @@ use http::{HeaderMap, Request};
 /// assert_eq!(by_header.extract(&req).unwrap(), None);
 /// ```
 pub trait KeyExtractor<B>: Clone + Send + Sync + 'static {
-    /// The key of `request`, if it has one.
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError>;
+    /// The key of `request`, if it has one: borrowed from the request
+    /// where it can be (a header, the path), so that reading it allocates
+    /// nothing.
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError>;
 }
 
 impl<B, F> KeyExtractor<B> for F
 where
     F: Fn(&Request<B>) -> Option<String> + Clone + Send + Sync + 'static,
 {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        Ok(self(request))
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
+        Ok(self(request).map(Cow::Owned))
     }
 }
 
@@ -140,8 +143,8 @@ impl HeaderKey {
 }
 
 impl<B> KeyExtractor<B> for HeaderKey {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        Ok(header_value(request.headers(), &self.name, "header")?.map(str::to_owned))
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
+        Ok(header_value(request.headers(), &self.name, "header")?.map(Cow::Borrowed))
     }
 }
 
@@ -175,8 +178,8 @@ impl GrpcMetadataKey {
 }
 
 impl<B> KeyExtractor<B> for GrpcMetadataKey {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        Ok(header_value(request.headers(), &self.name, "metadata")?.map(str::to_owned))
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
+        Ok(header_value(request.headers(), &self.name, "metadata")?.map(Cow::Borrowed))
     }
 }
 
@@ -227,7 +230,7 @@ impl PathSegment {
 }
 
 impl<B> KeyExtractor<B> for PathSegment {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
         let path = request.uri().path();
         let segment = path
             .strip_prefix('/')
@@ -242,9 +245,9 @@ impl<B> KeyExtractor<B> for PathSegment {
 
 /// Decodes `%XX` escapes, as routers do for path parameters. An escape that
 /// is malformed stays as it is; a result that is not UTF-8 is a bad key.
-pub(crate) fn percent_decode(text: &str, source: &str) -> Result<String, KeyError> {
+pub(crate) fn percent_decode<'t>(text: &'t str, source: &str) -> Result<Cow<'t, str>, KeyError> {
     if !text.contains('%') {
-        return Ok(text.to_owned());
+        return Ok(Cow::Borrowed(text));
     }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -264,9 +267,11 @@ pub(crate) fn percent_decode(text: &str, source: &str) -> Result<String, KeyErro
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| KeyError::NotText {
-        source: source.to_owned(),
-    })
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| KeyError::NotText {
+            source: source.to_owned(),
+        })
 }
 
 /// The whole request path, such as a gRPC method
@@ -282,8 +287,8 @@ pub(crate) fn percent_decode(text: &str, source: &str) -> Result<String, KeyErro
 pub struct MethodPath;
 
 impl<B> KeyExtractor<B> for MethodPath {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        Ok(Some(request.uri().path().to_owned()))
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
+        Ok(Some(Cow::Borrowed(request.uri().path())))
     }
 }
 
@@ -328,8 +333,8 @@ impl<B, F> KeyExtractor<B> for TryKeyFn<F>
 where
     F: Fn(&Request<B>) -> Result<Option<String>, KeyError> + Send + Sync + 'static,
 {
-    fn extract(&self, request: &Request<B>) -> Result<Option<String>, KeyError> {
-        (self.0)(request)
+    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
+        Ok((self.0)(request)?.map(Cow::Owned))
     }
 }
 

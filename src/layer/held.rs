@@ -46,7 +46,7 @@ pub(crate) trait ViewSource: Send + Sync + 'static {
 /// extend loop and the release change.
 pub(crate) struct LockView {
     name: Arc<str>,
-    value: Box<str>,
+    value: Arc<str>,
     token: Option<u64>,
     status: Mutex<Status>,
     /// Told of every change of `lost` or `released`.
@@ -69,13 +69,13 @@ struct Status {
 impl LockView {
     pub(crate) fn new(
         name: Arc<str>,
-        value: &str,
+        value: Arc<str>,
         token: Option<u64>,
         until: Option<Instant>,
     ) -> Self {
         LockView {
             name,
-            value: value.into(),
+            value,
             token,
             status: Mutex::new(Status {
                 until,

@@ -216,7 +216,12 @@ mod tests {
             mutex.try_lock_now(crate::FastPath::new()),
             Some(Ok(()))
         ));
-        let view = LockView::new(place.name().clone(), mutex.value(), None, mutex.until());
+        let view = LockView::new(
+            place.name().clone(),
+            mutex.value().into(),
+            None,
+            mutex.until(),
+        );
         let live = Live::new(Arc::default());
         let held = HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live);
         let extend_loop = ExtendLoop::new(

@@ -15,6 +15,7 @@ use crate::acquisition::{LockRecord, validity_end};
 use crate::error::{Error, Result};
 use crate::options::DistMutexOptions;
 use crate::sync::DistMutex;
+use crate::sync::FastPath;
 
 /// A mutex of [`RedisSync`](crate::RedisSync).
 ///
@@ -168,6 +169,10 @@ impl DistMutex for RedisMutex {
 
     fn value(&self) -> &str {
         self.record.value()
+    }
+
+    fn shared_value(&self, _: FastPath) -> Option<Arc<str>> {
+        self.record.shared_value().cloned()
     }
 
     fn until(&self) -> Option<Instant> {
