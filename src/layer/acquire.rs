@@ -172,7 +172,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
             .unwrap_or_else(far_future),
         shared.max_hold.and_then(|limit| now.checked_add(limit)),
     );
-    let lease = Lease::hold(view, extend_loop);
+    let lease = Lease::hold(view, extend_loop, &shared.alarms);
     Holding {
         guard: ReleaseGuard::new(lease.clone(), shared.release, shared.lost),
         held: HeldLock::new(lease),

@@ -1,44 +1,331 @@
-//! A one-shot Tokio timer that wakes a given waker at a deadline, from the
-//! runtime's time driver, unless it is cancelled first: what starts a held
-//! lock's extend loop when the first extension falls due.
+//! The timers that start held locks' extend loops when their first
+//! extension falls due, from the runtime's time driver, unless cancelled
+//! first.
+//!
+//! One layer's locks share one timer per runtime (an [`AlarmClock`]): its
+//! deadlines sit in an ordered map, and one Tokio timer is set for the
+//! earliest. A request arms an alarm for a deadline later than the
+//! earliest (the usual case: every request's is `extend_every` after its
+//! acquisition) with one map insertion, and cancels it with one removal:
+//! no allocation and no work in the runtime's timer wheel per request.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Waker};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, TryLockError};
+use std::task::{Context, Wake, Waker};
 
+use tokio::runtime::{Handle, Id};
 use tokio::time::{Instant, Sleep, sleep_until};
 
-/// A one-shot timer, armed at most once.
-pub(crate) struct Alarm {
-    /// Boxed: the timer stays in place while the alarm moves.
-    sleep: Option<Pin<Box<Sleep>>>,
+/// The alarms of one layer: a shared timer on the runtime the layer first
+/// held a lock on; a lock held on another runtime gets a timer of its own.
+#[derive(Default)]
+pub(crate) struct AlarmClock {
+    clock: OnceLock<Arc<Clock>>,
+}
+
+/// One runtime's alarms: what falls due when, and the timer set for the
+/// earliest.
+struct Clock {
+    runtime: Id,
+    schedule: Mutex<Schedule>,
+    /// The timer went off and the alarms due are not woken yet.
+    pending: AtomicBool,
+}
+
+struct Schedule {
+    /// The alarms' wakers by deadline (and a sequence number, since
+    /// deadlines may tie).
+    due: BTreeMap<(Instant, u64), Waker>,
+    next: u64,
+    /// The deadline the timer is set for, if it is set: the earliest in
+    /// `due` when the timer was last set, or earlier (an alarm cancelled
+    /// since).
+    armed: Option<Instant>,
+    /// The timer, set again for each next deadline; it wakes the clock.
+    sleep: Pin<Box<Sleep>>,
+}
+
+/// An armed alarm; cancelled with [`Alarm::cancel`] (dropped, one on the
+/// shared clock stays until it goes off: cancel it).
+#[derive(Default)]
+pub(crate) struct Alarm(Armed);
+
+#[derive(Default)]
+enum Armed {
+    /// Not armed, gone off, or cancelled.
+    #[default]
+    Off,
+    /// An entry in the shared clock of its runtime.
+    Shared {
+        clock: Arc<Clock>,
+        key: (Instant, u64),
+    },
+    /// A timer of its own, on a runtime other than the shared clock's:
+    /// dropping it cancels it.
+    Own { _timer: Pin<Box<Sleep>> },
+}
+
+impl AlarmClock {
+    /// Wakes `waker` at `deadline`, from the runtime's time driver, unless
+    /// the alarm is cancelled first. `None` if the deadline has passed
+    /// already: then nothing is armed, and the caller acts at once. Call it
+    /// within a Tokio runtime with timers.
+    pub(crate) fn arm(&self, deadline: Instant, waker: &Waker) -> Option<Alarm> {
+        if deadline <= Instant::now() {
+            return None;
+        }
+        let runtime = Handle::current().id();
+        let clock = self.clock.get_or_init(|| Clock::new(runtime, deadline));
+        if clock.runtime != runtime {
+            return own_timer(deadline, waker);
+        }
+        Some(clock.arm(deadline, waker))
+    }
 }
 
 impl Alarm {
-    pub(crate) fn new() -> Self {
-        Alarm { sleep: None }
-    }
-
-    /// Wakes `waker` at `deadline`, from the runtime's time driver. True if
-    /// the deadline has passed already: then nothing is armed, and the
-    /// caller acts at once. Call it within a Tokio runtime with timers.
-    pub(crate) fn arm(&mut self, deadline: Instant, waker: &Waker) -> bool {
-        let sleep = self.sleep.insert(Box::pin(sleep_until(deadline)));
-        // Unconstrained: with the task's budget spent, the poll would wake
-        // the waker at once instead of registering the timer.
-        let mut first = tokio::task::unconstrained(sleep.as_mut());
-        let elapsed = Pin::new(&mut first)
-            .poll(&mut Context::from_waker(waker))
-            .is_ready();
-        if elapsed {
-            self.sleep = None;
-        }
-        elapsed
-    }
-
     /// Disarms the alarm: its waker is not woken (unless it is being woken
     /// right now) and is dropped.
     pub(crate) fn cancel(&mut self) {
-        self.sleep = None;
+        if let Armed::Shared { clock, key } = std::mem::take(&mut self.0) {
+            clock.cancel(&key);
+        }
+    }
+}
+
+/// A timer of its own for `waker` at `deadline`; `None` if it has passed.
+fn own_timer(deadline: Instant, waker: &Waker) -> Option<Alarm> {
+    let mut sleep = Box::pin(sleep_until(deadline));
+    (!poll_once(&mut sleep, waker)).then_some(Alarm(Armed::Own { _timer: sleep }))
+}
+
+/// Polls `sleep` once with `waker`: true if it has elapsed, else the
+/// runtime's timer wakes `waker` when it does.
+fn poll_once(sleep: &mut Pin<Box<Sleep>>, waker: &Waker) -> bool {
+    // Unconstrained: with the task's budget spent, the poll would wake the
+    // waker at once instead of setting the timer.
+    let mut first = tokio::task::unconstrained(sleep.as_mut());
+    Pin::new(&mut first)
+        .poll(&mut Context::from_waker(waker))
+        .is_ready()
+}
+
+impl Clock {
+    fn new(runtime: Id, deadline: Instant) -> Arc<Self> {
+        Arc::new(Clock {
+            runtime,
+            schedule: Mutex::new(Schedule {
+                due: BTreeMap::new(),
+                next: 0,
+                armed: None,
+                sleep: Box::pin(sleep_until(deadline)),
+            }),
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `f` on the schedule, then the timer's wake-up if it came
+    /// meanwhile (see [`fire`](Self::fire)).
+    fn with_schedule<R>(self: &Arc<Self>, f: impl FnOnce(&Arc<Self>, &mut Schedule) -> R) -> R {
+        let result = f(
+            self,
+            &mut self.schedule.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        // Pairs with the fence in `fire`: either it finds the schedule free,
+        // or this sees its wake-up.
+        fence(Ordering::SeqCst);
+        if self.pending.load(Ordering::SeqCst) {
+            self.fire();
+        }
+        result
+    }
+
+    fn arm(self: &Arc<Self>, deadline: Instant, waker: &Waker) -> Alarm {
+        let key = self.with_schedule(|clock, schedule| {
+            let key = (deadline, schedule.next);
+            schedule.next += 1;
+            schedule.due.insert(key, waker.clone());
+            if schedule.armed.is_none_or(|armed| deadline < armed) {
+                clock.set_timer(schedule, deadline);
+            }
+            key
+        });
+        Alarm(Armed::Shared {
+            clock: self.clone(),
+            key,
+        })
+    }
+
+    fn cancel(self: &Arc<Self>, key: &(Instant, u64)) {
+        self.with_schedule(|_, schedule| schedule.due.remove(key));
+    }
+
+    /// Sets the timer for `deadline`. If that has passed, or the runtime's
+    /// timer wakes the clock while it is being set (it may, on this very
+    /// thread), the wake-up is pending: it runs once the schedule is free.
+    fn set_timer(self: &Arc<Self>, schedule: &mut Schedule, deadline: Instant) {
+        schedule.armed = Some(deadline);
+        schedule.sleep.as_mut().reset(deadline);
+        let waker = Waker::from(self.clone());
+        if poll_once(&mut schedule.sleep, &waker) {
+            schedule.armed = None;
+            self.pending.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The timer went off: wakes every alarm that is due, and sets the
+    /// timer for the next. If the schedule is in use (by another thread, or
+    /// up this thread's stack while the timer is being set), its user does
+    /// this when it is done.
+    fn fire(self: &Arc<Self>) {
+        self.pending.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        loop {
+            let mut schedule = match self.schedule.try_lock() {
+                Ok(schedule) => schedule,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            if !self.pending.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            schedule.armed = None;
+            let now = Instant::now();
+            let mut woken = Vec::new();
+            while let Some(first) = schedule.due.first_entry() {
+                if first.key().0 > now {
+                    break;
+                }
+                woken.push(first.remove());
+            }
+            if let Some(next) = schedule.due.first_key_value().map(|(key, _)| key.0) {
+                self.set_timer(&mut schedule, next);
+            }
+            drop(schedule);
+            for waker in woken {
+                waker.wake();
+            }
+            fence(Ordering::SeqCst);
+            if !self.pending.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+}
+
+impl Wake for Clock {
+    fn wake(self: Arc<Self>) {
+        self.fire();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        (count, waker)
+    }
+
+    fn woken(count: &Count) -> usize {
+        count.0.load(Ordering::SeqCst)
+    }
+
+    /// Alarms go off at their deadlines, in order, however they were
+    /// armed; a cancelled one never does; the schedule is empty after.
+    #[tokio::test(start_paused = true)]
+    async fn alarms_go_off_at_their_deadlines_unless_cancelled() {
+        let clock = AlarmClock::default();
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let (late, late_waker) = counter();
+        let (early, early_waker) = counter();
+        let (cancelled, cancelled_waker) = counter();
+        let _late = clock.arm(at(300), &late_waker).unwrap();
+        // Earlier than the one the timer is set for: the timer moves.
+        let _early = clock.arm(at(100), &early_waker).unwrap();
+        let mut gone = clock.arm(at(200), &cancelled_waker).unwrap();
+        gone.cancel();
+        tokio::time::sleep_until(at(150)).await;
+        assert_eq!((woken(&early), woken(&late)), (1, 0));
+        tokio::time::sleep_until(at(350)).await;
+        assert_eq!((woken(&early), woken(&late), woken(&cancelled)), (1, 1, 0));
+        assert!(
+            clock
+                .clock
+                .get()
+                .unwrap()
+                .schedule
+                .lock()
+                .unwrap()
+                .due
+                .is_empty()
+        );
+    }
+
+    /// A deadline that has passed arms nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_past_deadline_arms_nothing() {
+        let clock = AlarmClock::default();
+        let (count, waker) = counter();
+        assert!(clock.arm(Instant::now(), &waker).is_none());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(woken(&count), 0);
+    }
+
+    /// A lock held on another runtime than the clock's gets a timer of its
+    /// own, which goes off on that runtime.
+    #[test]
+    fn another_runtime_gets_its_own_timer() {
+        let clock = AlarmClock::default();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let (count, waker) = counter();
+            runtime().block_on(async {
+                let alarm = clock.arm(Instant::now() + Duration::from_millis(10), &waker);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(alarm);
+            });
+            assert_eq!(woken(&count), 1);
+        }
+        assert!(
+            clock
+                .clock
+                .get()
+                .unwrap()
+                .schedule
+                .lock()
+                .unwrap()
+                .due
+                .is_empty()
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::task::{Wake, Waker};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
-use super::alarm::Alarm;
+use super::alarm::{Alarm, AlarmClock};
 use super::extend_loop::{Ended, ExtendLoop};
 use super::held::{LockView, ViewSource};
 use super::local_queue::HintsRef;
@@ -71,15 +71,29 @@ impl<M: DistMutex> Lease<M> {
     /// early: it still extends at the deadline, never before. Acquisition
     /// is read from the lock's `until` (see `acquire::hold`), which can only
     /// put it earlier: extensions come sooner, never later.
-    pub(crate) fn hold(view: LockView, extend_loop: ExtendLoop<M>) -> Arc<Self> {
+    pub(crate) fn hold(
+        view: LockView,
+        extend_loop: ExtendLoop<M>,
+        clock: &AlarmClock,
+    ) -> Arc<Self> {
         let deadline = extend_loop.first_deadline();
         let lease = Self::new(view, extend_loop);
         let waker = Waker::from(lease.clone());
-        let mut state = lease.state();
-        let elapsed = state.alarm.arm(deadline, &waker);
-        drop(state);
-        if elapsed {
+        // Armed with the state free: an alarm that goes off at once starts
+        // the extend loop, which takes the state.
+        let Some(alarm) = clock.arm(deadline, &waker) else {
             lease.start_extend_loop();
+            return lease;
+        };
+        let mut state = lease.state();
+        if let Stage::Armed(_) = state.stage {
+            state.alarm = alarm;
+            drop(state);
+        } else {
+            // It went off already and started the extend loop.
+            drop(state);
+            let mut alarm = alarm;
+            alarm.cancel();
         }
         lease
     }
@@ -90,7 +104,7 @@ impl<M: DistMutex> Lease<M> {
             view,
             state: Mutex::new(State {
                 stage: Stage::Armed(extend_loop),
-                alarm: Alarm::new(),
+                alarm: Alarm::default(),
             }),
             let_go: Notify::new(),
             runtime: Handle::current(),
@@ -134,10 +148,13 @@ impl<M: DistMutex> Lease<M> {
                 unreachable!("armed above");
             };
             state.stage = Stage::Extending(extend_loop.held.place.share());
-            // Fired already, unless the wake-up came early.
-            state.alarm.cancel();
-            extend_loop
+            // Fired already, unless the wake-up came early; cancelled once
+            // the state is free, as the alarm's clock may wake other leases.
+            let alarm = std::mem::take(&mut state.alarm);
+            (extend_loop, alarm)
         };
+        let (extend_loop, mut alarm) = extend_loop;
+        alarm.cancel();
         self.runtime
             .spawn(self.clone().extend_then_release(extend_loop));
     }
@@ -173,8 +190,9 @@ impl<M: DistMutex> LetGo for Lease<M> {
         match std::mem::replace(stage, Stage::Done) {
             Stage::Armed(extend_loop) => {
                 // No extend loop will start: the release is done here.
-                alarm.cancel();
+                let mut alarm = std::mem::take(alarm);
                 drop(state);
+                alarm.cancel();
                 extend_loop.held.let_go(&self, &self.runtime);
             }
             Stage::Extending(holder) => {
@@ -297,7 +315,7 @@ mod tests {
         let (view, extend_loop) = taken(&sync, "late", Instant::now() - Duration::from_millis(1));
         let metrics = Handle::current().metrics();
         assert_eq!(metrics.num_alive_tasks(), 0);
-        let (guard, held) = handles(&Lease::hold(view, extend_loop));
+        let (guard, held) = handles(&Lease::hold(view, extend_loop, &AlarmClock::default()));
         assert_eq!(metrics.num_alive_tasks(), 1, "the extend loop started");
         drop(guard);
         held.lost().await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::alarm::AlarmClock;
 use super::name::Namer;
 use super::rejection::{Rejection, RejectionMapper};
 use super::settings::{MIN_EXTEND_EVERY, MissingKey, OnLost, ReleaseOn};
@@ -329,6 +330,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             mapper: self.mapper,
             queues: Arc::default(),
             held_count: Arc::default(),
+            alarms: AlarmClock::default(),
         };
         Ok(DistLockLayer {
             shared: Arc::new(shared),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use super::alarm::AlarmClock;
 use super::local_queue::LocalQueues;
 use super::name::Namer;
 use super::rejection::RejectionMapper;
@@ -29,6 +30,8 @@ pub(crate) struct LayerState<D> {
     pub(crate) queues: Arc<LocalQueues>,
     /// Locks held now: one per extend loop task.
     pub(crate) held_count: Arc<AtomicUsize>,
+    /// The timers that start the extend loops of this layer's locks.
+    pub(crate) alarms: AlarmClock,
 }
 
 impl<D> LayerState<D> {
