@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::acquisition::{Acquisition, LockRecord, validity_end};
+use crate::acquisition::{Acquisition, LockRecord};
 use crate::error::{Error, Result};
 use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
@@ -242,8 +242,11 @@ impl MemoryMutex {
     /// `expires_at`: it set it at once, one expiry before, so no time
     /// elapsed counts against it; only the drift allowance does.
     fn validity_end(&self, expires_at: Instant) -> Instant {
-        let set_at = expires_at - self.options.expiry();
-        validity_end(set_at, self.validity, Duration::ZERO).unwrap_or(expires_at)
+        // `validity` is the expiry less the drift allowance: what is left
+        // of it ends that allowance before `expires_at`. Checked: an
+        // instant need not go that far back on every platform.
+        let drift = self.options.expiry().saturating_sub(self.validity);
+        expires_at.checked_sub(drift).unwrap_or(expires_at)
     }
 }
 
