@@ -59,6 +59,8 @@ fn request(i: u64) -> Request<()> {
 }
 
 const ALLOC_REQUESTS: u64 = 100_000;
+/// How many chunks are timed; `DSYNC_FLOOR_CHUNKS` sets fewer, for a run
+/// under an instruction counter such as callgrind.
 const CHUNKS: u32 = 300;
 const CHUNK: u64 = 5_000;
 
@@ -118,7 +120,7 @@ fn main() {
         );
 
         let mut fastest = [f64::MAX; 2];
-        for _ in 0..CHUNKS {
+        for _ in 0..chunks() {
             for (best, locked) in fastest.iter_mut().zip([false, true]) {
                 let start = Instant::now();
                 for _ in 0..CHUNK {
@@ -133,10 +135,19 @@ fn main() {
             }
         }
         println!(
-            "fastest of {CHUNKS} chunks of {CHUNK} requests: bare {:.0} ns, DistLockLayer over MemorySync {:.0} ns, added {:.0} ns",
+            "fastest of {} chunks of {CHUNK} requests: bare {:.0} ns, DistLockLayer over MemorySync {:.0} ns, added {:.0} ns",
+            chunks(),
             fastest[0],
             fastest[1],
             fastest[1] - fastest[0]
         );
     });
+}
+
+/// [`CHUNKS`], or `DSYNC_FLOOR_CHUNKS`.
+fn chunks() -> u32 {
+    std::env::var("DSYNC_FLOOR_CHUNKS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CHUNKS)
 }
