@@ -30,6 +30,8 @@ pub(crate) struct AlarmClock {
 /// earliest.
 struct Clock {
     runtime: Id,
+    /// Where the timer is set again after it went off (see `fire`).
+    handle: Handle,
     schedule: Mutex<Schedule>,
     /// The timer went off and the alarms due are not woken yet.
     pending: AtomicBool,
@@ -44,6 +46,8 @@ struct Schedule {
     /// `due` when the timer was last set, or earlier (an alarm cancelled
     /// since).
     armed: Option<Instant>,
+    /// A task that sets the timer again is on its way.
+    resetting: bool,
     /// The timer, set again for each next deadline; it wakes the clock.
     sleep: Pin<Box<Sleep>>,
 }
@@ -77,8 +81,9 @@ impl AlarmClock {
         if deadline <= Instant::now() {
             return None;
         }
-        let runtime = Handle::current().id();
-        let clock = self.clock.get_or_init(|| Clock::new(runtime, deadline));
+        let handle = Handle::current();
+        let runtime = handle.id();
+        let clock = self.clock.get_or_init(|| Clock::new(handle, deadline));
         if clock.runtime != runtime {
             return own_timer(deadline, waker);
         }
@@ -114,13 +119,15 @@ fn poll_once(sleep: &mut Pin<Box<Sleep>>, waker: &Waker) -> bool {
 }
 
 impl Clock {
-    fn new(runtime: Id, deadline: Instant) -> Arc<Self> {
+    fn new(handle: Handle, deadline: Instant) -> Arc<Self> {
         Arc::new(Clock {
-            runtime,
+            runtime: handle.id(),
+            handle,
             schedule: Mutex::new(Schedule {
                 due: BTreeMap::new(),
                 next: 0,
                 armed: None,
+                resetting: false,
                 sleep: Box::pin(sleep_until(deadline)),
             }),
             pending: AtomicBool::new(false),
@@ -176,8 +183,21 @@ impl Clock {
         }
     }
 
-    /// The timer went off: wakes every alarm that is due, and sets the
-    /// timer for the next. If the schedule is in use (by another thread, or
+    /// Sets the timer for the earliest alarm, after it went off.
+    fn reset(self: &Arc<Self>) {
+        self.with_schedule(|clock, schedule| {
+            schedule.resetting = false;
+            let next = schedule.due.first_key_value().map(|(key, _)| key.0);
+            if let Some(next) = next
+                && schedule.armed.is_none_or(|armed| next < armed)
+            {
+                clock.set_timer(schedule, next);
+            }
+        });
+    }
+
+    /// The timer went off: wakes every alarm that is due, and has the timer
+    /// set for the next. If the schedule is in use (by another thread, or
     /// up this thread's stack while the timer is being set), its user does
     /// this when it is done.
     fn fire(self: &Arc<Self>) {
@@ -201,8 +221,13 @@ impl Clock {
                 }
                 woken.push(first.remove());
             }
-            if let Some(next) = schedule.due.first_key_value().map(|(key, _)| key.0) {
-                self.set_timer(&mut schedule, next);
+            // Set again from a task, not from here: this may run in the
+            // runtime's shutdown, where polling a timer panics (and a task
+            // is not spawned).
+            if !schedule.due.is_empty() && !schedule.resetting {
+                schedule.resetting = true;
+                let clock = self.clone();
+                drop(self.handle.spawn(async move { clock.reset() }));
             }
             drop(schedule);
             for waker in woken {
@@ -327,5 +352,84 @@ mod tests {
                 .due
                 .is_empty()
         );
+    }
+
+    /// A runtime dropped with alarms armed on its clock (the first one
+    /// woken, the other not due) shuts down without a panic: the clock is
+    /// not set again there.
+    #[test]
+    fn a_runtime_shut_down_with_alarms_armed_does_not_panic() {
+        let clock = AlarmClock::default();
+        let (count, waker) = counter();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let alarms = runtime.block_on(async {
+            let start = Instant::now();
+            let first = clock.arm(start + Duration::from_millis(10), &waker);
+            let later = clock.arm(start + Duration::from_secs(60), &waker);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            (first, later)
+        });
+        assert_eq!(woken(&count), 1);
+        drop(runtime);
+        drop(alarms);
+        assert_eq!(woken(&count), 1, "the later alarm never went off");
+    }
+
+    /// Alarms armed and cancelled from many tasks at once on a
+    /// multi-threaded runtime, while the timer goes off: each alarm left
+    /// armed goes off exactly once, no cancelled one does, and nothing is
+    /// left in the schedule.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn alarms_from_many_threads_go_off_once_unless_cancelled() {
+        let clock = Arc::new(AlarmClock::default());
+        let mut tasks = Vec::new();
+        for task in 0..8u64 {
+            let clock = clock.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut kept = Vec::new();
+                for i in 0..200u64 {
+                    let (count, waker) = counter();
+                    let deadline = Instant::now() + Duration::from_millis(1 + (i * 7 + task) % 20);
+                    let Some(mut alarm) = clock.arm(deadline, &waker) else {
+                        continue;
+                    };
+                    if i % 2 == 0 {
+                        alarm.cancel();
+                        kept.push((count, false, alarm));
+                    } else {
+                        kept.push((count, true, alarm));
+                    }
+                    if i % 16 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                kept
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        // Every alarm left armed goes off (within a generous bound), and the
+        // last deadline passes.
+        let last = Instant::now() + Duration::from_millis(21);
+        let bound = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < last
+            || all
+                .iter()
+                .any(|(count, armed, _)| *armed && woken(count) == 0)
+        {
+            assert!(Instant::now() < bound, "armed alarms did not go off");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for (count, armed, _) in &all {
+            assert_eq!(woken(count), usize::from(*armed));
+        }
+        let schedule = clock.clock.get().unwrap().schedule.lock().unwrap();
+        assert!(schedule.due.is_empty());
     }
 }
