@@ -134,8 +134,8 @@ impl Clock {
         })
     }
 
-    /// Runs `f` on the schedule, then the timer's wake-up if it came
-    /// meanwhile (see [`fire`](Self::fire)).
+    /// Runs `f` on the schedule, then hands on the timer's wake-up if it
+    /// came meanwhile (see [`fire`](Self::fire)).
     fn with_schedule<R>(self: &Arc<Self>, f: impl FnOnce(&Arc<Self>, &mut Schedule) -> R) -> R {
         let result = f(
             self,
@@ -145,7 +145,13 @@ impl Clock {
         // or this sees its wake-up.
         fence(Ordering::SeqCst);
         if self.pending.load(Ordering::SeqCst) {
-            self.fire();
+            // Not run here: this is a request's thread, whose handler may
+            // block it next, and the tasks `fire` spawns (extend loops, the
+            // timer's reset) would wait in this worker's own slot until it
+            // is free. From a blocking thread, any worker takes them. At
+            // shutdown nothing runs, and `pending` stays for the next.
+            let clock = self.clone();
+            drop(self.handle.spawn_blocking(move || clock.fire()));
         }
         result
     }
@@ -431,5 +437,76 @@ mod tests {
         }
         let schedule = clock.clock.get().unwrap().schedule.lock().unwrap();
         assert!(schedule.due.is_empty());
+    }
+
+    /// A multi-threaded runtime whose timer goes off while a request's
+    /// thread has the schedule (arming or cancelling), after which that
+    /// request's handler blocks its thread until `until` holds (or 10 s
+    /// pass): `wakers` armed 10 ms apart from now.
+    fn block_after_a_deferred_wake_up(
+        wakers: Vec<Waker>,
+        until: impl Fn() -> bool + Clone + Send + 'static,
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        let alarms = Arc::new(AlarmClock::default());
+        let task_until = until.clone();
+        runtime.spawn(async move {
+            let now = Instant::now();
+            let armed: Vec<_> = (1u64..)
+                .zip(&wakers)
+                .map(|(i, waker)| alarms.arm(now + Duration::from_millis(10 * i), waker))
+                .collect();
+            let clock = alarms.clock.get().unwrap().clone();
+            clock.with_schedule(|clock, _| {
+                while !clock.pending.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+            });
+            let bound = std::time::Instant::now() + Duration::from_secs(10);
+            while !task_until() && std::time::Instant::now() < bound {
+                std::thread::yield_now();
+            }
+            drop(armed);
+        });
+        let bound = std::time::Instant::now() + Duration::from_secs(10);
+        while !until() && std::time::Instant::now() < bound {
+            std::thread::yield_now();
+        }
+        runtime.shutdown_background();
+    }
+
+    /// The timer is set again for the next alarm on another worker.
+    #[test]
+    fn a_later_alarm_goes_off_while_the_thread_that_had_the_schedule_blocks() {
+        let (first, first_waker) = counter();
+        let (later, later_waker) = counter();
+        let seen = later.clone();
+        block_after_a_deferred_wake_up(vec![first_waker, later_waker], move || woken(&seen) > 0);
+        assert_eq!((woken(&first), woken(&later)), (1, 1));
+    }
+
+    /// A task the alarm's waker spawns (as a lease spawns its extend loop)
+    /// runs on another worker.
+    #[test]
+    fn a_task_an_alarm_spawns_runs_while_the_thread_that_had_the_schedule_blocks() {
+        /// Spawns a task that counts.
+        struct Spawner(Arc<Count>);
+        impl Wake for Spawner {
+            fn wake(self: Arc<Self>) {
+                let ran = self.0.clone();
+                drop(tokio::spawn(async move {
+                    ran.0.fetch_add(1, Ordering::SeqCst);
+                }));
+            }
+        }
+        let ran = Arc::new(Count::default());
+        let waker = Waker::from(Arc::new(Spawner(ran.clone())));
+        let seen = ran.clone();
+        block_after_a_deferred_wake_up(vec![waker], move || woken(&seen) > 0);
+        assert_eq!(woken(&ran), 1, "the spawned task ran");
     }
 }
