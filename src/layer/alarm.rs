@@ -280,6 +280,12 @@ mod tests {
         (count, waker)
     }
 
+    /// Whether `clock`'s schedule is empty.
+    fn nothing_due(clock: &AlarmClock) -> bool {
+        let clock = clock.clock.get().expect("the clock was used");
+        clock.schedule.lock().unwrap().due.is_empty()
+    }
+
     fn woken(count: &Count) -> usize {
         count.0.load(Ordering::SeqCst)
     }
@@ -303,17 +309,7 @@ mod tests {
         assert_eq!((woken(&early), woken(&late)), (1, 0));
         tokio::time::sleep_until(at(350)).await;
         assert_eq!((woken(&early), woken(&late), woken(&cancelled)), (1, 1, 0));
-        assert!(
-            clock
-                .clock
-                .get()
-                .unwrap()
-                .schedule
-                .lock()
-                .unwrap()
-                .due
-                .is_empty()
-        );
+        assert!(nothing_due(&clock));
     }
 
     /// A deadline that has passed arms nothing.
@@ -347,17 +343,7 @@ mod tests {
             });
             assert_eq!(woken(&count), 1);
         }
-        assert!(
-            clock
-                .clock
-                .get()
-                .unwrap()
-                .schedule
-                .lock()
-                .unwrap()
-                .due
-                .is_empty()
-        );
+        assert!(nothing_due(&clock));
     }
 
     /// A runtime dropped with alarms armed on its clock (the first one
@@ -435,8 +421,7 @@ mod tests {
         for (count, armed, _) in &all {
             assert_eq!(woken(count), usize::from(*armed));
         }
-        let schedule = clock.clock.get().unwrap().schedule.lock().unwrap();
-        assert!(schedule.due.is_empty());
+        assert!(nothing_due(&clock));
     }
 
     /// A multi-threaded runtime whose timer goes off while a request's
