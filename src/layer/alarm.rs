@@ -76,14 +76,15 @@ impl AlarmClock {
     /// Wakes `waker` at `deadline`, from the runtime's time driver, unless
     /// the alarm is cancelled first. `None` if the deadline has passed
     /// already: then nothing is armed, and the caller acts at once. Call it
-    /// within a Tokio runtime with timers.
-    pub(crate) fn arm(&self, deadline: Instant, waker: &Waker) -> Option<Alarm> {
+    /// within `runtime`, with timers.
+    pub(crate) fn arm(&self, deadline: Instant, waker: &Waker, runtime: &Handle) -> Option<Alarm> {
         if deadline <= Instant::now() {
             return None;
         }
-        let handle = Handle::current();
-        let runtime = handle.id();
-        let clock = self.clock.get_or_init(|| Clock::new(handle, deadline));
+        let clock = self
+            .clock
+            .get_or_init(|| Clock::new(runtime.clone(), deadline));
+        let runtime = runtime.id();
         if clock.runtime != runtime {
             return own_timer(deadline, waker);
         }
@@ -286,6 +287,11 @@ mod tests {
         clock.schedule.lock().unwrap().due.is_empty()
     }
 
+    /// Arms `waker` at `deadline` on `clock`, in the current runtime.
+    fn arm(clock: &AlarmClock, deadline: Instant, waker: &Waker) -> Option<Alarm> {
+        clock.arm(deadline, waker, &Handle::current())
+    }
+
     fn woken(count: &Count) -> usize {
         count.0.load(Ordering::SeqCst)
     }
@@ -300,10 +306,10 @@ mod tests {
         let (late, late_waker) = counter();
         let (early, early_waker) = counter();
         let (cancelled, cancelled_waker) = counter();
-        let _late = clock.arm(at(300), &late_waker).unwrap();
+        let _late = arm(&clock, at(300), &late_waker).unwrap();
         // Earlier than the one the timer is set for: the timer moves.
-        let _early = clock.arm(at(100), &early_waker).unwrap();
-        let mut gone = clock.arm(at(200), &cancelled_waker).unwrap();
+        let _early = arm(&clock, at(100), &early_waker).unwrap();
+        let mut gone = arm(&clock, at(200), &cancelled_waker).unwrap();
         gone.cancel();
         tokio::time::sleep_until(at(150)).await;
         assert_eq!((woken(&early), woken(&late)), (1, 0));
@@ -317,7 +323,7 @@ mod tests {
     async fn a_past_deadline_arms_nothing() {
         let clock = AlarmClock::default();
         let (count, waker) = counter();
-        assert!(clock.arm(Instant::now(), &waker).is_none());
+        assert!(arm(&clock, Instant::now(), &waker).is_none());
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(woken(&count), 0);
     }
@@ -337,7 +343,7 @@ mod tests {
         for _ in 0..2 {
             let (count, waker) = counter();
             runtime().block_on(async {
-                let alarm = clock.arm(Instant::now() + Duration::from_millis(10), &waker);
+                let alarm = arm(&clock, Instant::now() + Duration::from_millis(10), &waker);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 drop(alarm);
             });
@@ -360,8 +366,8 @@ mod tests {
             .unwrap();
         let alarms = runtime.block_on(async {
             let start = Instant::now();
-            let first = clock.arm(start + Duration::from_millis(10), &waker);
-            let later = clock.arm(start + Duration::from_secs(60), &waker);
+            let first = arm(&clock, start + Duration::from_millis(10), &waker);
+            let later = arm(&clock, start + Duration::from_secs(60), &waker);
             tokio::time::sleep(Duration::from_millis(20)).await;
             (first, later)
         });
@@ -386,7 +392,7 @@ mod tests {
                 for i in 0..200u64 {
                     let (count, waker) = counter();
                     let deadline = Instant::now() + Duration::from_millis(1 + (i * 7 + task) % 20);
-                    let Some(mut alarm) = clock.arm(deadline, &waker) else {
+                    let Some(mut alarm) = arm(&clock, deadline, &waker) else {
                         continue;
                     };
                     if i % 2 == 0 {
@@ -443,7 +449,7 @@ mod tests {
             let now = Instant::now();
             let armed: Vec<_> = (1u64..)
                 .zip(&wakers)
-                .map(|(i, waker)| alarms.arm(now + Duration::from_millis(10 * i), waker))
+                .map(|(i, waker)| arm(&alarms, now + Duration::from_millis(10 * i), waker))
                 .collect();
             let clock = alarms.clock.get().unwrap().clone();
             clock.with_schedule(|clock, _| {

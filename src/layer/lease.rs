@@ -81,7 +81,7 @@ impl<M: DistMutex> Lease<M> {
         let waker = Waker::from(lease.clone());
         // Armed with the state free: an alarm that goes off at once starts
         // the extend loop, which takes the state.
-        let Some(alarm) = clock.arm(deadline, &waker) else {
+        let Some(alarm) = clock.arm(deadline, &waker, &lease.runtime) else {
             lease.start_extend_loop();
             return lease;
         };
