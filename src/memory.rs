@@ -145,12 +145,12 @@ impl DistSync for MemorySync {
 impl MemorySync {
     /// A mutex on `name`, checked already.
     fn mutex_named(&self, name: Arc<str>, options: DistMutexOptions) -> Result<MemoryMutex> {
-        let validity = options.validated_validity()?;
+        let drift = options.validated_drift()?;
         Ok(MemoryMutex {
             shared: self.shared.clone(),
             name: self.shared.hashing.name(name),
             record: LockRecord::new(&options),
-            validity,
+            drift,
             options,
         })
     }
@@ -173,8 +173,8 @@ pub struct MemoryMutex {
     shared: Arc<MemoryState>,
     name: HashedName,
     options: DistMutexOptions,
-    /// `options.validity()`, computed once.
-    validity: Duration,
+    /// `options.drift()`, computed once.
+    drift: Duration,
     record: LockRecord,
 }
 
@@ -242,11 +242,8 @@ impl MemoryMutex {
     /// `expires_at`: it set it at once, one expiry before, so no time
     /// elapsed counts against it; only the drift allowance does.
     fn validity_end(&self, expires_at: Instant) -> Instant {
-        // `validity` is the expiry less the drift allowance: what is left
-        // of it ends that allowance before `expires_at`. Checked: an
-        // instant need not go that far back on every platform.
-        let drift = self.options.expiry().saturating_sub(self.validity);
-        expires_at.checked_sub(drift).unwrap_or(expires_at)
+        // Checked: an instant need not go that far back on every platform.
+        expires_at.checked_sub(self.drift).unwrap_or(expires_at)
     }
 }
 

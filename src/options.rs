@@ -418,12 +418,12 @@ impl DistMutexOptions {
         self.check(self.drift())
     }
 
-    /// [`validate`](Self::validate), and the [`validity`](Self::validity),
+    /// [`validate`](Self::validate), and the [`drift`](Self::drift),
     /// computed once.
-    pub(crate) fn validated_validity(&self) -> Result<Duration> {
+    pub(crate) fn validated_drift(&self) -> Result<Duration> {
         let drift = self.drift();
         self.check(drift)?;
-        Ok(self.expiry.saturating_sub(drift))
+        Ok(drift)
     }
 
     /// The checks of [`validate`](Self::validate), given the drift.
