@@ -52,8 +52,7 @@ struct Schedule {
     sleep: Pin<Box<Sleep>>,
 }
 
-/// An armed alarm; cancelled with [`Alarm::cancel`] (dropped, one on the
-/// shared clock stays until it goes off: cancel it).
+/// An armed alarm; cancelled with [`Alarm::cancel`] or when dropped.
 #[derive(Default)]
 pub(crate) struct Alarm(Armed);
 
@@ -99,6 +98,14 @@ impl Alarm {
         if let Armed::Shared { clock, key } = std::mem::take(&mut self.0) {
             clock.cancel(&key);
         }
+    }
+}
+
+impl Drop for Alarm {
+    /// An alarm nobody holds is cancelled: its waker (a lease) does not
+    /// stay in the clock until the deadline.
+    fn drop(&mut self) {
+        self.cancel();
     }
 }
 

@@ -92,8 +92,7 @@ impl<M: DistMutex> Lease<M> {
         } else {
             // It went off already and started the extend loop.
             drop(state);
-            let mut alarm = alarm;
-            alarm.cancel();
+            drop(alarm);
         }
         lease
     }
@@ -139,22 +138,21 @@ impl<M: DistMutex> Lease<M> {
     /// Spawns the extend loop's task, unless it runs already or the request has
     /// let go.
     fn start_extend_loop(self: &Arc<Self>) {
-        let extend_loop = {
+        let (extend_loop, alarm) = {
             let mut state = self.state();
-            let Stage::Armed(_) = state.stage else {
-                return;
-            };
-            let Stage::Armed(extend_loop) = std::mem::replace(&mut state.stage, Stage::Done) else {
-                unreachable!("armed above");
+            let extend_loop = match std::mem::replace(&mut state.stage, Stage::Done) {
+                Stage::Armed(extend_loop) => extend_loop,
+                other => {
+                    state.stage = other;
+                    return;
+                }
             };
             state.stage = Stage::Extending(extend_loop.held.place.share());
-            // Fired already, unless the wake-up came early; cancelled once
-            // the state is free, as the alarm's clock may wake other leases.
-            let alarm = std::mem::take(&mut state.alarm);
-            (extend_loop, alarm)
+            // Gone off already, unless the wake-up came early; cancelled
+            // (dropped) once the state is free.
+            (extend_loop, std::mem::take(&mut state.alarm))
         };
-        let (extend_loop, mut alarm) = extend_loop;
-        alarm.cancel();
+        drop(alarm);
         self.runtime
             .spawn(self.clone().extend_then_release(extend_loop));
     }
@@ -190,9 +188,9 @@ impl<M: DistMutex> LetGo for Lease<M> {
         match std::mem::replace(stage, Stage::Done) {
             Stage::Armed(extend_loop) => {
                 // No extend loop will start: the release is done here.
-                let mut alarm = std::mem::take(alarm);
+                let alarm = std::mem::take(alarm);
                 drop(state);
-                alarm.cancel();
+                drop(alarm);
                 extend_loop.held.let_go(&self, &self.runtime);
             }
             Stage::Extending(holder) => {
