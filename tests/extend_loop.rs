@@ -602,6 +602,9 @@ impl<M: DistMutex> DistMutex for SlowMutex<M> {
     fn until(&self) -> Option<Instant> {
         self.inner.until()
     }
+    fn fencing_token(&self) -> Option<u64> {
+        self.inner.fencing_token()
+    }
     async fn lock(&mut self) -> tower_dsync::Result<()> {
         self.inner.lock().await
     }
