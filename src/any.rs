@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::error::Result;
 use crate::options::DistMutexOptions;
-use crate::sync::{DistMutex, DistSync, FastPath};
+use crate::sync::{DistMutex, DistSync, FastPath, LocalLine};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -79,6 +79,19 @@ impl DistSync for AnySync {
         fast_path: FastPath,
     ) -> Result<AnyMutex> {
         self.0.new_any_mutex_named(name, options, fast_path)
+    }
+
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+        self.0.local_line(fast_path)
+    }
+
+    fn new_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex> {
+        self.0.new_any_mutex_in_turn(name, options, fast_path)
     }
 
     fn separator(&self) -> &str {
@@ -162,6 +175,13 @@ trait ErasedSync: Send + Sync + 'static {
         options: DistMutexOptions,
         fast_path: FastPath,
     ) -> Result<AnyMutex>;
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine>;
+    fn new_any_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex>;
     fn separator(&self) -> &str;
 }
 
@@ -178,6 +198,20 @@ impl<S: DistSync> ErasedSync for S {
         fast_path: FastPath,
     ) -> Result<AnyMutex> {
         let mutex = DistSync::new_mutex_named(self, name, options, fast_path)?;
+        Ok(AnyMutex(Box::new(mutex)))
+    }
+
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+        DistSync::local_line(self, fast_path)
+    }
+
+    fn new_any_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<AnyMutex> {
+        let mutex = DistSync::new_mutex_in_turn(self, name, options, fast_path)?;
         Ok(AnyMutex(Box::new(mutex)))
     }
 

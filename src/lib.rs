@@ -101,8 +101,10 @@ mod any;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
+mod by_name;
 mod error;
 mod hashed;
+mod holder_hints;
 pub mod layer;
 mod local_queue;
 mod memory;
@@ -118,9 +120,9 @@ pub use error::{BoxError, Error, NodeError, NotReplicated, Recovering, Result};
 pub use layer::DistLockLayer;
 pub use memory::{MemoryMutex, MemorySync};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
-#[doc(hidden)]
-pub use sync::FastPath;
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
+#[doc(hidden)]
+pub use sync::{FastPath, LocalLine};
 
 /// The README's Rust snippets compile as doctests.
 #[cfg(doctest)]

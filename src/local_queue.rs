@@ -1,37 +1,33 @@
 //! The in-process line: one FIFO queue per lock name, where the callers in
 //! one process that want the same name wait their turn, so that only the
 //! first of them talks to the backend. A name's queue lives exactly as long
-//! as some caller uses it. Used by the Tower layer (per request key) and by
-//! the Redis backend (per `lock()` call).
+//! as some caller uses it. The Tower layer waits in it per request key;
+//! the Redis backend per `lock()` call, and it lends its line to a layer
+//! over it, so that a request waits in one line.
 
-use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::future::poll_fn;
 use std::ops::Deref;
+use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 
-use crate::hashed::{HashedMap, HashedName, Hashing};
+use crate::by_name::ByName;
+use crate::hashed::HashedName;
+use crate::holder_hints::HolderHints;
 
-/// The registry of queues, one per name in use; `T` is what the users of a
-/// name share besides the queue itself.
-pub(crate) struct LocalQueues<T = ()> {
-    /// The queues of the names in use.
-    map: Mutex<HashedMap<InUse<T>>>,
-    hashing: Hashing,
+/// The registry of queues, one per name in use.
+#[derive(Default)]
+pub(crate) struct LocalQueues {
+    queues: ByName<Queue>,
 }
 
-/// A name's queue and how many callers use it.
-struct InUse<T> {
-    queue: Arc<Queue<T>>,
-    users: usize,
-}
-
-/// One name's queue: its line, and what the name's users share, in one
-/// allocation.
-struct Queue<T> {
+/// One name's queue: its line, and what its callers know about the holder
+/// of its turn, in one allocation.
+#[derive(Default)]
+struct Queue {
     line: Mutex<Line>,
-    shared: T,
+    hints: HolderHints,
 }
 
 /// Whether a name's turn is taken, and whose it is next. Places hold
@@ -121,31 +117,13 @@ impl Line {
     }
 }
 
-impl<T: Default> Queue<T> {
-    fn new() -> Self {
-        Queue {
-            line: Mutex::default(),
-            shared: T::default(),
-        }
-    }
-}
-
-impl<T> Queue<T> {
+impl Queue {
     fn line(&self) -> MutexGuard<'_, Line> {
         self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl<T> Default for LocalQueues<T> {
-    fn default() -> Self {
-        LocalQueues {
-            map: Mutex::default(),
-            hashing: Hashing::default(),
-        }
-    }
-}
-
-impl<T> fmt::Debug for LocalQueues<T> {
+impl fmt::Debug for LocalQueues {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalQueues")
             .field("names", &self.len())
@@ -153,57 +131,21 @@ impl<T> fmt::Debug for LocalQueues<T> {
     }
 }
 
-impl<T> LocalQueues<T> {
+impl LocalQueues {
     /// The number of names in use.
     pub(crate) fn len(&self) -> usize {
-        self.names().len()
+        self.queues.len()
     }
 
-    /// What the users of `name` share, while anyone uses it.
-    pub(crate) fn get(&self, name: &str) -> Option<PerName<T>> {
-        let name = self.hashing.name(Arc::from(name));
-        let names = self.names();
-        names.get(&name).map(|entry| PerName(entry.queue.clone()))
-    }
-
-    fn names(&self) -> MutexGuard<'_, HashedMap<InUse<T>>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn leave(&self, name: &HashedName) {
-        let mut names = self.names();
-        if let MapEntry::Occupied(mut entry) = names.entry(name.clone()) {
-            entry.get_mut().users -= 1;
-            if entry.get().users == 0 {
-                entry.remove();
-                // A burst of names must not keep its peak capacity for good:
-                // shrink once the map is a quarter full, to twice what is in
-                // use, so the rehash is paid for by the removals before it.
-                let (len, capacity) = (names.len(), names.capacity());
-                if capacity > 64 && len * 4 < capacity {
-                    names.shrink_to(len * 2);
-                }
-            }
-        }
-    }
-}
-
-impl<T: Default> LocalQueues<T> {
     /// Joins the queue of `name`; the returned place then waits for its
     /// turn.
-    pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place<T> {
-        let name = self.hashing.name(name);
-        let mut names = self.names();
-        let entry = names.entry(name.clone()).or_insert_with(|| InUse {
-            queue: Arc::new(Queue::new()),
-            users: 0,
-        });
-        entry.users += 1;
-        let ticket = entry.queue.line().join();
+    pub(crate) fn join(self: &Arc<Self>, name: Arc<str>) -> Place {
+        let (name, queue) = self.queues.join(name);
+        let ticket = queue.line().join();
         Place {
             queues: self.clone(),
             name,
-            queue: entry.queue.clone(),
+            queue,
             ticket,
         }
     }
@@ -212,14 +154,14 @@ impl<T: Default> LocalQueues<T> {
 /// A caller's place in a queue, taken when it joined: places get their
 /// turn in the order they joined. A place takes one turn; dropping it
 /// leaves the queue.
-pub(crate) struct Place<T> {
-    queues: Arc<LocalQueues<T>>,
+pub(crate) struct Place {
+    queues: Arc<LocalQueues>,
     name: HashedName,
-    queue: Arc<Queue<T>>,
+    queue: Arc<Queue>,
     ticket: u64,
 }
 
-impl<T> fmt::Debug for Place<T> {
+impl fmt::Debug for Place {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Place")
             .field("name", self.name.name())
@@ -227,11 +169,11 @@ impl<T> fmt::Debug for Place<T> {
     }
 }
 
-impl<T> Place<T> {
+impl Place {
     /// Waits for this caller's turn (FIFO in the order of `join`); the
     /// turn lasts as long as the returned guard. Cancel-safe: a dropped
     /// wait takes no turn, and leaves the line, so that the turn passes on.
-    pub(crate) async fn wait(&self) -> Turn<T> {
+    pub(crate) async fn wait(&self) -> Turn {
         let mut leave = LeaveUnlessServed {
             place: self,
             served: false,
@@ -251,14 +193,15 @@ impl<T> Place<T> {
 
     /// This caller's turn, if nobody holds it and nobody who joined before
     /// waits for it.
-    pub(crate) fn try_turn(&self) -> Option<Turn<T>> {
+    pub(crate) fn try_turn(&self) -> Option<Turn> {
         let mut line = self.queue.line();
         line.is_next(self.ticket).then(|| self.take(&mut line))
     }
 
-    /// Takes the turn, first in line.
-    fn take(&self, line: &mut Line) -> Turn<T> {
+    /// Takes the turn, first in line: a new holder, not releasing.
+    fn take(&self, line: &mut Line) -> Turn {
         line.take(self.ticket);
+        self.queue.hints.turn_started();
         Turn {
             queue: self.queue.clone(),
         }
@@ -269,31 +212,53 @@ impl<T> Place<T> {
         self.name.name()
     }
 
-    /// What the users of this name share.
-    pub(crate) fn shared(&self) -> &T {
-        &self.queue.shared
+    /// This caller's turn without waiting for a holder that is still
+    /// busy with its lock: `None` if one is. A holder that is releasing is
+    /// waited for, but only for that release: if the turn then goes to a
+    /// caller before this one, `None` at once.
+    pub(crate) async fn turn_unless_busy(&self) -> Option<Turn> {
+        if let Some(turn) = self.try_turn() {
+            return Some(turn);
+        }
+        // Registered before the check, so that a turn starting between the
+        // two is not missed.
+        let mut started = pin!(self.hints().turn_starts());
+        started.as_mut().enable();
+        if !self.hints().is_releasing() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            turn = self.wait() => Some(turn),
+            () = started => None,
+        }
     }
 
-    /// What the users of this name share, to keep beyond this place.
-    pub(crate) fn share(&self) -> PerName<T> {
-        PerName(self.queue.clone())
+    /// What the callers of this name know about the holder of its turn.
+    pub(crate) fn hints(&self) -> &HolderHints {
+        &self.queue.hints
+    }
+
+    /// The holder hints of this name, to keep beyond this place.
+    pub(crate) fn share_hints(&self) -> HintsRef {
+        HintsRef(self.queue.clone())
     }
 }
 
-impl<T> Drop for Place<T> {
+impl Drop for Place {
     fn drop(&mut self) {
         self.queue.line().leave(self.ticket);
-        self.queues.leave(&self.name);
+        self.queues.queues.leave(&self.name);
     }
 }
 
 /// Takes a place out of its line when its wait is dropped before its turn.
-struct LeaveUnlessServed<'p, T> {
-    place: &'p Place<T>,
+struct LeaveUnlessServed<'p> {
+    place: &'p Place,
     served: bool,
 }
 
-impl<T> Drop for LeaveUnlessServed<'_, T> {
+impl Drop for LeaveUnlessServed<'_> {
     fn drop(&mut self) {
         if !self.served {
             self.place.queue.line().leave(self.place.ticket);
@@ -302,17 +267,17 @@ impl<T> Drop for LeaveUnlessServed<'_, T> {
 }
 
 /// A caller's turn: the next caller in the queue goes when it is dropped.
-pub(crate) struct Turn<T> {
-    queue: Arc<Queue<T>>,
+pub(crate) struct Turn {
+    queue: Arc<Queue>,
 }
 
-impl<T> fmt::Debug for Turn<T> {
+impl fmt::Debug for Turn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Turn").finish_non_exhaustive()
     }
 }
 
-impl<T> Drop for Turn<T> {
+impl Drop for Turn {
     fn drop(&mut self) {
         let mut line = self.queue.line();
         line.taken = false;
@@ -320,14 +285,14 @@ impl<T> Drop for Turn<T> {
     }
 }
 
-/// What the users of a name share (see [`Place::share`]).
-pub(crate) struct PerName<T>(Arc<Queue<T>>);
+/// A name's holder hints, kept beyond a place (see [`Place::share_hints`]).
+pub(crate) struct HintsRef(Arc<Queue>);
 
-impl<T> Deref for PerName<T> {
-    type Target = T;
+impl Deref for HintsRef {
+    type Target = HolderHints;
 
-    fn deref(&self) -> &T {
-        &self.0.shared
+    fn deref(&self) -> &HolderHints {
+        &self.0.hints
     }
 }
 
@@ -426,23 +391,6 @@ mod tests {
         drop(a);
         drop(a_turn);
         assert!(c_waits.as_mut().poll(&mut cx).is_ready(), "b is skipped");
-    }
-
-    #[test]
-    fn the_map_gives_memory_back_after_a_burst() {
-        let queues: Arc<LocalQueues> = Arc::default();
-        let burst: Vec<_> = (0..20_000)
-            .map(|i| queues.join(i.to_string().into()))
-            .collect();
-        let peak = queues.names().capacity();
-        assert!(peak >= 20_000);
-        drop(burst);
-        assert_eq!(queues.len(), 0);
-        let left = queues.names().capacity();
-        assert!(
-            left <= 128,
-            "capacity {left} of {peak} kept with no name in use"
-        );
     }
 
     #[test]

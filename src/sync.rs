@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::local_queue::LocalQueues;
 use crate::options::DistMutexOptions;
 
 /// The longest accepted lock name, in bytes.
@@ -64,6 +65,42 @@ pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
     ) -> Result<Self::Mutex> {
         let _ = fast_path;
         self.new_mutex(name, options)
+    }
+
+    /// The in-process line this backend keeps per name, if it keeps one
+    /// that a layer over it may wait in: then a request waits in one line,
+    /// not in the layer's and then in the backend's. Called with a
+    /// [`FastPath`], by this crate only.
+    #[doc(hidden)]
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+        let _ = fast_path;
+        None
+    }
+
+    /// [`new_mutex_named`](Self::new_mutex_named) for a caller that holds
+    /// the name's turn in [`local_line`](Self::local_line): its `lock` does
+    /// not line up in it again. Called with a [`FastPath`], by this crate
+    /// only.
+    #[doc(hidden)]
+    fn new_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: FastPath,
+    ) -> Result<Self::Mutex> {
+        self.new_mutex_named(name, options, fast_path)
+    }
+}
+
+/// A backend's in-process line (see [`DistSync::local_line`]); only this
+/// crate looks inside.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct LocalLine(pub(crate) Arc<LocalQueues>);
+
+impl fmt::Debug for LocalLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LocalLine").field(&self.0).finish()
     }
 }
 

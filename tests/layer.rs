@@ -1387,6 +1387,60 @@ async fn requests_are_served_in_the_order_of_call() {
     assert_eq!(b.await.unwrap().status(), StatusCode::OK);
 }
 
+/// A layer over `RedisSync` waits in the backend's own in-process line, one
+/// line per request: a request for a key that a direct `lock()` caller of
+/// the same `RedisSync` is first in line for waits behind it, without a
+/// try at the nodes of its own, and gets the key once that caller is done
+/// with it.
+#[tokio::test]
+async fn a_layer_over_redis_waits_in_the_backends_line() {
+    let nodes = support::RedisNodes::start(1);
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let counting = Counting::new(sync.clone());
+    let layer = DistLockLayer::builder(counting.clone(), HeaderKey::new(KEY))
+        .namespace("test")
+        .wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let service = quick_service(layer);
+    let options = DistMutexOptions::default().with_tries(1_000);
+    let mut holder = sync.new_mutex("test:k", options.clone()).unwrap();
+    holder.lock().await.unwrap();
+    // A direct caller takes its turn in the line and tries the nodes.
+    let mut direct = Box::pin(async move {
+        let mut mutex = sync.new_mutex("test:k", options).unwrap();
+        mutex.lock().await.map(|()| mutex)
+    });
+    assert!(poll_once(&mut direct).await, "the holder has the key");
+    let direct = tokio::spawn(direct);
+    // The request lines up behind it: no lock call of its own yet.
+    let mut request = Box::pin(service.clone().oneshot(keyed("k")));
+    assert!(poll_once(&mut request).await);
+    assert_eq!(
+        counting.counts.locks(),
+        0,
+        "the request tried the nodes while a caller before it was in line"
+    );
+    holder.unlock().await.unwrap();
+    let mut direct = direct.await.unwrap().expect("the direct caller's turn");
+    assert!(
+        poll_once(&mut request).await,
+        "the direct caller holds the key"
+    );
+    direct.unlock().await.unwrap();
+    let response = request.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(counting.counts.locks() >= 1);
+}
+
+/// Polls `future` once, with this task's waker: whether it is pending.
+async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_pending())
+    })
+    .await
+}
+
 /// Failing fast, requests that come while the key's release is under way
 /// wait for that release only: once the key has passed to the first of
 /// them, the next one gets 409 at once (no time passes on the paused

@@ -1,4 +1,4 @@
-//! How a request gets its lock: its turn in the local queue, then the
+//! How a request gets its lock: its turn in the in-process line, then the
 //! backend, both within the wait budget; then a lease holds the lock. An
 //! uncontended request on a backend that answers at once gets it without
 //! waiting, straight from `call` ([`start`]); the others wait in the
@@ -13,11 +13,11 @@ use tokio::time::{Instant, timeout_at};
 use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
 use super::lease::Lease;
-use super::local_queue::{Place, Turn};
 use super::rejection::Rejection;
 use super::release::{HeldMutex, Live, ReleaseGuard};
 use super::state::LayerState;
 use crate::error::Error;
+use crate::local_queue::{Place, Turn};
 use crate::sync::{DistMutex, DistSync, FastPath};
 
 /// What a request that got its lock carries.
@@ -40,7 +40,7 @@ pub(crate) enum Start<D: DistSync> {
 /// A request that has to wait, and where.
 pub(crate) struct Waiting<D: DistSync> {
     place: Place,
-    /// Its turn in the local queue, once it has it.
+    /// Its turn in the in-process line, once it has it.
     turn: Option<Turn>,
     first: First<D::Mutex>,
 }
@@ -56,7 +56,7 @@ enum First<M> {
 }
 
 /// The acquisition of the lock on `name`, as far as it goes without
-/// waiting: the turn in the local queue if it is free, then one try at the
+/// waiting: the turn in the in-process line if it is free, then one try at the
 /// backend if it answers at once ([`DistMutex::try_lock_now`]). An
 /// uncontended request on the in-process backend is served from here,
 /// without the machinery of a future.
@@ -69,7 +69,6 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
             first: First::NotYet,
         });
     };
-    place.start_turn();
     let mut mutex = match new_mutex(shared, place.name(), 1, None) {
         Ok(mutex) => mutex,
         Err(error) => return Start::Failed(place.name().clone(), error),
@@ -111,10 +110,9 @@ pub(crate) async fn acquire<D: DistSync>(
     };
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
-        let retry_after = place.holder_remaining().unwrap_or(shared.options.expiry());
+        let retry_after = place.hints().remaining().unwrap_or(shared.options.expiry());
         return Err(Rejection::busy(retry_after, grpc));
     };
-    place.start_turn();
 
     // One try first: a free key is taken at once, and a backend that is
     // down answers 503 at once instead of after the whole budget.
@@ -148,7 +146,7 @@ pub(crate) async fn acquire<D: DistSync>(
 /// first extension falls due.
 fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
     let until = mutex.until();
-    place.set_holder_until(until);
+    place.hints().set_until(until);
     // The mutex's own value where it shares it, else a copy.
     let value = mutex
         .shared_value(FastPath::new())
@@ -204,7 +202,7 @@ impl Budget {
     }
 }
 
-/// Waits for this request's turn in the local queue: within the wait
+/// Waits for this request's turn in the in-process line: within the wait
 /// budget, or, failing fast, only for the release of a holder whose
 /// release is under way.
 async fn wait_turn(place: &Place, deadline: Instant, fail_fast: bool) -> Option<Turn> {
@@ -250,7 +248,13 @@ fn new_mutex<D: DistSync>(
             base.delay(retry)
         });
     }
-    shared.sync.new_mutex_named(name, options, FastPath::new())
+    if shared.backend_line {
+        shared
+            .sync
+            .new_mutex_in_turn(name, options, FastPath::new())
+    } else {
+        shared.sync.new_mutex_named(name, options, FastPath::new())
+    }
 }
 
 /// One try at the lock on `name`.

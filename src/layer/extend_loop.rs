@@ -88,7 +88,7 @@ impl<M: DistMutex> ExtendLoop<M> {
                 () = sleep_until(self.due(next)) => match self.extend_once().await {
                     Extension::Done { started } => {
                         let until = self.held.mutex.until();
-                        self.held.place.set_holder_until(until);
+                        self.held.place.hints().set_until(until);
                         view.set_until(until);
                         tracing::trace!(name = view.name(), "lock extended");
                         next = started + self.interval;

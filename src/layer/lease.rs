@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 use super::alarm::{Alarm, AlarmClock};
 use super::extend_loop::{Ended, ExtendLoop};
 use super::held::{LockView, ViewSource};
-use super::local_queue::HintsRef;
 use super::release::LetGo;
+use crate::local_queue::HintsRef;
 use crate::sync::DistMutex;
 
 /// The lease of one held lock, shared by the handler's
@@ -40,7 +40,7 @@ enum Stage<M> {
     /// The lease: no task yet, and the alarm starts the extend loop when
     /// the first extension falls due.
     Armed(ExtendLoop<M>),
-    /// The extend loop's task; the lease keeps what the key's local queue
+    /// The extend loop's task; the lease keeps what the key's in-process line
     /// shares, to tell waiting requests at once that the release is under
     /// way.
     Extending(HintsRef),
@@ -126,7 +126,7 @@ impl<M: DistMutex> Lease<M> {
             }
             // The key is freed for this process's next request now, not
             // when this one lets go.
-            extend_loop.held.place.shared().releasing();
+            extend_loop.held.place.hints().releasing();
         }
         extend_loop.held.release(&self.view, lost).await;
     }
@@ -147,7 +147,7 @@ impl<M: DistMutex> Lease<M> {
                     return;
                 }
             };
-            state.stage = Stage::Extending(extend_loop.held.place.share());
+            state.stage = Stage::Extending(extend_loop.held.place.share_hints());
             // Gone off already, unless the wake-up came early; cancelled
             // (dropped) once the state is free.
             (extend_loop, std::mem::take(&mut state.alarm))
@@ -211,9 +211,9 @@ mod tests {
 
     use super::*;
     use crate::layer::held::HeldLock;
-    use crate::layer::local_queue::LocalQueues;
     use crate::layer::release::{HeldMutex, Live, ReleaseGuard};
     use crate::layer::{OnLost, ReleaseOn};
+    use crate::local_queue::LocalQueues;
     use crate::{DistMutexOptions, DistSync, MemorySync};
 
     /// A freshly taken lock on `name` (expiry 3 s, extended every 1 s)

@@ -16,7 +16,7 @@ use super::state::LayerState;
 use super::stats::LockStats;
 use crate::error::Error;
 use crate::options::DistMutexOptions;
-use crate::sync::{DistSync, MAX_NAME_LEN, validate_name};
+use crate::sync::{DistSync, FastPath, MAX_NAME_LEN, validate_name};
 
 /// The default wait budget: how long a request may wait for a busy key.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -29,8 +29,11 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 /// configuration that cannot work, so a layer always can. Works with any
 /// [`DistSync`] backend (generic, or [`AnySync`](crate::AnySync) chosen at
 /// run time). Cheap to clone; every service made by one layer (and its
-/// clones) shares one local queue per key, and the counters that
-/// [`stats`](Self::stats) reads.
+/// clones) shares one in-process line per key, and the counters that
+/// [`stats`](Self::stats) reads. Over a backend that keeps a line of its
+/// own, as [`RedisSync`](crate::RedisSync) does, the layer waits in that
+/// one: a request waits in one line, together with the backend's other
+/// callers of the same name.
 ///
 /// ```
 /// use std::time::Duration;
@@ -316,7 +319,10 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             .unwrap_or(self.options.expiry() / 3)
             .min(validity / 2)
             .max(MIN_EXTEND_EVERY);
+        let line = self.sync.local_line(FastPath::new());
         let shared = LayerState {
+            backend_line: line.is_some(),
+            queues: line.map(|line| line.0).unwrap_or_default(),
             namer: Namer::new(&self.namespace, self.sync.separator()),
             sync: self.sync,
             options: self.options,
@@ -328,7 +334,6 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             validity,
             max_hold: self.max_hold,
             mapper: self.mapper,
-            queues: Arc::default(),
             held_count: Arc::default(),
             alarms: AlarmClock::default(),
         };

@@ -92,7 +92,6 @@ pub(crate) mod extract;
 mod future;
 mod held;
 mod lease;
-mod local_queue;
 mod lock_layer;
 mod name;
 mod rejection;

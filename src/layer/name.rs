@@ -42,7 +42,7 @@ impl Namer {
     /// adds a level to the name: with the separator `:`, the key `a:b` in
     /// namespace `n` is `n:a%3Ab`, which no key of namespace `n:a` can give.
     ///
-    /// Built on the stack and allocated once, shared by the local queue and
+    /// Built on the stack and allocated once, shared by the in-process line and
     /// the handler's [`HeldLock`](super::HeldLock).
     pub(crate) fn name(&self, key: &str) -> Result<Arc<str>, KeyError> {
         let max = self.max_key_len();

@@ -12,9 +12,9 @@ use tokio::runtime::Handle;
 use tokio::time::timeout;
 
 use super::held::{LockView, ViewSource};
-use super::local_queue::{Place, Turn};
 use super::settings::{OnLost, ReleaseOn};
 use crate::error::Error;
+use crate::local_queue::{Place, Turn};
 use crate::sync::DistMutex;
 
 /// What the guard needs of a held lock's state, whatever the backend.
@@ -150,7 +150,7 @@ impl<M: DistMutex> HeldMutex<M> {
     /// `runtime`, so that the response path never waits for the backend.
     pub(crate) fn let_go<L: LetGo>(mut self, lease: &Arc<L>, runtime: &Handle) {
         // Waiting requests learn at once that the release is under way.
-        self.place.shared().releasing();
+        self.place.hints().releasing();
         if self.release_now(lease.view()) {
             // Dropped here: the turn passes on.
             return;
@@ -220,5 +220,5 @@ fn report(view: &LockView, unlocked: Unlocked, lost: bool, place: &Place) {
         }
     }
     view.set_released();
-    place.set_holder_until(None);
+    place.hints().set_until(None);
 }

@@ -50,7 +50,7 @@ impl<S, D: DistSync, K> fmt::Debug for DistLock<S, D, K> {
 impl<S, D: DistSync, K> DistLock<S, D, K> {
     /// Wraps `inner` with `layer`'s locking: what
     /// [`Layer::layer`](tower_layer::Layer::layer) does. Services made from
-    /// one layer (or its clones) share its local queues and its counters.
+    /// one layer (or its clones) share its in-process line and its counters.
     ///
     /// ```
     /// use std::convert::Infallible;

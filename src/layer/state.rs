@@ -6,11 +6,11 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use super::alarm::AlarmClock;
-use super::local_queue::LocalQueues;
 use super::name::Namer;
 use super::rejection::RejectionMapper;
 use super::settings::{MissingKey, OnLost, ReleaseOn};
 use super::stats::LockStats;
+use crate::local_queue::LocalQueues;
 use crate::options::DistMutexOptions;
 
 /// What every service of a layer shares.
@@ -27,7 +27,13 @@ pub(crate) struct LayerState<D> {
     pub(crate) validity: Duration,
     pub(crate) max_hold: Option<Duration>,
     pub(crate) mapper: Option<RejectionMapper>,
+    /// The in-process line per key: the backend's when it lends one
+    /// ([`DistSync::local_line`](crate::DistSync)), else the layer's own.
     pub(crate) queues: Arc<LocalQueues>,
+    /// Whether `queues` is the backend's line: a request that holds its
+    /// turn there then makes its mutex with `new_mutex_in_turn`, so that
+    /// the backend does not line it up again.
+    pub(crate) backend_line: bool,
     /// Locks held now: one per extend loop task.
     pub(crate) held_count: Arc<AtomicUsize>,
     /// The timers that start the extend loops of this layer's locks.

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::local_queue::LocalQueues;
+use crate::local_queue::LocalQueues;
 
 /// A handle on the counters of one [`DistLockLayer`](super::DistLockLayer)
 /// and of every service it made: reading them takes no lock and costs no
@@ -48,7 +48,11 @@ impl LockStats {
     }
 
     /// The number of keys with requests in flight in this process, waiting
-    /// or holding. A key's entry goes away with its last request.
+    /// or holding. A key's entry goes away with its last request. Over a
+    /// backend whose in-process line the layer shares (`RedisSync`), it
+    /// counts the names in that line: also those of the backend's other
+    /// callers that wait for a name or hold its turn now (another layer,
+    /// a direct `lock` call).
     pub fn local_keys(&self) -> usize {
         self.queues.len()
     }

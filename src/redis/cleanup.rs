@@ -225,7 +225,7 @@ pub(crate) fn release_leftovers(
         futures_util::future::join(prompt_part, late_part).await;
         let waiter_done = release.requeue.is_none();
         if let Some(start) = queued
-            && (waiter_done || shared.queues.get(&keys.lock).is_none_or(|s| s.is_idle()))
+            && (waiter_done || shared.waiters.get(&keys.lock).is_none_or(|s| s.is_idle()))
         {
             leave_queues(&shared, &keys, start, release.timeout);
         }

@@ -12,8 +12,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::keys::{Keys, slot};
-use super::local_waiters::{LocalWaiters, deliver};
-use crate::local_queue::LocalQueues;
+use super::local_waiters::{WaiterLists, deliver};
 
 /// The connections to a cluster, made lazily: one for the locks'
 /// commands, one for the wake-up subscriptions, whose push messages
@@ -114,19 +113,19 @@ impl State {
 
 impl SlotWakeups {
     /// Starts the task that reads the connection's push messages and wakes
-    /// the waiters found in `queues`.
+    /// the waiters found in `waiters`.
     pub(crate) fn start(
         conn: ClusterConnection,
         pushes: mpsc::UnboundedReceiver<PushInfo>,
         client_id: Arc<str>,
-        queues: Weak<LocalQueues<LocalWaiters>>,
+        waiters: Weak<WaiterLists>,
     ) -> Self {
         let state = Arc::new(State {
             conn,
             subscribed: Mutex::default(),
             unsharded: AtomicBool::new(false),
         });
-        tokio::spawn(read_pushes(pushes, Arc::downgrade(&state), queues));
+        tokio::spawn(read_pushes(pushes, Arc::downgrade(&state), waiters));
         SlotWakeups { client_id, state }
     }
 
@@ -182,7 +181,7 @@ fn refused(e: &redis::RedisError) -> bool {
 async fn read_pushes(
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     state: Weak<State>,
-    queues: Weak<LocalQueues<LocalWaiters>>,
+    waiters: Weak<WaiterLists>,
 ) {
     while let Some(push) = pushes.recv().await {
         let Some(state) = state.upgrade() else { return };
@@ -190,11 +189,11 @@ async fn read_pushes(
         let channel = data.next().and_then(|v| text(&v));
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
-                let Some(queues) = queues.upgrade() else {
+                let Some(waiters) = waiters.upgrade() else {
                     return;
                 };
                 if let Some(payload) = data.next().and_then(|v| text(&v)) {
-                    deliver(&queues, &payload);
+                    deliver(&waiters, &payload);
                 }
             }
             PushKind::SSubscribe | PushKind::Subscribe => {

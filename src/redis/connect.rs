@@ -11,7 +11,7 @@ use super::cluster;
 use super::conn::Conn;
 use super::keys::Keys;
 use super::node::Node;
-use super::state::Queues;
+use super::state::Waiters;
 use super::wakeups;
 use crate::error::{Error, Result};
 
@@ -21,7 +21,7 @@ pub(crate) struct Setup<'a> {
     pub(crate) connect_timeout: Duration,
     pub(crate) replicas: Option<(usize, Duration)>,
     pub(crate) client_id: &'a Arc<str>,
-    pub(crate) queues: &'a Queues,
+    pub(crate) waiters: &'a Waiters,
 }
 
 impl Setup<'_> {
@@ -44,7 +44,7 @@ impl Setup<'_> {
             Keys::plain(self.key_prefix, "")
                 .channel(self.client_id)
                 .into(),
-            Arc::downgrade(self.queues),
+            Arc::downgrade(self.waiters),
         );
         let mut nodes = Vec::with_capacity(clients.len());
         for client in clients {
@@ -92,7 +92,7 @@ impl Setup<'_> {
             connections.subscriptions,
             connections.pushes,
             self.client_id.clone(),
-            Arc::downgrade(self.queues),
+            Arc::downgrade(self.waiters),
         );
         let label = format!("cluster({})", labels.join(","));
         Ok((

@@ -9,10 +9,12 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::sync::Notify;
 
-use crate::local_queue::LocalQueues;
+use crate::by_name::ByName;
 
-/// What the waiters of one process share for one name, next to their
-/// local queue.
+/// This process's waiters of each lock key.
+pub(crate) type WaiterLists = ByName<LocalWaiters>;
+
+/// What the waiters of one process share for one lock key.
 #[derive(Default)]
 pub(crate) struct LocalWaiters {
     /// Woken by a release message addressed to this process for this name.
@@ -144,10 +146,10 @@ impl LocalWaiters {
 
 /// Wakes the waiter of this process for the lock key named in a release
 /// message (`nonce key`).
-pub(crate) fn deliver(queues: &LocalQueues<LocalWaiters>, payload: &str) {
+pub(crate) fn deliver(waiters: &WaiterLists, payload: &str) {
     if let Some((nonce, key)) = payload.split_once(' ')
         && let Ok(nonce) = nonce.parse::<u64>()
-        && let Some(waiters) = queues.get(key)
+        && let Some(waiters) = waiters.get(key)
     {
         waiters.announced(nonce);
     }

@@ -9,11 +9,10 @@ use tokio::time::Instant;
 use super::cleanup::{Cleanup, release_leftovers, settle_acquired, wait_for_cleanup};
 use super::fencing::{Fencing, fence};
 use super::keys::Keys;
-use super::local_waiters::LocalWaiters;
 use super::node::{AcquireArgs, Claim, Node};
 use super::quorum::Round;
 use super::state::RedisState;
-use super::wait_queue::Waiter;
+use super::wait_queue::{Waiter, turn_within};
 use crate::acquisition::{Acquisition, validity_end};
 use crate::error::{Error, NodeError, Recovering, Result};
 use crate::local_queue::Turn;
@@ -25,7 +24,9 @@ use crate::options::DistMutexOptions;
 /// Callers that may wait (more than one try) line up per name in this
 /// process, first come first served: only the first talks to the nodes,
 /// and the process takes its place in the nodes' wait queues. A queued
-/// caller waits at most as long as its own tries could take.
+/// caller waits at most as long as its own tries could take. A caller
+/// that holds the name's turn already (a layer's request, which waited in
+/// the same line) does not line up again.
 pub(crate) struct LockCall<'m> {
     shared: &'m Arc<RedisState>,
     keys: &'m Arc<Keys>,
@@ -35,7 +36,7 @@ pub(crate) struct LockCall<'m> {
     cleanup: &'m mut Option<Cleanup>,
     /// This call's turn in the process's line, held until the call ends
     /// (dropped before the waiter, which then leaves the line).
-    _turn: Option<Turn<LocalWaiters>>,
+    _turn: Option<Turn>,
     /// The call's place in the process's line, when it may wait.
     waiter: Option<Waiter>,
     /// The per-node timeout.
@@ -65,6 +66,16 @@ pub(crate) struct LockCall<'m> {
     last_error: Option<Error>,
 }
 
+/// What a [`LockCall`] needs of its mutex.
+pub(crate) struct MutexParts<'m> {
+    pub(crate) shared: &'m Arc<RedisState>,
+    pub(crate) name: &'m Arc<str>,
+    pub(crate) keys: &'m Arc<Keys>,
+    pub(crate) options: &'m DistMutexOptions,
+    /// Its caller holds the name's turn in the process's line.
+    pub(crate) in_turn: bool,
+}
+
 /// What a successful [`LockCall`] hands its mutex.
 pub(crate) struct Acquired {
     pub(crate) acquisition: Acquisition,
@@ -74,19 +85,26 @@ pub(crate) struct Acquired {
 }
 
 impl<'m> LockCall<'m> {
-    /// Takes this call's turn in the process's line when it may wait;
-    /// `None` when the turn did not come within its own tries' time.
+    /// Takes this call's turn in the process's line when it may wait and
+    /// its caller does not hold the turn already; `None` when the turn did
+    /// not come within its own tries' time.
     pub(crate) async fn start(
-        shared: &'m Arc<RedisState>,
-        keys: &'m Arc<Keys>,
-        options: &'m DistMutexOptions,
+        mutex: MutexParts<'m>,
         cleanup: &'m mut Option<Cleanup>,
     ) -> Option<LockCall<'m>> {
+        let MutexParts {
+            shared,
+            name,
+            keys,
+            options,
+            in_turn,
+        } = mutex;
         let timeout = options.node_timeout();
-        let waiter = (options.tries() > 1).then(|| Waiter::join(shared, keys, timeout));
-        let turn = match &waiter {
+        let waiter =
+            (options.tries() > 1).then(|| Waiter::join(shared, name, keys, in_turn, timeout));
+        let turn = match waiter.as_ref().and_then(Waiter::place) {
             None => None,
-            Some(waiter) => Some(waiter.turn(options).await?),
+            Some(place) => Some(turn_within(place, options).await?),
         };
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut subscribe_tried = false;

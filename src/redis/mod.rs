@@ -30,7 +30,7 @@ use state::RedisState;
 
 use crate::error::Result;
 use crate::options::DistMutexOptions;
-use crate::sync::{DistSync, validate_name};
+use crate::sync::{DistSync, FastPath, LocalLine, validate_name};
 
 /// The Redis backend: [`DistSync`] over one or more independent masters.
 ///
@@ -115,7 +115,10 @@ use crate::sync::{DistSync, validate_name};
 /// and across processes:
 ///
 /// - Waiters of one `RedisSync` line up per name, first come first served;
-///   only the first of them talks to the nodes.
+///   only the first of them talks to the nodes. A
+///   [`DistLockLayer`](crate::DistLockLayer) over it waits in the same
+///   line: its requests and the direct callers of `lock` for a name line
+///   up together, each request once.
 /// - Each node keeps a wait queue per name, with one entry per waiting
 ///   `RedisSync`, ordered by when its first waiter started (a timestamp the
 ///   process chooses, the same on every node, so that all nodes order
@@ -385,7 +388,48 @@ impl DistSync for RedisSync {
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<RedisMutex> {
         validate_name(name)?;
         options.validate()?;
-        Ok(RedisMutex::new(self.shared.clone(), name, options))
+        Ok(RedisMutex::new(
+            self.shared.clone(),
+            name.into(),
+            options,
+            false,
+        ))
+    }
+
+    fn new_mutex_named(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        _: FastPath,
+    ) -> Result<RedisMutex> {
+        validate_name(name)?;
+        options.validate()?;
+        Ok(RedisMutex::new(
+            self.shared.clone(),
+            name.clone(),
+            options,
+            false,
+        ))
+    }
+
+    fn local_line(&self, _: FastPath) -> Option<LocalLine> {
+        Some(LocalLine(self.shared.line.clone()))
+    }
+
+    fn new_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        _: FastPath,
+    ) -> Result<RedisMutex> {
+        validate_name(name)?;
+        options.validate()?;
+        Ok(RedisMutex::new(
+            self.shared.clone(),
+            name.clone(),
+            options,
+            true,
+        ))
     }
 
     fn separator(&self) -> &str {
@@ -635,13 +679,13 @@ impl RedisSyncBuilder {
         let connect_timeout = self.connect_timeout.unwrap_or(Duration::from_secs(1));
         let key_prefix = self.key_prefix.unwrap_or_else(|| "dsync:".to_owned());
         let client_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
-        let queues = Arc::default();
+        let waiters = Arc::default();
         let setup = Setup {
             key_prefix: &key_prefix,
             connect_timeout,
             replicas: self.wait_replicas,
             client_id: &client_id,
-            queues: &queues,
+            waiters: &waiters,
         };
         #[cfg(feature = "cluster")]
         let connected = match self.seeds {
@@ -656,7 +700,8 @@ impl RedisSyncBuilder {
                 quorum: quorum::quorum(nodes.len()),
                 nodes,
                 wakeups,
-                queues,
+                line: Arc::default(),
+                waiters,
                 client_id,
                 last_start: Default::default(),
                 key_prefix,

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::cleanup::{Cleanup, undo_repairs, wait_for_cleanup};
 use super::keys::Keys;
-use super::lock_call::LockCall;
+use super::lock_call::{LockCall, MutexParts};
 use super::node::{ReleaseArgs, Undoes};
 use super::quorum::Round;
 use super::state::RedisState;
@@ -109,8 +109,11 @@ use crate::sync::FastPath;
 /// ```
 pub struct RedisMutex {
     shared: Arc<RedisState>,
-    name: String,
+    name: Arc<str>,
     keys: Arc<Keys>,
+    /// Its caller holds the name's turn in the process's line (see
+    /// [`RedisSync`](crate::RedisSync)'s `new_mutex_in_turn`).
+    in_turn: bool,
     options: DistMutexOptions,
     record: LockRecord,
     /// The release of a failed or abandoned attempt, with its value, while
@@ -133,12 +136,18 @@ impl fmt::Debug for RedisMutex {
 }
 
 impl RedisMutex {
-    pub(super) fn new(shared: Arc<RedisState>, name: &str, options: DistMutexOptions) -> Self {
-        let keys = Arc::new(shared.keys(name));
+    pub(super) fn new(
+        shared: Arc<RedisState>,
+        name: Arc<str>,
+        options: DistMutexOptions,
+        in_turn: bool,
+    ) -> Self {
+        let keys = Arc::new(shared.keys(&name));
         RedisMutex {
             shared,
-            name: name.to_owned(),
+            name,
             keys,
+            in_turn,
             record: LockRecord::new(&options),
             options,
             cleanup: None,
@@ -184,7 +193,14 @@ impl DistMutex for RedisMutex {
     }
 
     async fn lock(&mut self) -> Result<()> {
-        let call = LockCall::start(&self.shared, &self.keys, &self.options, &mut self.cleanup);
+        let mutex = MutexParts {
+            shared: &self.shared,
+            name: &self.name,
+            keys: &self.keys,
+            options: &self.options,
+            in_turn: self.in_turn,
+        };
+        let call = LockCall::start(mutex, &mut self.cleanup);
         let Some(call) = call.await else {
             return Err(Error::Held { remaining: None });
         };

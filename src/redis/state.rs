@@ -1,25 +1,29 @@
 //! What every mutex of a `RedisSync` shares: the nodes, the wake-ups, this
-//! process's waiters, and the settings.
+//! process's line and waiters, and the settings.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::keys::Keys;
-use super::local_waiters::LocalWaiters;
+use super::local_waiters::WaiterLists;
 use super::node::Node;
 use super::wakeups::Wakeups;
 use crate::local_queue::LocalQueues;
 
-/// This process's waiters, lined up per name.
-pub(crate) type Queues = Arc<LocalQueues<LocalWaiters>>;
+/// This process's waiters of each lock key.
+pub(crate) type Waiters = Arc<WaiterLists>;
 
 /// The state of one `RedisSync`, shared by its clones and its mutexes.
 pub(crate) struct RedisState {
     pub(crate) nodes: Vec<Node>,
     pub(crate) wakeups: Wakeups,
-    /// Waiters of this process, lined up per name.
-    pub(crate) queues: Queues,
+    /// The in-process line per name: callers of `lock()` that may wait,
+    /// and the requests of a layer over this backend, wait their turn in
+    /// it.
+    pub(crate) line: Arc<LocalQueues>,
+    /// This process's waiters of each lock key, which wake-ups reach.
+    pub(crate) waiters: Waiters,
     /// This process's id in the nodes' wait queues (random per `RedisSync`).
     pub(crate) client_id: Arc<str>,
     /// The start (ms since the epoch) of this process's latest waiter.

@@ -1,6 +1,7 @@
 //! This process's side of the nodes' wait queue (`lua/wait_queue.lua`):
-//! a lock call's place in the process's line for a name, the entry its
-//! attempts put in the nodes' queues, and the process leaving them. How
+//! a lock call's place in the process's line for a name and in the
+//! process's list of waiters for its key, the entry its attempts put in
+//! the nodes' queues, and the process leaving them. How
 //! the queue makes waiting fair is on
 //! [`RedisSync`](crate::RedisSync#waiting-is-fair).
 
@@ -14,14 +15,22 @@ use super::keys::Keys;
 use super::local_waiters::LocalWaiters;
 use super::node::QueueEntry;
 use super::state::RedisState;
+use crate::hashed::HashedName;
 use crate::local_queue::{Place, Turn};
 use crate::options::DistMutexOptions;
 
 /// One `lock()` call that may wait: its place in the process's line for
-/// the name. Dropped, it leaves the line, and takes the process out of the
-/// nodes' queues if it was the last waiter and the process may be queued.
+/// the name, and in the process's list of waiters for the key. Dropped, it
+/// leaves both, and takes the process out of the nodes' queues if it was
+/// the last waiter and the process may be queued.
 pub(crate) struct Waiter {
-    place: Place<LocalWaiters>,
+    /// Its place in the line; `None` when its caller holds the name's turn
+    /// already (a request of a layer over this backend, which waited its
+    /// turn in the same line).
+    place: Option<Place>,
+    /// The process's waiters for the key, and the key as listed.
+    list: Arc<LocalWaiters>,
+    listed_as: HashedName,
     shared: Arc<RedisState>,
     keys: Arc<Keys>,
     ticket: u64,
@@ -34,10 +43,18 @@ pub(crate) struct Waiter {
 }
 
 impl Waiter {
-    /// Joins the process's line for the name at `keys`; `timeout` bounds
-    /// each node's command when it leaves the queues.
-    pub(crate) fn join(shared: &Arc<RedisState>, keys: &Arc<Keys>, timeout: Duration) -> Self {
-        let place = shared.queues.join(keys.lock.clone());
+    /// Joins the process's line for `name`, unless the caller holds its
+    /// turn already (`in_turn`), and the waiters of its key at `keys`;
+    /// `timeout` bounds each node's command when it leaves the queues.
+    pub(crate) fn join(
+        shared: &Arc<RedisState>,
+        name: &Arc<str>,
+        keys: &Arc<Keys>,
+        in_turn: bool,
+        timeout: Duration,
+    ) -> Self {
+        let place = (!in_turn).then(|| shared.line.join(name.clone()));
+        let (listed_as, list) = shared.waiters.join(keys.lock.clone());
         let now = u64::try_from(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -54,9 +71,11 @@ impl Waiter {
                 Some(now.max(last + 1))
             })
             .map_or(now, |last| now.max(last + 1));
-        let ticket = place.shared().enter(start);
+        let ticket = list.enter(start);
         Waiter {
             place,
+            list,
+            listed_as,
             shared: shared.clone(),
             keys: keys.clone(),
             ticket,
@@ -66,41 +85,22 @@ impl Waiter {
         }
     }
 
-    /// Waits for this waiter's turn (FIFO), at most as long as its own
-    /// tries could take ([`DistMutexOptions::longest_wait`]), summed try
-    /// by try while it waits, so that a turn that comes early never pays
-    /// for the sum of many tries.
-    pub(crate) async fn turn(&self, options: &DistMutexOptions) -> Option<Turn<LocalWaiters>> {
-        if let Some(turn) = self.place.try_turn() {
-            return Some(turn);
-        }
-        let mut wait = std::pin::pin!(self.place.wait());
-        let mut deadline = tokio::time::Instant::now();
-        for try_number in 1..=options.tries() {
-            let Some(next) = deadline.checked_add(options.try_slot(try_number)) else {
-                // A slot beyond the clock's range (a retry delay of
-                // `Duration::MAX`): no bound but the turn itself, which
-                // comes when the caller ahead ends its own tries.
-                return Some(wait.as_mut().await);
-            };
-            deadline = next;
-            if let Ok(turn) = tokio::time::timeout_at(deadline, wait.as_mut()).await {
-                return Some(turn);
-            }
-        }
-        None
+    /// Its place in the process's line, unless its caller holds the
+    /// name's turn already.
+    pub(crate) fn place(&self) -> Option<&Place> {
+        self.place.as_ref()
     }
 
     /// Whether an acquisition of this process put this waiter's start in
     /// the nodes' queues: it then waits for its wake-up first.
     pub(crate) fn take_reservation(&self) -> bool {
-        self.place.shared().take_reservation(self.ticket)
+        self.list.take_reservation(self.ticket)
     }
 
     /// What the next attempt tells the nodes' queues. From now on the
     /// process may be queued with this waiter's start.
     pub(crate) fn queue_entry(&self, entry_ttl: Duration) -> QueueEntry {
-        let next = self.place.shared().advertise(self.ticket, self.start);
+        let next = self.list.advertise(self.ticket, self.start);
         QueueEntry {
             client: self.shared.client_id.clone(),
             start: self.start,
@@ -113,13 +113,13 @@ impl Waiter {
 
     /// An attempt told with `entry` acquired the lock.
     pub(crate) fn acquired(&mut self, entry: &QueueEntry) {
-        self.place.shared().acquired(self.ticket, entry.next);
+        self.list.acquired(self.ticket, entry.next);
         self.woken = false;
     }
 
     /// Waits for a wake-up of this process for the name, at most `timeout`.
     pub(crate) async fn wait(&mut self, timeout: Duration) {
-        self.woken = self.place.shared().wait(timeout).await;
+        self.woken = self.list.wait(timeout).await;
     }
 
     /// The attempt after a wake is over: the wake was used.
@@ -128,9 +128,36 @@ impl Waiter {
     }
 }
 
+/// Waits for the turn of `place` (FIFO), at most as long as its own
+/// tries could take ([`DistMutexOptions::longest_wait`]), summed try
+/// by try while it waits, so that a turn that comes early never pays
+/// for the sum of many tries.
+pub(crate) async fn turn_within(place: &Place, options: &DistMutexOptions) -> Option<Turn> {
+    if let Some(turn) = place.try_turn() {
+        return Some(turn);
+    }
+    let mut wait = std::pin::pin!(place.wait());
+    let mut deadline = tokio::time::Instant::now();
+    for try_number in 1..=options.tries() {
+        let Some(next) = deadline.checked_add(options.try_slot(try_number)) else {
+            // A slot beyond the clock's range (a retry delay of
+            // `Duration::MAX`): no bound but the turn itself, which
+            // comes when the caller ahead ends its own tries.
+            return Some(wait.as_mut().await);
+        };
+        deadline = next;
+        if let Ok(turn) = tokio::time::timeout_at(deadline, wait.as_mut()).await {
+            return Some(turn);
+        }
+    }
+    None
+}
+
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Some(start) = self.place.shared().leave(self.ticket, self.woken) {
+        let leave = self.list.leave(self.ticket, self.woken);
+        self.shared.waiters.leave(&self.listed_as);
+        if let Some(start) = leave {
             leave_queues(&self.shared, &self.keys, start, self.timeout);
         }
     }

@@ -10,8 +10,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
-use super::local_waiters::{LocalWaiters, deliver};
-use crate::local_queue::LocalQueues;
+use super::local_waiters::{WaiterLists, deliver};
 
 /// How long connecting, or subscribing, may take before the node's
 /// subscriber starts over.
@@ -82,11 +81,11 @@ struct Subscriber {
 
 impl NodeWakeups {
     /// Starts one subscriber task per node, for `channel`; each connects on
-    /// first use. Messages wake the waiters found in `queues`.
+    /// first use. Messages wake the waiters found in `waiters`.
     pub(crate) fn start(
         clients: &[redis::Client],
         channel: Arc<str>,
-        queues: Weak<LocalQueues<LocalWaiters>>,
+        waiters: Weak<WaiterLists>,
     ) -> Self {
         let nodes = clients
             .iter()
@@ -96,7 +95,7 @@ impl NodeWakeups {
                 tokio::spawn(subscriber(
                     client.clone(),
                     channel.clone(),
-                    queues.clone(),
+                    waiters.clone(),
                     subscribed.clone(),
                     rx,
                 ));
@@ -140,7 +139,7 @@ impl NodeWakeups {
 async fn subscriber(
     client: redis::Client,
     channel: Arc<str>,
-    queues: Weak<LocalQueues<LocalWaiters>>,
+    waiters: Weak<WaiterLists>,
     subscribed: Arc<AtomicBool>,
     mut requests: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
@@ -186,9 +185,9 @@ async fn subscriber(
                 },
                 message = stream.next() => {
                     let Some(message) = message else { break };
-                    let Some(queues) = queues.upgrade() else { return };
+                    let Some(waiters) = waiters.upgrade() else { return };
                     let payload: String = message.get_payload().unwrap_or_default();
-                    deliver(&queues, &payload);
+                    deliver(&waiters, &payload);
                 }
             }
         }

@@ -61,6 +61,22 @@ impl<S: DistSync> DistSync for Counting<S> {
     fn separator(&self) -> &str {
         self.inner.separator()
     }
+
+    fn local_line(&self, fast_path: tower_dsync::FastPath) -> Option<tower_dsync::LocalLine> {
+        self.inner.local_line(fast_path)
+    }
+
+    fn new_mutex_in_turn(
+        &self,
+        name: &Arc<str>,
+        options: DistMutexOptions,
+        fast_path: tower_dsync::FastPath,
+    ) -> Result<Self::Mutex> {
+        Ok(CountingMutex {
+            inner: self.inner.new_mutex_in_turn(name, options, fast_path)?,
+            counts: self.counts.clone(),
+        })
+    }
 }
 
 #[derive(Debug)]
