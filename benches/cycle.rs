@@ -303,10 +303,10 @@ fn main() {
     // contains it (for profiling; the ratios then mean nothing).
     let filter = std::env::var("DSYNC_BENCH_FILTER").unwrap_or_default();
     let mut rows = Vec::new();
-    for servers in Servers::all() {
+    for servers in Servers::selected() {
         let servers = servers();
         let n = servers.label();
-        for tasks in [1, 16] {
+        for tasks in common::tasks(&[1, 16]) {
             let mut samples: Vec<Samples> = LIBRARIES.iter().map(|_| Samples::default()).collect();
             let mut server = [0.0; 3];
             let mut client = [0.0; 3];

@@ -18,6 +18,19 @@ pub fn seconds(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The task counts to measure: `DSYNC_BENCH_TASKS` (a comma-separated
+/// list) for profiling one case, else `default`.
+pub fn tasks(default: &[usize]) -> Vec<usize> {
+    std::env::var("DSYNC_BENCH_TASKS")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .filter_map(|t| t.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| default.to_vec())
+}
+
 /// Appends `rows` to the CSV file named by `DSYNC_BENCH_CSV`, if set.
 pub fn append_csv(rows: &[String]) {
     let Ok(path) = std::env::var("DSYNC_BENCH_CSV") else {
@@ -59,6 +72,21 @@ mod deployments {
                 || Servers::Nodes(RedisNodes::start(3)),
                 || Servers::Cluster(RedisCluster::start(3, 0)),
             ]
+        }
+
+        /// The deployments of [`all`](Self::all) that `DSYNC_BENCH_SERVERS`
+        /// names (a comma-separated list of `1`, `3` and `cluster`), or all
+        /// of them: for profiling one case.
+        pub fn selected() -> Vec<fn() -> Servers> {
+            let wanted = std::env::var("DSYNC_BENCH_SERVERS").unwrap_or_default();
+            ["1", "3", "cluster"]
+                .into_iter()
+                .zip(Self::all())
+                .filter(|(name, _)| {
+                    wanted.is_empty() || wanted.split(',').any(|w| w.trim() == *name)
+                })
+                .map(|(_, servers)| servers)
+                .collect()
         }
 
         /// Whether this is a Redis Cluster (which rslock cannot use).

@@ -218,7 +218,7 @@ impl Node {
                     recovery,
                 );
                 let call = ACQUIRE
-                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.deadlines])
+                    .call(&[&keys.lock, &keys.node, &keys.queue, &keys.deadlines], 3)
                     .arg(&*value)
                     .arg(px)
                     .arg(settings);
@@ -262,7 +262,7 @@ impl Node {
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let call = LEAVE
-                .call(&[&keys.queue, &keys.deadlines, &keys.lock])
+                .call(&[&keys.queue, &keys.deadlines, &keys.lock], 4)
                 .arg(&*client)
                 .arg(start)
                 .arg(&*announce.0)
@@ -280,7 +280,7 @@ impl Node {
         timeout: Duration,
     ) -> impl Future<Output = Reply<i64>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
-            let call = FENCE.call(&[&node]).arg(token);
+            let call = FENCE.call(&[&node], 1).arg(token);
             async move { script(&mut conn, call).await }
         })
     }
@@ -304,7 +304,7 @@ impl Node {
         let (channel, nonce) = (args.announce.0.clone(), args.announce.1);
         self.bounded(conn, args.timeout, move |mut conn, _| {
             let call = RELEASE
-                .call(&[&keys.lock, &keys.queue, &keys.deadlines])
+                .call(&[&keys.lock, &keys.queue, &keys.deadlines], 4)
                 .arg(&*value)
                 .arg(&*channel)
                 .arg(nonce)
@@ -330,13 +330,15 @@ impl Node {
         let px = millis(expiry);
         let node = self.clone();
         let replicas = self.replicas;
-        let repair = OrDash(repair.map(millis)).to_string();
+        let mut packed_repair = String::new();
+        push_or_dash(&mut packed_repair, repair.map(millis));
+        let repair = packed_repair;
         let extended = self.bounded(
             &self.durable,
             self.with_wait(timeout),
             move |mut conn, _| {
                 let call = EXTEND
-                    .call(&[&keys.lock, &keys.node])
+                    .call(&[&keys.lock, &keys.node], 3)
                     .arg(&*value)
                     .arg(px)
                     .arg(&repair);
@@ -477,36 +479,53 @@ async fn eval_once<T: FromRedisValue>(
 /// `ACQUIRE`'s third argument: the next waiter's start, the resend flag,
 /// the waiter's place in the queue (`-` for none), and how long a node
 /// that lost its state refuses new locks (`-` for never).
+///
+/// Written digit by digit: built for every node of every attempt, where
+/// the formatting machinery cost more than the rest of the command.
 fn acquire_settings(
     resent: bool,
     entry: Option<&QueueEntry>,
     recovery: Option<Duration>,
 ) -> String {
-    let resent = u8::from(resent);
-    let recovery = OrDash(recovery.map(millis));
+    let mut packed = String::with_capacity(96);
     match entry {
-        Some(l) => format!(
-            "{} {resent} {} {} {} {recovery}",
-            OrDash(l.next),
-            l.client,
-            l.start,
-            l.ttl
-        ),
-        None => format!("- {resent} - 0 0 {recovery}"),
+        Some(entry) => {
+            push_or_dash(&mut packed, entry.next);
+            packed.push_str(if resent { " 1 " } else { " 0 " });
+            packed.push_str(&entry.client);
+            packed.push(' ');
+            push_number(&mut packed, entry.start);
+            packed.push(' ');
+            push_number(&mut packed, entry.ttl);
+            packed.push(' ');
+        }
+        None => packed.push_str(if resent { "- 1 - 0 0 " } else { "- 0 - 0 0 " }),
+    }
+    push_or_dash(&mut packed, recovery.map(millis));
+    packed
+}
+
+/// Appends `n` in decimal, or `-` for none.
+fn push_or_dash(packed: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => push_number(packed, n),
+        None => packed.push('-'),
     }
 }
 
-/// A number in a script's packed argument, or `-` for none, written
-/// straight into it.
-struct OrDash(Option<u64>);
-
-impl fmt::Display for OrDash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(n) => write!(f, "{n}"),
-            None => f.write_str("-"),
+/// Appends `n` in decimal.
+fn push_number(packed: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
+    packed.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// `ACQUIRE`'s second word when the node refuses because it recovers from
@@ -535,4 +554,41 @@ fn claim_of(reply: &[i64]) -> RedisResult<Claim> {
 /// Milliseconds for `PX` / `PEXPIRE`, at least 1.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_packed_as_the_acquire_script_reads_them() {
+        let entry = QueueEntry {
+            client: "c0ffee".into(),
+            start: 1_733_000_000_123,
+            ttl: 8000,
+            next: Some(1_733_000_000_456),
+        };
+        let last = QueueEntry {
+            next: None,
+            ..entry.clone()
+        };
+        let recovery = Some(Duration::from_millis(30_000));
+        for (resent, entry, recovery, packed) in [
+            (false, None, None, "- 0 - 0 0 -"),
+            (true, None, recovery, "- 1 - 0 0 30000"),
+            (
+                false,
+                Some(&entry),
+                recovery,
+                "1733000000456 0 c0ffee 1733000000123 8000 30000",
+            ),
+            (true, Some(&last), None, "- 1 c0ffee 1733000000123 8000 -"),
+        ] {
+            assert_eq!(acquire_settings(resent, entry, recovery), packed);
+        }
+        let mut zero = String::new();
+        push_number(&mut zero, 0);
+        push_or_dash(&mut zero, Some(u64::MAX));
+        assert_eq!(zero, format!("0{}", u64::MAX));
+    }
 }

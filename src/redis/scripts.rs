@@ -42,12 +42,28 @@ impl Lua {
     }
 
     /// A call of this script with `keys`; [`Call::arg`] adds its `ARGV`.
-    pub(crate) fn call(&'static self, keys: &[&str]) -> Call {
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha.arg(&self.hash).arg(keys.len()).arg(keys);
+    /// The command is sized for the keys and `args` more arguments of up
+    /// to [`ARG_ROOM`] bytes each, so that writing them does not grow it
+    /// again and again.
+    pub(crate) fn call(&'static self, keys: &[&str], args: usize) -> Call {
+        let data = "EVALSHA".len()
+            + self.hash.len()
+            + 2
+            + keys.iter().map(|key| key.len()).sum::<usize>()
+            + args * ARG_ROOM;
+        let mut evalsha = Cmd::with_capacity(3 + keys.len() + args, data);
+        evalsha
+            .arg("EVALSHA")
+            .arg(&self.hash)
+            .arg(keys.len())
+            .arg(keys);
         Call { lua: self, evalsha }
     }
 }
+
+/// The room a script call sets aside per argument: a value (32 hex
+/// digits) or a packed argument fits.
+const ARG_ROOM: usize = 64;
 
 /// A call of a script: its `EVALSHA`, and, built only for a node that does
 /// not have the script yet, the same call with the source (`EVAL`).
