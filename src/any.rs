@@ -81,17 +81,8 @@ impl DistSync for AnySync {
         self.0.new_any_mutex_named(name, options, fast_path)
     }
 
-    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>> {
         self.0.local_line(fast_path)
-    }
-
-    fn new_mutex_in_turn(
-        &self,
-        name: &Arc<str>,
-        options: DistMutexOptions,
-        fast_path: FastPath,
-    ) -> Result<AnyMutex> {
-        self.0.new_any_mutex_in_turn(name, options, fast_path)
     }
 
     fn separator(&self) -> &str {
@@ -175,13 +166,7 @@ trait ErasedSync: Send + Sync + 'static {
         options: DistMutexOptions,
         fast_path: FastPath,
     ) -> Result<AnyMutex>;
-    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine>;
-    fn new_any_mutex_in_turn(
-        &self,
-        name: &Arc<str>,
-        options: DistMutexOptions,
-        fast_path: FastPath,
-    ) -> Result<AnyMutex>;
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>>;
     fn separator(&self) -> &str;
 }
 
@@ -201,18 +186,9 @@ impl<S: DistSync> ErasedSync for S {
         Ok(AnyMutex(Box::new(mutex)))
     }
 
-    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>> {
         DistSync::local_line(self, fast_path)
-    }
-
-    fn new_any_mutex_in_turn(
-        &self,
-        name: &Arc<str>,
-        options: DistMutexOptions,
-        fast_path: FastPath,
-    ) -> Result<AnyMutex> {
-        let mutex = DistSync::new_mutex_in_turn(self, name, options, fast_path)?;
-        Ok(AnyMutex(Box::new(mutex)))
+            .map(|line| line.map(|mutex| AnyMutex(Box::new(mutex))))
     }
 
     fn separator(&self) -> &str {

@@ -68,39 +68,69 @@ pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
     }
 
     /// The in-process line this backend keeps per name, if it keeps one
-    /// that a layer over it may wait in: then a request waits in one line,
-    /// not in the layer's and then in the backend's. Called with a
-    /// [`FastPath`], by this crate only.
+    /// that a layer over it may wait in, with the way to make a mutex for
+    /// a caller that holds a name's turn there (its `lock` does not line up
+    /// again): then a request waits in one line, not in the layer's and
+    /// then in the backend's. Called with a [`FastPath`], by this crate
+    /// only. A backend that wraps another passes the line on with
+    /// [`LocalLine::map`], which wraps the mutexes it makes, or lends none.
     #[doc(hidden)]
-    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine> {
+    fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<Self::Mutex>> {
         let _ = fast_path;
         None
     }
+}
 
-    /// [`new_mutex_named`](Self::new_mutex_named) for a caller that holds
-    /// the name's turn in [`local_line`](Self::local_line): its `lock` does
-    /// not line up in it again. Called with a [`FastPath`], by this crate
-    /// only.
-    #[doc(hidden)]
-    fn new_mutex_in_turn(
+/// How a mutex is made for a caller that holds its name's turn.
+type InTurn<M> = dyn Fn(&Arc<str>, DistMutexOptions) -> Result<M> + Send + Sync;
+
+/// A backend's in-process line (see [`DistSync::local_line`]) and how its
+/// mutexes are made for a caller that holds a name's turn in it, in one
+/// value, so that a wrapper cannot pass on the one without the other.
+#[doc(hidden)]
+pub struct LocalLine<M> {
+    pub(crate) queues: Arc<LocalQueues>,
+    in_turn: Arc<InTurn<M>>,
+}
+
+impl<M: 'static> LocalLine<M> {
+    /// A line, and how to make a mutex for a caller that holds a turn in
+    /// it.
+    pub(crate) fn new(
+        queues: Arc<LocalQueues>,
+        in_turn: impl Fn(&Arc<str>, DistMutexOptions) -> Result<M> + Send + Sync + 'static,
+    ) -> Self {
+        LocalLine {
+            queues,
+            in_turn: Arc::new(in_turn),
+        }
+    }
+
+    /// The same line, for a backend that wraps this one: `wrap` wraps each
+    /// mutex made for it.
+    pub fn map<N>(self, wrap: impl Fn(M) -> N + Send + Sync + 'static) -> LocalLine<N> {
+        let in_turn = self.in_turn;
+        LocalLine {
+            queues: self.queues,
+            in_turn: Arc::new(move |name: &Arc<str>, options| in_turn(name, options).map(&wrap)),
+        }
+    }
+
+    /// A mutex on `name` for a caller that holds its turn in this line.
+    pub(crate) fn new_mutex_in_turn(
         &self,
         name: &Arc<str>,
         options: DistMutexOptions,
-        fast_path: FastPath,
-    ) -> Result<Self::Mutex> {
-        self.new_mutex_named(name, options, fast_path)
+    ) -> Result<M> {
+        (self.in_turn)(name, options)
     }
 }
 
-/// A backend's in-process line (see [`DistSync::local_line`]); only this
-/// crate looks inside.
-#[doc(hidden)]
-#[derive(Clone)]
-pub struct LocalLine(pub(crate) Arc<LocalQueues>);
-
-impl fmt::Debug for LocalLine {
+impl<M> fmt::Debug for LocalLine<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("LocalLine").field(&self.0).finish()
+        f.debug_struct("LocalLine")
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
     }
 }
 

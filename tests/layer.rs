@@ -1433,6 +1433,127 @@ async fn a_layer_over_redis_waits_in_the_backends_line() {
     assert!(counting.counts.locks() >= 1);
 }
 
+/// The wall clock in ms since the Unix epoch.
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Returns once the wall clock has moved on, so that waiters that start
+/// later start strictly later.
+async fn clock_moves_on() {
+    let from = epoch_ms();
+    while epoch_ms() < from + 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A layer's request that waits in the line of a `RedisSync` behind a
+/// direct caller, with another direct caller behind it, does not move its
+/// process back in the nodes' wait queue when its own try is refused: the
+/// process keeps the place of its earliest waiter, ahead of another
+/// process whose waiter started later.
+#[tokio::test]
+async fn a_layer_request_does_not_move_its_process_back_in_the_nodes_queue() {
+    let nodes = support::RedisNodes::start(1);
+    let queue = "dsync:test:k\u{1f}queue";
+    // This process, another one, and the first holder's.
+    let a = RedisSync::new(nodes.urls()).unwrap();
+    let b = RedisSync::new(nodes.urls()).unwrap();
+    let c = RedisSync::new(nodes.urls()).unwrap();
+    let long = Duration::from_secs(30);
+    let patient = DistMutexOptions::default()
+        .with_expiry(long)
+        .with_tries(1_000)
+        .with_retry_delay(Duration::from_secs(60));
+    let (retry_tx, mut retries) = mpsc::unbounded_channel();
+    let layer_options = DistMutexOptions::default()
+        .with_expiry(long)
+        .with_delay_fn(move |_| {
+            let _ = retry_tx.send(());
+            Duration::from_secs(60)
+        });
+    let layer = DistLockLayer::builder(a.clone(), HeaderKey::new(KEY))
+        .namespace("test")
+        .mutex_options(layer_options)
+        .wait(long)
+        .build()
+        .unwrap();
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let go = go.clone();
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |_: http::Request<()>| {
+                let (entered_tx, go) = (entered_tx.clone(), go.clone());
+                async move {
+                    entered_tx.send(()).unwrap();
+                    go.notified().await;
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            })
+    };
+    let direct = |sync: &RedisSync| {
+        let (sync, options) = (sync.clone(), patient.clone());
+        async move {
+            let mut mutex = sync.new_mutex("test:k", options).unwrap();
+            mutex.lock().await.map(|()| mutex)
+        }
+    };
+    let mut holder = c.new_mutex("test:k", patient.clone()).unwrap();
+    holder.lock().await.unwrap();
+    // x is first in this process's line, and queues the process.
+    let x = tokio::spawn(direct(&a));
+    support::wait_until(support::BOUND, "x queued", || {
+        nodes.servers[0].zcard(queue) == 1
+    })
+    .await;
+    // The request lines up behind x, and d behind the request.
+    let mut request = Box::pin(service.oneshot(keyed("k")));
+    assert!(poll_once(&mut request).await);
+    let request = tokio::spawn(request);
+    let mut d = Box::pin(direct(&a));
+    assert!(poll_once(&mut d).await);
+    let mut d = tokio::spawn(d);
+    clock_moves_on().await;
+    // y, of the other process, starts after d.
+    let mut y = tokio::spawn(direct(&b));
+    support::wait_until(support::BOUND, "y queued", || {
+        nodes.servers[0].zcard(queue) == 2
+    })
+    .await;
+    clock_moves_on().await;
+    while retries.try_recv().is_ok() {}
+    holder.unlock().await.unwrap();
+    let mut x = tokio::time::timeout(long, x)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(long, retries.recv())
+        .await
+        .expect("the request's refused try");
+    // Every waiter of this process started before y: it is next.
+    x.unlock().await.unwrap();
+    tokio::select! {
+        _ = entered.recv() => {}
+        _ = &mut d => {}
+        y_done = &mut y => panic!(
+            "the other process's waiter, which started after this process's direct caller, \
+             got the key first: {:?}",
+            y_done.unwrap().map(|m| m.value().to_owned())
+        ),
+        () = tokio::time::sleep(long) => panic!("nobody got the key"),
+    }
+    go.notify_one();
+    drop(request);
+}
+
 /// Polls `future` once, with this task's waker: whether it is pending.
 async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> bool {
     std::future::poll_fn(|cx| {

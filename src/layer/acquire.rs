@@ -248,12 +248,9 @@ fn new_mutex<D: DistSync>(
             base.delay(retry)
         });
     }
-    if shared.backend_line {
-        shared
-            .sync
-            .new_mutex_in_turn(name, options, FastPath::new())
-    } else {
-        shared.sync.new_mutex_named(name, options, FastPath::new())
+    match &shared.line {
+        Some(line) => line.new_mutex_in_turn(name, options),
+        None => shared.sync.new_mutex_named(name, options, FastPath::new()),
     }
 }
 

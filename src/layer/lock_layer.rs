@@ -321,8 +321,11 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             .max(MIN_EXTEND_EVERY);
         let line = self.sync.local_line(FastPath::new());
         let shared = LayerState {
-            backend_line: line.is_some(),
-            queues: line.map(|line| line.0).unwrap_or_default(),
+            queues: line
+                .as_ref()
+                .map(|line| line.queues.clone())
+                .unwrap_or_default(),
+            line,
             namer: Namer::new(&self.namespace, self.sync.separator()),
             sync: self.sync,
             options: self.options,

@@ -12,9 +12,10 @@ use super::settings::{MissingKey, OnLost, ReleaseOn};
 use super::stats::LockStats;
 use crate::local_queue::LocalQueues;
 use crate::options::DistMutexOptions;
+use crate::sync::{DistSync, LocalLine};
 
 /// What every service of a layer shares.
-pub(crate) struct LayerState<D> {
+pub(crate) struct LayerState<D: DistSync> {
     pub(crate) sync: D,
     pub(crate) namer: Namer,
     pub(crate) options: DistMutexOptions,
@@ -30,17 +31,17 @@ pub(crate) struct LayerState<D> {
     /// The in-process line per key: the backend's when it lends one
     /// ([`DistSync::local_line`](crate::DistSync)), else the layer's own.
     pub(crate) queues: Arc<LocalQueues>,
-    /// Whether `queues` is the backend's line: a request that holds its
-    /// turn there then makes its mutex with `new_mutex_in_turn`, so that
-    /// the backend does not line it up again.
-    pub(crate) backend_line: bool,
+    /// The backend's line, when `queues` is it: a request that holds its
+    /// turn there makes its mutex with it, so that the backend does not
+    /// line it up again.
+    pub(crate) line: Option<LocalLine<D::Mutex>>,
     /// Locks held now: one per extend loop task.
     pub(crate) held_count: Arc<AtomicUsize>,
     /// The timers that start the extend loops of this layer's locks.
     pub(crate) alarms: AlarmClock,
 }
 
-impl<D> LayerState<D> {
+impl<D: DistSync> LayerState<D> {
     pub(crate) fn stats(&self) -> LockStats {
         LockStats::new(self.queues.clone(), self.held_count.clone())
     }

@@ -84,17 +84,28 @@ impl LocalWaiters {
         }
     }
 
-    /// Waiter `ticket` is about to tell the nodes' queues its `start`: from
-    /// now on the process may be queued with it. Returns the start of the
-    /// next waiter, if any.
-    pub(crate) fn advertise(&self, ticket: u64, start: u64) -> Option<u64> {
+    /// Waiter `ticket`, which started at `start`, is about to try: from
+    /// now on the process may be queued. Returns the start its entry in
+    /// the nodes' queues carries, and the start of the next waiter, if
+    /// any.
+    ///
+    /// The entry carries the earliest start of the process's waiters, not
+    /// the trying waiter's: the one that tries is the first in the
+    /// process's line, but not always the first to have started (a layer's
+    /// request lists itself when it tries, after the waiters that lined up
+    /// behind it), and a later start would move the process back behind
+    /// other processes' waiters that started in between.
+    pub(crate) fn advertise(&self, ticket: u64, start: u64) -> (u64, Option<u64>) {
         let mut list = self.list();
-        list.advertised = Some(start);
+        let earliest = list.waiting.iter().map(|(_, s)| *s).fold(start, u64::min);
+        list.advertised = Some(earliest);
         list.tried = true;
-        list.waiting
+        let next = list
+            .waiting
             .iter()
             .find(|(t, _)| *t != ticket)
-            .map(|(_, start)| *start)
+            .map(|(_, start)| *start);
+        (earliest, next)
     }
 
     /// An attempt of waiter `ticket` acquired the lock, and left the

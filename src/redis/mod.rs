@@ -412,23 +412,15 @@ impl DistSync for RedisSync {
         ))
     }
 
-    fn local_line(&self, _: FastPath) -> Option<LocalLine> {
-        Some(LocalLine(self.shared.line.clone()))
-    }
-
-    fn new_mutex_in_turn(
-        &self,
-        name: &Arc<str>,
-        options: DistMutexOptions,
-        _: FastPath,
-    ) -> Result<RedisMutex> {
-        validate_name(name)?;
-        options.validate()?;
-        Ok(RedisMutex::new(
-            self.shared.clone(),
-            name.clone(),
-            options,
-            true,
+    fn local_line(&self, _: FastPath) -> Option<LocalLine<RedisMutex>> {
+        let shared = self.shared.clone();
+        Some(LocalLine::new(
+            self.shared.line.clone(),
+            move |name: &Arc<str>, options: DistMutexOptions| {
+                validate_name(name)?;
+                options.validate()?;
+                Ok(RedisMutex::new(shared.clone(), name.clone(), options, true))
+            },
         ))
     }
 

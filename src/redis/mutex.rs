@@ -112,7 +112,7 @@ pub struct RedisMutex {
     name: Arc<str>,
     keys: Arc<Keys>,
     /// Its caller holds the name's turn in the process's line (see
-    /// [`RedisSync`](crate::RedisSync)'s `new_mutex_in_turn`).
+    /// the line it lends a layer, `DistSync::local_line`).
     in_turn: bool,
     options: DistMutexOptions,
     record: LockRecord,

@@ -100,10 +100,10 @@ impl Waiter {
     /// What the next attempt tells the nodes' queues. From now on the
     /// process may be queued with this waiter's start.
     pub(crate) fn queue_entry(&self, entry_ttl: Duration) -> QueueEntry {
-        let next = self.list.advertise(self.ticket, self.start);
+        let (start, next) = self.list.advertise(self.ticket, self.start);
         QueueEntry {
             client: self.shared.client_id.clone(),
-            start: self.start,
+            start,
             ttl: u64::try_from(entry_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),

@@ -62,19 +62,16 @@ impl<S: DistSync> DistSync for Counting<S> {
         self.inner.separator()
     }
 
-    fn local_line(&self, fast_path: tower_dsync::FastPath) -> Option<tower_dsync::LocalLine> {
-        self.inner.local_line(fast_path)
-    }
-
-    fn new_mutex_in_turn(
+    fn local_line(
         &self,
-        name: &Arc<str>,
-        options: DistMutexOptions,
         fast_path: tower_dsync::FastPath,
-    ) -> Result<Self::Mutex> {
-        Ok(CountingMutex {
-            inner: self.inner.new_mutex_in_turn(name, options, fast_path)?,
-            counts: self.counts.clone(),
+    ) -> Option<tower_dsync::LocalLine<Self::Mutex>> {
+        let counts = self.counts.clone();
+        self.inner.local_line(fast_path).map(|line| {
+            line.map(move |inner| CountingMutex {
+                inner,
+                counts: counts.clone(),
+            })
         })
     }
 }
