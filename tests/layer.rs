@@ -1554,6 +1554,61 @@ async fn a_layer_request_does_not_move_its_process_back_in_the_nodes_queue() {
     drop(request);
 }
 
+/// A direct `lock()` caller that waits in the line of a `RedisSync` behind
+/// a layer's request holding the name keeps its process in the nodes'
+/// wait queue meanwhile (the request keeps the turn until its release), so
+/// that the release wakes this process before any other process's waiter
+/// that started later; and the caller gets the key after the request.
+#[tokio::test]
+async fn a_direct_caller_behind_a_held_request_keeps_its_process_queued() {
+    let nodes = support::RedisNodes::start(1);
+    let queue = "dsync:test:k\u{1f}queue";
+    let sync = RedisSync::new(nodes.urls()).unwrap();
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new(KEY))
+        .namespace("test")
+        .wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let go = go.clone();
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |_: http::Request<()>| {
+                let (entered_tx, go) = (entered_tx.clone(), go.clone());
+                async move {
+                    entered_tx.send(()).unwrap();
+                    go.notified().await;
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            })
+    };
+    let request = tokio::spawn(service.oneshot(keyed("k")));
+    entered.recv().await.unwrap();
+    assert_eq!(nodes.servers[0].zcard(queue), 0, "nobody waits yet");
+    let direct = tokio::spawn(async move {
+        let options = DistMutexOptions::default().with_tries(1_000);
+        let mut mutex = sync.new_mutex("test:k", options).unwrap();
+        mutex.lock().await.map(|()| mutex)
+    });
+    support::wait_until(support::BOUND, "the direct caller's process queued", || {
+        nodes.servers[0].zcard(queue) == 1
+    })
+    .await;
+    go.notify_one();
+    let response = request.await.unwrap().unwrap();
+    response.into_body().collect().await.unwrap();
+    let mut mutex = direct.await.unwrap().expect("the direct caller's turn");
+    mutex.unlock().await.unwrap();
+    support::wait_until(support::BOUND, "the queue gone", || {
+        nodes.servers[0].zcard(queue) == 0
+    })
+    .await;
+}
+
 /// Polls `future` once, with this task's waker: whether it is pending.
 async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> bool {
     std::future::poll_fn(|cx| {

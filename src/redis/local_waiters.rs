@@ -108,6 +108,17 @@ impl LocalWaiters {
         (earliest, next)
     }
 
+    /// Waiter `ticket`, which started at `start`, puts the process in the
+    /// nodes' queues without trying (it waits behind a holder of this
+    /// process): the start the entry carries, the earliest of the
+    /// process's waiters.
+    pub(crate) fn line_up(&self, start: u64) -> u64 {
+        let mut list = self.list();
+        let earliest = list.waiting.iter().map(|(_, s)| *s).fold(start, u64::min);
+        list.advertised = Some(earliest);
+        earliest
+    }
+
     /// An attempt of waiter `ticket` acquired the lock, and left the
     /// process in the nodes' queues with `next`, the next waiter's start.
     pub(crate) fn acquired(&self, ticket: u64, next: Option<u64>) {

@@ -12,7 +12,7 @@ use super::keys::Keys;
 use super::node::{AcquireArgs, Claim, Node};
 use super::quorum::Round;
 use super::state::RedisState;
-use super::wait_queue::{Waiter, turn_within};
+use super::wait_queue::Waiter;
 use crate::acquisition::{Acquisition, validity_end};
 use crate::error::{Error, NodeError, Recovering, Result};
 use crate::local_queue::Turn;
@@ -102,9 +102,15 @@ impl<'m> LockCall<'m> {
         let timeout = options.node_timeout();
         let waiter =
             (options.tries() > 1).then(|| Waiter::join(shared, name, keys, in_turn, timeout));
-        let turn = match waiter.as_ref().and_then(Waiter::place) {
-            None => None,
-            Some(place) => Some(turn_within(place, options).await?),
+        // An entry in the wait queues is kept for one expiry (at most
+        // MAX_ENTRY_TTL) without a renewal; a waiter renews it at least
+        // twice as often.
+        let entry_ttl = options.expiry().min(MAX_ENTRY_TTL);
+        let turn = match &waiter {
+            Some(waiter) if waiter.place().is_some() => {
+                Some(waiter.turn(options, entry_ttl).await?)
+            }
+            _ => None,
         };
         let mut wait_first = waiter.as_ref().is_some_and(Waiter::take_reservation);
         let mut subscribe_tried = false;
@@ -123,10 +129,7 @@ impl<'m> LockCall<'m> {
             _turn: turn,
             waiter,
             timeout,
-            // An entry in the wait queues is kept for one expiry (at most
-            // MAX_ENTRY_TTL) without a renewal; a waiter renews it at least
-            // twice as often.
-            entry_ttl: options.expiry().min(MAX_ENTRY_TTL),
+            entry_ttl,
             recovery: shared.recovery(options.expiry()),
             made: 0,
             retry_now: false,

@@ -118,7 +118,10 @@ use crate::sync::{DistSync, FastPath, LocalLine, validate_name};
 ///   only the first of them talks to the nodes. A
 ///   [`DistLockLayer`](crate::DistLockLayer) over it waits in the same
 ///   line: its requests and the direct callers of `lock` for a name line
-///   up together, each request once.
+///   up together, each request once. A request keeps its turn until its
+///   release; a caller that waits behind it keeps its process in the
+///   nodes' queues meanwhile, so that the release wakes this process
+///   before other processes' later waiters.
 /// - Each node keeps a wait queue per name, with one entry per waiting
 ///   `RedisSync`, ordered by when its first waiter started (a timestamp the
 ///   process chooses, the same on every node, so that all nodes order

@@ -10,7 +10,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, RELEASE};
+use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, RELEASE};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -267,6 +267,24 @@ impl Node {
                 .arg(start)
                 .arg(&*announce.0)
                 .arg(announce.1);
+            async move { script(&mut conn, call).await }
+        })
+    }
+
+    /// `LINE_UP`: puts the process of `entry` in the name's wait queue, or
+    /// renews its entry, without trying the lock.
+    pub(crate) fn line_up(
+        &self,
+        keys: Arc<Keys>,
+        entry: QueueEntry,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
+            let call = LINE_UP
+                .call(&[&keys.queue, &keys.deadlines], 3)
+                .arg(&*entry.client)
+                .arg(entry.start)
+                .arg(entry.ttl);
             async move { script(&mut conn, call).await }
         })
     }

@@ -155,6 +155,18 @@ pub(crate) static ACQUIRE: LazyLock<Lua> =
 /// prefix, 4 a nonce. Returns 1 if the entry was removed.
 pub(crate) static LEAVE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/leave.lua")));
 
+/// Line up: put a waiting process in a name's wait queue, or renew its
+/// entry, without trying the lock. A waiter sends it while it waits in
+/// its process's line behind a request of the same process that holds the
+/// lock (a layer's request keeps its turn in the line while it holds), so
+/// that its process keeps its place among the other processes' waiters.
+///
+/// `KEYS`: 1 wait queue, 2 its entries' deadlines. `ARGV`: 1 the
+/// process's id, 2 the start of its earliest waiter (ms), 3 the entry's
+/// TTL (ms). Returns 1.
+pub(crate) static LINE_UP: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/line_up.lua")));
+
 /// Raise the node's fencing counter to at least a token (never lower it).
 /// A node whose counter is missing lost its state since it granted the
 /// acquisition: it is left alone (its counter starts at its clock at its

@@ -104,9 +104,7 @@ impl Waiter {
         QueueEntry {
             client: self.shared.client_id.clone(),
             start,
-            ttl: u64::try_from(entry_ttl.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
+            ttl: millis(entry_ttl),
             next,
         }
     }
@@ -128,29 +126,91 @@ impl Waiter {
     }
 }
 
-/// Waits for the turn of `place` (FIFO), at most as long as its own
-/// tries could take ([`DistMutexOptions::longest_wait`]), summed try
-/// by try while it waits, so that a turn that comes early never pays
-/// for the sum of many tries.
-pub(crate) async fn turn_within(place: &Place, options: &DistMutexOptions) -> Option<Turn> {
-    if let Some(turn) = place.try_turn() {
-        return Some(turn);
-    }
-    let mut wait = std::pin::pin!(place.wait());
-    let mut deadline = tokio::time::Instant::now();
-    for try_number in 1..=options.tries() {
-        let Some(next) = deadline.checked_add(options.try_slot(try_number)) else {
-            // A slot beyond the clock's range (a retry delay of
-            // `Duration::MAX`): no bound but the turn itself, which
-            // comes when the caller ahead ends its own tries.
-            return Some(wait.as_mut().await);
-        };
-        deadline = next;
-        if let Ok(turn) = tokio::time::timeout_at(deadline, wait.as_mut()).await {
+impl Waiter {
+    /// Waits for this waiter's turn in the process's line (FIFO), at most
+    /// as long as its own tries could take
+    /// ([`DistMutexOptions::longest_wait`]), summed try by try while it
+    /// waits, so that a turn that comes early never pays for the sum of
+    /// many tries. `None` for a waiter whose caller holds its turn already,
+    /// or when the turn did not come in time.
+    ///
+    /// While a caller of this process holds the lock and keeps the turn (a
+    /// layer's request does, until its release), the waiter keeps its
+    /// process in the nodes' queues, renewed every half `entry_ttl`: the
+    /// release then wakes this process, ahead of other processes' waiters
+    /// that started later.
+    pub(crate) async fn turn(
+        &self,
+        options: &DistMutexOptions,
+        entry_ttl: Duration,
+    ) -> Option<Turn> {
+        let place = self.place.as_ref()?;
+        if let Some(turn) = place.try_turn() {
             return Some(turn);
         }
+        let mut wait = std::pin::pin!(place.wait());
+        let now = tokio::time::Instant::now();
+        let (mut deadline, mut renew) = (now, now);
+        for try_number in 1..=options.tries() {
+            // A slot beyond the clock's range (a retry delay of
+            // `Duration::MAX`) is bounded by the turn itself, which comes
+            // when the caller ahead ends its own tries.
+            deadline = deadline
+                .checked_add(options.try_slot(try_number))
+                .unwrap_or_else(far_future);
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= renew {
+                    if place.hints().remaining().is_some() {
+                        self.line_up(entry_ttl);
+                    }
+                    renew = now + entry_ttl / 2;
+                }
+                let until = deadline.min(renew);
+                if let Ok(turn) = tokio::time::timeout_at(until, wait.as_mut()).await {
+                    return Some(turn);
+                }
+                if until == deadline {
+                    break;
+                }
+            }
+        }
+        None
     }
-    None
+
+    /// Puts the process in the nodes' queues with its earliest waiter's
+    /// start, or renews its entry, in the background.
+    fn line_up(&self, entry_ttl: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let entry = QueueEntry {
+            client: self.shared.client_id.clone(),
+            start: self.list.line_up(self.start),
+            ttl: millis(entry_ttl),
+            next: None,
+        };
+        let (shared, keys, timeout) = (self.shared.clone(), self.keys.clone(), self.timeout);
+        runtime.spawn(async move {
+            join_all(
+                shared
+                    .nodes
+                    .iter()
+                    .map(|node| node.line_up(keys.clone(), entry.clone(), timeout)),
+            )
+            .await;
+        });
+    }
+}
+
+/// About 30 years from now, as tokio does for "never".
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30)
+}
+
+/// An entry's TTL in ms, at least 1.
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Drop for Waiter {
