@@ -1433,6 +1433,51 @@ async fn a_layer_over_redis_waits_in_the_backends_line() {
     assert!(counting.counts.locks() >= 1);
 }
 
+/// `layer` over a handler that reports on `entered` when it starts, then
+/// answers once told to through `go`.
+fn gated_service<D: DistSync>(
+    layer: DistLockLayer<D, HeaderKey>,
+) -> Gated<
+    impl tower::Service<
+        http::Request<()>,
+        Response = http::Response<tower_dsync::layer::LockBody<http_body_util::Full<Bytes>>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static,
+> {
+    let (entered_tx, entered) = mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let gate = go.clone();
+    let service =
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |_: http::Request<()>| {
+                let (entered_tx, go) = (entered_tx.clone(), gate.clone());
+                async move {
+                    entered_tx.send(()).unwrap();
+                    go.notified().await;
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            });
+    Gated {
+        service,
+        entered,
+        go,
+    }
+}
+
+/// A service whose handler reports when it starts and waits to be told to
+/// answer (see [`gated_service`]).
+struct Gated<S> {
+    service: S,
+    entered: mpsc::UnboundedReceiver<()>,
+    go: Arc<tokio::sync::Notify>,
+}
+
 /// The wall clock in ms since the Unix epoch.
 fn epoch_ms() -> u128 {
     std::time::SystemTime::now()
@@ -1481,23 +1526,11 @@ async fn a_layer_request_does_not_move_its_process_back_in_the_nodes_queue() {
         .wait(long)
         .build()
         .unwrap();
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let go = Arc::new(tokio::sync::Notify::new());
-    let service = {
-        let go = go.clone();
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(move |_: http::Request<()>| {
-                let (entered_tx, go) = (entered_tx.clone(), go.clone());
-                async move {
-                    entered_tx.send(()).unwrap();
-                    go.notified().await;
-                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                }
-            })
-    };
+    let Gated {
+        service,
+        mut entered,
+        go,
+    } = gated_service(layer);
     let direct = |sync: &RedisSync| {
         let (sync, options) = (sync.clone(), patient.clone());
         async move {
@@ -1569,23 +1602,11 @@ async fn a_direct_caller_behind_a_held_request_keeps_its_process_queued() {
         .wait(Duration::from_secs(30))
         .build()
         .unwrap();
-    let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let go = Arc::new(tokio::sync::Notify::new());
-    let service = {
-        let go = go.clone();
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(move |_: http::Request<()>| {
-                let (entered_tx, go) = (entered_tx.clone(), go.clone());
-                async move {
-                    entered_tx.send(()).unwrap();
-                    go.notified().await;
-                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                }
-            })
-    };
+    let Gated {
+        service,
+        mut entered,
+        go,
+    } = gated_service(layer);
     let request = tokio::spawn(service.oneshot(keyed("k")));
     entered.recv().await.unwrap();
     assert_eq!(nodes.servers[0].zcard(queue), 0, "nobody waits yet");
