@@ -83,7 +83,7 @@ def svg_chart(rows: list[list[str]]) -> str:
         'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         '<text x="10" y="20" font-size="14">Throughput against the baseline of the same run '
-        "(cycle: the raw floor; contention: rslock; http: bare axum). Above 1 is better.</text>",
+        "(cycle: the raw floor; contention: rslock; http: bare axum, an rslock middleware). Above 1 is better.</text>",
     ]
     for i, (bench, case, library, first, *_rest) in enumerate(rows):
         y = top + i * (bar_h + gap)

@@ -1,4 +1,4 @@
-//! This process's waiters for one name: the order they came in, the start
+//! This process's waiters for one lock key: the order they came in, the start
 //! the process's entry in the nodes' wait queues carries, and the wake-up a
 //! release sends them.
 

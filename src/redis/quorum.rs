@@ -1,12 +1,11 @@
 //! One round of a command on every node at once, and how its answers add up
 //! to a quorum decision.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
 use super::node::{Failure, Reply};
@@ -14,10 +13,48 @@ use crate::error::Error;
 
 type NodeFuture<T> = Pin<Box<dyn Future<Output = (usize, Reply<T>)> + Send>>;
 
+/// The commands of a round still in flight, in node order. A round has a
+/// handful of nodes: polling each of them when any is ready costs less
+/// than the bookkeeping of a `FuturesUnordered`.
+struct Pending<T> {
+    commands: Vec<Option<NodeFuture<T>>>,
+    left: usize,
+}
+
+impl<T> Pending<T> {
+    fn len(&self) -> usize {
+        self.left
+    }
+
+    fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    /// The next answer of a command in flight, `None` once all answered.
+    async fn next(&mut self) -> Option<(usize, Reply<T>)> {
+        if self.left == 0 {
+            return None;
+        }
+        poll_fn(|cx| {
+            for slot in &mut self.commands {
+                if let Some(command) = slot
+                    && let Poll::Ready(answer) = command.as_mut().poll(cx)
+                {
+                    *slot = None;
+                    self.left -= 1;
+                    return Poll::Ready(Some(answer));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// A round: one command sent to every node at once, in flight, and the
 /// answers so far.
 pub(crate) struct Round<T> {
-    pending: FuturesUnordered<NodeFuture<T>>,
+    pending: Pending<T>,
     /// Answers so far, with the index of the node that gave them.
     pub(crate) replies: Vec<(usize, T)>,
     pub(crate) failures: Vec<(usize, Failure)>,
@@ -32,12 +69,18 @@ impl<T: Send + 'static> Round<T> {
     where
         F: Future<Output = Reply<T>> + Send + 'static,
     {
-        let pending: FuturesUnordered<NodeFuture<T>> = commands
+        let commands: Vec<Option<NodeFuture<T>>> = commands
             .into_iter()
             .enumerate()
-            .map(|(i, command)| -> NodeFuture<T> { Box::pin(async move { (i, command.await) }) })
+            .map(|(i, command)| -> Option<NodeFuture<T>> {
+                Some(Box::pin(async move { (i, command.await) }))
+            })
             .collect();
-        let nodes = pending.len();
+        let nodes = commands.len();
+        let pending = Pending {
+            commands,
+            left: nodes,
+        };
         Round {
             pending,
             replies: Vec::with_capacity(nodes),
