@@ -1184,17 +1184,20 @@ async fn a_try_does_not_jump_the_line() {
     let name = unique("no-jump");
     let mut holder = first.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
-    // Connected beforehand: one poll of the waiter sends its attempt.
     warm(&second).await;
     let mut waiter = second.new_mutex(&name, options.clone()).unwrap();
     let queue = format!("dsync:{name}\u{1f}queue");
     {
+        // Polled until it is queued (its refused first try queues it with
+        // the next), then no more.
         let mut waiting = pin!(waiter.lock());
-        assert!(poll_once(waiting.as_mut()).await.is_none());
         eventually(
             Duration::from_secs(10),
             "the waiter is queued",
-            async || nodes.count_key(&queue) == 1,
+            async || {
+                assert!(poll_once(waiting.as_mut()).await.is_none());
+                nodes.count_key(&queue) == 1
+            },
         )
         .await;
         // Released while the waiter is not polled: the name is free on the
