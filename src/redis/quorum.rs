@@ -11,9 +11,9 @@ use tokio::task::JoinHandle;
 use super::node::{Failure, Reply};
 use crate::error::Error;
 
-type NodeFuture<T> = Pin<Box<dyn Future<Output = (usize, Reply<T>)> + Send>>;
+type NodeFuture<T> = Pin<Box<dyn Future<Output = Reply<T>> + Send>>;
 
-/// The commands of a round still in flight, in node order. A round has a
+/// The commands of a round still in flight, by node. A round has a
 /// handful of nodes: polling each of them when any is ready costs less
 /// than the bookkeeping of a `FuturesUnordered`.
 struct Pending<T> {
@@ -36,13 +36,13 @@ impl<T> Pending<T> {
             return None;
         }
         poll_fn(|cx| {
-            for slot in &mut self.commands {
+            for (node, slot) in self.commands.iter_mut().enumerate() {
                 if let Some(command) = slot
                     && let Poll::Ready(answer) = command.as_mut().poll(cx)
                 {
                     *slot = None;
                     self.left -= 1;
-                    return Poll::Ready(Some(answer));
+                    return Poll::Ready(Some((node, answer)));
                 }
             }
             Poll::Pending
@@ -71,10 +71,7 @@ impl<T: Send + 'static> Round<T> {
     {
         let commands: Vec<Option<NodeFuture<T>>> = commands
             .into_iter()
-            .enumerate()
-            .map(|(i, command)| -> Option<NodeFuture<T>> {
-                Some(Box::pin(async move { (i, command.await) }))
-            })
+            .map(|command| -> Option<NodeFuture<T>> { Some(Box::pin(command)) })
             .collect();
         let nodes = commands.len();
         let pending = Pending {
