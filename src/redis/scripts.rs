@@ -136,7 +136,7 @@ impl Call {
 ///
 /// The common case, a free lock that nobody waits for on a node that
 /// counts, runs first and touches nothing else: `HGET` of the node's
-/// state, `EXISTS` on the queue, `SET`, `HINCRBY`.
+/// state (with Redlock only), `EXISTS` on the queue, `SET`, `HINCRBY`.
 ///
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
 /// `-2`: gone meanwhile), `{0, -3}` when the lock is free but another

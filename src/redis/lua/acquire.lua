@@ -15,18 +15,22 @@ local function next_token(node)
     end
     return token
 end
-local born = redis.call('HGET', KEYS[2], 'born')
-if born ~= COUNTS and string.byte(ARGV[3], -1) ~= NONE then
-    local recovery = string.match(ARGV[3], '(%d+)$')
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    if not born then
-        born = now
-        redis.call('HSET', KEYS[2], 'born', born)
-    end
-    local left = tonumber(born) + tonumber(recovery) - now
-    if left > 0 then
-        return {0, RECOVERING, tonumber(born), left}
+-- One node, or a Redis Cluster: nothing to recover from, and the node's
+-- state is neither read nor written.
+if string.byte(ARGV[3], -1) ~= NONE then
+    local born = redis.call('HGET', KEYS[2], 'born')
+    if born ~= COUNTS then
+        local recovery = string.match(ARGV[3], '(%d+)$')
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        if not born then
+            born = now
+            redis.call('HSET', KEYS[2], 'born', born)
+        end
+        local left = tonumber(born) + tonumber(recovery) - now
+        if left > 0 then
+            return {0, RECOVERING, tonumber(born), left}
+        end
     end
 end
 local set = redis.call('EXISTS', KEYS[3]) == 0
