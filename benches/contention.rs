@@ -21,8 +21,9 @@
 //! Commands are what the clients sent, counted from `INFO commandstats` on
 //! every node: Redis also counts the commands a Lua script runs, so the
 //! commands only a library's scripts call are left out of its count
-//! (`SET`, `INCR`, `PTTL`, `GET`, `PEXPIRE`, `DEL`, `PUBLISH`, `SPUBLISH`
-//! and the wait queue's commands for this crate, whose every lock command is a script; `GET`, `DEL` for rslock,
+//! (`SET`, `INCR`, `HINCRBY` (the fencing counter), `PTTL`, `GET`,
+//! `PEXPIRE`, `DEL`, `PUBLISH`, `SPUBLISH` and the wait queue's commands for
+//! this crate, whose every lock command is a script; `GET`, `DEL` for rslock,
 //! which sends `SET NX PX` itself and releases with a script).
 //!
 //! With `DSYNC_BENCH_CSV=path` it appends, per node count and rslock mode,
@@ -77,8 +78,8 @@ impl Library {
     fn script_only_commands(self) -> &'static [&'static str] {
         match self {
             Library::TowerDsync => &[
-                "set", "incr", "pttl", "get", "pexpire", "del", "publish", "spublish", "time",
-                "exists", "zrange", "zadd", "zrem", "zscore", "hget", "hset", "hdel",
+                "set", "incr", "hincrby", "pttl", "get", "pexpire", "del", "publish", "spublish",
+                "time", "exists", "zrange", "zadd", "zrem", "zscore", "hget", "hset", "hdel",
             ],
             Library::Rslock { .. } => &["get", "del"],
         }
