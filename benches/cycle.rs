@@ -6,7 +6,8 @@
 //!   multiplexed connection per node: `SET key value NX PX` on every node,
 //!   then a compare-and-delete script on every node, waiting for every
 //!   node's answer;
-//! - **tower-dsync**: `RedisMutex::lock` + `unlock` with default options;
+//! - **tower-dsync**: `RedisMutex::lock` + `unlock` with default options,
+//!   on a mutex made for the cycle (as the layer makes one per request);
 //! - **rslock**: `LockManager::lock` + `unlock`.
 //!
 //! Then the same on a 3-master Redis Cluster: the floor sends the same two
@@ -250,18 +251,18 @@ where
 
 async fn tower_dsync(servers: &Servers, tasks: usize, run: Duration) -> Samples {
     let sync = servers.sync();
-    let mutexes: Arc<Vec<tokio::sync::Mutex<_>>> = Arc::new(
+    let names: Arc<Vec<String>> = Arc::new(
         (0..tasks)
-            .map(|task| {
-                let name = format!("dsync-bench:{task}");
-                tokio::sync::Mutex::new(sync.new_mutex(&name, DistMutexOptions::default()).unwrap())
-            })
+            .map(|task| format!("dsync-bench:{task}"))
             .collect(),
     );
+    // A new mutex per cycle, as the layer makes one per request.
     measure(tasks, run, move |task, _| {
-        let mutexes = mutexes.clone();
+        let (sync, names) = (sync.clone(), names.clone());
         async move {
-            let mut mutex = mutexes[task].lock().await;
+            let mut mutex = sync
+                .new_mutex(&names[task], DistMutexOptions::default())
+                .unwrap();
             mutex.lock().await.expect("lock");
             mutex.unlock().await.expect("unlock");
         }

@@ -33,15 +33,40 @@ pub(crate) struct Keys {
     pub(crate) slot: Option<u16>,
 }
 
+/// The keys that every name on independent nodes shares, the node's
+/// bookkeeping hash and the wake-up channel's prefix: made once per
+/// `RedisSync`, not once per mutex.
+#[derive(Clone, Debug)]
+pub(crate) struct SharedKeys {
+    node: Arc<str>,
+    wake: Arc<str>,
+}
+
+impl SharedKeys {
+    /// The shared keys under `prefix`, on independent nodes.
+    pub(crate) fn plain(prefix: &str) -> Self {
+        SharedKeys {
+            node: [prefix, "\u{1f}node"].concat().into(),
+            wake: ["P", prefix, "\u{1f}wake\u{1f}"].concat().into(),
+        }
+    }
+}
+
 impl Keys {
     /// The keys of `name` on independent nodes: the lock at
     /// `<prefix><name>`, announced with `PUBLISH` on one channel per
     /// process.
     pub(crate) fn plain(prefix: &str, name: &str) -> Self {
+        Self::plain_sharing(prefix, name, &SharedKeys::plain(prefix))
+    }
+
+    /// [`plain`](Self::plain), with the keys every name shares made
+    /// already.
+    pub(crate) fn plain_sharing(prefix: &str, name: &str, shared: &SharedKeys) -> Self {
         Self::with(
-            format!("{prefix}{name}"),
-            format!("{prefix}\u{1f}node"),
-            format!("P{prefix}\u{1f}wake\u{1f}"),
+            [prefix, name].concat(),
+            shared.node.clone(),
+            shared.wake.clone(),
         )
     }
 
@@ -58,17 +83,17 @@ impl Keys {
         let wake = format!("S{{{tag}}}{prefix}\u{1f}wake\u{1f}");
         Keys {
             slot: Some(at),
-            ..Self::with(lock, node, wake)
+            ..Self::with(lock, node.into(), wake.into())
         }
     }
 
-    fn with(lock: String, node: String, wake: String) -> Self {
+    fn with(lock: String, node: Arc<str>, wake: Arc<str>) -> Self {
         Keys {
-            node: node.into(),
-            queue: format!("{lock}\u{1f}queue").into(),
-            deadlines: format!("{lock}\u{1f}leases").into(),
+            node,
+            queue: [&*lock, "\u{1f}queue"].concat().into(),
+            deadlines: [&*lock, "\u{1f}leases"].concat().into(),
             lock: lock.into(),
-            wake: wake.into(),
+            wake,
             slot: None,
         }
     }

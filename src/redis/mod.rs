@@ -699,6 +699,7 @@ impl RedisSyncBuilder {
                 waiters,
                 client_id,
                 last_start: Default::default(),
+                shared_keys: keys::SharedKeys::plain(&key_prefix),
                 key_prefix,
                 separator: self.separator.unwrap_or_else(|| ":".to_owned()),
                 set_nx_on_extend: self.set_nx_on_extend.unwrap_or(true),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use super::keys::Keys;
+use super::keys::{Keys, SharedKeys};
 use super::local_waiters::WaiterLists;
 use super::node::Node;
 use super::wakeups::Wakeups;
@@ -30,6 +30,8 @@ pub(crate) struct RedisState {
     pub(crate) last_start: AtomicU64,
     pub(crate) quorum: usize,
     pub(crate) key_prefix: String,
+    /// The keys every name shares on independent nodes.
+    pub(crate) shared_keys: SharedKeys,
     pub(crate) separator: String,
     pub(crate) set_nx_on_extend: bool,
     pub(crate) fail_fast: bool,
@@ -50,7 +52,7 @@ impl RedisState {
         if self.wakeups.on_cluster() {
             Keys::tagged(&self.key_prefix, name)
         } else {
-            Keys::plain(&self.key_prefix, name)
+            Keys::plain_sharing(&self.key_prefix, name, &self.shared_keys)
         }
     }
 }
