@@ -1184,20 +1184,17 @@ async fn a_try_does_not_jump_the_line() {
     let name = unique("no-jump");
     let mut holder = first.new_mutex(&name, options.clone()).unwrap();
     holder.lock().await.unwrap();
+    // Connected beforehand: one poll of the waiter sends its attempt.
     warm(&second).await;
     let mut waiter = second.new_mutex(&name, options.clone()).unwrap();
     let queue = format!("dsync:{name}\u{1f}queue");
     {
-        // Polled until it is queued (its refused first try queues it with
-        // the next), then no more.
         let mut waiting = pin!(waiter.lock());
+        assert!(poll_once(waiting.as_mut()).await.is_none());
         eventually(
             Duration::from_secs(10),
             "the waiter is queued",
-            async || {
-                assert!(poll_once(waiting.as_mut()).await.is_none());
-                nodes.count_key(&queue) == 1
-            },
+            async || nodes.count_key(&queue) == 1,
         )
         .await;
         // Released while the waiter is not polled: the name is free on the
@@ -1939,4 +1936,38 @@ async fn a_key_put_back_during_a_failed_extension_counts_at_the_next() {
     nodes.servers[0].resume();
     nodes.servers[1].resume();
     holder.unlock().await.unwrap();
+}
+
+/// A waiter whose `lock()` is dropped at any point of its wait (before its
+/// first attempt, during it, while it subscribes, while it waits for a
+/// wake-up) leaves no entry of its process in the nodes' wait queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_dropped_at_any_point_leaves_no_queue_entry() {
+    let nodes = RedisNodes::start(3);
+    let (one, two) = (
+        RedisSync::new(nodes.urls()).unwrap(),
+        RedisSync::new(nodes.urls()).unwrap(),
+    );
+    let options = wake_only(1000);
+    for polls in 1..40usize {
+        let name = unique("drop-at");
+        let queue = format!("dsync:{name}\u{1f}queue");
+        let mut holder = two.new_mutex(&name, options.clone()).unwrap();
+        holder.lock().await.unwrap();
+        let mut waiter = one.new_mutex(&name, options.clone()).unwrap();
+        {
+            let mut waiting = pin!(waiter.lock());
+            for _ in 0..polls {
+                assert!(poll_once(waiting.as_mut()).await.is_none());
+                tokio::task::yield_now().await;
+            }
+        }
+        eventually(
+            Duration::from_secs(10),
+            &format!("no entry after {polls} polls"),
+            async || nodes.count_key(&queue) == 0,
+        )
+        .await;
+        holder.unlock().await.unwrap();
+    }
 }

@@ -48,10 +48,8 @@ pub(crate) struct LockCall<'m> {
     recovery: Option<Duration>,
     /// Attempts made: counted against `tries`.
     made: u32,
-    /// The next attempt goes at once and is not counted: after subscribing
-    /// (a release while the subscription was being set up is not missed),
-    /// and after the first refusal of a waiter that tried unlisted (it
-    /// tries again with its place in the queues). Each happens at most once
+    /// The next attempt goes at once and is not counted: a release while
+    /// the subscription was being set up is not missed. That happens once
     /// per call (see `subscribe_tried`).
     retry_now: bool,
     /// An earlier acquisition of this process queued this waiter's place:
@@ -102,13 +100,13 @@ impl<'m> LockCall<'m> {
             in_turn,
         } = mutex;
         let timeout = options.node_timeout();
-        let mut waiter =
+        let waiter =
             (options.tries() > 1).then(|| Waiter::join(shared, name, keys, in_turn, timeout));
         // An entry in the wait queues is kept for one expiry (at most
         // MAX_ENTRY_TTL) without a renewal; a waiter renews it at least
         // twice as often.
         let entry_ttl = options.expiry().min(MAX_ENTRY_TTL);
-        let turn = match &mut waiter {
+        let turn = match &waiter {
             Some(waiter) if waiter.place().is_some() => {
                 Some(waiter.turn(options, entry_ttl).await?)
             }
@@ -189,7 +187,7 @@ impl<'m> LockCall<'m> {
             entry: self
                 .waiter
                 .as_ref()
-                .and_then(|waiter| waiter.queue_entry(self.entry_ttl)),
+                .map(|waiter| waiter.queue_entry(self.entry_ttl)),
             recovery: self.recovery,
             timeout: self.timeout,
         };
@@ -289,25 +287,17 @@ impl<'m> LockCall<'m> {
         // attempt took it out.
         let requeue = args.entry.as_ref().filter(|_| tries_left);
         *self.cleanup = release_leftovers(round, self.shared, args, requeue);
-        let held = matches!(error, Error::Held { .. });
-        // The first failure of a waiter that tried unlisted: it is listed
-        // now, and a refused one tries again at once, with its place in
-        // the queues, so that its process is queued at its start.
-        let listed_now = match &mut self.waiter {
-            Some(waiter) if tries_left && !waiter.is_listed() => {
-                waiter.list();
-                true
-            }
-            _ => false,
-        };
-        let subscribe =
-            self.waiter.is_some() && held && !subscribed && !self.subscribe_tried && tries_left;
+        let subscribe = self.waiter.is_some()
+            && matches!(error, Error::Held { .. })
+            && !subscribed
+            && !self.subscribe_tried
+            && tries_left;
         self.last_error = Some(error);
         if subscribe {
             self.subscribe_tried = true;
             self.shared.wakeups.subscribe(self.keys, self.timeout).await;
+            self.retry_now = true;
         }
-        self.retry_now = subscribe || (listed_now && held);
     }
 }
 

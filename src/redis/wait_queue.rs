@@ -23,22 +23,17 @@ use crate::options::DistMutexOptions;
 /// the name, and in the process's list of waiters for the key. Dropped, it
 /// leaves both, and takes the process out of the nodes' queues if it was
 /// the last waiter and the process may be queued.
-///
-/// A call that finds the line free is listed only once it has to wait: its
-/// first attempt goes without a place in the nodes' queues, as a try that
-/// does not wait, and an uncontended lock costs no list. Refused, it is
-/// listed and tries again at once with its place, which the queues order
-/// by its start (taken when it joined), not by when it got there.
 pub(crate) struct Waiter {
     /// Its place in the line; `None` when its caller holds the name's turn
     /// already (a request of a layer over this backend, which waited its
     /// turn in the same line).
     place: Option<Place>,
-    /// Its place in the process's list of waiters for the key, once it
-    /// waits.
-    listing: Option<Listing>,
+    /// The process's waiters for the key, and the key as listed.
+    list: Arc<LocalWaiters>,
+    listed_as: HashedName,
     shared: Arc<RedisState>,
     keys: Arc<Keys>,
+    ticket: u64,
     start: u64,
     /// The per-node timeout, for leaving the queues.
     timeout: Duration,
@@ -47,19 +42,10 @@ pub(crate) struct Waiter {
     woken: bool,
 }
 
-/// A waiter's place in the process's list of waiters for a key.
-struct Listing {
-    list: Arc<LocalWaiters>,
-    /// The key, as listed.
-    listed_as: HashedName,
-    ticket: u64,
-}
-
 impl Waiter {
     /// Joins the process's line for `name`, unless the caller holds its
-    /// turn already (`in_turn`: it is listed among the waiters of its key
-    /// at `keys` at once); `timeout` bounds each node's command when it
-    /// leaves the queues.
+    /// turn already (`in_turn`), and the waiters of its key at `keys`;
+    /// `timeout` bounds each node's command when it leaves the queues.
     pub(crate) fn join(
         shared: &Arc<RedisState>,
         name: &Arc<str>,
@@ -68,6 +54,7 @@ impl Waiter {
         timeout: Duration,
     ) -> Self {
         let place = (!in_turn).then(|| shared.line.join(name.clone()));
+        let (listed_as, list) = shared.waiters.join(keys.lock.clone());
         let now = u64::try_from(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -84,44 +71,18 @@ impl Waiter {
                 Some(now.max(last + 1))
             })
             .map_or(now, |last| now.max(last + 1));
-        let mut waiter = Waiter {
+        let ticket = list.enter(start);
+        Waiter {
             place,
-            listing: None,
+            list,
+            listed_as,
             shared: shared.clone(),
             keys: keys.clone(),
+            ticket,
             start,
             timeout,
             woken: false,
-        };
-        if in_turn {
-            waiter.list();
         }
-        waiter
-    }
-
-    /// Lists this waiter among the process's waiters for the key, if it is
-    /// not yet: from now on its attempts carry its place in the nodes'
-    /// queues, and release messages reach it.
-    pub(crate) fn list(&mut self) {
-        self.listing();
-    }
-
-    /// This waiter's listing, made now if it is not listed yet.
-    fn listing(&mut self) -> &Listing {
-        self.listing.get_or_insert_with(|| {
-            let (listed_as, list) = self.shared.waiters.join(self.keys.lock.clone());
-            let ticket = list.enter(self.start);
-            Listing {
-                list,
-                listed_as,
-                ticket,
-            }
-        })
-    }
-
-    /// Whether this waiter is listed (it has had to wait).
-    pub(crate) fn is_listed(&self) -> bool {
-        self.listing.is_some()
     }
 
     /// Its place in the process's line, unless its caller holds the
@@ -133,37 +94,30 @@ impl Waiter {
     /// Whether an acquisition of this process put this waiter's start in
     /// the nodes' queues: it then waits for its wake-up first.
     pub(crate) fn take_reservation(&self) -> bool {
-        self.listing
-            .as_ref()
-            .is_some_and(|l| l.list.take_reservation(l.ticket))
+        self.list.take_reservation(self.ticket)
     }
 
-    /// What the next attempt tells the nodes' queues, once this waiter is
-    /// listed (else nothing: it tries as a try that does not wait). From
-    /// now on the process may be queued with this waiter's start.
-    pub(crate) fn queue_entry(&self, entry_ttl: Duration) -> Option<QueueEntry> {
-        let listing = self.listing.as_ref()?;
-        let (start, next) = listing.list.advertise(listing.ticket, self.start);
-        Some(QueueEntry {
+    /// What the next attempt tells the nodes' queues. From now on the
+    /// process may be queued with this waiter's start.
+    pub(crate) fn queue_entry(&self, entry_ttl: Duration) -> QueueEntry {
+        let (start, next) = self.list.advertise(self.ticket, self.start);
+        QueueEntry {
             client: self.shared.client_id.clone(),
             start,
             ttl: millis(entry_ttl),
             next,
-        })
+        }
     }
 
     /// An attempt told with `entry` acquired the lock.
     pub(crate) fn acquired(&mut self, entry: &QueueEntry) {
-        if let Some(listing) = &self.listing {
-            listing.list.acquired(listing.ticket, entry.next);
-        }
+        self.list.acquired(self.ticket, entry.next);
         self.woken = false;
     }
 
     /// Waits for a wake-up of this process for the name, at most `timeout`.
     pub(crate) async fn wait(&mut self, timeout: Duration) {
-        let list = self.listing().list.clone();
-        self.woken = list.wait(timeout).await;
+        self.woken = self.list.wait(timeout).await;
     }
 
     /// The attempt after a wake is over: the wake was used.
@@ -186,17 +140,14 @@ impl Waiter {
     /// release then wakes this process, ahead of other processes' waiters
     /// that started later.
     pub(crate) async fn turn(
-        &mut self,
+        &self,
         options: &DistMutexOptions,
         entry_ttl: Duration,
     ) -> Option<Turn> {
-        if let Some(turn) = self.place.as_ref()?.try_turn() {
+        let place = self.place.as_ref()?;
+        if let Some(turn) = place.try_turn() {
             return Some(turn);
         }
-        // It waits: listed now, in the order it came, so that an
-        // acquisition before it can keep the process queued for it.
-        self.list();
-        let place = self.place.as_ref()?;
         let mut wait = std::pin::pin!(place.wait());
         let now = tokio::time::Instant::now();
         let (mut deadline, mut renew) = (now, now);
@@ -233,12 +184,9 @@ impl Waiter {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(listing) = &self.listing else {
-            return;
-        };
         let entry = QueueEntry {
             client: self.shared.client_id.clone(),
-            start: listing.list.line_up(self.start),
+            start: self.list.line_up(self.start),
             ttl: millis(entry_ttl),
             next: None,
         };
@@ -267,11 +215,8 @@ fn millis(ttl: Duration) -> u64 {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let Some(listing) = self.listing.take() else {
-            return;
-        };
-        let leave = listing.list.leave(listing.ticket, self.woken);
-        self.shared.waiters.leave(&listing.listed_as);
+        let leave = self.list.leave(self.ticket, self.woken);
+        self.shared.waiters.leave(&self.listed_as);
         if let Some(start) = leave {
             leave_queues(&self.shared, &self.keys, start, self.timeout);
         }
