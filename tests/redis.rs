@@ -1971,3 +1971,67 @@ async fn a_lock_dropped_at_any_point_leaves_no_queue_entry() {
         holder.unlock().await.unwrap();
     }
 }
+
+/// A waiter whose process started waiting before the process first in a
+/// name's queue takes the lock when it finds it free, on its first try:
+/// it is first once it takes its place. (A release had woken the other
+/// process; were the waiter refused, it would be first in line with nobody
+/// to wake it, until its entry's renewal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_started_first_takes_a_free_lock_at_once() {
+    let nodes = RedisNodes::start(1);
+    let (waiting, holding) = two_processes(&nodes);
+    let options = wake_only(1000);
+    // The waiting process subscribes to its wake-ups (one refused try),
+    // so that a refusal would not be retried at once.
+    let warmup = unique("subscribe");
+    let mut held = holding.new_mutex(&warmup, options.clone()).unwrap();
+    held.lock().await.unwrap();
+    let mut first = waiting.new_mutex(&warmup, options.clone()).unwrap();
+    let queued = format!("dsync:{warmup}\u{1f}queue");
+    let warm = tokio::spawn(async move {
+        first.lock().await.unwrap();
+        first.unlock().await.unwrap();
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the warm-up waiter queued",
+        async || nodes.count_key(&queued) == 1,
+    )
+    .await;
+    held.unlock().await.unwrap();
+    warm.await.unwrap();
+    // Another process is first in line for a free name, with a later
+    // start: a release woke it, and it has not tried yet.
+    let name = unique("started-first");
+    let (queue, deadlines) = (
+        format!("dsync:{name}\u{1f}queue"),
+        format!("dsync:{name}\u{1f}leases"),
+    );
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 600_000;
+    let mut node = nodes.servers[0].connection();
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(&queue)
+        .arg(later as u64)
+        .arg("later-process")
+        .cmd("HSET")
+        .arg(&deadlines)
+        .arg("later-process")
+        .arg(u64::MAX / 2)
+        .query(&mut node)
+        .unwrap();
+    let before = nodes.servers[0].calls("evalsha");
+    let mut waiter = waiting.new_mutex(&name, options).unwrap();
+    waiter.lock().await.unwrap();
+    assert_eq!(
+        nodes.servers[0].calls("evalsha") - before,
+        1,
+        "taken on the first try"
+    );
+    waiter.unlock().await.unwrap();
+}

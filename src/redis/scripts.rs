@@ -140,7 +140,8 @@ impl Call {
 ///
 /// Returns `{1, token}` when acquired, else `{0, PTTL}` (`-1`: no expiry,
 /// `-2`: gone meanwhile), `{0, -3}` when the lock is free but another
-/// process waits first, or `{0, -4, born, left}` when the node is
+/// process waits first (a waiter not in line yet whose start is earlier
+/// than that process's takes the lock: it would be first once in line), or `{0, -4, born, left}` when the node is
 /// recovering: first seen without its state at `born` (its time, ms), it
 /// takes new locks in `left` ms.
 pub(crate) static ACQUIRE: LazyLock<Lua> =

@@ -70,7 +70,14 @@ if resent == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 if redis.call('EXISTS', queue) == 1 then
     local first = first_waiter(queue, deadlines, now_ms())
-    if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0 then
+    -- A waiter not in line yet that started before the process first in
+    -- line would be first once in line: a free lock is its own, even when
+    -- a release woke that process (its try is then refused, and it waits
+    -- for the next release). Refused, it would be first in line with
+    -- nobody to wake it.
+    if first and first ~= who and redis.call('EXISTS', KEYS[1]) == 0
+        and (who == '' or tonumber(start) >= tonumber(redis.call('ZSCORE', queue, first)))
+    then
         return refused(FREE_BUT_WAITED_FOR)
     end
 end
