@@ -42,6 +42,14 @@ struct WaitList {
     tried: bool,
 }
 
+impl WaitList {
+    /// The earliest of `start` and the starts of the listed waiters: what
+    /// the process's entry in the nodes' queues carries.
+    fn earliest(&self, start: u64) -> u64 {
+        self.waiting.iter().map(|(_, s)| *s).fold(start, u64::min)
+    }
+}
+
 impl LocalWaiters {
     fn list(&self) -> MutexGuard<'_, WaitList> {
         self.list.lock().unwrap_or_else(PoisonError::into_inner)
@@ -97,7 +105,7 @@ impl LocalWaiters {
     /// other processes' waiters that started in between.
     pub(crate) fn advertise(&self, ticket: u64, start: u64) -> (u64, Option<u64>) {
         let mut list = self.list();
-        let earliest = list.waiting.iter().map(|(_, s)| *s).fold(start, u64::min);
+        let earliest = list.earliest(start);
         list.advertised = Some(earliest);
         list.tried = true;
         let next = list
@@ -114,7 +122,7 @@ impl LocalWaiters {
     /// process's waiters.
     pub(crate) fn line_up(&self, start: u64) -> u64 {
         let mut list = self.list();
-        let earliest = list.waiting.iter().map(|(_, s)| *s).fold(start, u64::min);
+        let earliest = list.earliest(start);
         list.advertised = Some(earliest);
         earliest
     }

@@ -389,14 +389,7 @@ impl DistSync for RedisSync {
     type Mutex = RedisMutex;
 
     fn new_mutex(&self, name: &str, options: DistMutexOptions) -> Result<RedisMutex> {
-        validate_name(name)?;
-        options.validate()?;
-        Ok(RedisMutex::new(
-            self.shared.clone(),
-            name.into(),
-            options,
-            false,
-        ))
+        checked_mutex(&self.shared, name.into(), options, false)
     }
 
     fn new_mutex_named(
@@ -405,14 +398,7 @@ impl DistSync for RedisSync {
         options: DistMutexOptions,
         _: FastPath,
     ) -> Result<RedisMutex> {
-        validate_name(name)?;
-        options.validate()?;
-        Ok(RedisMutex::new(
-            self.shared.clone(),
-            name.clone(),
-            options,
-            false,
-        ))
+        checked_mutex(&self.shared, name.clone(), options, false)
     }
 
     fn local_line(&self, _: FastPath) -> Option<LocalLine<RedisMutex>> {
@@ -420,9 +406,7 @@ impl DistSync for RedisSync {
         Some(LocalLine::new(
             self.shared.line.clone(),
             move |name: &Arc<str>, options: DistMutexOptions| {
-                validate_name(name)?;
-                options.validate()?;
-                Ok(RedisMutex::new(shared.clone(), name.clone(), options, true))
+                checked_mutex(&shared, name.clone(), options, true)
             },
         ))
     }
@@ -430,6 +414,19 @@ impl DistSync for RedisSync {
     fn separator(&self) -> &str {
         &self.shared.separator
     }
+}
+
+/// A mutex on `name` once the name and the options pass their checks;
+/// `in_turn`: its caller holds the name's turn in the process's line.
+fn checked_mutex(
+    shared: &Arc<RedisState>,
+    name: Arc<str>,
+    options: DistMutexOptions,
+    in_turn: bool,
+) -> Result<RedisMutex> {
+    validate_name(&name)?;
+    options.validate()?;
+    Ok(RedisMutex::new(shared.clone(), name, options, in_turn))
 }
 
 /// Builds a [`RedisSync`].

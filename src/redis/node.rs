@@ -569,8 +569,8 @@ fn claim_of(reply: &[i64]) -> RedisResult<Claim> {
     }
 }
 
-/// Milliseconds for `PX` / `PEXPIRE`, at least 1.
-fn millis(d: Duration) -> u64 {
+/// Milliseconds for `PX` / `PEXPIRE` and entry TTLs, at least 1.
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 

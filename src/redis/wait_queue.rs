@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 
 use super::keys::Keys;
 use super::local_waiters::LocalWaiters;
-use super::node::QueueEntry;
+use super::node::{QueueEntry, millis};
 use super::state::RedisState;
 use crate::hashed::HashedName;
 use crate::local_queue::{Place, Turn};
@@ -124,9 +124,7 @@ impl Waiter {
     pub(crate) fn settled(&mut self) {
         self.woken = false;
     }
-}
 
-impl Waiter {
     /// Waits for this waiter's turn in the process's line (FIFO), at most
     /// as long as its own tries could take
     /// ([`DistMutexOptions::longest_wait`]), summed try by try while it
@@ -206,11 +204,6 @@ impl Waiter {
 /// About 30 years from now, as tokio does for "never".
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30)
-}
-
-/// An entry's TTL in ms, at least 1.
-fn millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Drop for Waiter {
