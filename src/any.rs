@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::error::Result;
 use crate::options::DistMutexOptions;
+use crate::records::Records;
 use crate::sync::{DistMutex, DistSync, FastPath, LocalLine};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -83,6 +84,10 @@ impl DistSync for AnySync {
 
     fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>> {
         self.0.local_line(fast_path)
+    }
+
+    fn records(&self, fast_path: FastPath) -> Option<Records> {
+        self.0.records(fast_path)
     }
 
     fn separator(&self) -> &str {
@@ -167,6 +172,7 @@ trait ErasedSync: Send + Sync + 'static {
         fast_path: FastPath,
     ) -> Result<AnyMutex>;
     fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>>;
+    fn records(&self, fast_path: FastPath) -> Option<Records>;
     fn separator(&self) -> &str;
 }
 
@@ -189,6 +195,10 @@ impl<S: DistSync> ErasedSync for S {
     fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<AnyMutex>> {
         DistSync::local_line(self, fast_path)
             .map(|line| line.map(|mutex| AnyMutex(Box::new(mutex))))
+    }
+
+    fn records(&self, fast_path: FastPath) -> Option<Records> {
+        DistSync::records(self, fast_path)
     }
 
     fn separator(&self) -> &str {

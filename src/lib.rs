@@ -109,6 +109,7 @@ pub mod layer;
 mod local_queue;
 mod memory;
 mod options;
+mod records;
 #[cfg(feature = "redis")]
 mod redis;
 mod sync;
@@ -123,6 +124,8 @@ pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_valu
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
 #[doc(hidden)]
 pub use sync::{FastPath, LocalLine};
+#[doc(hidden)]
+pub use records::Records;
 
 /// The README's Rust snippets compile as doctests.
 #[cfg(doctest)]

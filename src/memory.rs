@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -15,6 +16,7 @@ use crate::acquisition::{Acquisition, LockRecord};
 use crate::error::{Error, Result};
 use crate::hashed::{HashedMap, HashedName, Hashing};
 use crate::options::DistMutexOptions;
+use crate::records::{self, BoxFuture, RecordBackend, RecordTable, Records, Writer};
 use crate::sync::{DistMutex, DistSync, FastPath, validate_name};
 
 /// The in-process backend.
@@ -81,6 +83,7 @@ impl MemorySync {
         MemorySync {
             shared: Arc::new(MemoryState {
                 names: Mutex::new(LockTable::new()),
+                records: Mutex::new(RecordTable::default()),
                 next_waiter: AtomicU64::new(0),
                 hashing: Hashing::default(),
             }),
@@ -139,6 +142,39 @@ impl DistSync for MemorySync {
 
     fn separator(&self) -> &str {
         &self.separator
+    }
+
+    fn records(&self, _: FastPath) -> Option<Records> {
+        Some(Records::new(MemoryRecords(self.shared.clone())))
+    }
+}
+
+/// The records of a [`MemorySync`]: kept in its own table, written only
+/// while the writer holds the name in the lock table.
+struct MemoryRecords(Arc<MemoryState>);
+
+impl RecordBackend for MemoryRecords {
+    fn load(&self, name: Arc<str>, _: Duration) -> BoxFuture<Result<Option<Bytes>>> {
+        let record = records::locked(&self.0.records).load(&name);
+        Box::pin(std::future::ready(Ok(record)))
+    }
+
+    fn store(
+        &self,
+        name: Arc<str>,
+        writer: Writer,
+        record: Bytes,
+        ttl: Duration,
+        _: Duration,
+    ) -> BoxFuture<Result<bool>> {
+        let hashed = self.0.hashing.name(name.clone());
+        // The lock table's lock is held while the record is written, so
+        // that the lock cannot change hands in between.
+        let mut names = self.0.names();
+        let stored = names.is_held_by(&hashed, &writer.value)
+            && records::locked(&self.0.records).store(name, writer.token, record, ttl);
+        drop(names);
+        Box::pin(std::future::ready(Ok(stored)))
     }
 }
 
@@ -342,6 +378,8 @@ impl DistMutex for MemoryMutex {
 
 struct MemoryState {
     names: Mutex<LockTable>,
+    /// The records kept beside the locks (see [`DistSync::records`]).
+    records: Mutex<RecordTable>,
     next_waiter: AtomicU64,
     /// How names are hashed in `names`: once per mutex.
     hashing: Hashing,

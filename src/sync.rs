@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::local_queue::LocalQueues;
 use crate::options::DistMutexOptions;
+use crate::records::Records;
 
 /// The longest accepted lock name, in bytes.
 ///
@@ -76,6 +77,19 @@ pub trait DistSync: Clone + fmt::Debug + Send + Sync + 'static {
     /// [`LocalLine::map`], which wraps the mutexes it makes, or lends none.
     #[doc(hidden)]
     fn local_line(&self, fast_path: FastPath) -> Option<LocalLine<Self::Mutex>> {
+        let _ = fast_path;
+        None
+    }
+
+    /// Where this backend keeps records beside its locks (bytes under a
+    /// lock name, written only by the name's holder, each for its TTL), if
+    /// it keeps any: what an
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) stores
+    /// first responses in. Its `build` refuses a backend that keeps none.
+    /// Called with a [`FastPath`], by this crate only; a backend that wraps
+    /// another passes its records on.
+    #[doc(hidden)]
+    fn records(&self, fast_path: FastPath) -> Option<Records> {
         let _ = fast_path;
         None
     }

@@ -14,6 +14,7 @@ mod lock_call;
 mod mutex;
 mod node;
 mod quorum;
+mod records;
 mod scripts;
 mod state;
 mod wait_queue;
@@ -30,6 +31,7 @@ use state::RedisState;
 
 use crate::error::Result;
 use crate::options::DistMutexOptions;
+use crate::records::Records;
 use crate::sync::{DistSync, FastPath, LocalLine, validate_name};
 
 /// The Redis backend: [`DistSync`] over one or more independent masters.
@@ -413,6 +415,10 @@ impl DistSync for RedisSync {
 
     fn separator(&self) -> &str {
         &self.shared.separator
+    }
+
+    fn records(&self, _: FastPath) -> Option<Records> {
+        Some(Records::new(records::RedisRecords(self.shared.clone())))
     }
 }
 

@@ -315,7 +315,7 @@ impl DistMutex for RedisMutex {
             self.shared
                 .nodes
                 .iter()
-                .map(|node| node.get(self.keys.lock.clone(), timeout)),
+                .map(|node| node.get::<String>(self.keys.lock.clone(), timeout)),
         );
         let value = &**value;
         round

@@ -10,7 +10,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, RELEASE};
+use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, RELEASE, STORE_RECORD};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -396,12 +396,35 @@ impl Node {
         })
     }
 
+    /// `STORE_RECORD`: 1 if the record is kept, 0 if refused.
+    pub(crate) fn store_record(
+        &self,
+        lock: Arc<str>,
+        record_key: Arc<str>,
+        value: Arc<str>,
+        token: u64,
+        ttl: Duration,
+        record: bytes::Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        let ttl = millis(ttl).max(1);
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
+            let call = STORE_RECORD
+                .call(&[&lock, &record_key], 4)
+                .arg(&*value)
+                .arg(token)
+                .arg(ttl)
+                .arg(&record[..]);
+            async move { script(&mut conn, call).await }
+        })
+    }
+
     /// `GET key`.
-    pub(crate) fn get(
+    pub(crate) fn get<T: FromRedisValue + Send + 'static>(
         &self,
         key: Arc<str>,
         timeout: Duration,
-    ) -> impl Future<Output = Reply<Option<String>>> + Send + 'static {
+    ) -> impl Future<Output = Reply<Option<T>>> + Send + 'static {
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let cmd = redis::cmd("GET").arg(&*key).to_owned();
             async move { cmd.query_async(&mut conn).await }

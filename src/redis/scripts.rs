@@ -222,6 +222,17 @@ pub(crate) static RELEASE: LazyLock<Lua> =
 pub(crate) static EXTEND: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/extend.lua")));
 
+/// Keep a record beside a lock (see [`DistSync::records`](crate::DistSync)):
+/// only while the lock holds the writer's value, and not over a record
+/// written with a higher fencing token. The record is kept as the token,
+/// a space, and its bytes.
+///
+/// `KEYS`: 1 lock, 2 record. `ARGV`: 1 the writer's value, 2 its fencing
+/// token (`0` for none), 3 the TTL (ms), 4 the record. Returns 1 if kept,
+/// else 0.
+pub(crate) static STORE_RECORD: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/store_record.lua")));
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,14 @@
+-- Keep a record under a lock name: see `STORE_RECORD` in scripts.rs for
+-- KEYS, ARGV and the reply.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+local kept = redis.call('GET', KEYS[2])
+if kept then
+    local token = tonumber(string.match(kept, '^(%d+) '))
+    if token and token > tonumber(ARGV[2]) then
+        return 0
+    end
+end
+redis.call('SET', KEYS[2], ARGV[2] .. ' ' .. ARGV[4], 'PX', ARGV[3])
+return 1
