@@ -105,6 +105,7 @@ mod by_name;
 mod error;
 mod hashed;
 mod holder_hints;
+pub mod idempotency;
 pub mod layer;
 mod local_queue;
 mod memory;
@@ -121,11 +122,11 @@ pub use error::{BoxError, Error, NodeError, NotReplicated, Recovering, Result};
 pub use layer::DistLockLayer;
 pub use memory::{MemoryMutex, MemorySync};
 pub use options::{DelayFn, DistMutexOptions, GenValueFn, MAX_EXPIRY, random_value};
+#[doc(hidden)]
+pub use records::Records;
 pub use sync::{DistMutex, DistSync, MAX_NAME_LEN, validate_name};
 #[doc(hidden)]
 pub use sync::{FastPath, LocalLine};
-#[doc(hidden)]
-pub use records::Records;
 
 /// The README's Rust snippets compile as doctests.
 #[cfg(doctest)]

@@ -120,6 +120,17 @@ impl MemorySync {
         names.reap(Instant::now());
         names.map.len()
     }
+
+    /// The number of records kept (by an
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)): each
+    /// is removed once its TTL has passed.
+    ///
+    /// ```
+    /// assert_eq!(tower_dsync::MemorySync::new().records_kept(), 0);
+    /// ```
+    pub fn records_kept(&self) -> usize {
+        records::locked(&self.shared.records).len()
+    }
 }
 
 impl DistSync for MemorySync {

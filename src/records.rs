@@ -172,11 +172,26 @@ mod tests {
     async fn records_expire_and_later_holders_win() {
         let mut table = RecordTable::default();
         let name: Arc<str> = "n".into();
-        assert!(table.store(name.clone(), Some(5), "first".into(), Duration::from_secs(10)));
+        assert!(table.store(
+            name.clone(),
+            Some(5),
+            "first".into(),
+            Duration::from_secs(10)
+        ));
         // A writer with an older token cannot overwrite it.
-        assert!(!table.store(name.clone(), Some(4), "stale".into(), Duration::from_secs(10)));
+        assert!(!table.store(
+            name.clone(),
+            Some(4),
+            "stale".into(),
+            Duration::from_secs(10)
+        ));
         assert_eq!(table.load("n").as_deref(), Some(&b"first"[..]));
-        assert!(table.store(name.clone(), Some(6), "second".into(), Duration::from_secs(1)));
+        assert!(table.store(
+            name.clone(),
+            Some(6),
+            "second".into(),
+            Duration::from_secs(1)
+        ));
         assert_eq!(table.load("n").as_deref(), Some(&b"second"[..]));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(table.load("n"), None);

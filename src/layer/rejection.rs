@@ -24,6 +24,9 @@ use crate::error::Error;
 /// | `MissingKey`: no key, when configured to reject | 400 | `INVALID_ARGUMENT` |
 /// | `Lost`: the lock was lost and the handler aborted | 503 | `UNAVAILABLE` |
 /// | `Misconfigured`: a key extractor set up wrong ([`KeyError::Misconfigured`](super::KeyError::Misconfigured)), or a mutex the backend refused to make | 500 | `INTERNAL` |
+/// | `Mismatch`: an idempotency key reused with another request | 422 | `INVALID_ARGUMENT` |
+/// | `TooLarge`: a request body over the idempotency layer's limit | 413 | `RESOURCE_EXHAUSTED` |
+/// | `NotReplayable`: the key's first request completed, but its response was too large to keep | 409, no `Retry-After` | `ALREADY_EXISTS` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
@@ -41,6 +44,18 @@ pub enum RejectionKind {
     /// The layer's key extractor cannot work where it is, or the backend
     /// refused to make the request's mutex (its value generator failed).
     Misconfigured,
+    /// An [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) key
+    /// came again with a request whose fingerprint differs from the
+    /// first's.
+    Mismatch,
+    /// The request body is longer than an
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) reads
+    /// for its fingerprint.
+    TooLarge,
+    /// The first request with this idempotency key completed, but its
+    /// response was over the size limit and was not kept: it cannot be
+    /// replayed, and is not run again.
+    NotReplayable,
 }
 
 /// A rejected request: its kind, a short message, and whether it was a gRPC
@@ -201,11 +216,15 @@ impl Rejection {
             RejectionKind::Unavailable | RejectionKind::Lost => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::InvalidKey | RejectionKind::MissingKey => StatusCode::BAD_REQUEST,
             RejectionKind::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            RejectionKind::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            RejectionKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RejectionKind::NotReplayable => StatusCode::CONFLICT,
         }
     }
 
     /// The gRPC status code of this rejection (`ABORTED` is 10,
-    /// `UNAVAILABLE` 14, `INVALID_ARGUMENT` 3, `INTERNAL` 13).
+    /// `UNAVAILABLE` 14, `INVALID_ARGUMENT` 3, `INTERNAL` 13,
+    /// `RESOURCE_EXHAUSTED` 8, `ALREADY_EXISTS` 6).
     ///
     /// ```
     /// use tower_dsync::layer::{Rejection, RejectionKind};
@@ -217,6 +236,9 @@ impl Rejection {
             RejectionKind::Unavailable | RejectionKind::Lost => 14,
             RejectionKind::InvalidKey | RejectionKind::MissingKey => 3,
             RejectionKind::Misconfigured => 13,
+            RejectionKind::Mismatch => 3,
+            RejectionKind::TooLarge => 8,
+            RejectionKind::NotReplayable => 6,
         }
     }
 

@@ -232,7 +232,7 @@ where
 
 /// gRPC calls carry `content-type: application/grpc`, `application/grpc+proto`
 /// and the like (not gRPC-Web, whose responses differ).
-fn is_grpc<B>(request: &Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(request: &Request<B>) -> bool {
     request.headers().get(CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes()
             .strip_prefix(b"application/grpc")

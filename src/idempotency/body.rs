@@ -1,0 +1,352 @@
+//! The bodies of the idempotency layer: the request body as the handler
+//! gets it (read for the fingerprint, or streamed), and the response body
+//! (recorded on its way to the client, replayed, or a rejection).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::error::BoxError;
+
+pin_project! {
+    /// The request body a service behind an
+    /// [`IdempotencyLayer`](super::IdempotencyLayer) gets: the body read
+    /// whole for the fingerprint, or the client's body streamed as it came
+    /// (with [`Fingerprint::without_body`](super::Fingerprint::without_body)).
+    ///
+    /// ```
+    /// use http_body::Body;
+    /// use tower_dsync::idempotency::RequestBody;
+    ///
+    /// let body: RequestBody<http_body_util::Empty<bytes::Bytes>> = RequestBody::full("{}".into());
+    /// assert_eq!(body.size_hint().exact(), Some(2));
+    /// ```
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Full { data: Option<Bytes> },
+        Streaming { #[pin] body: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// A body of `data`, read already.
+    pub fn full(data: Bytes) -> Self {
+        RequestBody {
+            kind: RequestKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    /// The client's body, streamed.
+    pub(crate) fn streaming(body: B) -> Self {
+        RequestBody {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestKindProj::Streaming { body } => {
+                let frame = ready!(body.poll_frame(cx));
+                Poll::Ready(frame.map(|frame| {
+                    frame
+                        .map(|frame| {
+                            frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
+                        })
+                        .map_err(Into::into)
+                }))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Full { data } => data.is_none(),
+            RequestKind::Streaming { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Streaming { body } => body.size_hint(),
+        }
+    }
+}
+
+/// Why a request body could not be read for the fingerprint.
+pub(crate) enum ReadError {
+    /// It is longer than the limit.
+    TooLarge,
+    /// The client's body failed (the connection broke, say).
+    Failed(BoxError),
+}
+
+/// Reads `body` whole, up to `limit` bytes.
+pub(crate) async fn read_whole<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut read = BytesMut::new();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| ReadError::Failed(e.into()))?;
+        if let Ok(mut data) = frame.into_data() {
+            if read.len() + data.remaining() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                read.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(read.freeze())
+}
+
+/// What happens at the end of a recorded body: the record is written, the
+/// body ends after it. Made from what was recorded: the body (`None` when
+/// it went over the limit) and the trailers.
+pub(crate) type Finish = Box<
+    dyn FnOnce(Option<Bytes>, Option<HeaderMap>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
+>;
+
+pin_project! {
+    /// The response body of a service behind an
+    /// [`IdempotencyLayer`](super::IdempotencyLayer): the handler's body,
+    /// recorded as it streams to the client (the record is written before
+    /// the body ends, so before the lock is released), or a replayed or
+    /// rejected response's.
+    ///
+    /// ```
+    /// use http_body::Body;
+    /// use tower_dsync::idempotency::IdempotentBody;
+    ///
+    /// let body: IdempotentBody<http_body_util::Empty<bytes::Bytes>> = IdempotentBody::full("ok".into());
+    /// assert_eq!(body.size_hint().exact(), Some(2));
+    /// ```
+    pub struct IdempotentBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        // The handler's body, passed on as it is.
+        Passing { #[pin] body: B },
+        // The handler's body, recorded on its way.
+        Recording {
+            #[pin]
+            body: B,
+            recorded: Option<BytesMut>,
+            limit: usize,
+            trailers: Option<HeaderMap>,
+            finish: Option<Finish>,
+            writing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+            done: bool,
+        },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+    }
+}
+
+impl<B> IdempotentBody<B> {
+    /// A complete body of `data`.
+    pub fn full(data: Bytes) -> Self {
+        Self::replayed(data, None)
+    }
+
+    /// A complete body of `data`, then `trailers`.
+    pub(crate) fn replayed(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        IdempotentBody {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    /// The handler's body, not recorded.
+    pub(crate) fn passing(body: B) -> Self {
+        IdempotentBody {
+            kind: ResponseKind::Passing { body },
+        }
+    }
+
+    /// The handler's body, recorded up to `limit` bytes; `finish` runs when
+    /// it ends, and the body ends when `finish`'s future is done.
+    pub(crate) fn recording(body: B, limit: usize, finish: Finish) -> Self {
+        IdempotentBody {
+            kind: ResponseKind::Recording {
+                body,
+                recorded: Some(BytesMut::new()),
+                limit,
+                trailers: None,
+                finish: Some(finish),
+                writing: None,
+                done: false,
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for IdempotentBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            ResponseKind::Passing { .. } => "passing",
+            ResponseKind::Recording { .. } => "recording",
+            ResponseKind::Full { .. } => "full",
+        };
+        f.debug_struct("IdempotentBody")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for IdempotentBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Passing { body } => {
+                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| {
+                    frame
+                        .map(|frame| frame.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                        .map_err(Into::into)
+                }))
+            }
+            ResponseKindProj::Full { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            ResponseKindProj::Recording {
+                body,
+                recorded,
+                limit,
+                trailers,
+                finish,
+                writing,
+                done,
+            } => {
+                let mut body = body;
+                loop {
+                    if *done {
+                        return Poll::Ready(None);
+                    }
+                    if let Some(write) = writing {
+                        ready!(write.as_mut().poll(cx));
+                        *writing = None;
+                        *done = true;
+                        continue;
+                    }
+                    match ready!(body.as_mut().poll_frame(cx)) {
+                        Some(Ok(frame)) => {
+                            let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                            if let Some(data) = frame.data_ref() {
+                                if recorded
+                                    .as_ref()
+                                    .is_some_and(|r| r.len() + data.len() > *limit)
+                                {
+                                    // Over the limit: nothing more is kept.
+                                    *recorded = None;
+                                }
+                                if let Some(recorded) = recorded {
+                                    recorded.extend_from_slice(data);
+                                }
+                            } else if let Some(t) = frame.trailers_ref() {
+                                *trailers = Some(t.clone());
+                            }
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        Some(Err(error)) => {
+                            // A failed body is not a response to keep.
+                            *finish = None;
+                            *done = true;
+                            return Poll::Ready(Some(Err(error.into())));
+                        }
+                        None => match finish.take() {
+                            Some(finish) => {
+                                let body = recorded.take().map(BytesMut::freeze);
+                                *writing = Some(finish(body, trailers.take()));
+                            }
+                            None => *done = true,
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Passing { body } => body.is_end_stream(),
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            // Never before the record is written: the server must poll
+            // once more, past the inner body's end.
+            ResponseKind::Recording { done, .. } => *done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Passing { body } | ResponseKind::Recording { body, .. } => {
+                body.size_hint()
+            }
+            ResponseKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
