@@ -186,6 +186,11 @@ pin_project! {
             trailers: Option<HeaderMap>,
             finish: Option<Finish>,
             writing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+            // The last frame, held until the record is written.
+            last: Option<Frame<Bytes>>,
+            // Data bytes seen, and the exact length the body announced.
+            seen: u64,
+            exact: Option<u64>,
             done: bool,
         },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
@@ -217,10 +222,17 @@ impl<B> IdempotentBody<B> {
 
     /// The handler's body, recorded up to `limit` bytes; `finish` runs when
     /// it ends, and the body ends when `finish`'s future is done.
-    pub(crate) fn recording(body: B, limit: usize, finish: Finish) -> Self {
+    pub(crate) fn recording(body: B, limit: usize, finish: Finish) -> Self
+    where
+        B: Body,
+    {
+        let exact = body.size_hint().exact();
         IdempotentBody {
             kind: ResponseKind::Recording {
                 body,
+                last: None,
+                seen: 0,
+                exact,
                 recorded: Some(BytesMut::new()),
                 limit,
                 trailers: None,
@@ -272,60 +284,74 @@ where
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             ResponseKindProj::Recording {
-                body,
+                mut body,
                 recorded,
                 limit,
                 trailers,
                 finish,
                 writing,
+                last,
+                seen,
+                exact,
                 done,
-            } => {
-                let mut body = body;
-                loop {
-                    if *done {
-                        return Poll::Ready(None);
-                    }
-                    if let Some(write) = writing {
-                        ready!(write.as_mut().poll(cx));
-                        *writing = None;
+            } => loop {
+                if *done {
+                    return Poll::Ready(last.take().map(Ok));
+                }
+                if let Some(write) = writing {
+                    ready!(write.as_mut().poll(cx));
+                    *writing = None;
+                    *done = true;
+                    continue;
+                }
+                let frame = match ready!(body.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
+                    Some(Err(error)) => {
+                        // A failed body is not a response to keep.
+                        *finish = None;
                         *done = true;
+                        return Poll::Ready(Some(Err(error.into())));
+                    }
+                    None => {
+                        *writing = finish
+                            .take()
+                            .map(|f| f(recorded.take().map(BytesMut::freeze), trailers.take()));
+                        if writing.is_none() {
+                            *done = true;
+                        }
                         continue;
                     }
-                    match ready!(body.as_mut().poll_frame(cx)) {
-                        Some(Ok(frame)) => {
-                            let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
-                            if let Some(data) = frame.data_ref() {
-                                if recorded
-                                    .as_ref()
-                                    .is_some_and(|r| r.len() + data.len() > *limit)
-                                {
-                                    // Over the limit: nothing more is kept.
-                                    *recorded = None;
-                                }
-                                if let Some(recorded) = recorded {
-                                    recorded.extend_from_slice(data);
-                                }
-                            } else if let Some(t) = frame.trailers_ref() {
-                                *trailers = Some(t.clone());
-                            }
-                            return Poll::Ready(Some(Ok(frame)));
-                        }
-                        Some(Err(error)) => {
-                            // A failed body is not a response to keep.
-                            *finish = None;
-                            *done = true;
-                            return Poll::Ready(Some(Err(error.into())));
-                        }
-                        None => match finish.take() {
-                            Some(finish) => {
-                                let body = recorded.take().map(BytesMut::freeze);
-                                *writing = Some(finish(body, trailers.take()));
-                            }
-                            None => *done = true,
-                        },
+                };
+                if let Some(data) = frame.data_ref() {
+                    *seen += data.len() as u64;
+                    if recorded
+                        .as_ref()
+                        .is_some_and(|r| r.len() + data.len() > *limit)
+                    {
+                        // Over the limit: nothing more is kept.
+                        *recorded = None;
                     }
+                    if let Some(recorded) = recorded {
+                        recorded.extend_from_slice(data);
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    *trailers = Some(t.clone());
                 }
-            }
+                // The last frame waits for the record: a server stops
+                // polling a body once it sent the length it announced, and
+                // a client that has the whole response finds it kept.
+                if *exact == Some(*seen) || body.is_end_stream() {
+                    *last = Some(frame);
+                    *writing = finish
+                        .take()
+                        .map(|f| f(recorded.take().map(BytesMut::freeze), trailers.take()));
+                    if writing.is_none() {
+                        *done = true;
+                    }
+                    continue;
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            },
         }
     }
 
@@ -335,7 +361,7 @@ where
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             // Never before the record is written: the server must poll
             // once more, past the inner body's end.
-            ResponseKind::Recording { done, .. } => *done,
+            ResponseKind::Recording { done, last, .. } => *done && last.is_none(),
         }
     }
 

@@ -24,7 +24,7 @@ pub(crate) struct Record {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Outcome {
     /// Its response, whole.
-    Kept(Kept),
+    Kept(Box<Kept>),
     /// It completed, with this status, but its body was over the size
     /// limit: nothing to replay.
     TooLarge(StatusCode),
@@ -86,12 +86,12 @@ impl Record {
                     1 => Some(reader.headers()?),
                     _ => return None,
                 };
-                Outcome::Kept(Kept {
+                Outcome::Kept(Box::new(Kept {
                     status,
                     headers,
                     body,
                     trailers,
-                })
+                }))
             }
             _ => return None,
         };
@@ -178,12 +178,12 @@ mod tests {
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         Record {
             fingerprint: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
-            outcome: Outcome::Kept(Kept {
+            outcome: Outcome::Kept(Box::new(Kept {
                 status: StatusCode::CREATED,
                 headers,
                 body: Bytes::from_static(b"{\"charge\":\"ch_1\"}\x00\xff"),
                 trailers: Some(trailers),
-            }),
+            })),
         }
     }
 

@@ -187,7 +187,9 @@ where
             // A retry of a completed request is answered without the lock.
             match settings.lookup(&name, fingerprint, grpc).await {
                 Lookup::Answer(response) => {
-                    return Ok(response.map(|body| LockBody::inner(body, Default::default(), grpc)));
+                    return Ok(
+                        (*response).map(|body| LockBody::inner(body, Default::default(), grpc))
+                    );
                 }
                 Lookup::Rejected(rejection) => return Ok(reject_with(rejection)),
                 Lookup::Absent => {}
@@ -214,7 +216,7 @@ pub(crate) enum Lookup<B> {
     Absent,
     /// The kept response, or the answer for a request that completed
     /// without one to replay.
-    Answer(Response<IdempotentBody<B>>),
+    Answer(Box<Response<IdempotentBody<B>>>),
     Rejected(Rejection),
 }
 
@@ -284,7 +286,7 @@ impl Settings {
             ));
         }
         match record.outcome {
-            Outcome::Kept(kept) => Lookup::Answer(self.replay(kept)),
+            Outcome::Kept(kept) => Lookup::Answer(Box::new(self.replay(*kept))),
             Outcome::TooLarge(status) => Lookup::Rejected(Rejection::new(
                 RejectionKind::NotReplayable,
                 format!(
@@ -358,7 +360,7 @@ where
                 .lookup(&claim.name, claim.fingerprint, claim.grpc)
                 .await
             {
-                Lookup::Answer(response) => return Ok(response),
+                Lookup::Answer(response) => return Ok(*response),
                 Lookup::Rejected(rejection) => {
                     return Ok(rejection.into_response().map(IdempotentBody::full));
                 }
@@ -372,7 +374,14 @@ where
             }
             let status = response.status();
             let headers = kept_headers(response.headers());
+            let grpc = claim.grpc;
             let finish = finish(settings.clone(), claim, held, status, headers);
+            if !grpc && response.body().size_hint().exact() == Some(0) {
+                // No body: a server may never poll it, so the record is
+                // written before the head goes out.
+                finish(Some(Bytes::new()), None).await;
+                return Ok(response.map(IdempotentBody::passing));
+            }
             let limit = settings.max_body;
             Ok(response.map(|body| IdempotentBody::recording(body, limit, finish)))
         })
@@ -401,12 +410,12 @@ fn finish(
                 }
             }
             let outcome = match body {
-                Some(body) => Outcome::Kept(Kept {
+                Some(body) => Outcome::Kept(Box::new(Kept {
                     status,
                     headers,
                     body,
                     trailers,
-                }),
+                })),
                 None => Outcome::TooLarge(status),
             };
             let record = Record {

@@ -397,10 +397,10 @@ impl Node {
     }
 
     /// `STORE_RECORD`: 1 if the record is kept, 0 if refused.
+    /// `keys`: the lock's and the record's.
     pub(crate) fn store_record(
         &self,
-        lock: Arc<str>,
-        record_key: Arc<str>,
+        (lock, record_key): (Arc<str>, Arc<str>),
         value: Arc<str>,
         token: u64,
         ttl: Duration,

@@ -80,8 +80,7 @@ impl RecordBackend for RedisRecords {
             let token = writer.token.unwrap_or(0);
             let round = Round::start(state.nodes.iter().map(|node| {
                 node.store_record(
-                    lock.clone(),
-                    key.clone(),
+                    (lock.clone(), key.clone()),
                     writer.value.clone(),
                     token,
                     ttl,
