@@ -559,3 +559,105 @@ async fn a_malformed_record_is_treated_as_absent() {
     assert!(retry.replayed());
     assert_eq!(handlers.runs(), 1);
 }
+
+/// gRPC: a unary call is replayed with its trailers, marked in its
+/// metadata; another request message with the same key is
+/// `INVALID_ARGUMENT`; no key is `INVALID_ARGUMENT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_replayed_with_their_trailers() {
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::{Channel, Server as GrpcServer};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tower_dsync::layer::GrpcMetadataKey;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::builder_with_key(MemorySync::new(), GrpcMetadataKey::new("idempotency-key"))
+        .build()
+        .unwrap();
+    let counted = runs.clone();
+    let stack = tower::ServiceBuilder::new()
+        .layer(layer)
+        .map_request(move |request: http::Request<_>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            request
+        });
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        GrpcServer::builder()
+            .layer(stack)
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let check = |key: Option<&str>, service: &str| {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: service.to_owned(),
+        });
+        if let Some(key) = key {
+            request.metadata_mut().insert("idempotency-key", key.parse().unwrap());
+        }
+        request
+    };
+
+    let first = client.check(check(Some("g1"), "")).await.unwrap();
+    assert!(first.metadata().get("idempotent-replayed").is_none());
+    assert_eq!(first.into_inner().status, 1, "SERVING");
+    for _ in 0..5 {
+        let retry = client.check(check(Some("g1"), "")).await.unwrap();
+        assert_eq!(retry.metadata().get("idempotent-replayed").unwrap(), "true");
+        assert_eq!(retry.into_inner().status, 1);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    let other = client.check(check(Some("g1"), "other")).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
+    let missing = client.check(check(None, "")).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument, "{missing:?}");
+    // An error status of the handler's own (`NOT_FOUND`, a client error)
+    // is replayed too.
+    let unknown = client.check(check(Some("g2"), "nope")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let again = client.check(check(Some("g2"), "nope")).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A response without a body (204): its record is written before its head
+/// goes out, since a server never polls an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_responses_are_kept() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/touch",
+            post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { StatusCode::NO_CONTENT }
+            }),
+        )
+        .layer(layer(MemorySync::new()));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let first = send(&client, server.url("/touch"), Some("e"), "").await;
+    assert_eq!(first.status, StatusCode::NO_CONTENT);
+    let retry = send(&client, server.url("/touch"), Some("e"), "").await;
+    assert_eq!(retry.status, StatusCode::NO_CONTENT);
+    assert!(retry.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
