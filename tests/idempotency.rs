@@ -572,16 +572,20 @@ async fn grpc_calls_are_replayed_with_their_trailers() {
     use tower_dsync::layer::GrpcMetadataKey;
 
     let runs = Arc::new(AtomicUsize::new(0));
-    let layer = IdempotencyLayer::builder_with_key(MemorySync::new(), GrpcMetadataKey::new("idempotency-key"))
-        .build()
-        .unwrap();
+    let layer = IdempotencyLayer::builder_with_key(
+        MemorySync::new(),
+        GrpcMetadataKey::new("idempotency-key"),
+    )
+    .build()
+    .unwrap();
     let counted = runs.clone();
-    let stack = tower::ServiceBuilder::new()
-        .layer(layer)
-        .map_request(move |request: http::Request<_>| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            request
-        });
+    let stack =
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .map_request(move |request: http::Request<_>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                request
+            });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -608,7 +612,9 @@ async fn grpc_calls_are_replayed_with_their_trailers() {
             service: service.to_owned(),
         });
         if let Some(key) = key {
-            request.metadata_mut().insert("idempotency-key", key.parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("idempotency-key", key.parse().unwrap());
         }
         request
     };
@@ -660,4 +666,50 @@ async fn empty_responses_are_kept() {
     assert_eq!(retry.status, StatusCode::NO_CONTENT);
     assert!(retry.replayed());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A client that goes away while its handler runs: the handler is dropped,
+/// nothing is kept, and the retry runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handler_keeps_nothing() {
+    struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let counted = runs.clone();
+    let sync = MemorySync::new();
+    let app = Router::new()
+        .route(
+            "/hang",
+            post(move || {
+                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                let (entered_tx, dropped_tx) = (entered_tx.clone(), dropped_tx.clone());
+                async move {
+                    if first {
+                        let _guard = Dropped(dropped_tx);
+                        entered_tx.send(()).unwrap();
+                        std::future::pending::<()>().await;
+                    }
+                    "done"
+                }
+            }),
+        )
+        .layer(layer(sync.clone()));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let (c, url) = (client.clone(), server.url("/hang"));
+    let gone = tokio::spawn(async move { send(&c, url, Some("h"), "{}").await });
+    entered.recv().await.unwrap();
+    gone.abort();
+    dropped.recv().await.unwrap();
+    let retry = send(&client, server.url("/hang"), Some("h"), "{}").await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert!(!retry.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(sync.records_kept(), 1);
 }

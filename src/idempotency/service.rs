@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
+use tokio::sync::watch;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -388,8 +389,11 @@ where
     }
 }
 
-/// What runs when a recorded body ends: the record, written under the
-/// lock, if the policy keeps the response and the lock was never lost.
+/// What runs when a recorded body ends: the record is written, under the
+/// lock, if the policy keeps the response and the lock was never lost. The
+/// write runs as a task of its own, and the lock's release waits for it:
+/// once the handler's response is complete it is kept, even if its client
+/// goes away meanwhile, and no duplicate gets the lock before it is kept.
 fn finish(
     settings: Arc<Settings>,
     claim: Claim,
@@ -398,56 +402,85 @@ fn finish(
     headers: HeaderMap,
 ) -> Finish {
     Box::new(move |body, trailers| {
-        Box::pin(async move {
-            if held.is_lost() {
-                tracing::warn!(name = %claim.name, "the lock was lost: the response is not kept");
-                return;
+        let (written, mut done) = watch::channel(false);
+        let mut released = done.clone();
+        held.release_after(Box::pin(async move {
+            // An error: the writer is gone (the runtime shut down).
+            let _ = released.wait_for(|done| *done).await;
+        }));
+        let write = async move {
+            write_record(&settings, &claim, &held, status, headers, body, trailers).await;
+            let _ = written.send(true);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(write);
+                Box::pin(async move {
+                    let _ = done.wait_for(|done| *done).await;
+                })
             }
-            if claim.grpc {
-                let code = grpc_status(&headers, trailers.as_ref());
-                if !code.is_some_and(settings.policy.grpc) {
-                    return;
-                }
-            }
-            let outcome = match body {
-                Some(body) => Outcome::Kept(Box::new(Kept {
-                    status,
-                    headers,
-                    body,
-                    trailers,
-                })),
-                None => Outcome::TooLarge(status),
-            };
-            let record = Record {
-                fingerprint: claim.fingerprint,
-                outcome,
-            }
-            .encode();
-            let writer = Writer {
-                value: held.value().into(),
-                token: held.fencing_token(),
-            };
-            let stored = settings
-                .records
-                .store(
-                    claim.name.clone(),
-                    writer,
-                    record,
-                    settings.ttl,
-                    settings.timeout,
-                )
-                .await;
-            match stored {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(name = %claim.name, "the lock changed hands: the response is not kept");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, name = %claim.name, "the response could not be kept");
-                }
-            }
-        })
+            Err(_) => Box::pin(write),
+        }
     })
+}
+
+/// Writes the record of a complete response, if it is to be kept.
+async fn write_record(
+    settings: &Settings,
+    claim: &Claim,
+    held: &HeldLock,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+) {
+    if held.is_lost() {
+        tracing::warn!(name = %claim.name, "the lock was lost: the response is not kept");
+        return;
+    }
+    if claim.grpc {
+        let code = grpc_status(&headers, trailers.as_ref());
+        if !code.is_some_and(settings.policy.grpc) {
+            return;
+        }
+    }
+    let outcome = match body {
+        Some(body) => Outcome::Kept(Box::new(Kept {
+            status,
+            headers,
+            body,
+            trailers,
+        })),
+        None => Outcome::TooLarge(status),
+    };
+    let record = Record {
+        fingerprint: claim.fingerprint,
+        outcome,
+    }
+    .encode();
+    let writer = Writer {
+        value: held.value().into(),
+        token: held.fencing_token(),
+    };
+    let stored = settings
+        .records
+        .store(
+            claim.name.clone(),
+            writer,
+            record,
+            settings.ttl,
+            settings.timeout,
+        )
+        .await;
+    match stored {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(name = %claim.name, "the lock changed hands: the response is not kept");
+        }
+        Err(error) => {
+            tracing::warn!(%error, name = %claim.name, "the response could not be kept");
+        }
+    }
 }
 
 /// A gRPC response's status: from its trailers, or from its headers for a

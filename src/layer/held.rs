@@ -2,7 +2,8 @@
 //! and [`LockView`], the part of a lease it reads.
 
 use std::fmt;
-use std::pin::pin;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -64,7 +65,22 @@ struct Status {
     /// With the abort option: the response future or body to wake when the
     /// lock is lost.
     on_lost: Option<Waker>,
+    /// What the release waits for, if anything (see
+    /// [`LockView::release_after`]).
+    release_after: Option<After>,
 }
+
+/// Work that a lock's release waits for, in [`Status`].
+struct After(AfterFuture);
+
+impl fmt::Debug for After {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("After")
+    }
+}
+
+/// Work that a lock's release waits for.
+pub(crate) type AfterFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl LockView {
     pub(crate) fn new(
@@ -83,6 +99,7 @@ impl LockView {
                 released: false,
                 watched: false,
                 on_lost: None,
+                release_after: None,
             }),
             changed: Notify::new(),
         }
@@ -129,6 +146,18 @@ impl LockView {
         }
     }
 
+    /// Makes the release of the lock wait until `work` is done: an
+    /// idempotency record written under the lock, which must not be
+    /// released before it, whether or not the response is still polled.
+    pub(crate) fn release_after(&self, work: AfterFuture) {
+        self.status().release_after = Some(After(work));
+    }
+
+    /// What the release must wait for, taken.
+    pub(crate) fn take_release_after(&self) -> Option<AfterFuture> {
+        self.status().release_after.take().map(|after| after.0)
+    }
+
     /// Ready once the lock is lost; until then, `cx` is woken when it is.
     /// One listener at a time (the response future, then its body).
     pub(crate) fn poll_lost(&self, cx: &mut Context<'_>) -> Poll<()> {
@@ -171,6 +200,11 @@ impl HeldLock {
     /// The lock's full name: `namespace + separator + key`.
     pub fn name(&self) -> &str {
         &self.view().name
+    }
+
+    /// See [`LockView::release_after`].
+    pub(crate) fn release_after(&self, work: AfterFuture) {
+        self.view().release_after(work);
     }
 
     /// The random value that owns the lock.

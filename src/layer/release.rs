@@ -68,10 +68,21 @@ impl ReleaseGuard {
         }
     }
 
-    /// Lets go of the lock now.
+    /// Lets go of the lock now, or, when work was registered to finish
+    /// first ([`LockView::release_after`](super::held::LockView::release_after)),
+    /// once it is done, in the background.
     pub(crate) fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.let_go();
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        match (lease.view().take_release_after(), Handle::try_current()) {
+            (Some(work), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    work.await;
+                    lease.let_go();
+                });
+            }
+            _ => lease.let_go(),
         }
     }
 }
