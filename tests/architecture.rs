@@ -325,7 +325,7 @@ fn no_two_modules_use_each_other() {
 fn layer_of(module: &Module) -> usize {
     match module.first().map(String::as_str) {
         Some("memory" | "redis" | "any") => 1,
-        Some("layer") => 2,
+        Some("layer" | "idempotency") => 2,
         Some("axum") => 3,
         _ => 0,
     }

@@ -8,8 +8,8 @@ use http::StatusCode;
 use http::header::HeaderName;
 use http::request::Parts;
 
+use super::claim::CarriedKey;
 use super::fingerprint::Fingerprint;
-use super::service::CarriedKey;
 use crate::error::Error;
 use crate::layer::name::Namer;
 use crate::layer::{DistLockLayer, DistLockLayerBuilder, MissingKey, OnLost, ReleaseOn};

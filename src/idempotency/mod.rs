@@ -92,6 +92,7 @@
 //! ```
 
 mod body;
+mod claim;
 mod fingerprint;
 mod layer;
 mod record;

@@ -4,7 +4,6 @@
 //! record read again under the lock, else the handler run and its response
 //! recorded).
 
-use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::mem;
@@ -21,10 +20,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{Finish, IdempotentBody, ReadError, RequestBody, read_whole};
+use super::claim::{CarriedKey, Claim};
 use super::layer::{IdempotencyLayer, Settings};
 use super::record::{Kept, Outcome, Record};
 use crate::error::BoxError;
-use crate::layer::extract::KeyError;
 use crate::layer::{
     DistLock, HeldLock, KeyExtractor, LockBody, MissingKey, Rejection, RejectionKind,
 };
@@ -34,31 +33,6 @@ use crate::sync::DistSync;
 /// The response future of [`Idempotent`].
 pub type IdempotentFuture<ResB, E> =
     Pin<Box<dyn Future<Output = Result<Response<LockBody<IdempotentBody<ResB>>>, E>> + Send>>;
-
-/// What the front service tells the ones behind it, in the request's
-/// extensions: the key the lock is on, and what the record needs.
-#[derive(Clone)]
-pub(crate) struct Claim {
-    /// The key, scoped: the lock's name is the layer's namespace and this.
-    key: Arc<str>,
-    /// The lock's (and the record's) name.
-    name: Arc<str>,
-    fingerprint: u128,
-    grpc: bool,
-}
-
-/// The lock's key extractor: the key the front service put in the request.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct CarriedKey;
-
-impl<B> KeyExtractor<B> for CarriedKey {
-    fn extract<'r>(&self, request: &'r Request<B>) -> Result<Option<Cow<'r, str>>, KeyError> {
-        Ok(request
-            .extensions()
-            .get::<Claim>()
-            .map(|claim| Cow::Borrowed(&*claim.key)))
-    }
-}
 
 /// Answers a request with a key whose first response is kept, and locks
 /// the key around the handler otherwise, recording its response. Made by
