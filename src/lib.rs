@@ -36,6 +36,11 @@
 //! See the [`layer`] module for the request lifecycle, the rejections (409,
 //! 503, 400, and their gRPC equivalents) and the options.
 //!
+//! A lock only serializes. [`IdempotencyLayer`](idempotency::IdempotencyLayer),
+//! in the [`idempotency`] module, also keeps the first response of each
+//! `Idempotency-Key`, so that a retry gets that response back instead of
+//! running the handler again, on any replica.
+//!
 //! The core is a port of the Go package `dsync`: a [`DistSync`] makes
 //! [`DistMutex`]es by name; a mutex can [`lock`](DistMutex::lock),
 //! [`unlock`](DistMutex::unlock), [`extend`](DistMutex::extend) and check

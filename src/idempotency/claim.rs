@@ -14,15 +14,15 @@ use crate::layer::extract::KeyError;
 /// extensions: the key the lock is on, and what the record needs.
 #[derive(Clone)]
 pub(crate) struct Claim {
-    /// The key, scoped: the lock's name is the layer's namespace and this.
-    pub(crate) key: Arc<str>,
-    /// The lock's (and the record's) name.
+    /// The lock's (and the record's) name, built by the front service: the
+    /// lock layer takes it as it is.
     pub(crate) name: Arc<str>,
     pub(crate) fingerprint: u128,
     pub(crate) grpc: bool,
 }
 
-/// The lock's key extractor: the key the front service put in the request.
+/// The lock's key extractor: the name the front service put in the
+/// request (the lock layer takes its keys as names).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct CarriedKey;
 
@@ -31,6 +31,6 @@ impl<B> KeyExtractor<B> for CarriedKey {
         Ok(request
             .extensions()
             .get::<Claim>()
-            .map(|claim| Cow::Borrowed(&*claim.key)))
+            .map(|claim| Cow::Borrowed(&*claim.name)))
     }
 }

@@ -100,11 +100,8 @@ impl StorePolicy {
 /// What every service of one [`IdempotencyLayer`] shares.
 pub(crate) struct Settings {
     pub(crate) records: Records,
-    /// The lock layer's namer: a key's lock (and record) name.
+    /// A key's lock (and record) name: `namespace + separator + key`.
     pub(crate) namer: Namer,
-    /// Escapes a scope: `namespace + separator + escaped scope`.
-    pub(crate) scope_namer: Namer,
-    pub(crate) scope_prefix_len: usize,
     pub(crate) separator: String,
     pub(crate) scope: Option<Arc<ScopeFn>>,
     pub(crate) fingerprint: Fingerprint,
@@ -436,14 +433,12 @@ impl<D: DistSync, K> IdempotencyLayerBuilder<D, K> {
             .lock
             .release_on(ReleaseOn::BodyEnd)
             .on_missing_key(MissingKey::PassThrough)
+            .keys_are_names()
             .build()?;
         let separator = self.sync.separator().to_owned();
-        let scope_namer = Namer::new(&self.namespace, &separator);
         let settings = Settings {
             records,
-            namer: lock.shared.namer.clone(),
-            scope_prefix_len: self.namespace.len() + separator.len(),
-            scope_namer,
+            namer: Namer::new(&self.namespace, &separator),
             separator,
             scope: self.scope,
             fingerprint: self.fingerprint,

@@ -24,6 +24,8 @@ use super::claim::{CarriedKey, Claim};
 use super::layer::{IdempotencyLayer, Settings};
 use super::record::{Kept, Outcome, Record};
 use crate::error::BoxError;
+use crate::layer::extract::KeyError;
+use crate::layer::name::Namer;
 use crate::layer::{
     DistLock, HeldLock, KeyExtractor, LockBody, MissingKey, Rejection, RejectionKind,
 };
@@ -123,13 +125,9 @@ where
             Err(error) => return reject(Rejection::for_key_error(&error, grpc)),
         };
         let (parts, body) = request.into_parts();
-        let key = match settings.scoped(&parts, &key, grpc) {
-            Ok(key) => key,
-            Err(rejection) => return reject(rejection),
-        };
-        let name = match settings.namer.name(&key) {
+        let name = match settings.name_of(&parts, &key, grpc) {
             Ok(name) => name,
-            Err(error) => return reject(Rejection::for_key_error(&error, grpc)),
+            Err(rejection) => return reject(rejection),
         };
         Box::pin(async move {
             let (body, read) = if settings.fingerprint.reads_body() {
@@ -171,7 +169,6 @@ where
             }
             let mut request = Request::from_parts(parts, body);
             request.extensions_mut().insert(Claim {
-                key: key.into(),
                 name,
                 fingerprint,
                 grpc,
@@ -196,15 +193,21 @@ pub(crate) enum Lookup<B> {
 }
 
 impl Settings {
-    /// The key, within the request's scope when the layer has one.
-    fn scoped(
+    /// The lock's (and the record's) name of `key`: `namespace + separator
+    /// + key`, or, with a scope, `namespace + separator + scope + separator
+    /// + key`, each part escaped (`%` and the separator's characters). An
+    /// escaped part holds no separator, so a scoped name has one more
+    /// separator than any name of an unscoped layer in the same namespace:
+    /// no two (scope, key) pairs, and no scoped and unscoped key, share one.
+    fn name_of(
         &self,
         parts: &http::request::Parts,
         key: &str,
         grpc: bool,
-    ) -> Result<String, Rejection> {
+    ) -> Result<Arc<str>, Rejection> {
+        let invalid = |error: KeyError| Rejection::for_key_error(&error, grpc);
         let Some(scope) = &self.scope else {
-            return Ok(key.to_owned());
+            return self.namer.name(key).map_err(invalid);
         };
         let Some(scope) = scope(parts) else {
             return Err(Rejection::new(
@@ -213,18 +216,10 @@ impl Settings {
                 grpc,
             ));
         };
-        // The scope's `%` and separator are escaped, so its end is the
-        // first separator: two (scope, key) pairs never share a name.
-        let scope = self
-            .scope_namer
-            .name(&scope)
-            .map_err(|error| Rejection::for_key_error(&error, grpc))?;
-        Ok([
-            &scope[self.scope_prefix_len..],
-            self.separator.as_str(),
-            key,
-        ]
-        .concat())
+        let scoped = self.namer.name(&scope).map_err(invalid)?;
+        Namer::new(&scoped, &self.separator)
+            .name(key)
+            .map_err(invalid)
     }
 
     /// The record of `name`, and what it means for a request with
@@ -351,9 +346,12 @@ where
             let headers = kept_headers(response.headers());
             let grpc = claim.grpc;
             let finish = finish(settings.clone(), claim, held, status, headers);
-            if !grpc && response.body().size_hint().exact() == Some(0) {
-                // No body: a server may never poll it, so the record is
-                // written before the head goes out.
+            let body = response.body();
+            if body.is_end_stream() || (!grpc && body.size_hint().exact() == Some(0)) {
+                // No body (a gRPC trailers-only response, say): a server
+                // may never poll it, and one that ends the stream with the
+                // head must see its end at once, so the record is written
+                // before the head goes out.
                 finish(Some(Bytes::new()), None).await;
                 return Ok(response.map(IdempotentBody::passing));
             }

@@ -131,6 +131,7 @@ pub struct DistLockLayerBuilder<D: DistSync, K> {
     extend_every: Option<Duration>,
     max_hold: Option<Duration>,
     mapper: Option<RejectionMapper>,
+    keys_are_names: bool,
 }
 
 impl<D: DistSync, K: Clone> Clone for DistLockLayerBuilder<D, K> {
@@ -147,6 +148,7 @@ impl<D: DistSync, K: Clone> Clone for DistLockLayerBuilder<D, K> {
             extend_every: self.extend_every,
             max_hold: self.max_hold,
             mapper: self.mapper.clone(),
+            keys_are_names: self.keys_are_names,
         }
     }
 }
@@ -181,6 +183,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             extend_every: None,
             max_hold: None,
             mapper: None,
+            keys_are_names: false,
         }
     }
 
@@ -337,6 +340,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             validity,
             max_hold: self.max_hold,
             mapper: self.mapper,
+            keys_are_names: self.keys_are_names,
             held_count: Arc::default(),
             alarms: AlarmClock::default(),
         };
@@ -344,6 +348,14 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             shared: Arc::new(shared),
             extractor: self.extractor,
         })
+    }
+
+    /// Takes each key as the whole lock name, for a layer in front that
+    /// builds names itself (the idempotency layer, whose scoped names have
+    /// a level more than a key can give).
+    pub(crate) fn keys_are_names(mut self) -> Self {
+        self.keys_are_names = true;
+        self
     }
 
     /// Why this configuration cannot work, if it cannot.

@@ -192,7 +192,12 @@ where
             Ok(None) => return ResponseFuture::unlocked(inner, request),
             Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };
-        let name = match shared.namer.name(&key) {
+        let named = if shared.keys_are_names {
+            Ok(Arc::from(&*key))
+        } else {
+            shared.namer.name(&key)
+        };
+        let name = match named {
             Ok(name) => name,
             Err(error) => return reject(Rejection::for_key_error(&error, is_grpc(&request))),
         };

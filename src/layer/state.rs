@@ -18,6 +18,9 @@ use crate::sync::{DistSync, LocalLine};
 pub(crate) struct LayerState<D: DistSync> {
     pub(crate) sync: D,
     pub(crate) namer: Namer,
+    /// Keys are whole lock names, built by a layer in front (see
+    /// `DistLockLayerBuilder::keys_are_names`).
+    pub(crate) keys_are_names: bool,
     pub(crate) options: DistMutexOptions,
     pub(crate) wait: Duration,
     pub(crate) missing: MissingKey,
