@@ -2,6 +2,7 @@
 //! gets it (read for the fingerprint, or streamed), and the response body
 //! (recorded on its way to the client, replayed, or a rejection).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -186,11 +187,13 @@ pin_project! {
             trailers: Option<HeaderMap>,
             finish: Option<Finish>,
             writing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-            // The last frame, held until the record is written.
-            last: Option<Frame<Bytes>>,
+            // The last frames, held until the record is written.
+            held: VecDeque<Frame<Bytes>>,
             // Data bytes seen, and the exact length the body announced.
             seen: u64,
             exact: Option<u64>,
+            // Set from the last byte announced on: frames are held.
+            closing: bool,
             done: bool,
         },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
@@ -230,9 +233,10 @@ impl<B> IdempotentBody<B> {
         IdempotentBody {
             kind: ResponseKind::Recording {
                 body,
-                last: None,
+                held: VecDeque::new(),
                 seen: 0,
                 exact,
+                closing: false,
                 recorded: Some(BytesMut::new()),
                 limit,
                 trailers: None,
@@ -290,13 +294,14 @@ where
                 trailers,
                 finish,
                 writing,
-                last,
+                held,
                 seen,
                 exact,
+                closing,
                 done,
             } => loop {
                 if *done {
-                    return Poll::Ready(last.take().map(Ok));
+                    return Poll::Ready(held.pop_front().map(Ok));
                 }
                 if let Some(write) = writing {
                     ready!(write.as_mut().poll(cx));
@@ -310,15 +315,11 @@ where
                         // A failed body is not a response to keep.
                         *finish = None;
                         *done = true;
+                        held.clear();
                         return Poll::Ready(Some(Err(error.into())));
                     }
                     None => {
-                        *writing = finish
-                            .take()
-                            .map(|f| f(recorded.take().map(BytesMut::freeze), trailers.take()));
-                        if writing.is_none() {
-                            *done = true;
-                        }
+                        start_write(finish, writing, done, recorded, trailers);
                         continue;
                     }
                 };
@@ -334,19 +335,21 @@ where
                     if let Some(recorded) = recorded {
                         recorded.extend_from_slice(data);
                     }
-                } else if let Some(t) = frame.trailers_ref() {
+                }
+                let is_trailers = frame.is_trailers();
+                if let Some(t) = frame.trailers_ref() {
                     *trailers = Some(t.clone());
                 }
-                // The last frame waits for the record: a server stops
-                // polling a body once it sent the length it announced, and
-                // a client that has the whole response finds it kept.
-                if *exact == Some(*seen) || body.is_end_stream() {
-                    *last = Some(frame);
-                    *writing = finish
-                        .take()
-                        .map(|f| f(recorded.take().map(BytesMut::freeze), trailers.take()));
-                    if writing.is_none() {
-                        *done = true;
+                // From the last byte announced on, frames wait for the
+                // record: a server stops polling a body once it sent the
+                // length it announced, and a client that has the whole
+                // response finds it kept. The body is read on to its end
+                // first, for trailers that may follow.
+                if *closing || is_trailers || *exact == Some(*seen) || body.is_end_stream() {
+                    held.push_back(frame);
+                    *closing = true;
+                    if is_trailers || body.is_end_stream() {
+                        start_write(finish, writing, done, recorded, trailers);
                     }
                     continue;
                 }
@@ -361,7 +364,7 @@ where
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             // Never before the record is written: the server must poll
             // once more, past the inner body's end.
-            ResponseKind::Recording { done, last, .. } => *done && last.is_none(),
+            ResponseKind::Recording { done, held, .. } => *done && held.is_empty(),
         }
     }
 
@@ -374,5 +377,22 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+/// Starts writing the record of what was recorded, if it is still to be
+/// written; the body ends once it is.
+fn start_write(
+    finish: &mut Option<Finish>,
+    writing: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    done: &mut bool,
+    recorded: &mut Option<BytesMut>,
+    trailers: &mut Option<HeaderMap>,
+) {
+    *writing = finish
+        .take()
+        .map(|finish| finish(recorded.take().map(BytesMut::freeze), trailers.take()));
+    if writing.is_none() {
+        *done = true;
     }
 }

@@ -193,12 +193,12 @@ pub(crate) enum Lookup<B> {
 }
 
 impl Settings {
-    /// The lock's (and the record's) name of `key`: `namespace + separator
-    /// + key`, or, with a scope, `namespace + separator + scope + separator
-    /// + key`, each part escaped (`%` and the separator's characters). An
-    /// escaped part holds no separator, so a scoped name has one more
-    /// separator than any name of an unscoped layer in the same namespace:
-    /// no two (scope, key) pairs, and no scoped and unscoped key, share one.
+    /// The lock's (and the record's) name of `key`: the namespace, then,
+    /// with a scope, the scope, then the key, joined by the separator, each
+    /// part escaped (`%` and the separator's characters). An escaped part
+    /// holds no separator, so a scoped name has one more separator than any
+    /// name of an unscoped layer in the same namespace: no two (scope, key)
+    /// pairs, and no scoped and unscoped key, share one.
     fn name_of(
         &self,
         parts: &http::request::Parts,
