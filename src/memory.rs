@@ -165,7 +165,7 @@ impl DistSync for MemorySync {
 struct MemoryRecords(Arc<MemoryState>);
 
 impl RecordBackend for MemoryRecords {
-    fn load(&self, name: Arc<str>, _: Duration) -> BoxFuture<Result<Option<Bytes>>> {
+    fn load(&self, name: Arc<str>, _: Duration, _: Duration) -> BoxFuture<Result<Option<Bytes>>> {
         let record = records::locked(&self.0.records).load(&name);
         Box::pin(std::future::ready(Ok(record)))
     }

@@ -28,8 +28,15 @@ pub(crate) struct Writer {
 /// How one backend keeps records.
 pub(crate) trait RecordBackend: Send + Sync + 'static {
     /// The record of `name`, if one is kept and has not expired; a node
-    /// that does not answer within `timeout` counts as failed.
-    fn load(&self, name: Arc<str>, timeout: Duration) -> BoxFuture<Result<Option<Bytes>>>;
+    /// that does not answer within `timeout` counts as failed. Records
+    /// live for `ttl`: a node that lost its state within it may have lost
+    /// records with it.
+    fn load(
+        &self,
+        name: Arc<str>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Option<Bytes>>>;
 
     /// Keeps `record` under `name` for `ttl`, if `writer` still holds the
     /// lock `name` and no record of a later holder (a higher token) is
@@ -59,9 +66,10 @@ impl Records {
     pub(crate) fn load(
         &self,
         name: Arc<str>,
+        ttl: Duration,
         timeout: Duration,
     ) -> impl Future<Output = Result<Option<Bytes>>> + Send + 'static {
-        self.0.load(name, timeout)
+        self.0.load(name, ttl, timeout)
     }
 
     /// Keeps `record` under `name` for `ttl`, if `writer` still holds the

@@ -230,7 +230,11 @@ impl Settings {
         fingerprint: u128,
         grpc: bool,
     ) -> Lookup<B> {
-        let kept = match self.records.load(name.clone(), self.timeout).await {
+        let kept = match self
+            .records
+            .load(name.clone(), self.ttl, self.timeout)
+            .await
+        {
             Ok(kept) => kept,
             Err(error) => {
                 tracing::warn!(%error, name = %name, "idempotency records unavailable");

@@ -10,7 +10,9 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, ServerError
 
 use super::conn::Conn;
 use super::keys::Keys;
-use super::scripts::{ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, RELEASE, STORE_RECORD};
+use super::scripts::{
+    ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, LOAD_RECORD, RELEASE, STORE_RECORD,
+};
 use crate::error::{NodeError, NotReplicated};
 
 /// A node and its multiplexed, self-reconnecting connection, shared by every
@@ -415,6 +417,21 @@ impl Node {
                 .arg(token)
                 .arg(ttl)
                 .arg(&record[..]);
+            async move { script(&mut conn, call).await }
+        })
+    }
+
+    /// `LOAD_RECORD`: the record at `record` (if any), and whether this
+    /// node's answer counts (it did not lose its state within `horizon`).
+    pub(crate) fn load_record(
+        &self,
+        (record, node): (Arc<str>, Arc<str>),
+        horizon: Duration,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<(Option<Vec<u8>>, i64)>> + Send + 'static {
+        let horizon = millis(horizon);
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
+            let call = LOAD_RECORD.call(&[&record, &node], 1).arg(horizon);
             async move { script(&mut conn, call).await }
         })
     }

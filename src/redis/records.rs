@@ -5,10 +5,13 @@
 //!
 //! A record is written on every node where the writer still holds the lock
 //! and no record of a later holder is kept, and counts as kept once a
-//! quorum of nodes kept it. A read asks every node and decides once a
-//! quorum answered: of the records found, the one with the highest
-//! fencing token. A quorum that kept it and a quorum that answered share a
-//! node, so a kept record is found, unless that node lost its state since.
+//! quorum of nodes kept it (the lock is released only once every node
+//! answered). A read asks every node: of the records found, the one with
+//! the highest fencing token. "No record" takes a quorum of nodes that
+//! can tell: with Redlock, a node that lost its state within the records'
+//! TTL cannot (it may have lost the record), and without such a quorum the
+//! read fails (503) instead of running the handler again. A quorum that
+//! kept the record and a quorum that can tell share a node that kept it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,41 +20,56 @@ use bytes::Bytes;
 
 use super::quorum::Round;
 use super::state::RedisState;
-use crate::error::Result;
+use crate::error::{Error, NodeError, Result};
 use crate::records::{BoxFuture, RecordBackend, Writer};
 
 /// The records of one `RedisSync`.
 pub(crate) struct RedisRecords(pub(crate) Arc<RedisState>);
 
 impl RedisRecords {
-    /// The lock key and the record key of `name`.
-    fn keys(&self, name: &str) -> (Arc<str>, Arc<str>) {
+    /// The lock key, the record key and the node's bookkeeping hash of
+    /// `name`.
+    fn keys(&self, name: &str) -> (Arc<str>, Arc<str>, Arc<str>) {
         let keys = self.0.keys(name);
         let record = [&*keys.lock, "\u{1f}record"].concat().into();
-        (keys.lock, record)
+        (keys.lock, record, keys.node)
     }
 }
 
 impl RecordBackend for RedisRecords {
-    fn load(&self, name: Arc<str>, timeout: Duration) -> BoxFuture<Result<Option<Bytes>>> {
-        let (_, key) = self.keys(&name);
+    fn load(
+        &self,
+        name: Arc<str>,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Option<Bytes>>> {
+        let (_, key, node) = self.keys(&name);
         let state = self.0.clone();
+        // With Redlock, a node that lost its state within the records' TTL
+        // cannot tell that a record is absent; one node, or a Cluster, has
+        // no other copy to fall back on anyway.
+        let redlock = state.recovery(ttl).is_some();
         Box::pin(async move {
-            let mut round = Round::start(
-                state
-                    .nodes
-                    .iter()
-                    .map(|node| node.get::<Vec<u8>>(key.clone(), timeout)),
-            );
+            let mut round = Round::start(state.nodes.iter().map(|n| {
+                let load =
+                    redlock.then(|| n.load_record((key.clone(), node.clone()), ttl, timeout));
+                let get = (!redlock).then(|| n.get::<Vec<u8>>(key.clone(), timeout));
+                async move {
+                    match (load, get) {
+                        (Some(load), _) => load.await,
+                        (_, Some(get)) => Ok((get.await?, 1)),
+                        _ => unreachable!("one of the two"),
+                    }
+                }
+            }));
             let quorum = state.quorum;
-            round.settle(quorum, state.fail_fast, |_| true).await;
-            if round.replies.len() < quorum {
-                return Err(round.failure_error(quorum, timeout));
-            }
+            round
+                .settle(quorum, state.fail_fast, |(_, counts)| *counts == 1)
+                .await;
             let newest = round
                 .replies
                 .iter()
-                .filter_map(|(_, kept)| kept.as_deref())
+                .filter_map(|(_, (kept, _))| kept.as_deref())
                 .filter_map(|kept| match split_token(kept) {
                     Some(found) => Some(found),
                     None => {
@@ -60,9 +78,31 @@ impl RecordBackend for RedisRecords {
                     }
                 })
                 .max_by_key(|(token, _)| *token);
-            let record = newest.map(|(_, record)| Bytes::copy_from_slice(record));
-            round.finish_in_background();
-            Ok(record)
+            if let Some((_, record)) = newest {
+                let record = Bytes::copy_from_slice(record);
+                round.finish_in_background();
+                return Ok(Some(record));
+            }
+            if round.yes >= quorum {
+                round.finish_in_background();
+                return Ok(None);
+            }
+            if round.replies.len() < quorum {
+                return Err(round.failure_error(quorum, timeout));
+            }
+            // Enough nodes answered, but too few of them can tell.
+            let failures = round
+                .replies
+                .iter()
+                .filter(|(_, (_, counts))| *counts != 1)
+                .map(|(i, _)| {
+                    NodeError::new(
+                        state.nodes[*i].label(),
+                        "lost its state within the records' TTL: cannot tell that a record is absent",
+                    )
+                })
+                .collect();
+            Err(Error::Unavailable { quorum, failures })
         })
     }
 
@@ -74,7 +114,7 @@ impl RecordBackend for RedisRecords {
         ttl: Duration,
         timeout: Duration,
     ) -> BoxFuture<Result<bool>> {
-        let (lock, key) = self.keys(&name);
+        let (lock, key, _) = self.keys(&name);
         let state = self.0.clone();
         Box::pin(async move {
             let token = writer.token.unwrap_or(0);
@@ -88,9 +128,15 @@ impl RecordBackend for RedisRecords {
                     timeout,
                 )
             }));
-            let (kept, _) = round
+            let (kept, stragglers) = round
                 .decide(state.quorum, state.fail_fast, timeout, |kept| *kept == 1)
                 .await;
+            // Every node that answers gets the record before the lock is
+            // released: the more copies, the more node failures it
+            // survives.
+            if let Some(stragglers) = stragglers {
+                let _ = stragglers.await;
+            }
             kept
         })
     }

@@ -222,6 +222,17 @@ pub(crate) static RELEASE: LazyLock<Lua> =
 pub(crate) static EXTEND: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/extend.lua")));
 
+/// Read a record with Redlock, and whether this node's answer counts: a
+/// node that lost its state (see [`ACQUIRE`]: its `born` field is missing,
+/// then set to its time, or is the time it was first seen without its
+/// state) may have lost records with it, so its "no record" counts only
+/// once the records' TTL has passed since; `born` `0` counts at once.
+///
+/// `KEYS`: 1 record, 2 the node's bookkeeping hash. `ARGV`: 1 the records'
+/// TTL (ms). Returns `{record or nil, 1 if the answer counts else 0}`.
+pub(crate) static LOAD_RECORD: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/load_record.lua")));
+
 /// Keep a record beside a lock (see [`DistSync::records`](crate::DistSync)):
 /// only while the lock holds the writer's value, and not over a record
 /// written with a higher fencing token. The record is kept as the token,
