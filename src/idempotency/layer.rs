@@ -27,6 +27,13 @@ pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 /// The longest request body read for the fingerprint by default: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1 << 20;
 
+/// The longest TTL accepted.
+const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// The largest body limit accepted: a record is one Redis value (at most
+/// 512 MB), with room for its head.
+const MAX_BODY_LIMIT: usize = 256 << 20;
+
 /// The header that marks a replayed response by default.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
@@ -37,7 +44,10 @@ pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// lets a retry run the handler again.
 ///
 /// The default keeps HTTP 2xx and 4xx (a retry gets the same success or
-/// the same client error) and not 5xx; for gRPC, `OK` and the codes of a
+/// the same client error), but not the 4xx that tell the client to come
+/// back later (408 Request Timeout, 409 Conflict, 425 Too Early, 429 Too
+/// Many Requests: a timeout or a rate limiter inside the layer), and not
+/// 5xx; for gRPC, `OK` and the codes of a
 /// request's own fault (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`,
 /// `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`,
 /// `UNAUTHENTICATED`), not those of a passing failure (`UNAVAILABLE`,
@@ -51,6 +61,7 @@ pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// let policy = StorePolicy::default();
 /// assert!(policy.keeps_http(StatusCode::CREATED));
 /// assert!(policy.keeps_http(StatusCode::UNPROCESSABLE_ENTITY));
+/// assert!(!policy.keeps_http(StatusCode::TOO_MANY_REQUESTS));
 /// assert!(!policy.keeps_http(StatusCode::BAD_GATEWAY));
 /// assert!(policy.keeps_grpc(0) && !policy.keeps_grpc(14));
 ///
@@ -67,7 +78,11 @@ pub struct StorePolicy {
 impl Default for StorePolicy {
     fn default() -> Self {
         StorePolicy {
-            http: |status| status.is_success() || status.is_client_error(),
+            http: |status| {
+                status.is_success()
+                    || (status.is_client_error()
+                        && !matches!(status.as_u16(), 408 | 409 | 425 | 429))
+            },
             grpc: |code| matches!(code, 0 | 3 | 5 | 6 | 7 | 9 | 11 | 16),
         }
     }
@@ -112,6 +127,8 @@ pub(crate) struct Settings {
     pub(crate) missing: MissingKey,
     /// How long a node of the backend is waited for.
     pub(crate) timeout: Duration,
+    /// How long a node is waited for to write a record.
+    pub(crate) write_timeout: Duration,
     pub(crate) replay_header: HeaderName,
 }
 
@@ -402,7 +419,8 @@ impl<D: DistSync, K> IdempotencyLayerBuilder<D, K> {
     }
 
     /// Checks the settings and makes the layer. Refused: a backend that
-    /// keeps no records, a zero TTL, a zero body limit, and whatever
+    /// keeps no records, a TTL under 1 ms or over 366 days, a body limit of
+    /// zero or over 256 MiB, and whatever
     /// [`DistLockLayerBuilder::build`] refuses.
     ///
     /// ```
@@ -418,12 +436,14 @@ impl<D: DistSync, K> IdempotencyLayerBuilder<D, K> {
             reason: reason.to_owned(),
             source: None,
         };
-        if self.ttl < Duration::from_millis(1) {
-            return Err(invalid("the idempotency TTL must be at least 1 ms"));
+        if self.ttl < Duration::from_millis(1) || self.ttl > MAX_TTL {
+            return Err(invalid("the idempotency TTL must be from 1 ms to 366 days"));
         }
-        if self.max_body == 0 || self.max_request_body == 0 {
+        if !(1..=MAX_BODY_LIMIT).contains(&self.max_body)
+            || !(1..=MAX_BODY_LIMIT).contains(&self.max_request_body)
+        {
             return Err(invalid(
-                "the idempotency body limits must be at least 1 byte",
+                "the idempotency body limits must be from 1 byte to 256 MiB (a record is one Redis value)",
             ));
         }
         let records = self.sync.records(FastPath::new()).ok_or_else(|| {
@@ -448,6 +468,8 @@ impl<D: DistSync, K> IdempotencyLayerBuilder<D, K> {
             max_request_body: self.max_request_body,
             missing: self.missing,
             timeout: self.options.node_timeout(),
+            // A record can be large: its write gets at least a second.
+            write_timeout: self.options.node_timeout().max(Duration::from_secs(1)),
             replay_header: self.replay_header,
         };
         Ok(IdempotencyLayer {

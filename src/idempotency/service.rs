@@ -445,7 +445,7 @@ async fn write_record(
             writer,
             record,
             settings.ttl,
-            settings.timeout,
+            settings.write_timeout,
         )
         .await;
     match stored {

@@ -412,11 +412,12 @@ impl Node {
         let ttl = millis(ttl).max(1);
         self.bounded(&self.conn, timeout, move |mut conn, _| {
             let call = STORE_RECORD
-                .call(&[&lock, &record_key], 4)
+                .call(&[&lock, &record_key], 5)
                 .arg(&*value)
                 .arg(token)
                 .arg(ttl)
-                .arg(&record[..]);
+                .arg(&record[..])
+                .arg(record.get(..4).unwrap_or_default());
             async move { script(&mut conn, call).await }
         })
     }

@@ -239,7 +239,9 @@ pub(crate) static LOAD_RECORD: LazyLock<Lua> =
 /// a space, and its bytes.
 ///
 /// `KEYS`: 1 lock, 2 record. `ARGV`: 1 the writer's value, 2 its fencing
-/// token (`0` for none), 3 the TTL (ms), 4 the record. Returns 1 if kept,
+/// token (`0` for none), 3 the TTL (ms), 4 the record, 5 the first four
+/// bytes of a record (a kept value that does not start with them after its
+/// token is no record, and does not keep a writer out). Returns 1 if kept,
 /// else 0.
 pub(crate) static STORE_RECORD: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/store_record.lua")));

@@ -5,8 +5,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local kept = redis.call('GET', KEYS[2])
 if kept then
-    local token = tonumber(string.match(kept, '^(%d+) '))
-    if token and token > tonumber(ARGV[2]) then
+    -- Only a record (the token, a space, then its magic) keeps a later
+    -- writer out; anything else is no record, and is overwritten.
+    local token, magic = string.match(kept, '^(%d+) (....)')
+    if magic == ARGV[5] and tonumber(token) > tonumber(ARGV[2]) then
         return 0
     end
 end
