@@ -714,3 +714,93 @@ async fn a_dropped_handler_keeps_nothing() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert_eq!(sync.records_kept(), 1);
 }
+
+/// A body that tells when it is dropped, and otherwise passes its inner
+/// body on.
+struct DropSignal<B>(std::pin::Pin<Box<B>>, Option<tokio::sync::oneshot::Sender<()>>);
+
+impl<B: http_body::Body> http_body::Body for DropSignal<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.0.as_mut().poll_frame(cx)
+    }
+}
+
+impl<B> Drop for DropSignal<B> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.1.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The handler completed, but its client went away while the body
+/// streamed: the response is still its outcome. The rest of the body is
+/// read for the record, the lock waits for it, and the retry gets the
+/// whole first response without running the handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_client_left_mid_body_is_kept() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(Notify::new());
+    let (first_chunk_tx, mut first_chunk) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (counted, gate) = (runs.clone(), go.clone());
+    let app = Router::new()
+        .route(
+            "/stream",
+            post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
+                async move {
+                    // One chunk at once, the second once the test lets it go.
+                    let chunks = futures_util::stream::unfold(0, move |n| {
+                        let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
+                        async move {
+                            match n {
+                                0 => {
+                                    let _ = first_chunk_tx.send(());
+                                    Some((Ok::<_, std::io::Error>(Bytes::from_static(b"first,")), 1))
+                                }
+                                1 => {
+                                    gate.notified().await;
+                                    Some((Ok(Bytes::from_static(b"second")), 2))
+                                }
+                                _ => None,
+                            }
+                        }
+                    });
+                    axum::body::Body::from_stream(chunks)
+                }
+            }),
+        )
+        .layer(layer(MemorySync::new()))
+        .layer(axum::middleware::map_response(
+            move |response: axum::response::Response| {
+                let tx = dropped_tx.lock().unwrap().take();
+                async move { response.map(|body| axum::body::Body::new(DropSignal(Box::pin(body), tx))) }
+            },
+        ));
+    let server = Server::start(app).await;
+    let client = HttpClient::default();
+    let request = Request::post(server.url("/stream"))
+        .header("idempotency-key", "s")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = client.send(request).await;
+    first_chunk.recv().await.unwrap();
+    // The client leaves mid-body; the server drops the response body.
+    drop(response);
+    drop(client);
+    dropped.await.unwrap();
+    go.notify_one();
+    let retry = send(&HttpClient::default(), server.url("/stream"), Some("s"), "{}").await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(&retry.body[..], b"first,second");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

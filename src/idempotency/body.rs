@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
@@ -146,12 +147,25 @@ where
     Ok(read.freeze())
 }
 
-/// What happens at the end of a recorded body: the record is written, the
-/// body ends after it. Made from what was recorded: the body (`None` when
-/// it went over the limit) and the trailers.
-pub(crate) type Finish = Box<
-    dyn FnOnce(Option<Bytes>, Option<HeaderMap>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
->;
+/// A whole response body as recorded: its bytes (`None` when it went over
+/// the limit) and its trailers; `None` for a body that did not end (it
+/// failed, or outlasted [`DRAIN_LIMIT`]).
+pub(crate) type Recorded = Option<(Option<Bytes>, Option<HeaderMap>)>;
+
+/// Work in the background.
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What happens at the end of a recorded body: the record is written from
+/// what the future gives, by a task of its own, and the lock's release
+/// waits for it; the future it returns is done when the record is.
+pub(crate) type Finish = Box<dyn FnOnce(BoxFuture<Recorded>) -> BoxFuture<()> + Send>;
+
+/// How long the rest of a body dropped before its end (its client gone)
+/// is read for its record, at most.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Reads the rest of a body dropped before its end, for its record.
+type Drain<B> = fn(Pin<Box<B>>, Option<BytesMut>, usize, Option<HeaderMap>) -> BoxFuture<Recorded>;
 
 pin_project! {
     /// The response body of a service behind an
@@ -171,6 +185,29 @@ pin_project! {
         #[pin]
         kind: ResponseKind<B>,
     }
+
+    impl<B> PinnedDrop for IdempotentBody<B> {
+        // The handler completed: its whole response is its outcome, even
+        // when its client went away before the end. The rest of the body
+        // is read in the background, and the record written, before the
+        // lock (released when this body is gone) is let go.
+        fn drop(this: Pin<&mut Self>) {
+            if let ResponseKindProj::Recording {
+                body,
+                recorded,
+                limit,
+                trailers,
+                finish,
+                drain,
+                ..
+            } = this.project().kind.project()
+                && let (Some(body), Some(finish)) = (body.take(), finish.take())
+            {
+                // The task runs on; what it returns is only its end.
+                drop(finish(drain(body, recorded.take(), *limit, trailers.take())));
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -180,8 +217,10 @@ pin_project! {
         Passing { #[pin] body: B },
         // The handler's body, recorded on its way.
         Recording {
-            #[pin]
-            body: B,
+            // Boxed, so that a drop can hand it to the task that reads its
+            // rest; `None` once handed.
+            body: Option<Pin<Box<B>>>,
+            drain: Drain<B>,
             recorded: Option<BytesMut>,
             limit: usize,
             trailers: Option<HeaderMap>,
@@ -227,12 +266,14 @@ impl<B> IdempotentBody<B> {
     /// it ends, and the body ends when `finish`'s future is done.
     pub(crate) fn recording(body: B, limit: usize, finish: Finish) -> Self
     where
-        B: Body,
+        B: Body + Send + 'static,
+        B::Error: Into<BoxError>,
     {
         let exact = body.size_hint().exact();
         IdempotentBody {
             kind: ResponseKind::Recording {
-                body,
+                body: Some(Box::pin(body)),
+                drain: drain::<B>,
                 held: VecDeque::new(),
                 seen: 0,
                 exact,
@@ -288,7 +329,7 @@ where
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             ResponseKindProj::Recording {
-                mut body,
+                body,
                 recorded,
                 limit,
                 trailers,
@@ -299,6 +340,7 @@ where
                 exact,
                 closing,
                 done,
+                ..
             } => loop {
                 if *done {
                     return Poll::Ready(held.pop_front().map(Ok));
@@ -309,6 +351,9 @@ where
                     *done = true;
                     continue;
                 }
+                let Some(body) = body.as_mut() else {
+                    return Poll::Ready(None);
+                };
                 let frame = match ready!(body.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
                     Some(Err(error)) => {
@@ -325,16 +370,7 @@ where
                 };
                 if let Some(data) = frame.data_ref() {
                     *seen += data.len() as u64;
-                    if recorded
-                        .as_ref()
-                        .is_some_and(|r| r.len() + data.len() > *limit)
-                    {
-                        // Over the limit: nothing more is kept.
-                        *recorded = None;
-                    }
-                    if let Some(recorded) = recorded {
-                        recorded.extend_from_slice(data);
-                    }
+                    keep(recorded, *limit, data);
                 }
                 let is_trailers = frame.is_trailers();
                 if let Some(t) = frame.trailers_ref() {
@@ -370,9 +406,10 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Passing { body } | ResponseKind::Recording { body, .. } => {
-                body.size_hint()
-            }
+            ResponseKind::Passing { body } => body.size_hint(),
+            ResponseKind::Recording { body, .. } => body
+                .as_ref()
+                .map_or_else(SizeHint::default, |body| body.size_hint()),
             ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -389,10 +426,55 @@ fn start_write(
     recorded: &mut Option<BytesMut>,
     trailers: &mut Option<HeaderMap>,
 ) {
+    let whole = Some((recorded.take().map(BytesMut::freeze), trailers.take()));
     *writing = finish
         .take()
-        .map(|finish| finish(recorded.take().map(BytesMut::freeze), trailers.take()));
+        .map(|finish| finish(Box::pin(std::future::ready(whole))));
     if writing.is_none() {
         *done = true;
     }
+}
+
+/// Keeps `data` in `recorded`, unless that goes over `limit`: then nothing
+/// more is kept.
+fn keep(recorded: &mut Option<BytesMut>, limit: usize, data: &[u8]) {
+    if recorded
+        .as_ref()
+        .is_some_and(|r| r.len() + data.len() > limit)
+    {
+        *recorded = None;
+    }
+    if let Some(recorded) = recorded {
+        recorded.extend_from_slice(data);
+    }
+}
+
+/// Reads the rest of `body`, dropped before its end, into what was
+/// recorded of it (see [`Drain`]).
+fn drain<B>(
+    mut body: Pin<Box<B>>,
+    mut recorded: Option<BytesMut>,
+    limit: usize,
+    mut trailers: Option<HeaderMap>,
+) -> BoxFuture<Recorded>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(async move {
+        let rest = async {
+            while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                match frame.ok()?.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        keep(&mut recorded, limit, &data);
+                    }
+                    Err(frame) => trailers = frame.into_trailers().ok().or(trailers.take()),
+                }
+            }
+            Some(())
+        };
+        tokio::time::timeout(DRAIN_LIMIT, rest).await.ok()??;
+        Some((recorded.map(BytesMut::freeze), trailers))
+    })
 }

@@ -52,7 +52,8 @@ pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`,
 /// `UNAUTHENTICATED`), not those of a passing failure (`UNAVAILABLE`,
 /// `INTERNAL`, `DEADLINE_EXCEEDED`, `ABORTED`, ...). A panicking or
-/// dropped handler, a failed body and a lost lock never keep anything.
+/// handler dropped before it returned, a failed body and a lost lock never
+/// keep anything.
 ///
 /// ```
 /// use http::StatusCode;

@@ -40,9 +40,16 @@
 //!    duplicate that waited for the lock finds the record.
 //!
 //! What is kept is a [`StorePolicy`]: by default 2xx and 4xx (gRPC: `OK`
-//! and the client's own errors). A 5xx, a panicking handler, a client that
-//! went away, a failed body or a lost lock keep nothing, so a retry runs
-//! again. A record lives for its [TTL](IdempotencyLayerBuilder::ttl) (24 h
+//! and the client's own errors). A 5xx, a panicking handler, a handler
+//! dropped before it returned (its client went away, a timeout), a failed
+//! body or a lost lock keep nothing, so a retry runs again. Once the
+//! handler returned, its response is its outcome: a client that leaves
+//! while the body streams does not stop the record (the rest of the body
+//! is read in the background, up to 10 s, and the lock waits for it). With
+//! Redlock, "no record" takes a quorum of nodes that kept their state for
+//! the records' TTL (see [`RedisSync`](crate::RedisSync)'s restart safety):
+//! a read that cannot tell gets 503 rather than running the handler again.
+//! A record lives for its [TTL](IdempotencyLayerBuilder::ttl) (24 h
 //! by default) and no longer, on every backend.
 //!
 //! | case | HTTP | gRPC |

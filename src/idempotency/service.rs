@@ -356,7 +356,11 @@ where
                 // may never poll it, and one that ends the stream with the
                 // head must see its end at once, so the record is written
                 // before the head goes out.
-                finish(Some(Bytes::new()), None).await;
+                finish(Box::pin(std::future::ready(Some((
+                    Some(Bytes::new()),
+                    None,
+                )))))
+                .await;
                 return Ok(response.map(IdempotentBody::passing));
             }
             let limit = settings.max_body;
@@ -377,7 +381,7 @@ fn finish(
     status: StatusCode,
     headers: HeaderMap,
 ) -> Finish {
-    Box::new(move |body, trailers| {
+    Box::new(move |recorded| {
         let (written, mut done) = watch::channel(false);
         let mut released = done.clone();
         held.release_after(Box::pin(async move {
@@ -385,7 +389,11 @@ fn finish(
             let _ = released.wait_for(|done| *done).await;
         }));
         let write = async move {
-            write_record(&settings, &claim, &held, status, headers, body, trailers).await;
+            // `None`: the body did not end (it failed, or its rest outlasted
+            // the drain): nothing is kept.
+            if let Some((body, trailers)) = recorded.await {
+                write_record(&settings, &claim, &held, status, headers, body, trailers).await;
+            }
             let _ = written.send(true);
         };
         match tokio::runtime::Handle::try_current() {
