@@ -415,6 +415,15 @@ async fn records_expire_at_their_ttl() {
     for key in ["a", "b", "c"] {
         send(&client, server.url("/charges"), Some(key), "{}").await;
     }
+    // A retry waits for its key's record (written before the lock is let
+    // go) or finds it.
+    for key in ["a", "b", "c"] {
+        assert!(
+            send(&client, server.url("/charges"), Some(key), "{}")
+                .await
+                .replayed()
+        );
+    }
     assert_eq!(sync.records_kept(), 3);
     // Polls the count until the TTL passed: what expires is checked, not
     // when.
@@ -438,6 +447,13 @@ async fn redis_records_expire_with_their_ttl() {
     let server = Server::start(app(layer, &handlers, None)).await;
     let client = HttpClient::default();
     send(&client, server.url("/charges"), Some("t"), "{}").await;
+    // The record is written after the response, before the lock is let
+    // go: a retry waits for it.
+    assert!(
+        send(&client, server.url("/charges"), Some("t"), "{}")
+            .await
+            .replayed()
+    );
     let mut conn = nodes.servers[0].connection();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*record").query(&mut conn).unwrap();
     assert_eq!(keys, vec!["dsync:idempotency:t\u{1f}record".to_owned()]);
@@ -466,10 +482,11 @@ async fn a_lost_lock_keeps_nothing() {
     let client = HttpClient::default();
     let first = send(&client, server.url("/lose"), Some("l"), "{}").await;
     assert_eq!(first.status, StatusCode::OK);
-    assert!(!nodes.servers[0].exists("dsync:charges:l\u{1f}record"));
+    // The retry gets the lock once the first's write (refused) is done.
     let retry = send(&client, server.url("/lose"), Some("l"), "{}").await;
     assert!(!retry.replayed());
     assert_eq!(handlers.runs(), 2);
+    assert!(!nodes.servers[0].exists("dsync:charges:l\u{1f}record"));
 }
 
 /// A response over the size limit streams whole to its client; a retry
@@ -711,13 +728,21 @@ async fn a_dropped_handler_keeps_nothing() {
     let retry = send(&client, server.url("/hang"), Some("h"), "{}").await;
     assert_eq!(retry.status, StatusCode::OK);
     assert!(!retry.replayed());
+    assert!(
+        send(&client, server.url("/hang"), Some("h"), "{}")
+            .await
+            .replayed()
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert_eq!(sync.records_kept(), 1);
 }
 
 /// A body that tells when it is dropped, and otherwise passes its inner
 /// body on.
-struct DropSignal<B>(std::pin::Pin<Box<B>>, Option<tokio::sync::oneshot::Sender<()>>);
+struct DropSignal<B>(
+    std::pin::Pin<Box<B>>,
+    Option<tokio::sync::oneshot::Sender<()>>,
+);
 
 impl<B: http_body::Body> http_body::Body for DropSignal<B> {
     type Data = B::Data;
@@ -750,41 +775,47 @@ async fn a_response_whose_client_left_mid_body_is_kept() {
     let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
     let dropped_tx = Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
     let (counted, gate) = (runs.clone(), go.clone());
-    let app = Router::new()
-        .route(
-            "/stream",
-            post(move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
-                async move {
-                    // One chunk at once, the second once the test lets it go.
-                    let chunks = futures_util::stream::unfold(0, move |n| {
-                        let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
-                        async move {
-                            match n {
-                                0 => {
-                                    let _ = first_chunk_tx.send(());
-                                    Some((Ok::<_, std::io::Error>(Bytes::from_static(b"first,")), 1))
+    let app =
+        Router::new()
+            .route(
+                "/stream",
+                post(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
+                    async move {
+                        // One chunk at once, the second once the test lets it go.
+                        let chunks = futures_util::stream::unfold(0, move |n| {
+                            let (gate, first_chunk_tx) = (gate.clone(), first_chunk_tx.clone());
+                            async move {
+                                match n {
+                                    0 => {
+                                        let _ = first_chunk_tx.send(());
+                                        Some((
+                                            Ok::<_, std::io::Error>(Bytes::from_static(b"first,")),
+                                            1,
+                                        ))
+                                    }
+                                    1 => {
+                                        gate.notified().await;
+                                        Some((Ok(Bytes::from_static(b"second")), 2))
+                                    }
+                                    _ => None,
                                 }
-                                1 => {
-                                    gate.notified().await;
-                                    Some((Ok(Bytes::from_static(b"second")), 2))
-                                }
-                                _ => None,
                             }
-                        }
-                    });
-                    axum::body::Body::from_stream(chunks)
-                }
-            }),
-        )
-        .layer(layer(MemorySync::new()))
-        .layer(axum::middleware::map_response(
-            move |response: axum::response::Response| {
-                let tx = dropped_tx.lock().unwrap().take();
-                async move { response.map(|body| axum::body::Body::new(DropSignal(Box::pin(body), tx))) }
-            },
-        ));
+                        });
+                        axum::body::Body::from_stream(chunks)
+                    }
+                }),
+            )
+            .layer(layer(MemorySync::new()))
+            .layer(axum::middleware::map_response(
+                move |response: axum::response::Response| {
+                    let tx = dropped_tx.lock().unwrap().take();
+                    async move {
+                        response.map(|body| axum::body::Body::new(DropSignal(Box::pin(body), tx)))
+                    }
+                },
+            ));
     let server = Server::start(app).await;
     let client = HttpClient::default();
     let request = Request::post(server.url("/stream"))
@@ -798,7 +829,13 @@ async fn a_response_whose_client_left_mid_body_is_kept() {
     drop(client);
     dropped.await.unwrap();
     go.notify_one();
-    let retry = send(&HttpClient::default(), server.url("/stream"), Some("s"), "{}").await;
+    let retry = send(
+        &HttpClient::default(),
+        server.url("/stream"),
+        Some("s"),
+        "{}",
+    )
+    .await;
     assert_eq!(retry.status, StatusCode::OK);
     assert!(retry.replayed(), "{retry:?}");
     assert_eq!(&retry.body[..], b"first,second");

@@ -2,7 +2,6 @@
 //! gets it (read for the fingerprint, or streamed), and the response body
 //! (recorded on its way to the client, replayed, or a rejection).
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -153,12 +152,12 @@ where
 pub(crate) type Recorded = Option<(Option<Bytes>, Option<HeaderMap>)>;
 
 /// Work in the background.
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What happens at the end of a recorded body: the record is written from
 /// what the future gives, by a task of its own, and the lock's release
-/// waits for it; the future it returns is done when the record is.
-pub(crate) type Finish = Box<dyn FnOnce(BoxFuture<Recorded>) -> BoxFuture<()> + Send>;
+/// waits for it.
+pub(crate) type Finish = Box<dyn FnOnce(BoxFuture<Recorded>) + Send>;
 
 /// How long the rest of a body dropped before its end (its client gone)
 /// is read for its record, at most.
@@ -170,9 +169,14 @@ type Drain<B> = fn(Pin<Box<B>>, Option<BytesMut>, usize, Option<HeaderMap>) -> B
 pin_project! {
     /// The response body of a service behind an
     /// [`IdempotencyLayer`](super::IdempotencyLayer): the handler's body,
-    /// recorded as it streams to the client (the record is written before
-    /// the body ends, so before the lock is released), or a replayed or
-    /// rejected response's.
+    /// recorded as it streams to the client, or a replayed or rejected
+    /// response's.
+    ///
+    /// A recorded body is passed on frame by frame, as it comes. At its
+    /// end the record is written in the background, and the lock's release
+    /// waits for it. A body dropped before its end (its client gone, or a
+    /// server that stops at the length it announced) is read to its end in
+    /// the background for its record.
     ///
     /// ```
     /// use http_body::Body;
@@ -187,10 +191,8 @@ pin_project! {
     }
 
     impl<B> PinnedDrop for IdempotentBody<B> {
-        // The handler completed: its whole response is its outcome, even
-        // when its client went away before the end. The rest of the body
-        // is read in the background, and the record written, before the
-        // lock (released when this body is gone) is let go.
+        // The handler returned: its whole response is its outcome, even
+        // when its client went away before the end.
         fn drop(this: Pin<&mut Self>) {
             if let ResponseKindProj::Recording {
                 body,
@@ -199,12 +201,10 @@ pin_project! {
                 trailers,
                 finish,
                 drain,
-                ..
             } = this.project().kind.project()
                 && let (Some(body), Some(finish)) = (body.take(), finish.take())
             {
-                // The task runs on; what it returns is only its end.
-                drop(finish(drain(body, recorded.take(), *limit, trailers.take())));
+                finish(drain(body, recorded.take(), *limit, trailers.take()));
             }
         }
     }
@@ -218,22 +218,14 @@ pin_project! {
         // The handler's body, recorded on its way.
         Recording {
             // Boxed, so that a drop can hand it to the task that reads its
-            // rest; `None` once handed.
+            // rest; `None` once it ended.
             body: Option<Pin<Box<B>>>,
-            drain: Drain<B>,
             recorded: Option<BytesMut>,
             limit: usize,
             trailers: Option<HeaderMap>,
+            // `None` once called, or for a body that failed.
             finish: Option<Finish>,
-            writing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-            // The last frames, held until the record is written.
-            held: VecDeque<Frame<Bytes>>,
-            // Data bytes seen, and the exact length the body announced.
-            seen: u64,
-            exact: Option<u64>,
-            // Set from the last byte announced on: frames are held.
-            closing: bool,
-            done: bool,
+            drain: Drain<B>,
         },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
     }
@@ -262,28 +254,21 @@ impl<B> IdempotentBody<B> {
         }
     }
 
-    /// The handler's body, recorded up to `limit` bytes; `finish` runs when
-    /// it ends, and the body ends when `finish`'s future is done.
+    /// The handler's body, recorded up to `limit` bytes; `finish` is
+    /// called with the whole of it once it ends.
     pub(crate) fn recording(body: B, limit: usize, finish: Finish) -> Self
     where
         B: Body + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let exact = body.size_hint().exact();
         IdempotentBody {
             kind: ResponseKind::Recording {
                 body: Some(Box::pin(body)),
-                drain: drain::<B>,
-                held: VecDeque::new(),
-                seen: 0,
-                exact,
-                closing: false,
                 recorded: Some(BytesMut::new()),
                 limit,
                 trailers: None,
                 finish: Some(finish),
-                writing: None,
-                done: false,
+                drain: drain::<B>,
             },
         }
     }
@@ -329,68 +314,43 @@ where
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             ResponseKindProj::Recording {
-                body,
+                body: inner,
                 recorded,
                 limit,
                 trailers,
                 finish,
-                writing,
-                held,
-                seen,
-                exact,
-                closing,
-                done,
                 ..
-            } => loop {
-                if *done {
-                    return Poll::Ready(held.pop_front().map(Ok));
-                }
-                if let Some(write) = writing {
-                    ready!(write.as_mut().poll(cx));
-                    *writing = None;
-                    *done = true;
-                    continue;
-                }
-                let Some(body) = body.as_mut() else {
+            } => {
+                let Some(body) = inner.as_mut() else {
                     return Poll::Ready(None);
                 };
-                let frame = match ready!(body.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
+                match ready!(body.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                        if let Some(data) = frame.data_ref() {
+                            keep(recorded, *limit, data);
+                        } else if let Some(t) = frame.trailers_ref() {
+                            *trailers = Some(t.clone());
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
                     Some(Err(error)) => {
                         // A failed body is not a response to keep.
                         *finish = None;
-                        *done = true;
-                        held.clear();
-                        return Poll::Ready(Some(Err(error.into())));
+                        *inner = None;
+                        Poll::Ready(Some(Err(error.into())))
                     }
                     None => {
-                        start_write(finish, writing, done, recorded, trailers);
-                        continue;
+                        *inner = None;
+                        if let Some(finish) = finish.take() {
+                            let whole =
+                                Some((recorded.take().map(BytesMut::freeze), trailers.take()));
+                            finish(Box::pin(std::future::ready(whole)));
+                        }
+                        Poll::Ready(None)
                     }
-                };
-                if let Some(data) = frame.data_ref() {
-                    *seen += data.len() as u64;
-                    keep(recorded, *limit, data);
                 }
-                let is_trailers = frame.is_trailers();
-                if let Some(t) = frame.trailers_ref() {
-                    *trailers = Some(t.clone());
-                }
-                // From the last byte announced on, frames wait for the
-                // record: a server stops polling a body once it sent the
-                // length it announced, and a client that has the whole
-                // response finds it kept. The body is read on to its end
-                // first, for trailers that may follow.
-                if *closing || is_trailers || *exact == Some(*seen) || body.is_end_stream() {
-                    held.push_back(frame);
-                    *closing = true;
-                    if is_trailers || body.is_end_stream() {
-                        start_write(finish, writing, done, recorded, trailers);
-                    }
-                    continue;
-                }
-                return Poll::Ready(Some(Ok(frame)));
-            },
+            }
         }
     }
 
@@ -398,9 +358,8 @@ where
         match &self.kind {
             ResponseKind::Passing { body } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            // Never before the record is written: the server must poll
-            // once more, past the inner body's end.
-            ResponseKind::Recording { done, held, .. } => *done && held.is_empty(),
+            // A body that ends here is recorded when dropped.
+            ResponseKind::Recording { body, .. } => body.as_ref().is_none_or(|b| b.is_end_stream()),
         }
     }
 
@@ -409,29 +368,11 @@ where
             ResponseKind::Passing { body } => body.size_hint(),
             ResponseKind::Recording { body, .. } => body
                 .as_ref()
-                .map_or_else(SizeHint::default, |body| body.size_hint()),
+                .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint()),
             ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
-    }
-}
-
-/// Starts writing the record of what was recorded, if it is still to be
-/// written; the body ends once it is.
-fn start_write(
-    finish: &mut Option<Finish>,
-    writing: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    done: &mut bool,
-    recorded: &mut Option<BytesMut>,
-    trailers: &mut Option<HeaderMap>,
-) {
-    let whole = Some((recorded.take().map(BytesMut::freeze), trailers.take()));
-    *writing = finish
-        .take()
-        .map(|finish| finish(Box::pin(std::future::ready(whole))));
-    if writing.is_none() {
-        *done = true;
     }
 }
 

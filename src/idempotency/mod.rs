@@ -32,12 +32,14 @@
 //!    still in flight. Once it holds the lock it reads the record again:
 //!    the request it waited for may have left one, which it replays.
 //! 5. **Run and keep**: otherwise the handler runs. Its response streams
-//!    to the client as it is produced and is recorded on the way, up to
-//!    [a size limit](IdempotencyLayerBuilder::max_body). When the body
-//!    ends, the record is written, under the lock and guarded by its
-//!    fencing token (a holder that lost the lock cannot overwrite a later
-//!    holder's record), then the body ends and the lock is released: a
-//!    duplicate that waited for the lock finds the record.
+//!    to the client as it is produced, with nothing added, and is recorded
+//!    on the way, up to [a size limit](IdempotencyLayerBuilder::max_body).
+//!    When the body ends, or is dropped first (the rest is then read in
+//!    the background), the record is written by a task of its own, under
+//!    the lock and guarded by its fencing token (a holder that lost the
+//!    lock cannot overwrite a later holder's record), and the lock is
+//!    released once it is written: a retry that comes meanwhile waits for
+//!    the lock (within the wait budget) and finds the record.
 //!
 //! What is kept is a [`StorePolicy`]: by default 2xx and 4xx (gRPC: `OK`
 //! and the client's own errors). A 5xx, a panicking handler, a handler

@@ -348,21 +348,7 @@ where
             }
             let status = response.status();
             let headers = kept_headers(response.headers());
-            let grpc = claim.grpc;
             let finish = finish(settings.clone(), claim, held, status, headers);
-            let body = response.body();
-            if body.is_end_stream() || (!grpc && body.size_hint().exact() == Some(0)) {
-                // No body (a gRPC trailers-only response, say): a server
-                // may never poll it, and one that ends the stream with the
-                // head must see its end at once, so the record is written
-                // before the head goes out.
-                finish(Box::pin(std::future::ready(Some((
-                    Some(Bytes::new()),
-                    None,
-                )))))
-                .await;
-                return Ok(response.map(IdempotentBody::passing));
-            }
             let limit = settings.max_body;
             Ok(response.map(|body| IdempotentBody::recording(body, limit, finish)))
         })
@@ -382,29 +368,23 @@ fn finish(
     headers: HeaderMap,
 ) -> Finish {
     Box::new(move |recorded| {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(name = %claim.name, "no runtime to write the record on: the response is not kept");
+            return;
+        };
         let (written, mut done) = watch::channel(false);
-        let mut released = done.clone();
         held.release_after(Box::pin(async move {
             // An error: the writer is gone (the runtime shut down).
-            let _ = released.wait_for(|done| *done).await;
+            let _ = done.wait_for(|done| *done).await;
         }));
-        let write = async move {
+        runtime.spawn(async move {
             // `None`: the body did not end (it failed, or its rest outlasted
             // the drain): nothing is kept.
             if let Some((body, trailers)) = recorded.await {
                 write_record(&settings, &claim, &held, status, headers, body, trailers).await;
             }
             let _ = written.send(true);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(write);
-                Box::pin(async move {
-                    let _ = done.wait_for(|done| *done).await;
-                })
-            }
-            Err(_) => Box::pin(write),
-        }
+        });
     })
 }
 
