@@ -163,7 +163,11 @@ async fn redlock_record_survives_minority_restarts() {
     first.into_body().collect().await.unwrap();
     // The record is written before the lock is let go: a retry waits for
     // it.
-    let replay = service.clone().oneshot(post("r1", None, "{}")).await.unwrap();
+    let replay = service
+        .clone()
+        .oneshot(post("r1", None, "{}"))
+        .await
+        .unwrap();
     assert!(replay.headers().contains_key("idempotent-replayed"));
     assert_eq!(nodes.count_key("dsync:idempotency:r1\u{1f}record"), 2);
     nodes.servers[2].restart();

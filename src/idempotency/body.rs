@@ -81,14 +81,7 @@ where
         match self.project().kind.project() {
             RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RequestKindProj::Streaming { body } => {
-                let frame = ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|frame| {
-                    frame
-                        .map(|frame| {
-                            frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
-                        })
-                        .map_err(Into::into)
-                }))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(as_bytes))
             }
         }
     }
@@ -108,6 +101,15 @@ where
             RequestKind::Streaming { body } => body.size_hint(),
         }
     }
+}
+
+/// A frame of another body, with its data as `Bytes` and its error boxed.
+fn as_bytes<D: Buf, E: Into<BoxError>>(
+    frame: Result<Frame<D>, E>,
+) -> Result<Frame<Bytes>, BoxError> {
+    frame
+        .map(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
+        .map_err(Into::into)
 }
 
 /// Why a request body could not be read for the fingerprint.
@@ -301,11 +303,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             ResponseKindProj::Passing { body } => {
-                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| {
-                    frame
-                        .map(|frame| frame.map_data(|mut d| d.copy_to_bytes(d.remaining())))
-                        .map_err(Into::into)
-                }))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(as_bytes))
             }
             ResponseKindProj::Full { data, trailers } => {
                 if let Some(data) = data.take() {
