@@ -187,7 +187,10 @@ async fn send(client: &HttpClient, url: String, key: Option<&str>, body: &str) -
 async fn no_lock_left(sync: &MemorySync) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while sync.names_in_use() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "a lock is left held");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a lock is left held"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
