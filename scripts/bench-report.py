@@ -14,6 +14,8 @@ run, oriented so that above 1 means tower-dsync does better:
   rslock's wait p99 over ours, rslock's commands per acquisition over ours);
 - http: an axum server with the layer over Redis against the bare server
   (requests/s, p50, p99);
+- idempotency: an IdempotencyLayer's replay against a handler run, on one
+  Redis node and in process (requests/s, p50, p99);
 - layer: the time the layer over MemorySync adds per request, from
   criterion's estimates (in ns, not a ratio; shown in the table only).
 
@@ -37,7 +39,7 @@ def run_benches(csv_path: Path) -> None:
     if csv_path.exists():
         csv_path.unlink()
     env = dict(os.environ, DSYNC_BENCH_CSV=str(csv_path))
-    for bench in ["cycle", "contention", "http", "layer"]:
+    for bench in ["cycle", "contention", "http", "idempotency", "layer"]:
         print(f"== cargo bench --all-features --bench {bench}", file=sys.stderr, flush=True)
         subprocess.run(["cargo", "bench", "--all-features", "--bench", bench], cwd=ROOT, env=env, check=True)
 
@@ -119,6 +121,7 @@ def main() -> None:
         "cycle": ("cycles/s", "p50", "p99"),
         "contention": ("acquisitions/s", "wait p99", "commands/acq"),
         "http": ("requests/s", "p50", "p99"),
+        "idempotency": ("requests/s", "p50", "p99"),
     }
     lines = [
         "# Benchmark ratios",
