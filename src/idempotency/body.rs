@@ -203,7 +203,9 @@ pin_project! {
                 trailers,
                 finish,
                 drain,
+                polling,
             } = this.project().kind.project()
+                && !*polling
                 && let (Some(body), Some(finish)) = (body.take(), finish.take())
             {
                 finish(drain(body, recorded.take(), *limit, trailers.take()));
@@ -228,6 +230,9 @@ pin_project! {
             // `None` once called, or for a body that failed.
             finish: Option<Finish>,
             drain: Drain<B>,
+            // Set while the inner body is polled: still set at drop, the
+            // poll unwound (a panic), and the body is not a response to keep.
+            polling: bool,
         },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
     }
@@ -271,6 +276,7 @@ impl<B> IdempotentBody<B> {
                 trailers: None,
                 finish: Some(finish),
                 drain: drain::<B>,
+                polling: false,
             },
         }
     }
@@ -317,12 +323,16 @@ where
                 limit,
                 trailers,
                 finish,
+                polling,
                 ..
             } => {
                 let Some(body) = inner.as_mut() else {
                     return Poll::Ready(None);
                 };
-                match ready!(body.as_mut().poll_frame(cx)) {
+                *polling = true;
+                let polled = body.as_mut().poll_frame(cx);
+                *polling = false;
+                match ready!(polled) {
                     Some(Ok(frame)) => {
                         let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
                         if let Some(data) = frame.data_ref() {
@@ -402,7 +412,14 @@ where
 {
     Box::pin(async move {
         let rest = async {
-            while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            loop {
+                // A body whose frames are always ready would otherwise never
+                // return `Pending`, and the timeout would never fire.
+                tokio::task::consume_budget().await;
+                let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                else {
+                    break;
+                };
                 match frame.ok()?.into_data() {
                     Ok(mut data) => {
                         let data = data.copy_to_bytes(data.remaining());
