@@ -246,3 +246,44 @@ async fn trailers_after_a_sized_body_are_kept() {
         "the client lost the trailers"
     );
 }
+
+/// Redlock: a record whose write reached only a minority (the lock was
+/// taken from the other nodes meanwhile) did not count, but stayed on that
+/// minority, where a read could find it and replay a response that was
+/// never kept. It is taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_kept_by_a_minority_is_taken_back() {
+    let nodes = RedisNodes::start(3);
+    let urls = nodes.urls();
+    let sync = RedisSync::new(urls.clone()).unwrap();
+    let layer = IdempotencyLayer::builder(sync).build().unwrap();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(move |_: Req| {
+            let urls = urls.clone();
+            async move {
+                // The lock is lost on two of the three nodes.
+                for url in &urls[1..] {
+                    let client = redis::Client::open(url.as_str()).unwrap();
+                    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                    let _: () = redis::cmd("DEL")
+                        .arg("dsync:idempotency:m1")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"charged"))))
+            }
+        });
+    let first = service
+        .clone()
+        .oneshot(post("m1", None, "{}"))
+        .await
+        .unwrap();
+    first.into_body().collect().await.unwrap();
+    // The release follows the record's write (and its taking back).
+    while nodes.count_key("dsync:idempotency:m1") > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(nodes.count_key("dsync:idempotency:m1\u{1f}record"), 0);
+}

@@ -12,6 +12,7 @@ use super::conn::Conn;
 use super::keys::Keys;
 use super::scripts::{
     ACQUIRE, Call, EXTEND, FENCE, LEAVE, LINE_UP, LOAD_RECORD, RELEASE, STORE_RECORD,
+    UNSTORE_RECORD,
 };
 use crate::error::{NodeError, NotReplicated};
 
@@ -418,6 +419,23 @@ impl Node {
                 .arg(ttl)
                 .arg(&record[..])
                 .arg(record.get(..4).unwrap_or_default());
+            async move { script(&mut conn, call).await }
+        })
+    }
+
+    /// `UNSTORE_RECORD`: 1 if the record `record` written with `token` was
+    /// deleted.
+    pub(crate) fn unstore_record(
+        &self,
+        record: Arc<str>,
+        token: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = Reply<i64>> + Send + 'static {
+        let mut prefix = String::with_capacity(21);
+        push_number(&mut prefix, token);
+        prefix.push(' ');
+        self.bounded(&self.conn, timeout, move |mut conn, _| {
+            let call = UNSTORE_RECORD.call(&[&record], 1).arg(&prefix);
             async move { script(&mut conn, call).await }
         })
     }

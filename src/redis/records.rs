@@ -137,6 +137,17 @@ impl RecordBackend for RedisRecords {
             if let Some(stragglers) = stragglers {
                 let _ = stragglers.await;
             }
+            if !matches!(kept, Ok(true)) {
+                // Not kept: no node keeps a copy that a read could find.
+                Round::start(
+                    state
+                        .nodes
+                        .iter()
+                        .map(|node| node.unstore_record(key.clone(), token, timeout)),
+                )
+                .drain(|_, _| {})
+                .await;
+            }
             kept
         })
     }

@@ -233,6 +233,16 @@ pub(crate) static EXTEND: LazyLock<Lua> =
 pub(crate) static LOAD_RECORD: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/load_record.lua")));
 
+/// Take back a record whose write did not reach a quorum of nodes (the
+/// lock was lost meanwhile, or nodes failed): deleted where it is still
+/// the one this writer wrote (its value starts with the writer's token and
+/// a space), so that no node keeps a record that does not count.
+///
+/// `KEYS[1]` the record. `ARGV[1]` the writer's token followed by a space.
+/// Returns 1 if deleted, else 0.
+pub(crate) static UNSTORE_RECORD: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/unstore_record.lua")));
+
 /// Keep a record beside a lock (see [`DistSync::records`](crate::DistSync)):
 /// only while the lock holds the writer's value, and not over a record
 /// written with a higher fencing token. The record is kept as the token,
