@@ -6,7 +6,8 @@
 //! A record is written on every node where the writer still holds the lock
 //! and no record of a later holder is kept, and counts as kept once a
 //! quorum of nodes kept it (the lock is released only once every node
-//! answered). A read asks every node: of the records found, the one with
+//! answered); a write that did not reach a quorum is taken back from the
+//! nodes that kept it. A read asks every node: of the records found, the one with
 //! the highest fencing token. "No record" takes a quorum of nodes that
 //! can tell: with Redlock, a node that lost its state within the records'
 //! TTL cannot (it may have lost the record), and without such a quorum the
