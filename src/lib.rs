@@ -121,6 +121,7 @@ mod redis;
 mod sync;
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisMutex, RedisSync, RedisSyncBuilder};
 pub use any::{AnyMutex, AnySync};
 pub use error::{BoxError, Error, NodeError, NotReplicated, Recovering, Result};

@@ -130,3 +130,32 @@ async fn backend_down_is_unavailable() {
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     assert!(!down.message().is_empty());
 }
+
+/// A call with a timeout (`grpc-timeout`) waits for a held key no longer
+/// than shortly before it, then gets `DEADLINE_EXCEEDED` from the layer,
+/// however long the layer's own wait budget; the server's own timeout
+/// (tonic answers "Timeout expired") never comes into play.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waits_no_longer_than_its_deadline() {
+    let sync = MemorySync::new();
+    let layer = DistLockLayer::builder(sync.clone(), GrpcMetadataKey::new("x-job-id"))
+        .namespace("grpc")
+        .wait(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let mut client = serve(layer).await;
+    let mut holder = sync
+        .new_mutex("grpc:job-1", DistMutexOptions::default())
+        .unwrap();
+    holder.lock().await.unwrap();
+    let mut call = check(Some("job-1"));
+    call.set_timeout(Duration::from_millis(300));
+    let late = client.check(call).await.unwrap_err();
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    assert!(late.message().contains("deadline"), "{late:?}");
+    // Once the key is free, a call with a deadline is served.
+    holder.unlock().await.unwrap();
+    let mut call = check(Some("job-1"));
+    call.set_timeout(Duration::from_secs(30));
+    assert!(client.check(call).await.is_ok());
+}

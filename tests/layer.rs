@@ -1775,3 +1775,40 @@ async fn a_stalled_http2_reader_does_not_keep_the_key() {
     );
     drop(stalled);
 }
+
+/// An HTTP request with a [`Deadline`] (put there by a layer in front)
+/// waits for a held key no longer than shortly before it, then gets 503
+/// with `Retry-After` that says so, however long the wait budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_no_longer_than_its_deadline() {
+    let sync = MemorySync::new();
+    let layer = DistLockLayer::builder(sync.clone(), HeaderKey::new("x-key"))
+        .namespace("d")
+        .wait(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer)
+        .layer(axum::middleware::from_fn(
+            |mut request: Request, next: axum::middleware::Next| async move {
+                request
+                    .extensions_mut()
+                    .insert(tower_dsync::layer::Deadline::after(Duration::from_millis(
+                        300,
+                    )));
+                next.run(request).await
+            },
+        ));
+    let server = Server::start(app).await;
+    let mut holder = sync.new_mutex("d:k", DistMutexOptions::default()).unwrap();
+    holder.lock().await.unwrap();
+    let client = HttpClient::default();
+    let (late, body) = client.get(&server.url("/"), &[("x-key", "k")]).await;
+    assert_eq!(late.status(), StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(late.headers().contains_key("retry-after"));
+    assert!(body.contains("deadline"), "{body}");
+    holder.unlock().await.unwrap();
+    let (ok, _) = client.get(&server.url("/"), &[("x-key", "k")]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+}

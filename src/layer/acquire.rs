@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
 
+use super::deadline::Deadline;
 use super::extend_loop::ExtendLoop;
 use super::held::{HeldLock, LockView};
 use super::lease::Lease;
@@ -95,15 +96,19 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
 }
 
 /// Waits for the lock where [`start`] left off, at most the wait budget.
+///
+/// A request with a [`Deadline`] stops waiting shortly before it, if that
+/// comes first, and is then rejected as past its deadline.
 pub(crate) async fn acquire<D: DistSync>(
     shared: Arc<LayerState<D>>,
     waiting: Waiting<D>,
     grpc: bool,
+    deadline: Option<Deadline>,
 ) -> Result<Holding, Rejection> {
     let Waiting { place, turn, first } = waiting;
     let name = &**place.name();
     let fail_fast = shared.wait.is_zero();
-    let mut budget = Budget::new(shared.wait);
+    let mut budget = Budget::new(shared.wait, deadline.map(Deadline::stop_waiting));
     let turn = match turn {
         Some(turn) => Some(turn),
         None => wait_turn(&place, budget.deadline(), fail_fast).await,
@@ -111,6 +116,9 @@ pub(crate) async fn acquire<D: DistSync>(
     let Some(turn) = turn else {
         tracing::debug!(name, "lock busy in this process");
         let retry_after = place.hints().remaining().unwrap_or(shared.options.expiry());
+        if budget.cut_short() {
+            return Err(Rejection::deadline(retry_after, grpc));
+        }
         return Err(Rejection::busy(retry_after, grpc));
     };
 
@@ -131,7 +139,12 @@ pub(crate) async fn acquire<D: DistSync>(
         first => first,
     };
     let expiry = shared.options.expiry();
-    let mutex = locked.map_err(|error| Rejection::for_lock_error(name, error, grpc, expiry))?;
+    let mutex = locked.map_err(|error| match error {
+        Error::Held { remaining } if budget.cut_short() => {
+            Rejection::deadline(remaining.unwrap_or(expiry), grpc)
+        }
+        error => Rejection::for_lock_error(name, error, grpc, expiry),
+    })?;
     tracing::debug!(
         name,
         waited_ms = budget.waited().as_millis() as u64,
@@ -179,21 +192,35 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
 
 /// The wait budget of a request. It runs from the first moment the request
 /// has to wait (for its turn, or for a held key), so that an uncontended
-/// request reads no clock for it.
+/// request reads no clock for it; a request's own deadline may cut it.
 struct Budget {
     wait: Duration,
     since: Option<Instant>,
+    /// When the request's deadline stops the wait, if it has one.
+    cut: Option<Instant>,
 }
 
 impl Budget {
-    fn new(wait: Duration) -> Self {
-        Budget { wait, since: None }
+    fn new(wait: Duration, cut: Option<Instant>) -> Self {
+        Budget {
+            wait,
+            since: None,
+            cut,
+        }
     }
 
     /// When the budget is spent; starts it if it has not started.
     fn deadline(&mut self) -> Instant {
         let since = *self.since.get_or_insert_with(Instant::now);
-        since.checked_add(self.wait).unwrap_or_else(far_future)
+        let spent = since.checked_add(self.wait).unwrap_or_else(far_future);
+        self.cut.map_or(spent, |cut| cut.min(spent))
+    }
+
+    /// Whether the request's deadline, not the layer's budget, ends the
+    /// wait.
+    fn cut_short(&mut self) -> bool {
+        let spent = self.deadline();
+        self.cut.is_some_and(|cut| cut <= spent)
     }
 
     /// How long the request has waited.

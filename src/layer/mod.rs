@@ -20,7 +20,10 @@
 //!    come, first served; only the first talks to the backend.
 //! 4. **Acquire**, within the wait budget ([`DistLockLayerBuilder::wait`]);
 //!    past it, 409 with `Retry-After` (the holder's remaining time, in whole
-//!    seconds rounded up). A zero budget fails fast. Waiting holds none of the
+//!    seconds rounded up). A zero budget fails fast. A request with a
+//!    deadline (a gRPC call's `grpc-timeout`, or a [`Deadline`] in its
+//!    extensions) waits no longer than shortly before it, then gets 503 with
+//!    `Retry-After` (`DEADLINE_EXCEEDED`). Waiting holds none of the
 //!    inner service's capacity: the layer's `poll_ready` is always ready,
 //!    and each request's future drives its own clone of the inner service
 //!    ready only once the lock is held (so a `ConcurrencyLimit` or `Buffer`
@@ -87,6 +90,7 @@
 mod acquire;
 mod alarm;
 mod body;
+mod deadline;
 mod extend_loop;
 pub(crate) mod extract;
 mod future;
@@ -102,6 +106,7 @@ mod state;
 mod stats;
 
 pub use body::{LockBody, LockLost};
+pub use deadline::Deadline;
 pub use extract::{
     GrpcMetadataKey, HeaderKey, KeyError, KeyExtractor, MethodPath, PathSegment, TryKeyFn,
     try_key_fn,

@@ -27,6 +27,7 @@ use crate::error::Error;
 /// | `Mismatch`: an idempotency key reused with another request | 422 | `INVALID_ARGUMENT` |
 /// | `TooLarge`: a request body over the idempotency layer's limit | 413 | `RESOURCE_EXHAUSTED` |
 /// | `NotReplayable`: the key's first request completed, but its response was too large to keep | 409, no `Retry-After` | `ALREADY_EXISTS` |
+/// | `DeadlineExceeded`: the key stayed held up to shortly before the request's [`Deadline`](super::Deadline) | 503, `Retry-After` | `DEADLINE_EXCEEDED` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
@@ -56,6 +57,10 @@ pub enum RejectionKind {
     /// response was over the size limit and was not kept: it cannot be
     /// replayed, and is not run again.
     NotReplayable,
+    /// The key stayed held until shortly before the request's
+    /// [`Deadline`](super::Deadline) (a gRPC call's `grpc-timeout`): its
+    /// caller would not wait longer.
+    DeadlineExceeded,
 }
 
 /// A rejected request: its kind, a short message, and whether it was a gRPC
@@ -107,6 +112,17 @@ impl Rejection {
     }
 
     /// The lock backend could not answer, or not with a quorum.
+    /// The key stayed held until shortly before the request's deadline;
+    /// `retry_after`: the holder's remaining time.
+    pub(crate) fn deadline(retry_after: Duration, grpc: bool) -> Self {
+        Rejection::new(
+            RejectionKind::DeadlineExceeded,
+            "the key stayed locked until the request's deadline",
+            grpc,
+        )
+        .with_retry_after(retry_after)
+    }
+
     pub(crate) fn unavailable(grpc: bool) -> Self {
         Rejection::new(
             RejectionKind::Unavailable,
@@ -213,7 +229,9 @@ impl Rejection {
     pub fn http_status(&self) -> StatusCode {
         match self.kind {
             RejectionKind::Busy => StatusCode::CONFLICT,
-            RejectionKind::Unavailable | RejectionKind::Lost => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::Unavailable | RejectionKind::Lost | RejectionKind::DeadlineExceeded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RejectionKind::InvalidKey | RejectionKind::MissingKey => StatusCode::BAD_REQUEST,
             RejectionKind::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
             RejectionKind::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -224,7 +242,7 @@ impl Rejection {
 
     /// The gRPC status code of this rejection (`ABORTED` is 10,
     /// `UNAVAILABLE` 14, `INVALID_ARGUMENT` 3, `INTERNAL` 13,
-    /// `RESOURCE_EXHAUSTED` 8, `ALREADY_EXISTS` 6).
+    /// `RESOURCE_EXHAUSTED` 8, `ALREADY_EXISTS` 6, `DEADLINE_EXCEEDED` 4).
     ///
     /// ```
     /// use tower_dsync::layer::{Rejection, RejectionKind};
@@ -239,6 +257,7 @@ impl Rejection {
             RejectionKind::Mismatch => 3,
             RejectionKind::TooLarge => 8,
             RejectionKind::NotReplayable => 6,
+            RejectionKind::DeadlineExceeded => 4,
         }
     }
 
@@ -268,7 +287,7 @@ impl Rejection {
         }
         let status = self.http_status();
         let retry_after = match self.kind {
-            RejectionKind::Busy | RejectionKind::Unavailable => {
+            RejectionKind::Busy | RejectionKind::Unavailable | RejectionKind::DeadlineExceeded => {
                 Some(self.retry_after.unwrap_or(Duration::from_secs(1)))
             }
             _ => None,

@@ -11,6 +11,7 @@ use tower_service::Service;
 
 use super::acquire::{Start, acquire, start};
 use super::body::LockBody;
+use super::deadline;
 use super::extract::KeyExtractor;
 use super::future::ResponseFuture;
 use super::lock_layer::{DistLockLayer, DistLockLayerBuilder};
@@ -223,8 +224,9 @@ where
             }
             Start::Wait(waiting) => {
                 let grpc = is_grpc(&request);
+                let deadline = deadline::of(&request, grpc);
                 ResponseFuture::acquiring(
-                    Box::pin(acquire(shared.clone(), waiting, grpc)),
+                    Box::pin(acquire(shared.clone(), waiting, grpc, deadline)),
                     inner,
                     request,
                     shared.mapper.clone(),
