@@ -11,6 +11,7 @@ use http::request::Parts;
 use super::claim::CarriedKey;
 use super::fingerprint::Fingerprint;
 use crate::error::Error;
+use crate::layer::meters::Meters;
 use crate::layer::name::Namer;
 use crate::layer::{DistLockLayer, DistLockLayerBuilder, MissingKey, OnLost, ReleaseOn};
 use crate::options::DistMutexOptions;
@@ -131,6 +132,8 @@ pub(crate) struct Settings {
     /// How long a node is waited for to write a record.
     pub(crate) write_timeout: Duration,
     pub(crate) replay_header: HeaderName,
+    /// The lock layer's meters: rejections of this layer count there too.
+    pub(crate) meters: Meters,
 }
 
 /// A Tower layer that makes a keyed request run once: the first request
@@ -472,6 +475,7 @@ impl<D: DistSync, K> IdempotencyLayerBuilder<D, K> {
             // A record can be large: its write gets at least a second.
             write_timeout: self.options.node_timeout().max(Duration::from_secs(1)),
             replay_header: self.replay_header,
+            meters: lock.shared.meters.clone(),
         };
         Ok(IdempotencyLayer {
             lock,

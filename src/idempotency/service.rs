@@ -105,8 +105,9 @@ where
         let grpc = crate::layer::is_grpc(&request);
         let settings = self.settings.clone();
         let mut lock = self.lock.clone();
+        let rejecting = settings.clone();
         let reject = move |rejection: Rejection| -> Self::Future {
-            Box::pin(std::future::ready(Ok(reject_with(rejection))))
+            Box::pin(std::future::ready(Ok(rejecting.reject(rejection))))
         };
         let key = match self.extractor.extract(&request) {
             Ok(Some(key)) => key.into_owned(),
@@ -134,7 +135,7 @@ where
                 match read_whole(body, settings.max_request_body).await {
                     Ok(read) => (RequestBody::full(read.clone()), read),
                     Err(ReadError::TooLarge) => {
-                        return Ok(reject_with(Rejection::new(
+                        return Ok(settings.reject(Rejection::new(
                             RejectionKind::TooLarge,
                             format!(
                                 "the request body is longer than {} bytes",
@@ -145,7 +146,7 @@ where
                     }
                     Err(ReadError::Failed(error)) => {
                         tracing::debug!(%error, "the request body failed while it was read");
-                        return Ok(reject_with(Rejection::new(
+                        return Ok(settings.reject(Rejection::new(
                             RejectionKind::InvalidKey,
                             "the request body could not be read",
                             grpc,
@@ -164,7 +165,7 @@ where
                         (*response).map(|body| LockBody::inner(body, Default::default(), grpc))
                     );
                 }
-                Lookup::Rejected(rejection) => return Ok(reject_with(rejection)),
+                Lookup::Rejected(rejection) => return Ok(settings.reject(rejection)),
                 Lookup::Absent => {}
             }
             let mut request = Request::from_parts(parts, body);
@@ -178,10 +179,6 @@ where
     }
 }
 
-fn reject_with<B>(rejection: Rejection) -> Response<LockBody<B>> {
-    rejection.into_response().map(LockBody::full)
-}
-
 /// What the records say of a request.
 pub(crate) enum Lookup<B> {
     /// Nothing kept: run the handler.
@@ -193,6 +190,12 @@ pub(crate) enum Lookup<B> {
 }
 
 impl Settings {
+    /// The response of `rejection`, counted in the layer's meters.
+    fn reject<B>(&self, rejection: Rejection) -> Response<LockBody<B>> {
+        self.meters.rejected(rejection.kind());
+        rejection.into_response().map(LockBody::full)
+    }
+
     /// The lock's (and the record's) name of `key`: the namespace, then,
     /// with a scope, the scope, then the key, joined by the separator, each
     /// part escaped (`%` and the separator's characters). An escaped part
@@ -336,6 +339,7 @@ where
             {
                 Lookup::Answer(response) => return Ok(*response),
                 Lookup::Rejected(rejection) => {
+                    settings.meters.rejected(rejection.kind());
                     return Ok(rejection.into_response().map(IdempotentBody::full));
                 }
                 Lookup::Absent => {}

@@ -82,7 +82,7 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
                 attempts = 1,
                 "lock acquired"
             );
-            return Start::Held(hold(shared, place, turn, mutex));
+            return Start::Held(hold(shared, place, turn, mutex, Duration::ZERO));
         }
         None => First::Lock(mutex),
         Some(Err(error @ Error::Held { .. })) if !shared.wait.is_zero() => First::Held(error),
@@ -100,6 +100,18 @@ pub(crate) fn start<D: DistSync>(shared: &LayerState<D>, name: Arc<str>) -> Star
 /// A request with a [`Deadline`] stops waiting shortly before it, if that
 /// comes first, and is then rejected as past its deadline.
 pub(crate) async fn acquire<D: DistSync>(
+    shared: Arc<LayerState<D>>,
+    waiting: Waiting<D>,
+    grpc: bool,
+    deadline: Option<Deadline>,
+) -> Result<Holding, Rejection> {
+    let meters = shared.meters.clone();
+    acquire_within(shared, waiting, grpc, deadline)
+        .await
+        .inspect_err(|rejection| meters.rejected(rejection.kind()))
+}
+
+async fn acquire_within<D: DistSync>(
     shared: Arc<LayerState<D>>,
     waiting: Waiting<D>,
     grpc: bool,
@@ -151,13 +163,19 @@ pub(crate) async fn acquire<D: DistSync>(
         attempts = 1 + u32::from(waited) * retries.map_or(1, |r| r.load(Ordering::Relaxed) + 1),
         "lock acquired"
     );
-    Ok(hold(&shared, place, turn, mutex))
+    Ok(hold(&shared, place, turn, mutex, budget.waited()))
 }
 
 /// Holds the lock just acquired: the handler's view of it, and a lease
 /// whose extend loop extends it if the request is still served when the
 /// first extension falls due.
-fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D::Mutex) -> Holding {
+fn hold<D: DistSync>(
+    shared: &LayerState<D>,
+    place: Place,
+    turn: Turn,
+    mutex: D::Mutex,
+    waited: Duration,
+) -> Holding {
     let until = mutex.until();
     place.hints().set_until(until);
     // The mutex's own value where it shares it, else a copy.
@@ -173,7 +191,7 @@ fn hold<D: DistSync>(shared: &LayerState<D>, place: Place, turn: Turn, mutex: D:
     let now = until
         .and_then(|until| until.checked_sub(shared.validity))
         .unwrap_or_else(Instant::now);
-    let live = Live::new(shared.held_count.clone());
+    let live = Live::new(shared.held_count.clone(), shared.meters.clone(), waited);
     let held = HeldMutex::new(mutex, turn, place, shared.options.expiry(), live);
     let extend_loop = ExtendLoop::new(
         held,

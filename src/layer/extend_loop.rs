@@ -94,10 +94,13 @@ impl<M: DistMutex> ExtendLoop<M> {
                         next = started + self.interval;
                     }
                     Extension::Retry(error) => {
+                        self.held.meters().extension_failed();
                         tracing::debug!(name = view.name(), %error, "lock not extended; retrying");
                         next = Instant::now() + self.retry_every();
                     }
                     Extension::Lost(error) => {
+                        self.held.meters().extension_failed();
+                        self.held.meters().lost();
                         tracing::warn!(name = view.name(), %error, "lock lost: not extended");
                         view.set_lost();
                         return Ended::Lost;

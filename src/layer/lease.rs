@@ -238,7 +238,11 @@ mod tests {
             None,
             mutex.until(),
         );
-        let live = Live::new(Arc::default());
+        let live = Live::new(
+            Arc::default(),
+            crate::layer::meters::Meters::default(),
+            Duration::ZERO,
+        );
         let held = HeldMutex::new(mutex, turn, place, Duration::from_secs(3), live);
         let extend_loop = ExtendLoop::new(
             held,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::alarm::AlarmClock;
+use super::meters::Meters;
 use super::name::Namer;
 use super::rejection::{Rejection, RejectionMapper};
 use super::settings::{MIN_EXTEND_EVERY, MissingKey, OnLost, ReleaseOn};
@@ -343,6 +344,7 @@ impl<D: DistSync, K> DistLockLayerBuilder<D, K> {
             keys_are_names: self.keys_are_names,
             held_count: Arc::default(),
             alarms: AlarmClock::default(),
+            meters: Meters::new(&self.namespace),
         };
         Ok(DistLockLayer {
             shared: Arc::new(shared),

@@ -97,6 +97,7 @@ mod future;
 mod held;
 mod lease;
 mod lock_layer;
+pub mod meters;
 pub(crate) mod name;
 mod rejection;
 mod release;

@@ -88,6 +88,31 @@ pub struct Rejection {
 /// A replacement for the default rejection responses.
 pub(crate) type RejectionMapper = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
 
+impl RejectionKind {
+    /// The kind as a metric label: `busy`, `unavailable`, `invalid_key`,
+    /// `missing_key`, `lost`, `misconfigured`, `mismatch`, `too_large`,
+    /// `not_replayable`, `deadline_exceeded`.
+    ///
+    /// ```
+    /// use tower_dsync::layer::RejectionKind;
+    /// assert_eq!(RejectionKind::DeadlineExceeded.label(), "deadline_exceeded");
+    /// ```
+    pub fn label(&self) -> &'static str {
+        match self {
+            RejectionKind::Busy => "busy",
+            RejectionKind::Unavailable => "unavailable",
+            RejectionKind::InvalidKey => "invalid_key",
+            RejectionKind::MissingKey => "missing_key",
+            RejectionKind::Lost => "lost",
+            RejectionKind::Misconfigured => "misconfigured",
+            RejectionKind::Mismatch => "mismatch",
+            RejectionKind::TooLarge => "too_large",
+            RejectionKind::NotReplayable => "not_replayable",
+            RejectionKind::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
 impl Rejection {
     /// A rejection of `kind`; `grpc` tells whether the request was a gRPC
     /// call (`content-type: application/grpc...`).

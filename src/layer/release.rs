@@ -9,9 +9,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 use super::held::{LockView, ViewSource};
+use super::meters::Meters;
 use super::settings::{OnLost, ReleaseOn};
 use crate::error::Error;
 use crate::local_queue::{Place, Turn};
@@ -119,20 +120,39 @@ pub(crate) struct HeldMutex<M> {
     live: Live,
 }
 
-/// Counts a held lock as live until dropped.
-pub(crate) struct Live(Arc<AtomicUsize>);
+impl<M> HeldMutex<M> {
+    /// The meters of the layer that holds this lock.
+    pub(crate) fn meters(&self) -> &Meters {
+        &self.live.meters
+    }
+}
+
+/// Counts a held lock as live until dropped, in the layer's count and its
+/// meters.
+pub(crate) struct Live {
+    count: Arc<AtomicUsize>,
+    pub(crate) meters: Meters,
+    since: Instant,
+}
 
 impl Live {
-    /// Counts one more held lock in `count`.
-    pub(crate) fn new(count: Arc<AtomicUsize>) -> Self {
+    /// Counts one more held lock in `count`, acquired after waiting
+    /// `waited`.
+    pub(crate) fn new(count: Arc<AtomicUsize>, meters: Meters, waited: Duration) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
-        Live(count)
+        meters.acquired(waited);
+        Live {
+            count,
+            meters,
+            since: Instant::now(),
+        }
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.meters.released(self.since.elapsed());
     }
 }
 

@@ -184,7 +184,10 @@ where
         let inner = self.inner.clone();
         let shared = &self.shared;
         // Read when needed: for a rejection, the abort option or a wait.
-        let reject = |rejection| ResponseFuture::rejected(rejection, shared.mapper.clone());
+        let reject = |rejection: Rejection| {
+            shared.meters.rejected(rejection.kind());
+            ResponseFuture::rejected(rejection, shared.mapper.clone())
+        };
         let key = match self.extractor.extract(&request) {
             Ok(Some(key)) => key,
             Ok(None) if shared.missing == MissingKey::Reject => {

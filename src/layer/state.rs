@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use super::alarm::AlarmClock;
+use super::meters::Meters;
 use super::name::Namer;
 use super::rejection::RejectionMapper;
 use super::settings::{MissingKey, OnLost, ReleaseOn};
@@ -42,6 +43,8 @@ pub(crate) struct LayerState<D: DistSync> {
     pub(crate) held_count: Arc<AtomicUsize>,
     /// The timers that start the extend loops of this layer's locks.
     pub(crate) alarms: AlarmClock,
+    /// What this layer tells the `metrics` facade.
+    pub(crate) meters: Meters,
 }
 
 impl<D: DistSync> LayerState<D> {
