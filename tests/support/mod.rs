@@ -16,6 +16,7 @@ pub mod counting;
 pub mod http;
 pub mod proxy;
 pub mod remote;
+pub mod tls;
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
