@@ -355,15 +355,20 @@ fn main() {
             }
             let f = run_case(&runtime, &servers, library, Duration::from_secs(seconds));
             match (library, ours) {
-                (Library::TowerDsync, _) => ours = Some((f.per_second, f.p99_ms, f.commands)),
-                (Library::Rslock { .. }, Some((per_second, p99, commands))) => rows.push(format!(
-                    "contention,{},tower-dsync vs {},{:.3},{:.3},{:.3}",
-                    servers.nodes(),
-                    library.label(),
-                    per_second / f.per_second,
-                    f.p99_ms / p99,
-                    f.commands / commands,
-                )),
+                (Library::TowerDsync, _) => {
+                    ours = Some((f.per_second, f.p99_ms, f.commands, f.handoff));
+                }
+                (Library::Rslock { .. }, Some((per_second, p99, commands, handoff))) => {
+                    rows.push(format!(
+                        "contention,{},tower-dsync vs {},{:.3},{:.3},{:.3},{:.3}",
+                        servers.nodes(),
+                        library.label(),
+                        per_second / f.per_second,
+                        f.p99_ms / p99,
+                        f.commands / commands,
+                        handoff / f.handoff.max(0.001),
+                    ));
+                }
                 _ => {}
             }
             println!(
@@ -392,10 +397,11 @@ fn main() {
                         one.gap_p50_ms / f.gap_p50_ms,
                     );
                     rows.push(format!(
-                        "contention,{label},tower-dsync on a cluster vs on one node,{:.3},{:.3},{:.3}",
+                        "contention,{label},tower-dsync on a cluster vs on one node,{:.3},{:.3},{:.3},{:.3}",
                         f.per_second / one.per_second,
                         one.p99_ms / f.p99_ms,
                         one.commands / f.commands,
+                        f.handoff / one.handoff.max(0.001),
                     ));
                 }
                 _ => {}
