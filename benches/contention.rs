@@ -346,7 +346,7 @@ fn main() {
     for servers in Servers::selected() {
         let servers = servers();
         let label = servers.label();
-        let mut ours: Option<(f64, f64, f64)> = None;
+        let mut ours: Option<(f64, f64, f64, f64)> = None;
         for library in libraries {
             if !library.label().contains(&filter)
                 || (servers.is_cluster() && !matches!(library, Library::TowerDsync))
