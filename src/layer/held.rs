@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -52,6 +53,9 @@ pub(crate) struct LockView {
     status: Mutex<Status>,
     /// Told of every change of `lost` or `released`.
     changed: Notify,
+    /// Set once work was registered for the release to wait for (see
+    /// [`LockView::release_after`]): a release without any reads no lock.
+    has_after: AtomicBool,
 }
 
 /// What changes while the lock is held.
@@ -102,6 +106,7 @@ impl LockView {
                 release_after: None,
             }),
             changed: Notify::new(),
+            has_after: AtomicBool::new(false),
         }
     }
 
@@ -151,10 +156,14 @@ impl LockView {
     /// released before it, whether or not the response is still polled.
     pub(crate) fn release_after(&self, work: AfterFuture) {
         self.status().release_after = Some(After(work));
+        self.has_after.store(true, Ordering::Release);
     }
 
     /// What the release must wait for, taken.
     pub(crate) fn take_release_after(&self) -> Option<AfterFuture> {
+        if !self.has_after.load(Ordering::Acquire) {
+            return None;
+        }
         self.status().release_after.take().map(|after| after.0)
     }
 

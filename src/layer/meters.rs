@@ -93,6 +93,15 @@ impl Meters {
         Meters {}
     }
 
+    /// Whether anything is recorded: with the feature, and a recorder's
+    /// handles.
+    pub(crate) fn is_on(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        return self.handles.is_some();
+        #[cfg(not(feature = "metrics"))]
+        false
+    }
+
     /// A lock was acquired after waiting `waited`; it is held now.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn acquired(&self, waited: Duration) {

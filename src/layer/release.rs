@@ -132,7 +132,8 @@ impl<M> HeldMutex<M> {
 pub(crate) struct Live {
     count: Arc<AtomicUsize>,
     pub(crate) meters: Meters,
-    since: Instant,
+    /// When the lock was acquired, read only when the meters record it.
+    since: Option<Instant>,
 }
 
 impl Live {
@@ -142,9 +143,9 @@ impl Live {
         count.fetch_add(1, Ordering::AcqRel);
         meters.acquired(waited);
         Live {
+            since: meters.is_on().then(Instant::now),
             count,
             meters,
-            since: Instant::now(),
         }
     }
 }
@@ -152,7 +153,9 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
-        self.meters.released(self.since.elapsed());
+        if let Some(since) = self.since {
+            self.meters.released(since.elapsed());
+        }
     }
 }
 
