@@ -52,6 +52,15 @@ impl SharedKeys {
     }
 }
 
+impl SharedKeys {
+    /// The lock key of `name` under `prefix` on independent nodes, and the
+    /// node's bookkeeping hash: all a record needs, without the name's
+    /// other keys.
+    pub(crate) fn lock_and_node(&self, prefix: &str, name: &str) -> (String, Arc<str>) {
+        ([prefix, name].concat(), self.node.clone())
+    }
+}
+
 impl Keys {
     /// The keys of `name` on independent nodes: the lock at
     /// `<prefix><name>`, announced with `PUBLISH` on one channel per
@@ -63,11 +72,8 @@ impl Keys {
     /// [`plain`](Self::plain), with the keys every name shares made
     /// already.
     pub(crate) fn plain_sharing(prefix: &str, name: &str, shared: &SharedKeys) -> Self {
-        Self::with(
-            [prefix, name].concat(),
-            shared.node.clone(),
-            shared.wake.clone(),
-        )
+        let (lock, node) = shared.lock_and_node(prefix, name);
+        Self::with(lock, node, shared.wake.clone())
     }
 
     /// The keys of `name` on a Redis Cluster: the lock at

@@ -31,9 +31,9 @@ impl RedisRecords {
     /// The lock key, the record key and the node's bookkeeping hash of
     /// `name`.
     fn keys(&self, name: &str) -> (Arc<str>, Arc<str>, Arc<str>) {
-        let keys = self.0.keys(name);
-        let record = [&*keys.lock, "\u{1f}record"].concat().into();
-        (keys.lock, record, keys.node)
+        let (lock, node) = self.0.lock_and_node(name);
+        let record = [&*lock, "\u{1f}record"].concat().into();
+        (lock.into(), record, node)
     }
 }
 
@@ -52,14 +52,12 @@ impl RecordBackend for RedisRecords {
         let redlock = state.recovery(ttl).is_some();
         Box::pin(async move {
             let mut round = Round::start(state.nodes.iter().map(|n| {
-                let load =
-                    redlock.then(|| n.load_record((key.clone(), node.clone()), ttl, timeout));
-                let get = (!redlock).then(|| n.get::<Vec<u8>>(key.clone(), timeout));
+                let (n, key, node) = (n.clone(), key.clone(), node.clone());
                 async move {
-                    match (load, get) {
-                        (Some(load), _) => load.await,
-                        (_, Some(get)) => Ok((get.await?, 1)),
-                        _ => unreachable!("one of the two"),
+                    if redlock {
+                        n.load_record((key, node), ttl, timeout).await
+                    } else {
+                        Ok((n.get::<Vec<u8>>(key, timeout).await?, 1))
                     }
                 }
             }));

@@ -47,6 +47,17 @@ impl RedisState {
         (self.nodes.len() > 1 && !self.wakeups.on_cluster()).then(|| expiry.max(self.restart_delay))
     }
 
+    /// The lock key of `name` and the node's bookkeeping hash, without the
+    /// name's other keys (on independent nodes, without building them).
+    pub(crate) fn lock_and_node(&self, name: &str) -> (String, Arc<str>) {
+        if self.wakeups.on_cluster() {
+            let keys = Keys::tagged(&self.key_prefix, name);
+            (keys.lock.to_string(), keys.node)
+        } else {
+            self.shared_keys.lock_and_node(&self.key_prefix, name)
+        }
+    }
+
     /// The keys of the lock `name`.
     pub(crate) fn keys(&self, name: &str) -> Keys {
         if self.wakeups.on_cluster() {
